@@ -1,0 +1,34 @@
+"""mesh: an event-driven multi-agent mesh on NATS.
+
+The public face is small; everything else is importable but internal.
+"""
+
+from mesh.agent import Agent
+from mesh.client import MeshClient, Sent
+from mesh.codec import JSON, MSGPACK
+from mesh.context import Context
+from mesh.errors import ConfigError, DeliveryError, MeshError
+from mesh.llm import LLM
+from mesh.messages import Message, message
+from mesh.middleware import Call, Middleware
+from mesh.runtime import serve
+from mesh.settings import Settings
+
+__all__ = [
+    "JSON",
+    "LLM",
+    "MSGPACK",
+    "Agent",
+    "Call",
+    "ConfigError",
+    "Context",
+    "DeliveryError",
+    "MeshClient",
+    "MeshError",
+    "Message",
+    "Middleware",
+    "Sent",
+    "Settings",
+    "message",
+    "serve",
+]

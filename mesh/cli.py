@@ -1,0 +1,365 @@
+"""The `mesh` command line: up, down, run, publish, tap, agents, schema, trace, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from mesh import server as srv
+from mesh.errors import ConfigError, MeshError
+from mesh.settings import Settings
+
+T = TypeVar("T")
+
+
+class _Group(click.Group):
+    """A group that suggests the closest command on a typo."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
+            hint = f" Did you mean `mesh {close[0]}`?" if close else ""
+            ctx.fail(f"no command {name!r}.{hint} Run `mesh --help` to see the commands.")
+        return super().resolve_command(ctx, args)
+
+
+def _settings() -> Settings:
+    return Settings.load()
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(coro_fn())
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except MeshError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mesh-runtime", prog_name="mesh")
+def cli() -> None:
+    """An event-driven multi-agent mesh on NATS.
+
+    Settings come from MESH_* environment variables (see docs/operations.md).
+    """
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except (ConfigError, MeshError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+# -- server ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--detach", is_flag=True, help="Start in the background and return.")
+def up(detach: bool) -> None:
+    """Start the embedded nats-server (loopback, JetStream) under the data dir."""
+    settings = _settings()
+    info = srv.running(settings)
+    if info is not None:
+        click.echo(f"a mesh server is already running: {info.url} (pid {info.pid})")
+        return
+    server = srv.EmbeddedServer(srv.server_dir(settings), tie_to_parent=not detach)
+    info = server.start()
+    srv.write_state(settings, info)
+    click.echo(f"mesh server up: {info.url} (pid {info.pid}, store {srv.server_dir(settings)})")
+    if detach:
+        click.echo("stop it with `mesh down`")
+        return
+    click.echo("Ctrl-C to stop")
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop and srv.running(settings) is not None:
+            signal.pause() if hasattr(signal, "pause") else time.sleep(1)
+    finally:
+        server.stop()
+        srv.clear_state(settings)
+        click.echo("mesh server stopped")
+
+
+@cli.command()
+def down() -> None:
+    """Stop the server started by `mesh up`."""
+    settings = _settings()
+    info = srv.running(settings)
+    if info is None:
+        click.echo("no mesh server is running")
+        return
+    import os
+
+    os.kill(info.pid, signal.SIGTERM)
+    for _ in range(200):
+        if srv.running(settings) is None:
+            break
+        time.sleep(0.05)
+    srv.clear_state(settings)
+    click.echo(f"mesh server stopped (pid {info.pid})")
+
+
+# -- agents ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec")
+def run(spec: str) -> None:
+    """Run an agent: SPEC is `package.module:agent` or `path/to/file.py:agent`.
+
+    Start it again (in another shell) for another replica; replicas share the work.
+    """
+    from mesh.loader import load_agent
+    from mesh.logs import configure_logging
+    from mesh.runtime import serve
+    from mesh.tracing import configure_tracing
+
+    settings = _settings()
+    agent = load_agent(spec)
+    configure_logging(settings, agent=agent.name)
+    provider = configure_tracing(settings, agent.name)
+    try:
+        _run(lambda: serve(agent, settings))
+    finally:
+        provider.shutdown()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per agent process.")
+@click.option("--wait", default=0.5, show_default=True, help="Seconds to gather answers.")
+def agents(as_json: bool, wait: float) -> None:
+    """List running agents, their replicas and their counters."""
+    from mesh.discovery import discover
+    from mesh.transport import NatsTransport
+
+    settings = _settings()
+
+    async def go() -> None:
+        transport = await NatsTransport.connect(settings, "mesh-cli")
+        try:
+            found = await discover(transport, timeout=wait)
+        finally:
+            await transport.close()
+        if as_json:
+            for a in found:
+                click.echo(json.dumps(a.__dict__))
+            return
+        if not found:
+            click.echo("no agents are running (start one with `mesh run module:agent`)")
+            return
+        by_name: dict[str, list[Any]] = {}
+        for a in found:
+            by_name.setdefault(a.name, []).append(a)
+        click.echo(
+            f"{'AGENT':<16}{'REPLICAS':>9}{'HANDLED':>9}{'ERRORS':>8}{'DLQ':>6}{'IN-FLIGHT':>11}  HANDLES"
+        )
+        for name, group in by_name.items():
+            total = {
+                k: sum(int(a.stats.get(k, 0)) for a in group)
+                for k in ("handled", "errors", "dead_lettered", "in_flight")
+            }
+            click.echo(
+                f"{name:<16}{len(group):>9}{total['handled']:>9}{total['errors']:>8}"
+                f"{total['dead_lettered']:>6}{total['in_flight']:>11}  {', '.join(group[0].handles)}"
+            )
+
+    _run(go)
+
+
+# -- messages ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("target")
+@click.argument("body")
+@click.option("--type", "type_name", help="Message type, when TARGET is an agent or a full subject.")
+@click.option("--conversation", help="Conversation id (default: a new one).")
+@click.option("--msgpack", is_flag=True, help="Send the body as msgpack instead of JSON.")
+@click.option(
+    "--wait-for", "wait_for", help="Wait for a message of this type in the conversation and print it."
+)
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds for --wait-for.")
+def publish(
+    target: str,
+    body: str,
+    type_name: str | None,
+    conversation: str | None,
+    msgpack: bool,
+    wait_for: str | None,
+    timeout: float,
+) -> None:
+    """Publish a message, as an external system would.
+
+    TARGET is a message type (published as an event: every agent handling the type gets it),
+    `agent:NAME` (sent to that agent's inbox; give --type), or a full mesh subject.
+    BODY is the message as JSON; it is validated against the type before sending.
+    """
+    from mesh.targets import parse_target, validate_body
+
+    settings = _settings()
+    address, mtype = parse_target(target, type_name, conversation)
+    message = validate_body(body, mtype)
+    _run(lambda: _publish(settings, address, message, msgpack, wait_for, timeout))
+
+
+async def _publish(
+    settings: Settings, address: Any, message: Any, msgpack: bool, wait_for: str | None, timeout: float
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    from mesh.client import MeshClient
+    from mesh.codec import JSON, MSGPACK
+    from mesh.subjects import conversation_pattern
+    from mesh.tap import TapLine, format_line, tap
+    from mesh.tracing import configure_tracing, current_trace_id
+
+    provider = configure_tracing(settings, "mesh-cli")
+    client = await MeshClient.connect(settings, "cli")
+    got: asyncio.Future[TapLine] = asyncio.get_running_loop().create_future()
+    try:
+        if wait_for:
+
+            def on_line(line: TapLine) -> None:
+                if line.type == wait_for and not got.done():
+                    got.set_result(line)
+
+            await tap(client.transport, conversation_pattern(address.conversation), on_line)
+        tracer = trace.get_tracer("mesh")
+        with tracer.start_as_current_span(
+            f"cli publish {message.__mesh_type__.name}", kind=SpanKind.PRODUCER
+        ):
+            sent = await client.emit(address, message, content_type=MSGPACK if msgpack else JSON)
+            trace_id = current_trace_id()
+        await client.transport.flush()
+        click.echo(
+            f"published {message.__mesh_type__} id={sent.id} conversation={sent.conversation} "
+            f"subject={sent.subject} trace={trace_id}"
+        )
+        if wait_for:
+            try:
+                line = await asyncio.wait_for(got, timeout)
+            except TimeoutError:
+                raise MeshError(
+                    f"no {wait_for} arrived in conversation {sent.conversation} within {timeout:.0f}s"
+                ) from None
+            click.echo(format_line(line))
+    finally:
+        await client.close()
+        provider.shutdown()
+
+
+@cli.command("tap")
+@click.argument("pattern", default="mesh.>")
+@click.option("--conversation", "-c", help="Only this conversation (overrides PATTERN).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.option("--count", "-n", type=int, default=0, help="Stop after this many messages.")
+@click.option("--timeout", type=float, default=0.0, help="Stop after this many seconds.")
+def tap_cmd(pattern: str, conversation: str | None, as_json: bool, count: int, timeout: float) -> None:
+    """Show messages live, decoded. Taps never take messages from agents.
+
+    PATTERN is a NATS subject pattern (default `mesh.>`); e.g. `mesh.*.agent.triage`.
+    """
+    from mesh.subjects import check_pattern, conversation_pattern
+    from mesh.tap import TapLine, format_line, tap
+    from mesh.transport import NatsTransport
+
+    settings = _settings()
+    subject = conversation_pattern(conversation) if conversation else check_pattern(pattern)
+
+    async def go() -> None:
+        transport = await NatsTransport.connect(settings, "mesh-tap")
+        done = asyncio.Event()
+        seen = 0
+
+        def on_line(line: TapLine) -> None:
+            nonlocal seen
+            seen += 1
+            click.echo(json.dumps(line.to_dict()) if as_json else format_line(line))
+            if count and seen >= count:
+                done.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        await tap(transport, subject, on_line)
+        await transport.flush()
+        if not as_json:
+            click.echo(f"tapping {subject} on {transport.connected_url} (Ctrl-C to stop)", err=True)
+        try:
+            await asyncio.wait_for(done.wait(), timeout or None)
+        except TimeoutError:
+            pass
+        finally:
+            await transport.close()
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("type_name", required=False)
+def schema(type_name: str | None) -> None:
+    """Print the JSON Schema of every message type (or of one)."""
+    import mesh.schemas  # noqa: F401  (registers the project's types)
+    from mesh.messages import registry
+
+    types = [registry.get(type_name)] if type_name else list(registry)
+    _, components = msgspec.json.schema_components([t.cls for t in types], ref_template="#/$defs/{name}")
+    out = {
+        str(t): {**components[t.cls.__name__], "x-mesh-type": t.name, "x-mesh-version": t.version}
+        for t in types
+    }
+    click.echo(json.dumps({"types": out, "$defs": components}, indent=2))
+
+
+@cli.command("trace")
+@click.argument("trace_id")
+def trace_cmd(trace_id: str) -> None:
+    """Print the spans of one trace from the local span file."""
+    from mesh.tracing import iter_tree, read_spans
+
+    settings = _settings()
+    spans = read_spans(settings.spans_path, trace_id)
+    if not spans:
+        raise ConfigError(f"no spans of trace {trace_id} in {settings.spans_path}")
+    start = min(s["start_ns"] for s in spans)
+    for depth, s in iter_tree(spans):
+        ms = (s["end_ns"] - s["start_ns"]) / 1e6
+        click.echo(
+            f"{(s['start_ns'] - start) / 1e6:9.1f} ms  {'   ' * depth}└─ {s['name']}  "
+            f"[{s['service']}] {ms:.1f} ms"
+        )
+
+
+@cli.command()
+@click.option("--tickets", default=2, show_default=True, help="How many tickets to run through.")
+def demo(tickets: int) -> None:
+    """Run the support-desk demo: three agent processes on an embedded server."""
+    from mesh.demo import run_demo
+
+    settings = _settings()
+    _run(lambda: run_demo(settings, tickets=tickets))

@@ -1,0 +1,75 @@
+"""Dead letters: a message an agent cannot process is kept, never dropped.
+
+It is republished on ``mesh.<conversation>.dlq.<agent>`` with its original bytes and
+headers, plus ``Mesh-Dlq-*`` headers giving the reason. The ``MESH_DLQ`` stream stores
+every dead letter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from mesh import envelope as h
+from mesh import subjects
+from mesh.transport import Transport
+
+log = structlog.get_logger("mesh.deadletter")
+
+MAX_AGE_S = 14 * 24 * 3600.0
+
+
+async def ensure_stream(transport: Transport, name: str) -> bool:
+    return await transport.ensure_stream(name, [subjects.dead_letter_pattern()], MAX_AGE_S)
+
+
+def dead_letter_subject(subject: str, agent: str) -> str:
+    address = subjects.parse(subject)
+    conv = address.conversation if address is not None else "_"
+    return subjects.Address.dead_letter(conv, agent).subject
+
+
+async def dead_letter(
+    transport: Transport,
+    *,
+    agent: str,
+    msg: Any,
+    kind: str,
+    reason: str,
+    stored: bool,
+) -> None:
+    """Publish `msg` (a raw delivery) to the dead-letter subject with the reason."""
+    headers = dict(msg.headers or {})
+    original_id = headers.pop(h.NATS_MSG_ID, None)
+    if original_id:
+        headers["Mesh-Dlq-Original-Msg-Id"] = original_id
+    headers.update(
+        {
+            h.DLQ_KIND: kind,
+            h.DLQ_REASON: _one_line(reason),
+            h.DLQ_SUBJECT: msg.subject,
+            h.DLQ_AGENT: agent,
+            h.DLQ_AT: str(h.now_ns()),
+        }
+    )
+    subject = dead_letter_subject(msg.subject, agent)
+    log.warning("dead-lettered", kind=kind, reason=reason, subject=msg.subject, dlq=subject)
+    try:
+        if stored:
+            await transport.store(subject, msg.data, headers)
+        else:
+            await transport.publish(subject, msg.data, headers)
+    except Exception as exc:  # the bus itself failed; say so loudly, with the bytes
+        log.error(
+            "dead letter could not be published",
+            error=str(exc),
+            subject=msg.subject,
+            headers=msg.headers,
+            data=msg.data[:4096].hex(),
+        )
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

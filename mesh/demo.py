@@ -1,0 +1,184 @@
+"""`mesh demo`: the support desk, live.
+
+Starts (or reuses) the embedded nats-server, starts triage, research and writer as three
+OS processes, taps the mesh, publishes tickets as the helpdesk would, and prints each
+conversation as a causal tree with its trace id, then the trace's spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mesh import server as srv
+from mesh.client import MeshClient
+from mesh.conversation import render_tree
+from mesh.discovery import wait_for_agents
+from mesh.errors import MeshError
+from mesh.settings import Settings
+from mesh.tap import TapLine, format_line
+from mesh.tracing import configure_tracing, iter_tree, read_spans
+
+TICKETS = [
+    {
+        "ticket_id": "T-1001",
+        "customer": "Ada",
+        "subject": "Charged twice for my subscription",
+        "body": "My card shows two charges for the March invoice. Can I get a refund?",
+    },
+    {
+        "ticket_id": "T-1002",
+        "customer": "Linus",
+        "subject": "Export fails with error 500",
+        "body": "Exporting my reports crashes with error 500 since yesterday. This is urgent.",
+    },
+    {
+        "ticket_id": "T-1003",
+        "customer": "Grace",
+        "subject": "Locked out of my account",
+        "body": "I typed the wrong password a few times and my account is locked. How do I log in?",
+    },
+]
+
+AGENT_SPECS = {
+    "triage": "mesh.agents.support.triage:agent",
+    "research": "mesh.agents.support.research:agent",
+    "writer": "mesh.agents.support.writer:agent",
+}
+
+
+async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str], None] = print) -> int:
+    from mesh.schemas.support import TicketOpened
+
+    provider = configure_tracing(settings, "helpdesk")
+    owned: srv.EmbeddedServer | None = None
+    info = srv.running(settings) if not settings.nats_url else None
+    if settings.nats_url:
+        url = settings.nats_url
+        out(f"using the NATS server at {url}")
+    elif info is not None:
+        url = info.url
+        out(f"using the running mesh server {url}")
+    else:
+        owned = srv.EmbeddedServer(srv.server_dir(settings))
+        info = owned.start()
+        srv.write_state(settings, info)
+        url = info.url
+        out(f"started nats-server {url} (JetStream store under {srv.server_dir(settings)})")
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, spec in AGENT_SPECS.items():
+            procs.append(_spawn(spec, url, settings, logs / f"{name}.log"))
+            out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {logs / f'{name}.log'})")
+        out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
+        client = await MeshClient.connect(settings, "helpdesk", url=url)
+        try:
+            await wait_for_agents(client.transport, {n: 1 for n in AGENT_SPECS}, timeout=30)
+            out("all agents joined the mesh\n")
+            trace_ids = []
+            for raw in (TICKETS * (1 + tickets // len(TICKETS)))[:tickets]:
+                ticket = TicketOpened(**raw)
+                trace_ids.append(await _one_conversation(client, ticket, out))
+        finally:
+            await client.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if owned is not None:
+            owned.stop()
+            srv.clear_state(settings)
+        provider.shutdown()
+    _print_spans(settings, trace_ids, out)
+    return 0
+
+
+async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[str], None]) -> str:
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    from mesh.codec import default_codec
+    from mesh.envelope import new_id
+    from mesh.schemas.support import ReplyDrafted
+    from mesh.subjects import conversation_pattern
+    from mesh.tap import observe
+    from mesh.tracing import current_trace_id
+
+    conversation = new_id()
+    lines: list[TapLine] = []
+    finished = asyncio.Event()
+    replies: list[ReplyDrafted] = []
+
+    async def on_message(msg: Any) -> None:
+        line = observe(msg)
+        lines.append(line)
+        out("  " + format_line(line))
+        if line.type == "support.reply_drafted":
+            replies.append(default_codec.decode(msg.data, ReplyDrafted))
+            finished.set()
+        elif line.dead_letter:
+            finished.set()
+
+    sub = await client.transport.subscribe(conversation_pattern(conversation), on_message)
+    await client.transport.flush()
+    out(f"helpdesk opens ticket {getattr(ticket, 'ticket_id', '?')} (conversation {conversation})")
+    with trace.get_tracer("mesh").start_as_current_span("helpdesk open ticket", kind=SpanKind.PRODUCER):
+        await client.publish(ticket, conversation=conversation)  # type: ignore[arg-type]
+        trace_id = current_trace_id()
+    try:
+        await asyncio.wait_for(finished.wait(), 30)
+    except TimeoutError:
+        raise MeshError(
+            f"conversation {conversation} did not finish within 30s; see the agent logs"
+        ) from None
+    finally:
+        await sub.unsubscribe()
+    out(f"\nconversation {conversation} as a causal tree (trace {trace_id}):")
+    out(render_tree(lines))
+    for reply in replies:
+        out(
+            f"\nreply drafted ({reply.category}, {reply.priority}, model {reply.model}, "
+            f"sources {reply.sources}):"
+        )
+        out("  | " + reply.reply.replace("\n", "\n  | ") + "\n")
+    return trace_id
+
+
+def _spawn(spec: str, url: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MESH_NATS_URL": url, "MESH_DATA_DIR": str(settings.data_dir)}
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mesh", "run", spec],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _print_spans(settings: Settings, trace_ids: list[str], out: Callable[[str], None]) -> None:
+    if settings.trace_exporter not in ("auto", "file") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        out("spans were sent to the configured exporter")
+        return
+    for trace_id in trace_ids:
+        spans = read_spans(settings.spans_path, trace_id)
+        services = sorted({str(s["service"]) for s in spans})
+        out(f"trace {trace_id}: {len(spans)} spans from {len(services)} processes ({', '.join(services)})")
+        if not spans:
+            continue
+        start = min(s["start_ns"] for s in spans)
+        for depth, s in iter_tree(spans):
+            ms = (s["end_ns"] - s["start_ns"]) / 1e6
+            out(f"  {(s['start_ns'] - start) / 1e6:8.1f} ms  {'   ' * depth}└─ {s['name']}  {ms:.1f} ms")
+    out(f"(spans are in {settings.spans_path}; `mesh trace <id>` prints one again)")

@@ -1,0 +1,113 @@
+"""Message metadata on the wire: header names, and the parsed envelope of a delivery.
+
+See docs/protocol.md for the contract other languages follow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from nats.nuid import NUID
+
+from mesh import subjects
+from mesh.codec import JSON
+from mesh.errors import DeliveryError
+from mesh.subjects import Address
+
+TYPE: Final = "Mesh-Type"
+VERSION: Final = "Mesh-Version"
+ID: Final = "Mesh-Id"
+NATS_MSG_ID: Final = "Nats-Msg-Id"
+CONVERSATION: Final = "Mesh-Conversation"
+CAUSATION: Final = "Mesh-Causation"
+SENDER: Final = "Mesh-Sender"
+SENT_AT: Final = "Mesh-Sent-At"
+HOP: Final = "Mesh-Hop"
+DEADLINE: Final = "Mesh-Deadline"
+REPLY_TO: Final = "Mesh-Reply-To"
+CONTENT_TYPE: Final = "Content-Type"
+TRACEPARENT: Final = "traceparent"
+TRACESTATE: Final = "tracestate"
+
+DLQ_REASON: Final = "Mesh-Dlq-Reason"
+DLQ_KIND: Final = "Mesh-Dlq-Kind"
+DLQ_SUBJECT: Final = "Mesh-Dlq-Subject"
+DLQ_AGENT: Final = "Mesh-Dlq-Agent"
+DLQ_AT: Final = "Mesh-Dlq-At"
+
+_nuid = NUID()
+
+
+def new_id() -> str:
+    """A new unique id for a message or a conversation (22 characters, subject-safe)."""
+    return _nuid.next().decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A received message: where it came, its metadata, and its undecoded body."""
+
+    address: Address
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    reply: str  # the NATS reply subject, "" if none
+    id: str
+    type_name: str
+    version: int | None
+    conversation: str
+    causation: str
+    sender: str
+    sent_at_ns: int
+    hop: int
+    deadline_ms: int | None
+    content_type: str
+
+    @property
+    def reply_to(self) -> str:
+        """Where an answer to this message goes: the NATS reply subject or Mesh-Reply-To."""
+        return self.reply or self.headers.get(REPLY_TO, "")
+
+
+def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, reply: str) -> Envelope:
+    """Parse the metadata of a delivery; DeliveryError says which header is wrong."""
+    address = subjects.parse(subject)
+    if address is None:
+        raise DeliveryError("bad_subject", f"subject {subject!r} is not a mesh subject")
+    h = headers or {}
+    type_name = h.get(TYPE) or (address.target if address.kind == subjects.EVENT else "")
+    if not type_name:
+        raise DeliveryError("bad_header", f"no {TYPE} header on {subject!r}; it is required on inboxes")
+    return Envelope(
+        address=address,
+        subject=subject,
+        data=data,
+        headers=h,
+        reply=reply,
+        id=h.get(ID) or h.get(NATS_MSG_ID) or new_id(),
+        type_name=type_name,
+        version=_int(h, VERSION),
+        conversation=address.conversation,
+        causation=h.get(CAUSATION, ""),
+        sender=h.get(SENDER, ""),
+        sent_at_ns=_int(h, SENT_AT) or 0,
+        hop=_int(h, HOP) or 0,
+        deadline_ms=_int(h, DEADLINE),
+        content_type=h.get(CONTENT_TYPE, JSON),
+    )
+
+
+def _int(h: dict[str, str], name: str) -> int | None:
+    raw = h.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise DeliveryError("bad_header", f"header {name}: {raw!r} is not an integer") from None
+
+
+def now_ns() -> int:
+    return time.time_ns()

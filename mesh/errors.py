@@ -1,0 +1,45 @@
+"""The exception tree. Every error the mesh raises on purpose is a `MeshError`."""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error raised by mesh."""
+
+
+class ConfigError(MeshError):
+    """A setting or declaration is invalid; the message says which and how to fix it."""
+
+
+class RegistrationError(ConfigError):
+    """A handler or message type could not be registered."""
+
+
+class ServerError(MeshError):
+    """The NATS server could not be started, found or reached."""
+
+
+class DeliveryError(MeshError):
+    """A message could not be accepted for processing.
+
+    `kind` is a short machine-readable reason that also appears on dead letters:
+    ``decode``, ``validation``, ``unknown_type``, ``oversize``, ``hop_limit``,
+    ``deadline_expired``, ``bad_header`` or ``handler_error``.
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+class DecodeError(DeliveryError):
+    """Bytes did not decode into the declared message type."""
+
+
+class UnknownTypeError(DeliveryError):
+    """A message names a type this process does not know."""
+
+
+class MeshTimeoutError(MeshError, TimeoutError):
+    """Waiting for a reply or an event took longer than allowed."""

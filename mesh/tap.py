@@ -1,0 +1,115 @@
+"""Watching the mesh: decode each message seen on a subject pattern into a `TapLine`.
+
+A tap is a plain (non-queue) subscription, so it sees copies and never takes work away
+from agents.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from mesh import envelope as h
+from mesh import subjects
+from mesh.codec import MSGPACK
+from mesh.transport import Subscription, Transport
+
+PREVIEW = 96
+
+
+@dataclass(frozen=True, slots=True)
+class TapLine:
+    """One observed message."""
+
+    seen_ns: int
+    sent_ns: int
+    subject: str
+    sender: str
+    receiver: str
+    type: str
+    conversation: str
+    id: str
+    causation: str
+    hop: int
+    latency_ms: float | None
+    trace_id: str
+    size: int
+    preview: str
+    dead_letter: str  # the reason, for dead letters
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def observe(msg: Any, seen_ns: int | None = None) -> TapLine:
+    """Describe a raw delivery; never raises on bad input (a tap must see garbage too)."""
+    seen = seen_ns or time.time_ns()
+    headers = msg.headers or {}
+    address = subjects.parse(msg.subject)
+    sent = _int(headers.get(h.SENT_AT))
+    traceparent = headers.get(h.TRACEPARENT, "")
+    parts = traceparent.split("-")
+    type_name = headers.get(h.TYPE) or (address.target if address and address.kind == subjects.EVENT else "?")
+    return TapLine(
+        seen_ns=seen,
+        sent_ns=sent,
+        subject=msg.subject,
+        sender=headers.get(h.SENDER, "?"),
+        receiver=address.receiver if address else msg.subject,
+        type=type_name,
+        conversation=address.conversation if address else headers.get(h.CONVERSATION, ""),
+        id=headers.get(h.ID) or headers.get(h.NATS_MSG_ID, ""),
+        causation=headers.get(h.CAUSATION, ""),
+        hop=_int(headers.get(h.HOP)),
+        latency_ms=round((seen - sent) / 1e6, 3) if sent else None,
+        trace_id=parts[1] if len(parts) == 4 else "",
+        size=len(msg.data),
+        preview=preview(msg.data, headers.get(h.CONTENT_TYPE, "")),
+        dead_letter=f"{headers.get(h.DLQ_KIND, '')}: {headers.get(h.DLQ_REASON, '')}"
+        if h.DLQ_REASON in headers
+        else "",
+    )
+
+
+def preview(data: bytes, content_type: str) -> str:
+    try:
+        obj = msgspec.msgpack.decode(data) if content_type == MSGPACK else msgspec.json.decode(data)
+        text = msgspec.json.encode(obj).decode()
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError):
+        text = f"<{len(data)} bytes, not {content_type or 'json'}: {data[:24]!r}>"
+    return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
+
+
+def format_line(line: TapLine) -> str:
+    when = datetime.fromtimestamp(line.seen_ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
+    latency = f"{line.latency_ms:7.2f}ms" if line.latency_ms is not None else "      - "
+    head = f"{when} {latency}  {line.sender} → {line.receiver}  {line.type}  conv={line.conversation}"
+    if line.dead_letter:
+        return f"{head}  DEAD LETTER ({line.dead_letter})  {line.preview}"
+    return f"{head}  {line.preview}"
+
+
+def _int(raw: str | None) -> int:
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        return 0
+
+
+async def tap(
+    transport: Transport, pattern: str, on_line: Callable[[TapLine], Awaitable[None] | None]
+) -> Subscription:
+    """Subscribe to `pattern` and call `on_line` for each message seen."""
+    subjects.check_pattern(pattern)
+
+    async def seen(msg: Any) -> None:
+        result = on_line(observe(msg))
+        if result is not None:
+            await result
+
+    return await transport.subscribe(pattern, seen)

@@ -1,0 +1,175 @@
+"""OpenTelemetry: one trace per conversation, across every process it touches.
+
+A handler runs in a CONSUMER span whose parent comes from the message's W3C
+``traceparent`` header; everything it sends carries that span's context on.
+Spans go to OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, else to a JSON-lines file
+that `mesh trace` and the demo read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from mesh.middleware import Call
+from mesh.settings import Settings
+
+_propagator = TraceContextTextMapPropagator()
+TRACER_NAME = "mesh"
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends finished spans to a file, one JSON object per line.
+
+    Each batch is a single O_APPEND write, so several processes can share one file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, lines.encode())
+        finally:
+            os.close(fd)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def span_record(span: ReadableSpan) -> dict[str, Any]:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    return {
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_span_id": format(span.parent.span_id, "016x") if span.parent else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "service": span.resource.attributes.get("service.name"),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": dict(span.attributes or {}),
+        "links": [format(link.context.span_id, "016x") for link in span.links],
+    }
+
+
+def read_spans(path: Path, trace_id: str | None = None) -> list[dict[str, Any]]:
+    """Spans from a JSON-lines span file, optionally of one trace."""
+    out = []
+    try:
+        with path.open() as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if trace_id is None or rec.get("trace_id") == trace_id:
+                    out.append(rec)
+    except FileNotFoundError:
+        return []
+    return out
+
+
+def configure_tracing(settings: Settings, service_name: str, instance: str = "") -> TracerProvider:
+    """Install this process's tracer provider. Call `provider.shutdown()` before exit."""
+    attrs: dict[str, Any] = {"service.name": service_name}
+    if instance:
+        attrs["service.instance.id"] = instance
+    provider = TracerProvider(resource=Resource.create(attrs))
+    exporter = _exporter(settings)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _exporter(settings: Settings) -> SpanExporter | None:
+    choice = settings.trace_exporter
+    if choice == "auto":
+        otlp = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        )
+        choice = "otlp" if otlp else "file"
+    if choice == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if choice == "file":
+        return JsonLinesSpanExporter(settings.spans_path)
+    if choice == "console":
+        return ConsoleSpanExporter()
+    return None
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def tracing(call_next: Call) -> Call:
+    """Middleware: run the handler in a span that continues the message's trace."""
+    tracer = trace.get_tracer(TRACER_NAME)
+
+    async def call(ctx: Any, msg: Any) -> Any:
+        env = ctx.envelope
+        parent = _propagator.extract(env.headers)
+        with tracer.start_as_current_span(
+            f"{ctx.agent} process {env.type_name}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": env.subject,
+                "messaging.message.id": env.id,
+                "messaging.message.conversation_id": env.conversation,
+                "mesh.agent": ctx.agent,
+                "mesh.sender": env.sender,
+                "mesh.message.type": env.type_name,
+                "mesh.hop": env.hop,
+            },
+            record_exception=True,
+            set_status_on_exception=True,
+        ) as span:
+            result = await call_next(ctx, msg)
+            span.set_status(Status(StatusCode.OK))
+            return result
+
+    return call
+
+
+def iter_tree(spans: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Spans of one trace, depth first, with their depth."""
+    by_parent: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {s["span_id"] for s in spans}
+    for s in sorted(spans, key=lambda s: s["start_ns"]):
+        parent = s["parent_span_id"] if s["parent_span_id"] in ids else None
+        by_parent.setdefault(parent, []).append(s)
+
+    def walk(parent: str | None, depth: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        for s in by_parent.get(parent, []):
+            yield depth, s
+            yield from walk(s["span_id"], depth + 1)
+
+    yield from walk(None, 0)
