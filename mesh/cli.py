@@ -203,6 +203,7 @@ def agents(as_json: bool, wait: float) -> None:
     "--wait-for", "wait_for", help="Wait for a message of this type in the conversation and print it."
 )
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds for --wait-for.")
+@click.option("--types", "types_", default="", help="Modules/.py files declaring your message types.")
 def publish(
     target: str,
     body: str,
@@ -211,6 +212,7 @@ def publish(
     msgpack: bool,
     wait_for: str | None,
     timeout: float,
+    types_: str,
 ) -> None:
     """Publish a message, as an external system would.
 
@@ -218,9 +220,11 @@ def publish(
     `agent:NAME` (sent to that agent's inbox; give --type), or a full mesh subject.
     BODY is the message as JSON; it is validated against the type before sending.
     """
+    from mesh.loader import import_types
     from mesh.targets import parse_target, validate_body
 
     settings = _settings()
+    import_types(",".join(filter(None, [settings.types, types_])))
     address, mtype = parse_target(target, type_name, conversation)
     message = validate_body(body, mtype)
     _run(lambda: _publish(settings, address, message, msgpack, wait_for, timeout))
@@ -308,8 +312,7 @@ def tap_cmd(pattern: str, conversation: str | None, as_json: bool, count: int, t
             loop.add_signal_handler(sig, done.set)
         await tap(transport, subject, on_line)
         await transport.flush()
-        if not as_json:
-            click.echo(f"tapping {subject} on {transport.connected_url} (Ctrl-C to stop)", err=True)
+        click.echo(f"tapping {subject} on {transport.connected_url} (Ctrl-C to stop)", err=True)
         try:
             await asyncio.wait_for(done.wait(), timeout or None)
         except TimeoutError:
@@ -322,12 +325,15 @@ def tap_cmd(pattern: str, conversation: str | None, as_json: bool, count: int, t
 
 @cli.command()
 @click.argument("type_name", required=False)
-def schema(type_name: str | None) -> None:
+@click.option("--types", "types_", default="", help="Modules/.py files declaring your message types.")
+def schema(type_name: str | None, types_: str) -> None:
     """Print the JSON Schema of every message type (or of one)."""
-    import mesh.schemas  # noqa: F401  (registers the project's types)
+    from mesh.loader import import_types
     from mesh.messages import registry
+    from mesh.targets import lookup
 
-    types = [registry.get(type_name)] if type_name else list(registry)
+    import_types(",".join(filter(None, [_settings().types, types_])))
+    types = [lookup(type_name)] if type_name else list(registry)
     _, components = msgspec.json.schema_components([t.cls for t in types], ref_template="#/$defs/{name}")
     out = {
         str(t): {**components[t.cls.__name__], "x-mesh-type": t.name, "x-mesh-version": t.version}

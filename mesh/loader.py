@@ -6,9 +6,45 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from mesh.agent import Agent
 from mesh.errors import ConfigError
+
+
+def import_module(target: str) -> ModuleType:
+    """Import a dotted module name or a ``.py`` file path."""
+    if target.endswith(".py") or "/" in target:
+        path = Path(target)
+        if not path.exists():
+            raise ConfigError(f"file {target!r} does not exist")
+        module_name = f"mesh_user_{path.stem}"
+        if module_name in sys.modules:
+            return sys.modules[module_name]
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ConfigError(f"cannot import {target!r} as Python")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        sys.path.insert(0, str(path.parent.resolve()))
+        module_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"cannot import module {target!r} ({exc}); check the spelling, or give a file path "
+            f"like ./my_agent.py"
+        ) from None
+
+
+def import_types(modules: str) -> None:
+    """Import the comma-separated modules/files that declare message types (MESH_TYPES)."""
+    import mesh.schemas  # noqa: F401  (the project's own types)
+
+    for target in (m.strip() for m in modules.split(",")):
+        if target:
+            import_module(target)
 
 
 def load_agent(spec: str) -> Agent:
@@ -17,26 +53,7 @@ def load_agent(spec: str) -> Agent:
     attr = attr or "agent"
     if not target:
         raise ConfigError(f"agent spec {spec!r} is empty: write `module.path:agent` or `file.py:agent`")
-    if target.endswith(".py") or "/" in target:
-        path = Path(target)
-        if not path.exists():
-            raise ConfigError(f"agent file {target!r} does not exist")
-        module_name = f"mesh_user_agent_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ConfigError(f"cannot import {target!r} as Python")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        sys.path.insert(0, str(path.parent.resolve()))
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(
-                f"cannot import module {target!r} ({exc}); check the spelling, or give a file path "
-                f"like ./my_agent.py:agent"
-            ) from None
+    module = import_module(target)
     found = getattr(module, attr, None)
     if not isinstance(found, Agent):
         names = [n for n, v in vars(module).items() if isinstance(v, Agent)]

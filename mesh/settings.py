@@ -55,6 +55,11 @@ class Settings(BaseModel):
         default="auto", description="auto: Anthropic when ANTHROPIC_API_KEY is set, else offline."
     )
     anthropic_model: str = "claude-sonnet-4-5"
+    types: str = Field(
+        default="",
+        description="Extra modules or .py files declaring message types, comma-separated; the CLI "
+        "imports them to validate `mesh publish` and list them in `mesh schema`.",
+    )
     dead_letter_stream: str = Field(default="MESH_DLQ", pattern=r"^[A-Za-z0-9_-]+$")
 
     @classmethod

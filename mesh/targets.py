@@ -10,16 +10,14 @@ from mesh.errors import ConfigError, UnknownTypeError
 from mesh.messages import Message, MessageType, registry
 
 
-def _known_types() -> None:
-    import mesh.schemas  # noqa: F401  (registers the project's message types)
-
-
-def _lookup(name: str) -> MessageType:
-    _known_types()
+def lookup(name: str) -> MessageType:
     try:
         return registry.get(name)
     except UnknownTypeError as exc:
-        raise ConfigError(f"{exc.reason}; `mesh schema` lists them") from None
+        raise ConfigError(
+            f"{exc.reason}; `mesh schema` lists them. Types declared in your own modules need "
+            f"--types MODULE (or MESH_TYPES=module,file.py)"
+        ) from None
 
 
 def parse_target(
@@ -30,7 +28,7 @@ def parse_target(
     if target.startswith("agent:"):
         if not type_name:
             raise ConfigError(f"sending to {target} needs the message type: add --type <type name>")
-        return subjects.Address.inbox(conv, subjects.agent_name(target[6:])), _lookup(type_name)
+        return subjects.Address.inbox(conv, subjects.agent_name(target[6:])), lookup(type_name)
     if target.startswith(subjects.ROOT + "."):
         address = subjects.parse(target)
         if address is None or address.kind not in (subjects.EVENT, subjects.AGENT):
@@ -41,13 +39,13 @@ def parse_target(
         if address.kind == subjects.EVENT:
             if type_name and type_name != address.target:
                 raise ConfigError(f"--type {type_name} does not match the subject's type {address.target}")
-            return address, _lookup(address.target)
+            return address, lookup(address.target)
         if not type_name:
             raise ConfigError("sending to an agent inbox needs the message type: add --type <type name>")
-        return address, _lookup(type_name)
+        return address, lookup(type_name)
     if type_name and type_name != target:
         raise ConfigError(f"--type {type_name} does not match TARGET {target}")
-    return subjects.Address.event(conv, _lookup(target).name), _lookup(target)
+    return subjects.Address.event(conv, lookup(target).name), lookup(target)
 
 
 def validate_body(body: str, mtype: MessageType) -> Message:

@@ -1,0 +1,121 @@
+"""Test helpers: a real nats-server on a free port, agents in-process or as processes,
+and a recorder that waits on messages instead of sleeping.
+
+    with nats_server(tmp_path) as server:
+        settings = Settings.load(environ={}, nats_url=server.url, data_dir=tmp_path)
+        async with running_agent(agent, settings) as runtime:
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from mesh.agent import Agent
+from mesh.llm import LLM
+from mesh.runtime import AgentRuntime
+from mesh.server import EmbeddedServer
+from mesh.settings import Settings
+from mesh.transport import NatsTransport, Subscription, Transport
+
+
+@contextmanager
+def nats_server(directory: Path) -> Iterator[EmbeddedServer]:
+    """A real nats-server (JetStream on) on a free loopback port, stopped afterwards."""
+    server = EmbeddedServer(Path(directory))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@asynccontextmanager
+async def running_agent(
+    agent: Agent, settings: Settings, *, llm: LLM | None = None
+) -> AsyncIterator[AgentRuntime]:
+    """Run `agent` in this process until the block ends, then drain it."""
+    transport = await NatsTransport.connect(settings, agent.name)
+    runtime = AgentRuntime(agent, settings, transport, llm=llm)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop(timeout=5)
+        await transport.close()
+
+
+def spawn_agent(
+    spec: str, settings: Settings, *, log: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `mesh run spec` as its own process, pointed at the same server and data dir."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    full_env.update(
+        {
+            "MESH_NATS_URL": settings.nats_url or "",
+            "MESH_DATA_DIR": str(settings.data_dir),
+            "MESH_TRACE_FILE": str(settings.spans_path),
+        }
+    )
+    full_env.update(env or {})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mesh", "run", spec],
+            env=full_env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, wait for a graceful exit, SIGKILL if it does not come."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+class Recorder:
+    """Collects every raw message on a pattern; `wait_for` returns when enough arrived."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self._changed = asyncio.Condition()
+        self._sub: Subscription | None = None
+
+    @classmethod
+    async def start(cls, transport: Transport, pattern: str) -> Recorder:
+        rec = cls()
+        rec._sub = await transport.subscribe(pattern, rec._on)
+        await transport.flush()
+        return rec
+
+    async def _on(self, msg: Any) -> None:
+        async with self._changed:
+            self.messages.append(msg)
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[list[Any]], bool], timeout: float = 10.0) -> list[Any]:
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate(self.messages))
+        return self.messages
+
+    async def wait_count(self, n: int, timeout: float = 10.0) -> list[Any]:
+        return await self.wait_for(lambda msgs: len(msgs) >= n, timeout)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()

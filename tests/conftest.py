@@ -1,0 +1,44 @@
+"""One real nats-server per test session, on a free loopback port with a temporary store."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.client import MeshClient
+from mesh.server import EmbeddedServer
+from mesh.settings import Settings
+from mesh.testing import nats_server
+
+HERE = Path(__file__).parent
+SAMPLES = HERE / "sample_agents"
+sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    with nats_server(tmp_path_factory.mktemp("nats")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def settings(server: EmbeddedServer, tmp_path: Path) -> Settings:
+    return Settings.load(
+        environ={},
+        nats_url=server.url,
+        data_dir=tmp_path / "data",
+        trace_exporter="none",
+        log_level="warning",
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[MeshClient]:
+    c = await MeshClient.connect(settings, "test-client")
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -1,0 +1,213 @@
+"""Agents as separate OS processes started with `mesh run`, as users start them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLES
+from sample_agents.echo import Ping, Pong
+
+from mesh import envelope as h
+from mesh.client import MeshClient
+from mesh.codec import default_codec
+from mesh.discovery import discover, wait_for_agents
+from mesh.settings import Settings
+from mesh.subjects import Address
+from mesh.testing import Recorder, spawn_agent, stop_process
+from mesh.tracing import read_spans
+
+pytestmark = pytest.mark.slow
+
+ECHO = f"{SAMPLES / 'echo.py'}:agent"
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        stop_process(p)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {
+        "MESH_NATS_URL": settings.nats_url or "",
+        "MESH_DATA_DIR": str(settings.data_dir),
+        "PATH": str(Path(sys.executable).parent),
+    }
+
+
+async def test_two_replicas_share_the_work(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    for i in range(2):
+        procs.append(spawn_agent(ECHO, settings, log=tmp_path / f"echo{i}.log"))
+    await wait_for_agents(client.transport, {"echo": 2})
+    rec = await Recorder.start(client.transport, "mesh.replicas.evt.test.pong")
+    for n in range(40):
+        await client.send("echo", Ping(text="share", n=n), conversation="replicas")
+    pongs = [default_codec.decode(m.data, Pong) for m in await rec.wait_count(40)]
+    assert sorted(p.n for p in pongs) == list(range(40))  # each handled exactly once
+    by_pid = {p.pid for p in pongs}
+    assert by_pid == {proc.pid for proc in procs}, f"work went to {by_pid}"
+    # graceful drain on SIGTERM: exit code 0
+    assert [stop_process(p) for p in procs] == [0, 0]
+
+
+async def test_a_new_agent_file_joins_with_mesh_run(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    agent_file = tmp_path / "greeter.py"
+    agent_file.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(SAMPLES.parent)!r})
+            from sample_agents.echo import Ping, Pong
+            from mesh import Agent, Context
+
+            agent = Agent("greeter", description="says hello")
+
+            @agent.handler
+            async def greet(ping: Ping, ctx: Context) -> Pong:
+                return Pong(text="hello " + ping.text, n=ping.n, pid=0, instance=ctx.instance)
+            """
+        )
+    )
+    procs.append(spawn_agent(f"{agent_file}:agent", settings, log=tmp_path / "greeter.log"))
+    await wait_for_agents(client.transport, {"greeter": 1})
+    listed = subprocess.run(
+        [sys.executable, "-m", "mesh", "agents", "--json"],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    names = [json.loads(line)["name"] for line in listed.stdout.splitlines()]
+    assert "greeter" in names
+    rec = await Recorder.start(client.transport, "mesh.greet.evt.test.pong")
+    await client.send("greeter", Ping(text="world"), conversation="greet")
+    [msg] = await rec.wait_count(1)
+    assert default_codec.decode(msg.data, Pong).text == "hello world"
+
+
+async def test_one_trace_across_three_processes(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    from sample_agents.relay import Baton
+
+    spans_file = tmp_path / "spans.jsonl"
+    env = {"MESH_TRACE_EXPORTER": "file", "MESH_TRACE_FILE": str(spans_file)}
+    for name in ("first", "second", "third"):
+        procs.append(
+            spawn_agent(f"{SAMPLES / 'relay.py'}:{name}", settings, log=tmp_path / f"{name}.log", env=env)
+        )
+    await wait_for_agents(client.transport, {"first": 1, "second": 1, "third": 1})
+    rec = await Recorder.start(client.transport, "mesh.traced.>")
+    await client.publish(Baton(token="tr"), conversation="traced")
+    msgs = await rec.wait_for(lambda ms: any(m.headers.get(h.TYPE) == "test.finished" for m in ms))
+    for p in procs:
+        assert stop_process(p) == 0  # SIGTERM flushes the spans
+    traceparents = {m.headers[h.TRACEPARENT].split("-")[1] for m in msgs if h.TRACEPARENT in m.headers}
+    assert len(traceparents) == 1, traceparents
+    [trace_id] = traceparents
+    spans = {s["service"]: s for s in read_spans(spans_file, trace_id)}
+    assert set(spans) == {"first", "second", "third"}
+    assert spans["first"]["parent_span_id"] is None  # the test process published without a trace
+    assert spans["second"]["parent_span_id"] == spans["first"]["span_id"]
+    assert spans["third"]["parent_span_id"] == spans["second"]["span_id"]
+    assert all(s["attributes"]["messaging.message.conversation_id"] == "traced" for s in spans.values())
+
+
+async def test_cli_publish_reaches_agent_and_tap_sees_it(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    procs.append(spawn_agent(ECHO, settings, log=tmp_path / "echo.log"))
+    await wait_for_agents(client.transport, {"echo": 1})
+    env = _env(settings)
+    tap = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh",
+        "tap",
+        "--json",
+        "--count",
+        "2",
+        "--timeout",
+        "30",
+        "-c",
+        "clitap",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert tap.stderr is not None
+    ready = await asyncio.wait_for(tap.stderr.readline(), 30)  # "tapping ..." once subscribed
+    assert b"tapping mesh.clitap.>" in ready
+    pub = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mesh",
+            "publish",
+            "--types",
+            str(SAMPLES / "echo.py"),
+            "--conversation",
+            "clitap",
+            "test.ping",
+            '{"text": "from the shell", "n": 5}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert pub.returncode == 0, pub.stderr
+    assert "published test.ping@1" in pub.stdout
+    out, _ = await asyncio.wait_for(tap.communicate(), 30)
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert [(ln["sender"], ln["receiver"], ln["type"]) for ln in lines] == [
+        ("cli", "evt:test.ping", "test.ping"),
+        ("echo", "evt:test.pong", "test.pong"),
+    ]
+    assert lines[1]["causation"] == lines[0]["id"]
+    assert '"from the shell"' in lines[1]["preview"]
+    assert all(ln["conversation"] == "clitap" and ln["latency_ms"] is not None for ln in lines)
+
+
+async def test_tap_does_not_take_messages_from_agents(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    procs.append(spawn_agent(ECHO, settings, log=tmp_path / "echo.log"))
+    await wait_for_agents(client.transport, {"echo": 1})
+    taps = [await Recorder.start(client.transport, "mesh.notsteal.agent.echo") for _ in range(2)]
+    pongs = await Recorder.start(client.transport, "mesh.notsteal.evt.test.pong")
+    for n in range(20):
+        await client.send("echo", Ping(text="x", n=n), conversation="notsteal")
+    assert len(await pongs.wait_count(20)) == 20
+    for t in taps:
+        assert len(await t.wait_count(20)) == 20
+
+
+async def test_discovery_reports_handles_and_counters(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    procs.append(spawn_agent(ECHO, settings, log=tmp_path / "echo.log"))
+    await wait_for_agents(client.transport, {"echo": 1})
+    pongs = await Recorder.start(client.transport, "mesh.disc.evt.test.pong")
+    for n in range(3):
+        await client.send("echo", Ping(text="x", n=n), conversation="disc")
+    await pongs.wait_count(3)
+    [echo] = [a for a in await discover(client.transport) if a.name == "echo"]
+    assert echo.handles == ["test.ping@1"]
+    assert {e["subject"] for e in echo.endpoints} == {"mesh.*.agent.echo", "mesh.*.evt.test.ping"}
+    assert echo.stats["handled"] == 3
+    assert Address.inbox("x", "echo").subject == "mesh.x.agent.echo"

@@ -1,0 +1,196 @@
+"""An agent in this process against the real server: dispatch, replies, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+import pytest
+from sample_agents.echo import Ping, Pong
+from sample_agents.echo import agent as echo
+
+from mesh import Agent, Context
+from mesh import envelope as h
+from mesh.client import Lineage, MeshClient
+from mesh.codec import MSGPACK, default_codec
+from mesh.settings import Settings
+from mesh.subjects import Address
+from mesh.testing import Recorder, running_agent
+
+
+async def test_event_reaches_agent_and_return_value_is_the_reply(
+    settings: Settings, client: MeshClient
+) -> None:
+    async with running_agent(echo, settings):
+        rec = await Recorder.start(client.transport, "mesh.*.evt.test.pong")
+        sent = await client.publish(Ping(text="hi", n=1))
+        [msg] = await rec.wait_count(1)
+        pong = default_codec.decode(msg.data, Pong)
+        assert (pong.text, pong.n) == ("hi", 1)
+        assert msg.headers[h.CAUSATION] == sent.id
+        assert msg.headers[h.CONVERSATION] == sent.conversation
+        assert msg.headers[h.SENDER] == "echo"
+        assert msg.headers[h.HOP] == "1"
+        assert msg.headers[h.NATS_MSG_ID] == msg.headers[h.ID]
+
+
+async def test_nats_request_gets_the_reply(settings: Settings, client: MeshClient) -> None:
+    """A plain NATS request (as any client can send) is answered on its reply subject."""
+    async with running_agent(echo, settings):
+        nc = client.transport.nc  # type: ignore[attr-defined]
+        reply = await nc.request(
+            Address.inbox("req1", "echo").subject,
+            b'{"text":"plain","n":7}',
+            timeout=5,
+            headers={h.TYPE: "test.ping"},
+        )
+        assert default_codec.decode(reply.data, Pong).n == 7
+
+
+async def test_msgpack_body_is_decoded(settings: Settings, client: MeshClient) -> None:
+    async with running_agent(echo, settings):
+        rec = await Recorder.start(client.transport, "mesh.*.evt.test.pong")
+        await client.send("echo", Ping(text="packed", n=3), content_type=MSGPACK)
+        [msg] = await rec.wait_count(1)
+        assert default_codec.decode(msg.data, Pong).text == "packed"
+
+
+async def test_handoff_keeps_the_reply_target_and_lineage(settings: Settings, client: MeshClient) -> None:
+    from sample_agents.relay import Baton, Finished, first, second, third
+
+    async with (
+        running_agent(first, settings),
+        running_agent(second, settings),
+        running_agent(third, settings),
+    ):
+        rec = await Recorder.start(client.transport, "mesh.hand1.>")
+        reply_to = Address.reply("hand1", "me").subject
+        await client.publish(Baton(token="t1"), conversation="hand1", reply_to=reply_to)
+        msgs = await rec.wait_for(lambda ms: any(m.subject == reply_to for m in ms))
+        final = next(m for m in msgs if m.subject == reply_to)
+        done = default_codec.decode(final.data, Finished)
+        assert [p.split(":")[0] for p in done.path] == ["first", "second", "third"]
+        hops = sorted(int(m.headers[h.HOP]) for m in msgs)
+        assert hops == [0, 1, 2, 3]
+        ids = {m.headers[h.ID] for m in msgs}
+        assert all(m.headers[h.CAUSATION] in ids for m in msgs if m.headers[h.HOP] != "0")
+
+
+bad_agent = Agent("strict", description="dead-letter target")
+
+
+@bad_agent.handler
+async def strict_ping(ping: Ping, ctx: Context) -> Pong:
+    if ping.text == "boom":
+        raise RuntimeError("handler exploded")
+    return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
+
+
+def _answered(msgs: list[Any]) -> list[int]:
+    return sorted(default_codec.decode(m.data, Pong).n for m in msgs)
+
+
+def _headers(client: MeshClient, conv: str, **extra: str) -> dict[str, str]:
+    headers = client.headers("test.ping", 1, conv, Lineage())
+    headers.update(extra)
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "header_overrides"),
+    [
+        ("decode", b"{not json", {}),
+        ("validation", b'{"text": 5}', {}),
+        ("unknown_type", b'{"text": "x"}', {h.TYPE: "test.nobody_handles_this"}),
+        ("decode", b'{"text": "x"}', {h.CONTENT_TYPE: "application/xml"}),
+        ("bad_header", b'{"text": "x"}', {h.HOP: "many"}),
+        ("hop_limit", b'{"text": "x"}', {h.HOP: "1000"}),
+        ("deadline_expired", b'{"text": "x"}', {h.DEADLINE: str(int(time.time() * 1000) - 1000)}),
+        ("handler_error", b'{"text": "boom"}', {}),
+        ("oversize", b'{"text": "' + b"x" * (2 << 20) + b'"}', {}),
+    ],
+)
+async def test_bad_input_is_dead_lettered_with_bytes_headers_and_reason(
+    settings: Settings, client: MeshClient, kind: str, data: bytes, header_overrides: dict[str, str]
+) -> None:
+    conv = h.new_id()
+    async with running_agent(bad_agent, settings):
+        dlq = await Recorder.start(client.transport, f"mesh.{conv}.dlq.strict")
+        pongs = await Recorder.start(client.transport, f"mesh.{conv}.evt.test.pong")
+        inbox = Address.inbox(conv, "strict").subject
+        headers = _headers(client, conv, **header_overrides)
+        # good traffic before and after the bad message keeps flowing
+        await client.send("strict", Ping(text="ok", n=1), conversation=conv)
+        await client.transport.publish(inbox, data, headers)
+        await client.send("strict", Ping(text="ok", n=2), conversation=conv)
+        [dead] = await dlq.wait_count(1)
+        assert dead.data == data
+        assert dead.headers[h.DLQ_KIND] == kind
+        assert dead.headers[h.DLQ_SUBJECT] == inbox
+        assert dead.headers[h.DLQ_AGENT] == "strict"
+        assert dead.headers[h.DLQ_REASON]
+        assert dead.headers["Mesh-Dlq-Original-Msg-Id"] == headers[h.NATS_MSG_ID]
+        for name, value in headers.items():
+            if name != h.NATS_MSG_ID:
+                assert dead.headers[name] == value
+        assert _answered(await pongs.wait_count(2)) == [1, 2]
+        # the dead letter is stored, not only published
+        js = client.transport.nc.jetstream()  # type: ignore[attr-defined]
+        stored = await _stored(js, settings.dead_letter_stream, dead.subject)
+        assert stored.data == data
+        assert stored.headers[h.DLQ_KIND] == kind
+
+
+async def test_dead_letter_reason_names_the_problem(settings: Settings, client: MeshClient) -> None:
+    async with running_agent(bad_agent, settings):
+        dlq = await Recorder.start(client.transport, "mesh.*.dlq.strict")
+        await client.transport.publish(
+            Address.inbox("dlq2", "strict").subject, b'{"text": 5}', _headers(client, "dlq2")
+        )
+        [dead] = await dlq.wait_count(1)
+        assert "Expected `str`, got `int`" in dead.headers[h.DLQ_REASON]
+        assert "$.text" in dead.headers[h.DLQ_REASON]
+
+
+async def test_garbage_burst_never_stops_the_agent(settings: Settings, client: MeshClient) -> None:
+    """Random bytes and random headers interleaved with good messages: every good one is handled."""
+    import random
+
+    rnd = random.Random(7)
+    async with running_agent(bad_agent, settings) as runtime:
+        dlq = await Recorder.start(client.transport, "mesh.fuzz.dlq.strict")
+        pongs = await Recorder.start(client.transport, "mesh.fuzz.evt.test.pong")
+        inbox = Address.inbox("fuzz", "strict").subject
+        bad = 0
+        for i in range(200):
+            if i % 4 == 0:
+                await client.send("strict", Ping(text="ok", n=i), conversation="fuzz")
+            else:
+                blob = rnd.randbytes(rnd.randint(0, 64))
+                headers = {h.TYPE: rnd.choice(["test.ping", "x.y", ""]) or "test.ping"}
+                if rnd.random() < 0.3:
+                    headers[h.HOP] = rnd.choice(["-1", "1e9", "zz"])
+                await client.transport.publish(inbox, blob, headers)
+                bad += 1
+        assert _answered(await pongs.wait_count(50, timeout=20)) == list(range(0, 200, 4))
+        assert len(await dlq.wait_count(bad, timeout=20)) == bad
+        assert (runtime.stats.handled, runtime.stats.dead_lettered) == (50, bad)
+
+
+async def _stored(js: Any, stream: str, subject: str) -> Any:
+    """The stream stores a message a moment after subscribers see it; poll until it is there."""
+    from nats.js.errors import NotFoundError
+
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                return await js.get_last_msg(stream, subject)
+            except NotFoundError:
+                await asyncio.sleep(0.02)
+
+
+def test_messages_encode_like_their_fields() -> None:
+    raw = msgspec.json.encode(Ping(text="a", n=2))
+    assert msgspec.json.decode(raw) == {"text": "a", "n": 2}
