@@ -13,7 +13,9 @@ remove a required field. A breaking change is a new version (a new class).
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
@@ -57,10 +59,8 @@ class TypeRegistry:
         key = (mtype.name, mtype.version)
         existing = self._by_key.get(key)
         if existing is not None and existing.cls is not mtype.cls:
-            if existing.cls.__qualname__ == mtype.cls.__qualname__ and (
-                existing.cls.__module__ == mtype.cls.__module__
-            ):
-                pass  # the same module imported twice (e.g. via a file path); keep the first
+            if existing.cls.__qualname__ == mtype.cls.__qualname__ and _same_source(existing.cls, mtype.cls):
+                pass  # one file imported under two module names (by path and by name); keep the first
             else:
                 raise RegistrationError(
                     f"message type {mtype} is declared twice: by "
@@ -86,6 +86,14 @@ class TypeRegistry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._latest
+
+
+def _same_source(a: type, b: type) -> bool:
+    if a.__module__ == b.__module__:
+        return True
+    fa = getattr(sys.modules.get(a.__module__), "__file__", None)
+    fb = getattr(sys.modules.get(b.__module__), "__file__", None)
+    return fa is not None and fb is not None and os.path.realpath(fa) == os.path.realpath(fb)
 
 
 registry = TypeRegistry()

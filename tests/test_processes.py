@@ -83,7 +83,8 @@ async def test_a_new_agent_file_joins_with_mesh_run(
     )
     procs.append(spawn_agent(f"{agent_file}:agent", settings, log=tmp_path / "greeter.log"))
     await wait_for_agents(client.transport, {"greeter": 1})
-    listed = subprocess.run(
+    listed = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "mesh", "agents", "--json"],
         env=_env(settings),
         capture_output=True,
@@ -152,7 +153,8 @@ async def test_cli_publish_reaches_agent_and_tap_sees_it(
     assert tap.stderr is not None
     ready = await asyncio.wait_for(tap.stderr.readline(), 30)  # "tapping ..." once subscribed
     assert b"tapping mesh.clitap.>" in ready
-    pub = subprocess.run(
+    pub = await asyncio.to_thread(
+        subprocess.run,
         [
             sys.executable,
             "-m",

@@ -1,0 +1,118 @@
+"""The `mesh` command: helpful errors, publish validation, schema, up/agents/down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLES
+
+from mesh.cli import cli
+from mesh.settings import Settings
+
+
+def _run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_unknown_command_suggests_the_closest() -> None:
+    result = CliRunner().invoke(cli, ["tpa"])
+    assert result.exit_code == 2
+    assert "Did you mean `mesh tap`?" in result.output
+
+
+def test_unknown_option_is_named() -> None:
+    result = CliRunner().invoke(cli, ["tap", "--jsn"])
+    assert result.exit_code == 2
+    assert "No such option '--jsn'. Did you mean '--json'?" in result.output
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('{"ticket_id": "T-1", "customer": "Ada"', "not valid JSON"),
+        (
+            '{"ticket_id": 7, "customer": "A", "subject": "s", "body": "b"}',
+            "Expected `str`, got `int` - at `$.ticket_id`",
+        ),
+        ('{"ticket_id": "T-1"}', "missing required field `customer`"),
+    ],
+)
+def test_publish_rejects_a_bad_body_before_sending(body: str, expected: str, tmp_path: Path) -> None:
+    # no server is needed: validation happens first, and nothing is sent
+    result = _run("publish", "support.ticket_opened", body, env={"MESH_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_publish_unknown_type_says_where_types_come_from(tmp_path: Path) -> None:
+    result = _run("publish", "support.ticket_closed", "{}", env={"MESH_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "unknown message type 'support.ticket_closed'" in result.stderr
+    assert "--types" in result.stderr
+
+
+def test_publish_without_a_server_says_how_to_start_one(tmp_path: Path) -> None:
+    body = '{"ticket_id": "T-1", "customer": "A", "subject": "s", "body": "b"}'
+    result = _run("publish", "support.ticket_opened", body, env={"MESH_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert "mesh up" in result.stderr
+
+
+def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
+    result = _run("agents", env={"MESH_DATA_DIR": str(tmp_path), "MESH_NAT_URL": "nats://x"})
+    assert result.returncode == 2
+    assert "MESH_NAT_URL (did you mean MESH_NATS_URL?)" in result.stderr
+
+
+def test_schema_prints_every_message_type() -> None:
+    result = CliRunner().invoke(cli, ["schema", "--types", str(SAMPLES / "echo.py")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert {"support.ticket_opened@1", "support.reply_drafted@1", "test.ping@1"} <= set(doc["types"])
+    ticket = doc["types"]["support.ticket_opened@1"]
+    assert ticket["x-mesh-type"] == "support.ticket_opened"
+    assert set(ticket["required"]) == {"ticket_id", "customer", "subject", "body"}
+
+
+def test_publish_to_agent_needs_a_type(tmp_path: Path) -> None:
+    result = _run("publish", "agent:triage", "{}", env={"MESH_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "--type" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_is_found_by_later_commands_and_down_stops_it(tmp_path: Path) -> None:
+    env = {"MESH_DATA_DIR": str(tmp_path)}
+    up = _run("up", "--detach", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "mesh server up: nats://127.0.0.1:" in up.stdout
+        again = _run("up", "--detach", env=env)
+        assert "already running" in again.stdout
+        agents = _run("agents", env=env)
+        assert agents.returncode == 0, agents.stderr
+        assert "no agents are running" in agents.stdout
+        body = '{"ticket_id": "T-9", "customer": "A", "subject": "s", "body": "b"}'
+        pub = _run("publish", "support.ticket_opened", body, env=env)
+        assert pub.returncode == 0, pub.stderr
+    finally:
+        down = _run("down", env=env)
+    assert "mesh server stopped" in down.stdout
+    assert "no mesh server is running" in _run("down", env=env).stdout
+    assert Settings.load(environ=env).data_dir == tmp_path
