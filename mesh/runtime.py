@@ -97,7 +97,11 @@ class AgentRuntime:
         )
         await self._responder.start()
         await self.transport.flush()
-        self.log.info("agent started", handles=[str(h.mtype) for h in self.agent.handlers])
+        self.log.info(
+            "agent started",
+            handles=[str(h.mtype) for h in self.agent.handlers],
+            url=self.transport.connected_url,
+        )
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop taking messages, finish what is in flight (up to the drain timeout)."""
