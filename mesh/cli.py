@@ -133,6 +133,7 @@ def run(spec: str) -> None:
 
     Start it again (in another shell) for another replica; replicas share the work.
     """
+    from mesh.envelope import new_id
     from mesh.loader import load_agent
     from mesh.logs import configure_logging
     from mesh.runtime import serve
@@ -140,10 +141,11 @@ def run(spec: str) -> None:
 
     settings = _settings()
     agent = load_agent(spec)
+    instance = new_id()
     configure_logging(settings, agent=agent.name)
-    provider = configure_tracing(settings, agent.name)
+    provider = configure_tracing(settings, agent.name, instance)
     try:
-        _run(lambda: serve(agent, settings))
+        _run(lambda: serve(agent, settings, instance=instance))
     finally:
         provider.shutdown()
 

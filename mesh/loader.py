@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -18,7 +19,9 @@ def import_module(target: str) -> ModuleType:
         path = Path(target)
         if not path.exists():
             raise ConfigError(f"file {target!r} does not exist")
-        module_name = f"mesh_user_{path.stem}"
+        resolved = path.resolve()
+        digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+        module_name = f"mesh_user_{path.stem}_{digest}"  # same stem in two dirs: two modules
         if module_name in sys.modules:
             return sys.modules[module_name]
         module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -26,7 +29,7 @@ def import_module(target: str) -> ModuleType:
             raise ConfigError(f"cannot import {target!r} as Python")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        sys.path.insert(0, str(path.parent.resolve()))
+        sys.path.insert(0, str(resolved.parent))
         module_spec.loader.exec_module(module)
         return module
     try:

@@ -223,10 +223,11 @@ async def serve(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     llm: LLM | None = None,
+    instance: str | None = None,
 ) -> AgentRuntime:
     """Connect, run `agent` until `stop` is set or SIGTERM/SIGINT arrives, then drain."""
     transport = await NatsTransport.connect(settings, f"{agent.name}", url=url)
-    runtime = AgentRuntime(agent, settings, transport, llm=llm)
+    runtime = AgentRuntime(agent, settings, transport, llm=llm, instance=instance)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
