@@ -88,7 +88,10 @@ def preview(data: bytes, content_type: str) -> str:
 def format_line(line: TapLine) -> str:
     when = datetime.fromtimestamp(line.seen_ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
     latency = f"{line.latency_ms:7.2f}ms" if line.latency_ms is not None else "      - "
-    head = f"{when} {latency}  {line.sender} → {line.receiver}  {line.type}  conv={line.conversation}"
+    head = (
+        f"{when} {latency}  {line.sender} → {line.receiver}  {line.type}  "
+        f"conv={line.conversation} hop={line.hop} subj={line.subject}"
+    )
     if line.dead_letter:
         return f"{head}  DEAD LETTER ({line.dead_letter})  {line.preview}"
     return f"{head}  {line.preview}"

@@ -61,6 +61,21 @@ async def test_two_replicas_share_the_work(
     assert [stop_process(p) for p in procs] == [0, 0]
 
 
+async def test_sigterm_finishes_in_flight_work_before_exit(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    proc = spawn_agent(ECHO, settings, log=tmp_path / "echo.log")
+    procs.append(proc)
+    await wait_for_agents(client.transport, {"echo": 1})
+    rec = await Recorder.start(client.transport, "mesh.drain.evt.test.pong")
+    await client.send("echo", Ping(text="slow", n=1), conversation="drain")
+    await rec.wait_count(1)  # the handler has started
+    proc.terminate()
+    msgs = await rec.wait_count(2)
+    assert [default_codec.decode(m.data, Pong).text for m in msgs] == ["started", "slow"]
+    assert await asyncio.to_thread(proc.wait, 15) == 0
+
+
 async def test_a_new_agent_file_joins_with_mesh_run(
     settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

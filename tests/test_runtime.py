@@ -49,6 +49,54 @@ async def test_nats_request_gets_the_reply(settings: Settings, client: MeshClien
         assert default_codec.decode(reply.data, Pong).n == 7
 
 
+async def test_plain_nats_client_needs_only_a_json_body_on_an_event_subject(
+    settings: Settings, client: MeshClient
+) -> None:
+    """What docs/protocol.md promises a client in another language: no mesh library, no headers."""
+    async with running_agent(echo, settings):
+        nc = client.transport.nc  # type: ignore[attr-defined]
+        rec = await Recorder.start(client.transport, "mesh.T-77.>")
+        await nc.publish("mesh.T-77.evt.test.ping", b'{"text": "from go", "n": 77}')
+        msgs = await rec.wait_count(2)
+        pong = next(m for m in msgs if m.subject == "mesh.T-77.evt.test.pong")
+        assert default_codec.decode(pong.data, Pong).n == 77
+        assert pong.headers[h.CONVERSATION] == "T-77"
+        assert pong.headers[h.TRACEPARENT].startswith("00-")  # the agent started the trace
+
+
+async def test_logs_carry_trace_span_conversation_and_agent(settings: Settings, client: MeshClient) -> None:
+    import io
+    import json
+
+    from mesh.logs import configure_logging
+
+    log_agent = Agent("logger")
+
+    @log_agent.handler
+    async def on_ping(ping: Ping, ctx: Context) -> Pong:
+        ctx.log.info("pinged", n=ping.n)
+        return Pong(text="", n=ping.n, pid=0, instance="")
+
+    stream = io.StringIO()
+    configure_logging(Settings.load(environ={}), stream=stream, process="test")
+    try:
+        async with running_agent(log_agent, settings):
+            rec = await Recorder.start(client.transport, "mesh.logs1.evt.test.pong")
+            await client.send("logger", Ping(text="x", n=3), conversation="logs1")
+            [pong] = await rec.wait_count(1)
+    finally:
+        import structlog
+
+        structlog.reset_defaults()
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    [pinged] = [e for e in events if e["event"] == "pinged"]
+    assert pinged["agent"] == "logger"
+    assert pinged["conversation_id"] == "logs1"
+    assert pinged["trace_id"] == pong.headers[h.TRACEPARENT].split("-")[1]
+    assert len(pinged["span_id"]) == 16
+    assert pinged["level"] == "info" and pinged["n"] == 3
+
+
 async def test_msgpack_body_is_decoded(settings: Settings, client: MeshClient) -> None:
     async with running_agent(echo, settings):
         rec = await Recorder.start(client.transport, "mesh.*.evt.test.pong")
