@@ -79,6 +79,15 @@ def up(detach: bool) -> None:
     if info is not None:
         click.echo(f"a mesh server is already running: {info.url} (pid {info.pid})")
         return
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    if not detach:  # before the server starts, so a signal at any point stops it cleanly
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     server = srv.EmbeddedServer(srv.server_dir(settings), tie_to_parent=not detach)
     info = server.start()
     srv.write_state(settings, info)
@@ -87,17 +96,11 @@ def up(detach: bool) -> None:
         click.echo("stop it with `mesh down`")
         return
     click.echo("Ctrl-C to stop")
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        while not stop and srv.running(settings) is not None:
-            signal.pause() if hasattr(signal, "pause") else time.sleep(1)
+        while not stop:
+            if server.wait(timeout=0.5) is not None:
+                click.echo(f"nats-server exited on its own; see {server.log_path}", err=True)
+                break
     finally:
         server.stop()
         srv.clear_state(settings)

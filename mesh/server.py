@@ -147,6 +147,15 @@ class EmbeddedServer:
             proc.kill()
             proc.wait()
 
+    def wait(self, timeout: float) -> int | None:
+        """The exit code if the server has exited within `timeout` seconds, else None."""
+        if self._proc is None:
+            return 0
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def kill(self) -> None:
         """SIGKILL, for fault tests."""
         if self._proc is not None:

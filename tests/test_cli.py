@@ -116,3 +116,31 @@ def test_up_is_found_by_later_commands_and_down_stops_it(tmp_path: Path) -> None
     assert "mesh server stopped" in down.stdout
     assert "no mesh server is running" in _run("down", env=env).stdout
     assert Settings.load(environ=env).data_dir == tmp_path
+
+
+@pytest.mark.slow
+def test_up_in_the_foreground_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+        "MESH_DATA_DIR": str(tmp_path),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # printed once the server is up and recorded
+        assert first.startswith("mesh server up: nats://127.0.0.1:")
+        assert (tmp_path / "server" / "server.json").exists()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "mesh server stopped" in out
+    assert not (tmp_path / "server" / "server.json").exists()
+    assert "no mesh server is running" in _run("down", env={"MESH_DATA_DIR": str(tmp_path)}).stdout
