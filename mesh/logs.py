@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from contextvars import ContextVar
 from typing import Any, TextIO
 
 import structlog
+from opentelemetry import trace
 
 from mesh.middleware import Call
 from mesh.settings import Settings
@@ -24,6 +27,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, **bin
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_message_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
@@ -39,18 +43,34 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, **bin
         structlog.contextvars.bind_contextvars(**bind)
 
 
+_handling: ContextVar[Any] = ContextVar("mesh_handling", default=None)
+
+
+def add_message_ids(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: inside a handler, add the message's conversation, message, trace and span ids.
+
+    The ids are looked up when an event is logged, not bound per message, so messages that
+    log nothing pay only for one context variable.
+    """
+    ctx = _handling.get()
+    if ctx is not None:
+        event.setdefault("conversation_id", ctx.conversation_id)
+        event.setdefault("message_id", ctx.message_id)
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            event.setdefault("trace_id", format(span.trace_id, "032x"))
+            event.setdefault("span_id", format(span.span_id, "016x"))
+    return event
+
+
 def log_context(call_next: Call) -> Call:
     """Middleware: every log event inside a handler carries the ids of its message."""
-    from opentelemetry import trace
 
     async def call(ctx: Any, msg: Any) -> Any:
-        span = trace.get_current_span().get_span_context()
-        with structlog.contextvars.bound_contextvars(
-            conversation_id=ctx.conversation_id,
-            message_id=ctx.message_id,
-            trace_id=format(span.trace_id, "032x") if span.is_valid else None,
-            span_id=format(span.span_id, "016x") if span.is_valid else None,
-        ):
+        token = _handling.set(ctx)
+        try:
             return await call_next(ctx, msg)
+        finally:
+            _handling.reset(token)
 
     return call
