@@ -36,7 +36,12 @@ class _Group(click.Group):
 
 
 def _settings() -> Settings:
-    return Settings.load()
+    """Read settings; CLI logs (e.g. connection warnings) go to stderr, never into output."""
+    from mesh.logs import configure_logging
+
+    settings = Settings.load()
+    configure_logging(settings)
+    return settings
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -75,6 +80,11 @@ def main() -> None:
 def up(detach: bool) -> None:
     """Start the embedded nats-server (loopback, JetStream) under the data dir."""
     settings = _settings()
+    if settings.nats_url:
+        raise ConfigError(
+            f"MESH_NATS_URL is set ({settings.nats_url}), so mesh commands use that server, not one "
+            f"`mesh up` would start: unset MESH_NATS_URL to use the embedded server"
+        )
     info = srv.running(settings)
     if info is not None:
         click.echo(f"a mesh server is already running: {info.url} (pid {info.pid})")
@@ -209,6 +219,7 @@ def agents(as_json: bool, wait: float) -> None:
 )
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds for --wait-for.")
 @click.option("--types", "types_", default="", help="Modules/.py files declaring your message types.")
+@click.option("--deadline", type=float, help="Seconds the work may take; later steps are dropped to the DLQ.")
 def publish(
     target: str,
     body: str,
@@ -218,6 +229,7 @@ def publish(
     wait_for: str | None,
     timeout: float,
     types_: str,
+    deadline: float | None,
 ) -> None:
     """Publish a message, as an external system would.
 
@@ -232,16 +244,22 @@ def publish(
     import_types(",".join(filter(None, [settings.types, types_])))
     address, mtype = parse_target(target, type_name, conversation)
     message = validate_body(body, mtype)
-    _run(lambda: _publish(settings, address, message, msgpack, wait_for, timeout))
+    _run(lambda: _publish(settings, address, message, msgpack, wait_for, timeout, deadline))
 
 
 async def _publish(
-    settings: Settings, address: Any, message: Any, msgpack: bool, wait_for: str | None, timeout: float
+    settings: Settings,
+    address: Any,
+    message: Any,
+    msgpack: bool,
+    wait_for: str | None,
+    timeout: float,
+    deadline: float | None,
 ) -> None:
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
 
-    from mesh.client import MeshClient
+    from mesh.client import ROOT, Lineage, MeshClient
     from mesh.codec import JSON, MSGPACK
     from mesh.subjects import conversation_pattern
     from mesh.tap import TapLine, format_line, tap
@@ -257,12 +275,15 @@ async def _publish(
                 if line.type == wait_for and not got.done():
                     got.set_result(line)
 
-            await tap(client.transport, conversation_pattern(address.conversation), on_line)
+            await tap(client.transport, conversation_pattern(address.conversation), on_line, full=True)
+        lineage = ROOT
+        if deadline is not None:
+            lineage = Lineage(deadline_ms=int((time.time() + deadline) * 1000))
         tracer = trace.get_tracer("mesh")
         with tracer.start_as_current_span(
             f"cli publish {message.__mesh_type__.name}", kind=SpanKind.PRODUCER
         ):
-            sent = await client.emit(address, message, content_type=MSGPACK if msgpack else JSON)
+            sent = await client.emit(address, message, lineage, content_type=MSGPACK if msgpack else JSON)
             trace_id = current_trace_id()
         await client.transport.flush()
         click.echo(
@@ -277,6 +298,7 @@ async def _publish(
                     f"no {wait_for} arrived in conversation {sent.conversation} within {timeout:.0f}s"
                 ) from None
             click.echo(format_line(line))
+            click.echo(json.dumps(line.body, indent=2))
     finally:
         await client.close()
         provider.shutdown()
@@ -288,7 +310,10 @@ async def _publish(
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
 @click.option("--count", "-n", type=int, default=0, help="Stop after this many messages.")
 @click.option("--timeout", type=float, default=0.0, help="Stop after this many seconds.")
-def tap_cmd(pattern: str, conversation: str | None, as_json: bool, count: int, timeout: float) -> None:
+@click.option("--full", is_flag=True, help="Show whole bodies, not a preview.")
+def tap_cmd(
+    pattern: str, conversation: str | None, as_json: bool, count: int, timeout: float, full: bool
+) -> None:
     """Show messages live, decoded. Taps never take messages from agents.
 
     PATTERN is a NATS subject pattern (default `mesh.>`); e.g. `mesh.*.agent.triage`.
@@ -308,14 +333,19 @@ def tap_cmd(pattern: str, conversation: str | None, as_json: bool, count: int, t
         def on_line(line: TapLine) -> None:
             nonlocal seen
             seen += 1
-            click.echo(json.dumps(line.to_dict()) if as_json else format_line(line))
+            if as_json:
+                click.echo(json.dumps(line.to_dict()))
+            else:
+                click.echo(format_line(line))
+                if full:
+                    click.echo(json.dumps(line.body, indent=2))
             if count and seen >= count:
                 done.set()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, done.set)
-        await tap(transport, subject, on_line)
+        await tap(transport, subject, on_line, full=full)
         await transport.flush()
         click.echo(f"tapping {subject} on {transport.connected_url} (Ctrl-C to stop)", err=True)
         try:
@@ -329,7 +359,7 @@ def tap_cmd(pattern: str, conversation: str | None, as_json: bool, count: int, t
 
 
 @cli.command()
-@click.argument("type_name", required=False)
+@click.argument("type_name", required=False, metavar="[TYPE[@VERSION]]")
 @click.option("--types", "types_", default="", help="Modules/.py files declaring your message types.")
 def schema(type_name: str | None, types_: str) -> None:
     """Print the JSON Schema of every message type (or of one)."""
@@ -338,12 +368,16 @@ def schema(type_name: str | None, types_: str) -> None:
     from mesh.targets import lookup
 
     import_types(",".join(filter(None, [_settings().types, types_])))
-    types = [lookup(type_name)] if type_name else list(registry)
-    _, components = msgspec.json.schema_components([t.cls for t in types], ref_template="#/$defs/{name}")
-    out = {
-        str(t): {**components[t.cls.__name__], "x-mesh-type": t.name, "x-mesh-version": t.version}
-        for t in types
-    }
+    if type_name:
+        name, _, version = type_name.partition("@")
+        types = [lookup(name, int(version) if version.isdigit() else None)]
+    else:
+        types = list(registry)
+    refs, components = msgspec.json.schema_components([t.cls for t in types], ref_template="#/$defs/{name}")
+    out = {}
+    for t, ref in zip(types, refs, strict=True):
+        component = ref["$ref"].rsplit("/", 1)[1]  # msgspec renames classes that share a name
+        out[str(t)] = {**components[component], "x-mesh-type": t.name, "x-mesh-version": t.version}
     click.echo(json.dumps({"types": out, "$defs": components}, indent=2))
 
 

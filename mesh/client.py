@@ -7,7 +7,8 @@ current trace context on each message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -73,9 +74,14 @@ class MeshClient:
         conversation: str | None = None,
         content_type: str = JSON,
         reply_to: str = "",
+        deadline: float | None = None,
     ) -> Sent:
-        """Publish `msg` as an event of its type: every agent handling the type gets it."""
+        """Publish `msg` as an event of its type: every agent handling the type gets it.
+
+        `deadline` (seconds from now) travels downstream; work past it is dead-lettered.
+        """
         conv = _conversation(conversation or lineage.conversation)
+        lineage = _with_deadline(lineage, deadline)
         return await self.emit(
             Address.event(conv, type_of(type(msg)).name), msg, lineage, content_type, reply_to
         )
@@ -89,9 +95,11 @@ class MeshClient:
         conversation: str | None = None,
         content_type: str = JSON,
         reply_to: str = "",
+        deadline: float | None = None,
     ) -> Sent:
         """Send `msg` to one agent's inbox (one replica of it handles it)."""
         conv = _conversation(conversation or lineage.conversation)
+        lineage = _with_deadline(lineage, deadline)
         return await self.emit(Address.inbox(conv, agent), msg, lineage, content_type, reply_to)
 
     async def emit(
@@ -140,6 +148,12 @@ class MeshClient:
             headers[h.CONTENT_TYPE] = content_type
         _propagator.inject(headers)
         return headers
+
+
+def _with_deadline(lineage: Lineage, seconds: float | None) -> Lineage:
+    if seconds is None:
+        return lineage
+    return replace(lineage, deadline_ms=int(time.time() * 1000 + seconds * 1000))
 
 
 def _conversation(value: str | None) -> str:

@@ -43,7 +43,7 @@ async def dead_letter(
     headers = dict(msg.headers or {})
     original_id = headers.pop(h.NATS_MSG_ID, None)
     if original_id:
-        headers["Mesh-Dlq-Original-Msg-Id"] = original_id
+        headers[h.DLQ_ORIGINAL_ID] = original_id
     headers.update(
         {
             h.DLQ_KIND: kind,

@@ -22,7 +22,7 @@ from mesh.discovery import wait_for_agents
 from mesh.errors import MeshError
 from mesh.settings import Settings
 from mesh.tap import TapLine, format_line
-from mesh.tracing import configure_tracing, iter_tree, read_spans
+from mesh.tracing import configure_tracing, exporter_kind, iter_tree, read_spans
 
 TICKETS = [
     {
@@ -168,8 +168,8 @@ def _spawn(spec: str, url: str, settings: Settings, log: Path) -> subprocess.Pop
 
 
 def _print_spans(settings: Settings, trace_ids: list[str], out: Callable[[str], None]) -> None:
-    if settings.trace_exporter not in ("auto", "file") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        out("spans were sent to the configured exporter")
+    if exporter_kind(settings) != "file":
+        out(f"spans were sent to the {exporter_kind(settings)} exporter")
         return
     for trace_id in trace_ids:
         spans = read_spans(settings.spans_path, trace_id)

@@ -88,7 +88,7 @@ class ServiceResponder:
 
     def stats(self) -> dict[str, Any]:
         s = self._stats()
-        avg = s.processing_ns // s.handled if s.handled else 0
+        avg = s.processing_ns // s.received if s.received else 0
         return {
             **self._identity("stats"),
             "started": self._started,

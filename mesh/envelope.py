@@ -36,6 +36,7 @@ DLQ_KIND: Final = "Mesh-Dlq-Kind"
 DLQ_SUBJECT: Final = "Mesh-Dlq-Subject"
 DLQ_AGENT: Final = "Mesh-Dlq-Agent"
 DLQ_AT: Final = "Mesh-Dlq-At"
+DLQ_ORIGINAL_ID: Final = "Mesh-Dlq-Original-Msg-Id"
 
 _nuid = NUID()
 
@@ -74,8 +75,12 @@ class Envelope:
 def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, reply: str) -> Envelope:
     """Parse the metadata of a delivery; DeliveryError says which header is wrong."""
     address = subjects.parse(subject)
-    if address is None:
-        raise DeliveryError("bad_subject", f"subject {subject!r} is not a mesh subject")
+    if address is None or not subjects.is_conversation_id(address.conversation):
+        raise DeliveryError(
+            "bad_subject",
+            f"subject {subject!r} is not a mesh subject: mesh.<conversation>.<kind>.<target>, "
+            f"with a conversation id of 1-128 characters of A-Z, a-z, 0-9, '-' or '_'",
+        )
     h = headers or {}
     type_name = h.get(TYPE) or (address.target if address.kind == subjects.EVENT else "")
     if not type_name:
@@ -95,8 +100,15 @@ def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, rep
         sent_at_ns=_int(h, SENT_AT) or 0,
         hop=_int(h, HOP) or 0,
         deadline_ms=_int(h, DEADLINE),
-        content_type=h.get(CONTENT_TYPE, JSON),
+        content_type=_media_type(h.get(CONTENT_TYPE)),
     )
+
+
+def _media_type(raw: str | None) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``; absent -> JSON."""
+    if not raw:
+        return JSON
+    return raw.split(";", 1)[0].strip().lower()
 
 
 def _int(h: dict[str, str], name: str) -> int | None:

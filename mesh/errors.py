@@ -24,7 +24,8 @@ class DeliveryError(MeshError):
 
     `kind` is a short machine-readable reason that also appears on dead letters:
     ``decode``, ``validation``, ``unknown_type``, ``oversize``, ``hop_limit``,
-    ``deadline_expired``, ``bad_header`` or ``handler_error``.
+    ``deadline_expired``, ``bad_header``, ``bad_subject``, ``handler_error`` or
+    ``drain_timeout``.
     """
 
     def __init__(self, kind: str, reason: str) -> None:

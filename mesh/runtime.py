@@ -115,7 +115,8 @@ class AgentRuntime:
             for task in late:
                 task.cancel()
             if late:
-                self.log.warning("drain timed out; cancelled handlers", cancelled=len(late))
+                self.log.warning("drain timed out; cancelled handlers are dead-lettered", cancelled=len(late))
+                await asyncio.wait(late, timeout=5)
         if self._responder is not None:
             await self._responder.stop()
         with contextlib.suppress(Exception):
@@ -147,6 +148,13 @@ class AgentRuntime:
             try:
                 await self._calls[id(handler)](ctx, message)
                 stats.handled += 1
+            except asyncio.CancelledError:
+                # the drain timeout ran out: keep the message rather than lose it
+                stats.dead_lettered += 1
+                await self._dead_letter(
+                    msg, "drain_timeout", f"{handler.name} was still running when the agent stopped"
+                )
+                raise
             except Exception as exc:
                 stats.errors += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,7 @@ class ServerInfo:
     url: str
     monitor_url: str
     pid: int
-    data_dir: str
+    directory: str
 
 
 def binary() -> Path:
@@ -46,14 +46,23 @@ def binary() -> Path:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def _is_our_server(pid: int, directory: str) -> bool:
+    """True if `pid` is alive and is the nats-server started with the config in `directory`.
+
+    A recorded pid can be reused by an unrelated process after a crash or reboot.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc: fall back to "is something alive"
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    conf = str(Path(directory) / "nats.conf").encode()
+    return any(arg.endswith(b"nats-server") for arg in cmdline[:1]) and conf in cmdline
 
 
 class EmbeddedServer:
@@ -131,7 +140,7 @@ class EmbeddedServer:
             url=ports["nats"][0],
             monitor_url=(ports.get("monitoring") or [""])[0],
             pid=self._proc.pid,
-            data_dir=str(self.directory),
+            directory=str(self.directory),
         )
         return self.info
 
@@ -213,7 +222,7 @@ def running(settings: Settings) -> ServerInfo | None:
         info = ServerInfo(**raw)
     except (FileNotFoundError, json.JSONDecodeError, TypeError):
         return None
-    return info if _pid_alive(info.pid) else None
+    return info if _is_our_server(info.pid, info.directory) else None
 
 
 def resolve_url(settings: Settings) -> str:

@@ -43,6 +43,10 @@ def agent_name(name: str) -> str:
     return name
 
 
+def is_conversation_id(value: str) -> bool:
+    return _CONVERSATION.match(value) is not None
+
+
 def conversation_id(value: str) -> str:
     """Validate a conversation id (a single subject token)."""
     if not _CONVERSATION.match(value):

@@ -41,12 +41,13 @@ class TapLine:
     size: int
     preview: str
     dead_letter: str  # the reason, for dead letters
+    body: Any = None  # the whole decoded body, when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def observe(msg: Any, seen_ns: int | None = None) -> TapLine:
+def observe(msg: Any, seen_ns: int | None = None, *, full: bool = False) -> TapLine:
     """Describe a raw delivery; never raises on bad input (a tap must see garbage too)."""
     seen = seen_ns or time.time_ns()
     headers = msg.headers or {}
@@ -70,18 +71,35 @@ def observe(msg: Any, seen_ns: int | None = None) -> TapLine:
         trace_id=parts[1] if len(parts) == 4 else "",
         size=len(msg.data),
         preview=preview(msg.data, headers.get(h.CONTENT_TYPE, "")),
+        body=decode_any(msg.data, headers.get(h.CONTENT_TYPE, "")) if full else None,
         dead_letter=f"{headers.get(h.DLQ_KIND, '')}: {headers.get(h.DLQ_REASON, '')}"
         if h.DLQ_REASON in headers
         else "",
     )
 
 
-def preview(data: bytes, content_type: str) -> str:
+def _as_json(data: bytes, content_type: str) -> bytes | None:
+    """The body re-encoded as compact JSON, or None if it is neither JSON nor msgpack."""
     try:
-        obj = msgspec.msgpack.decode(data) if content_type == MSGPACK else msgspec.json.decode(data)
-        text = msgspec.json.encode(obj).decode()
-    except (msgspec.DecodeError, UnicodeDecodeError, TypeError):
-        text = f"<{len(data)} bytes, not {content_type or 'json'}: {data[:24]!r}>"
+        obj = msgspec.msgpack.decode(data) if content_type.startswith(MSGPACK) else msgspec.json.decode(data)
+        return msgspec.json.encode(obj)  # msgpack can hold what JSON cannot (e.g. binary keys)
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError, msgspec.EncodeError):
+        return None
+
+
+def _undecodable(data: bytes, content_type: str) -> str:
+    return f"<{len(data)} bytes, not {content_type or 'json'}: {data[:24]!r}>"
+
+
+def decode_any(data: bytes, content_type: str) -> Any:
+    """The body as plain data, or a description of bytes that are neither JSON nor msgpack."""
+    encoded = _as_json(data, content_type)
+    return msgspec.json.decode(encoded) if encoded is not None else _undecodable(data, content_type)
+
+
+def preview(data: bytes, content_type: str) -> str:
+    encoded = _as_json(data, content_type)
+    text = encoded.decode() if encoded is not None else _undecodable(data, content_type)
     return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
 
 
@@ -105,13 +123,17 @@ def _int(raw: str | None) -> int:
 
 
 async def tap(
-    transport: Transport, pattern: str, on_line: Callable[[TapLine], Awaitable[None] | None]
+    transport: Transport,
+    pattern: str,
+    on_line: Callable[[TapLine], Awaitable[None] | None],
+    *,
+    full: bool = False,
 ) -> Subscription:
     """Subscribe to `pattern` and call `on_line` for each message seen."""
     subjects.check_pattern(pattern)
 
     async def seen(msg: Any) -> None:
-        result = on_line(observe(msg))
+        result = on_line(observe(msg, full=full))
         if result is not None:
             await result
 

@@ -10,9 +10,9 @@ from mesh.errors import ConfigError, UnknownTypeError
 from mesh.messages import Message, MessageType, registry
 
 
-def lookup(name: str) -> MessageType:
+def lookup(name: str, version: int | None = None) -> MessageType:
     try:
-        return registry.get(name)
+        return registry.get(name, version)
     except UnknownTypeError as exc:
         raise ConfigError(
             f"{exc.reason}; `mesh schema` lists them. Types declared in your own modules need "

@@ -104,13 +104,19 @@ def configure_tracing(settings: Settings, service_name: str, instance: str = "")
     return provider
 
 
-def _exporter(settings: Settings) -> SpanExporter | None:
+def exporter_kind(settings: Settings) -> str:
+    """Where spans go: otlp, file, console or none (``auto`` resolved)."""
     choice = settings.trace_exporter
     if choice == "auto":
         otlp = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
         )
         choice = "otlp" if otlp else "file"
+    return choice
+
+
+def _exporter(settings: Settings) -> SpanExporter | None:
+    choice = exporter_kind(settings)
     if choice == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -102,7 +102,7 @@ class NatsTransport:
             nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout * 2)
         except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
             raise ServerError(
-                f"cannot reach NATS at {', '.join(servers)}: {exc or type(exc).__name__}. "
+                f"cannot reach NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
                 f"Is the server up? Start one with `mesh up`, or fix MESH_NATS_URL"
             ) from None
         return cls(nc)
@@ -129,7 +129,9 @@ class NatsTransport:
         try:
             await self._js.add_stream(config)
         except BadRequestError as exc:
-            if exc.err_code == 10058:  # stream name already in use with a different config
+            # 10058: the stream exists with another config; 10065: another stream already
+            # captures these subjects. Either way, publishes to them are stored.
+            if exc.err_code in (10058, 10065):
                 return True
             raise
         except nats.errors.NoRespondersError:

@@ -144,3 +144,26 @@ def test_up_in_the_foreground_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert "mesh server stopped" in out
     assert not (tmp_path / "server" / "server.json").exists()
     assert "no mesh server is running" in _run("down", env={"MESH_DATA_DIR": str(tmp_path)}).stdout
+
+
+def test_schema_handles_classes_that_share_a_name(tmp_path: Path) -> None:
+    for version in (1, 2):
+        (tmp_path / f"shared_v{version}.py").write_text(
+            "from mesh import Message, message\n"
+            f"@message('test.shared', version={version})\n"
+            f"class Shared(Message):\n    a: int\n    b{version}: str = ''\n"
+        )
+    files = f"{tmp_path / 'shared_v1.py'},{tmp_path / 'shared_v2.py'}"
+    result = CliRunner().invoke(cli, ["schema", "--types", files])
+    assert result.exit_code == 0, result.output
+    types = json.loads(result.output)["types"]
+    assert "b1" in types["test.shared@1"]["properties"]
+    assert "b2" in types["test.shared@2"]["properties"]
+    one = json.loads(CliRunner().invoke(cli, ["schema", "--types", files, "test.shared@1"]).output)
+    assert list(one["types"]) == ["test.shared@1"]
+
+
+def test_up_refuses_when_a_nats_url_is_configured(tmp_path: Path) -> None:
+    result = _run("up", env={"MESH_DATA_DIR": str(tmp_path), "MESH_NATS_URL": "nats://127.0.0.1:1"})
+    assert result.returncode == 2
+    assert "unset MESH_NATS_URL" in result.stderr

@@ -228,3 +228,21 @@ async def test_discovery_reports_handles_and_counters(
     assert {e["subject"] for e in echo.endpoints} == {"mesh.*.agent.echo", "mesh.*.evt.test.ping"}
     assert echo.stats["handled"] == 3
     assert Address.inbox("x", "echo").subject == "mesh.x.agent.echo"
+
+
+async def test_discovery_answers_parse_as_nats_micro_responses(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """nats-py's own micro types read our $SRV answers, as `nats micro` tools do."""
+    from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
+
+    procs.append(spawn_agent(ECHO, settings, log=tmp_path / "echo.log"))
+    await wait_for_agents(client.transport, {"echo": 1})
+    nc = client.transport.nc  # type: ignore[attr-defined]
+    ping = ServicePing.from_dict(json.loads((await nc.request("$SRV.PING.echo", b"", timeout=5)).data))
+    info = ServiceInfo.from_dict(json.loads((await nc.request("$SRV.INFO.echo", b"", timeout=5)).data))
+    stats = ServiceStats.from_dict(json.loads((await nc.request("$SRV.STATS.echo", b"", timeout=5)).data))
+    assert ping.name == info.name == stats.name == "echo"
+    assert info.metadata["mesh.handles"] == "test.ping@1"
+    assert {e.queue_group for e in info.endpoints} == {"echo"}
+    assert stats.endpoints[0].num_requests == 0

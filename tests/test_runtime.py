@@ -242,3 +242,52 @@ async def _stored(js: Any, stream: str, subject: str) -> Any:
 def test_messages_encode_like_their_fields() -> None:
     raw = msgspec.json.encode(Ping(text="a", n=2))
     assert msgspec.json.decode(raw) == {"text": "a", "n": 2}
+
+
+async def test_content_type_parameters_are_accepted(settings: Settings, client: MeshClient) -> None:
+    async with running_agent(echo, settings):
+        rec = await Recorder.start(client.transport, "mesh.ctype.evt.test.pong")
+        headers = {h.TYPE: "test.ping", h.CONTENT_TYPE: "Application/JSON; charset=utf-8"}
+        await client.transport.publish("mesh.ctype.agent.echo", b'{"text": "t", "n": 4}', headers)
+        [msg] = await rec.wait_count(1)
+        assert default_codec.decode(msg.data, Pong).n == 4
+
+
+async def test_a_bad_conversation_token_is_rejected_up_front(settings: Settings, client: MeshClient) -> None:
+    async with running_agent(bad_agent, settings):
+        dlq = await Recorder.start(client.transport, "mesh.*.dlq.strict")
+        await client.transport.publish("mesh.bad+conv.agent.strict", b'{"text": "x"}', {h.TYPE: "test.ping"})
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers[h.DLQ_KIND] == "bad_subject"
+
+
+async def test_a_deadline_set_by_the_publisher_stops_late_work(
+    settings: Settings, client: MeshClient
+) -> None:
+    async with running_agent(bad_agent, settings):
+        dlq = await Recorder.start(client.transport, "mesh.late.dlq.strict")
+        await client.send("strict", Ping(text="late"), conversation="late", deadline=-1.0)
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers[h.DLQ_KIND] == "deadline_expired"
+        assert int(dead.headers[h.DEADLINE]) < time.time() * 1000
+
+
+async def test_handlers_cut_off_by_the_drain_timeout_are_dead_lettered(
+    settings: Settings, client: MeshClient
+) -> None:
+    stuck = Agent("stuck")
+    started = asyncio.Event()
+
+    @stuck.handler
+    async def forever(ping: Ping) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async with running_agent(stuck, settings) as runtime:
+        dlq = await Recorder.start(client.transport, "mesh.stuck.dlq.stuck")
+        await client.send("stuck", Ping(text="zzz"), conversation="stuck")
+        await asyncio.wait_for(started.wait(), 5)
+        await runtime.stop(timeout=0.1)
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers[h.DLQ_KIND] == "drain_timeout"
+        assert b"zzz" in dead.data

@@ -53,3 +53,10 @@ def test_explicit_url_wins(tmp_path: Path) -> None:
         environ={"MESH_DATA_DIR": str(tmp_path), "MESH_NATS_URL": "nats://10.1.2.3:4222"}
     )
     assert srv.resolve_url(settings) == "nats://10.1.2.3:4222"
+
+
+def test_a_reused_pid_is_not_taken_for_the_server(tmp_path: Path) -> None:
+    settings = Settings.load(environ={"MESH_DATA_DIR": str(tmp_path)})
+    fake = srv.ServerInfo(url="nats://127.0.0.1:1", monitor_url="", pid=os.getpid(), directory=str(tmp_path))
+    srv.write_state(settings, fake)
+    assert srv.running(settings) is None

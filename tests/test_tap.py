@@ -61,3 +61,16 @@ def test_causal_tree_orders_parents_before_children_and_shows_timings() -> None:
     text = render_tree(lines)
     assert "cli → evt:t.a" in text.splitlines()[0]
     assert "(+1.0 ms after its cause)" in text
+
+
+def test_full_bodies_are_decoded_whole_for_json_and_msgpack() -> None:
+    import msgspec
+
+    long_text = "x" * 500
+    line = observe(Raw("mesh.c.evt.t.a", msgspec.json.encode({"text": long_text})), full=True)
+    assert line.body == {"text": long_text}
+    assert len(line.preview) < 100
+    packed = Raw("mesh.c.evt.t.a", msgspec.msgpack.encode({"n": 1}), {h.CONTENT_TYPE: "application/msgpack"})
+    assert observe(packed, full=True).body == {"n": 1}
+    assert observe(Raw("mesh.c.evt.t.a", b"\x00"), full=True).body.startswith("<1 bytes")
+    assert observe(Raw("mesh.c.evt.t.a", b'"<not a description>"')).preview == '"<not a description>"'
