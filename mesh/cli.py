@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import os
 import signal
 import sys
 import time
@@ -125,8 +126,6 @@ def down() -> None:
     if info is None:
         click.echo("no mesh server is running")
         return
-    import os
-
     os.kill(info.pid, signal.SIGTERM)
     for _ in range(200):
         if srv.running(settings) is None:
@@ -156,11 +155,11 @@ def run(spec: str) -> None:
     agent = load_agent(spec)
     instance = new_id()
     configure_logging(settings, agent=agent.name)
-    provider = configure_tracing(settings, agent.name, instance)
+    shutdown_tracing = configure_tracing(settings, agent.name, instance)
     try:
         _run(lambda: serve(agent, settings, instance=instance))
     finally:
-        provider.shutdown()
+        shutdown_tracing()
 
 
 @cli.command()
@@ -265,7 +264,7 @@ async def _publish(
     from mesh.tap import TapLine, format_line, tap
     from mesh.tracing import configure_tracing, current_trace_id
 
-    provider = configure_tracing(settings, "mesh-cli")
+    shutdown_tracing = configure_tracing(settings, "mesh-cli")
     client = await MeshClient.connect(settings, "cli")
     got: asyncio.Future[TapLine] = asyncio.get_running_loop().create_future()
     try:
@@ -301,7 +300,7 @@ async def _publish(
             click.echo(json.dumps(line.body, indent=2))
     finally:
         await client.close()
-        provider.shutdown()
+        shutdown_tracing()
 
 
 @cli.command("tap")
@@ -333,12 +332,17 @@ def tap_cmd(
         def on_line(line: TapLine) -> None:
             nonlocal seen
             seen += 1
-            if as_json:
-                click.echo(json.dumps(line.to_dict()))
-            else:
-                click.echo(format_line(line))
-                if full:
-                    click.echo(json.dumps(line.body, indent=2))
+            try:
+                if as_json:
+                    click.echo(json.dumps(line.to_dict()))
+                else:
+                    click.echo(format_line(line))
+                    if full:
+                        click.echo(json.dumps(line.body, indent=2))
+            except BrokenPipeError:  # e.g. `mesh tap | head -1`: the reader is gone
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+                done.set()
+                return
             if count and seen >= count:
                 done.set()
 

@@ -52,6 +52,8 @@ class Codec:
             raise DecodeError("validation", f"does not match {_name(cls)}: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise DecodeError("decode", f"{content_type} body does not decode: {exc}") from exc
+        except RecursionError:
+            raise DecodeError("decode", f"{content_type} body is nested too deeply to decode") from None
         raise DecodeError("decode", _unsupported(content_type))
 
 

@@ -38,12 +38,16 @@ async def dead_letter(
     kind: str,
     reason: str,
     stored: bool,
-) -> None:
+) -> bool:
     """Publish `msg` (a raw delivery) to the dead-letter subject with the reason."""
-    headers = dict(msg.headers or {})
-    original_id = headers.pop(h.NATS_MSG_ID, None)
-    if original_id:
-        headers[h.DLQ_ORIGINAL_ID] = original_id
+    headers: dict[str, str] = {}
+    for name, value in (msg.headers or {}).items():
+        # Nats-* headers steer JetStream (dedupe, expected stream/sequence, rollup, TTL) and
+        # could make the store refuse or drop the dead letter: keep them under another name.
+        if name.lower().startswith("nats-"):
+            headers[h.DLQ_ORIGINAL_PREFIX + name] = value
+        else:
+            headers[name] = value
     headers.update(
         {
             h.DLQ_KIND: kind,
@@ -60,6 +64,7 @@ async def dead_letter(
             await transport.store(subject, msg.data, headers)
         else:
             await transport.publish(subject, msg.data, headers)
+        return True
     except Exception as exc:  # the bus itself failed; say so loudly, with the bytes
         log.error(
             "dead letter could not be published",
@@ -68,6 +73,7 @@ async def dead_letter(
             headers=msg.headers,
             data=msg.data[:4096].hex(),
         )
+        return False
 
 
 def _one_line(text: str, limit: int = 2000) -> str:

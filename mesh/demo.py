@@ -55,7 +55,7 @@ AGENT_SPECS = {
 async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str], None] = print) -> int:
     from mesh.schemas.support import TicketOpened
 
-    provider = configure_tracing(settings, "helpdesk")
+    shutdown_tracing = configure_tracing(settings, "helpdesk")
     owned: srv.EmbeddedServer | None = None
     info = srv.running(settings) if not settings.nats_url else None
     if settings.nats_url:
@@ -99,7 +99,7 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
         if owned is not None:
             owned.stop()
             srv.clear_state(settings)
-        provider.shutdown()
+        shutdown_tracing()
     _print_spans(settings, trace_ids, out)
     return 0
 

@@ -36,7 +36,7 @@ DLQ_KIND: Final = "Mesh-Dlq-Kind"
 DLQ_SUBJECT: Final = "Mesh-Dlq-Subject"
 DLQ_AGENT: Final = "Mesh-Dlq-Agent"
 DLQ_AT: Final = "Mesh-Dlq-At"
-DLQ_ORIGINAL_ID: Final = "Mesh-Dlq-Original-Msg-Id"
+DLQ_ORIGINAL_PREFIX: Final = "Mesh-Dlq-Orig-"  # + the original Nats-* header's name
 
 _nuid = NUID()
 
@@ -82,6 +82,13 @@ def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, rep
             f"with a conversation id of 1-128 characters of A-Z, a-z, 0-9, '-' or '_'",
         )
     h = headers or {}
+    reply_to = h.get(REPLY_TO)
+    if reply_to and not subjects.is_reply_target(reply_to):
+        raise DeliveryError(
+            "bad_header",
+            f"{REPLY_TO} {reply_to!r} is not a place an agent answers to: use a mesh subject "
+            f"(mesh.<conversation>.agent|reply|evt.<target>) or an _INBOX. subject",
+        )
     type_name = h.get(TYPE) or (address.target if address.kind == subjects.EVENT else "")
     if not type_name:
         raise DeliveryError("bad_header", f"no {TYPE} header on {subject!r}; it is required on inboxes")
@@ -98,10 +105,17 @@ def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, rep
         causation=h.get(CAUSATION, ""),
         sender=h.get(SENDER, ""),
         sent_at_ns=_int(h, SENT_AT) or 0,
-        hop=_int(h, HOP) or 0,
+        hop=_hop(h),
         deadline_ms=_int(h, DEADLINE),
         content_type=_media_type(h.get(CONTENT_TYPE)),
     )
+
+
+def _hop(h: dict[str, str]) -> int:
+    hop = _int(h, HOP) or 0
+    if hop < 0:
+        raise DeliveryError("bad_header", f"{HOP} {hop} is negative")
+    return hop
 
 
 def _media_type(raw: str | None) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
@@ -17,9 +18,9 @@ from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
 from mesh.context import Context
 from mesh.deadletter import dead_letter, ensure_stream
-from mesh.discovery import Endpoint, ServiceResponder, Stats
+from mesh.discovery import PREFIX, Endpoint, ServiceResponder, Stats
 from mesh.envelope import new_id, open_envelope
-from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
+from mesh.errors import ConfigError, DeliveryError, ServerError, UnknownTypeError
 from mesh.llm import LLM, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
@@ -63,6 +64,8 @@ class AgentRuntime:
         middleware = [tracing, log_context, *agent.middleware]
         self._calls = {id(h): chain(_invoker(h), middleware) for h in agent.handlers}
         self._responder: ServiceResponder | None = None
+        self._expired = False
+        self._hurry = asyncio.Event()
 
     def endpoints(self) -> list[Endpoint]:
         name = self.agent.name
@@ -103,20 +106,40 @@ class AgentRuntime:
             url=self.transport.connected_url,
         )
 
+    def hurry(self) -> None:
+        """End a drain now: what is still running or queued is dead-lettered (second Ctrl-C)."""
+        self._hurry.set()
+
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop taking messages, finish what is in flight (up to the drain timeout)."""
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.drain()
+        """Stop taking messages and finish what was received, all within one drain timeout.
+
+        Whatever is still running or waiting for a worker slot when it runs out (or when
+        `hurry` is called) is dead-lettered as ``drain_timeout``, not lost.
+        """
+        budget = timeout or self.settings.drain_timeout
+        drains = [asyncio.create_task(_quietly(sub.drain())) for sub in self._subs]
         self._subs.clear()
-        pending = list(self._tasks)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=timeout or self.settings.drain_timeout)
-            for task in late:
-                task.cancel()
-            if late:
-                self.log.warning("drain timed out; cancelled handlers are dead-lettered", cancelled=len(late))
-                await asyncio.wait(late, timeout=5)
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        while not hurry.done():
+            # queued deliveries become new tasks while the drains run: keep collecting them
+            pending: list[asyncio.Future[Any]] = [w for w in (*drains, *self._tasks) if not w.done()]
+            remaining = deadline - loop.time()
+            if not pending or remaining <= 0:
+                break
+            await asyncio.wait([*pending, hurry], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        self._expired = True  # from here on, queued deliveries are dead-lettered, not handled
+        late = list(self._tasks)
+        for task in late:
+            task.cancel()
+        if late:
+            self.log.warning("drain timed out; cancelled handlers are dead-lettered", cancelled=len(late))
+        # cancelled handlers free their slots, queued deliveries go to the DLQ, drains finish
+        leftovers = [*drains, *late, *self._tasks]
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=10)
+        hurry.cancel()
         if self._responder is not None:
             await self._responder.stop()
         with contextlib.suppress(Exception):
@@ -125,6 +148,12 @@ class AgentRuntime:
 
     async def _on_message(self, msg: Any) -> None:
         await self._limit.acquire()
+        if self._expired:
+            self._limit.release()
+            self.stats.received += 1
+            self.stats.dead_lettered += 1
+            await self._dead_letter(msg, "drain_timeout", "the agent stopped before handling it")
+            return
         task = asyncio.create_task(self._process(msg))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -145,11 +174,17 @@ class AgentRuntime:
                 stats.dead_lettered += 1
                 await self._dead_letter(msg, exc.kind, exc.reason)
                 return
+            except Exception as exc:  # a check itself failed: keep the message, say why
+                stats.dead_lettered += 1
+                await self._dead_letter(msg, "internal_error", f"{type(exc).__name__}: {exc}")
+                return
             try:
                 await self._calls[id(handler)](ctx, message)
                 stats.handled += 1
             except asyncio.CancelledError:
-                # the drain timeout ran out: keep the message rather than lose it
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    raise  # not cancelled by stop(); nothing to keep
                 stats.dead_lettered += 1
                 await self._dead_letter(
                     msg, "drain_timeout", f"{handler.name} was still running when the agent stopped"
@@ -157,6 +192,7 @@ class AgentRuntime:
                 raise
             except Exception as exc:
                 stats.errors += 1
+                stats.dead_lettered += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.exception(
                     "handler failed",
@@ -205,6 +241,11 @@ class AgentRuntime:
         )
 
 
+async def _quietly(aw: Awaitable[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await aw
+
+
 def _invoker(handler: Handler) -> Call:
     """The innermost call: run the handler and send what it returns as the reply."""
     fn, with_ctx = handler.fn, handler.takes_context
@@ -233,26 +274,66 @@ async def serve(
     llm: LLM | None = None,
     instance: str | None = None,
 ) -> AgentRuntime:
-    """Connect, run `agent` until `stop` is set or SIGTERM/SIGINT arrives, then drain."""
+    """Connect, run `agent` until `stop` is set or SIGTERM/SIGINT arrives, then drain.
+
+    A second signal during the drain ends it at once (running work is dead-lettered).
+    Raises `ServerError` if the connection stops reading, so a supervisor restarts us.
+    """
     transport = await NatsTransport.connect(settings, f"{agent.name}", url=url)
     runtime = AgentRuntime(agent, settings, transport, llm=llm, instance=instance)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            runtime.hurry()
+        stop.set()
+
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
         except (NotImplementedError, RuntimeError):
             pass
+    watchdog: asyncio.Task[None] | None = None
     try:
         await runtime.start()
         if ready is not None:
             ready.set()
+        probe = f"{PREFIX}.PING.{agent.name}.{runtime.instance}"  # answered by this process
+        watchdog = asyncio.create_task(_watch_connection(transport, stop, probe))
         await stop.wait()
         await runtime.stop()
+        if watchdog.done() and watchdog.exception() is not None:
+            raise watchdog.exception()  # type: ignore[misc]
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
         await transport.close()
     return runtime
+
+
+async def _watch_connection(
+    transport: Transport, stop: asyncio.Event, probe: str, every: float = 5.0
+) -> None:
+    """Every few seconds, ask this process's own discovery responder (`probe`) through the
+    server. If a connected client gets no answer twice in a row, its read loop is gone
+    (nats-py ends it on some malformed input while still reporting itself connected) and it
+    would silently receive nothing more: stop, and fail so the process exits non-zero."""
+    misses = 0
+    while not stop.is_set():
+        await asyncio.sleep(every)
+        try:
+            await transport.request(probe, b"", timeout=every)
+            misses = 0
+        except Exception:
+            misses += 1 if transport.is_connected else 0
+            if misses >= 2:
+                stop.set()
+                raise ServerError(
+                    "the NATS connection stopped reading (its own probe went unanswered twice "
+                    "while connected); stopping so this replica can be restarted"
+                ) from None

@@ -7,6 +7,7 @@ commands (and agents started with `mesh run`) find it without configuration.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -93,32 +94,47 @@ class EmbeddedServer:
 
     def start(self, timeout: float = 15.0) -> ServerInfo:
         self.directory.mkdir(parents=True, exist_ok=True)
-        ports_dir = self.directory / "ports"
-        ports_dir.mkdir(exist_ok=True)
-        for stale in ports_dir.glob("*.ports"):
-            stale.unlink()
-        config = {
-            "listen": "127.0.0.1:-1",
-            "http": "127.0.0.1:-1",
-            "server_name": "mesh-embedded",
-            "max_payload": self.max_payload,
-            "ports_file_dir": str(ports_dir),
-            "jetstream": {"store_dir": str(self.directory / "jetstream")},
-        }
-        conf = self.directory / "nats.conf"
-        conf.write_text(json.dumps(config, indent=2))
-        log = self.log_path.open("ab")
+        # One server per directory: the lock is inherited by nats-server and held while it lives,
+        # so two `mesh up` racing (or a forgotten server) cannot share one JetStream store.
+        lock = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            self._proc = subprocess.Popen(
-                [str(binary()), "-c", str(conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if self.tie_to_parent else None,
-            )
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise ServerError(
+                f"another nats-server already runs on {self.directory}; stop it (`mesh down`) "
+                f"or use another MESH_DATA_DIR"
+            ) from None
+        try:
+            ports_dir = self.directory / "ports"
+            ports_dir.mkdir(exist_ok=True)
+            for stale in ports_dir.glob("*.ports"):
+                stale.unlink()
+            config = {
+                "listen": "127.0.0.1:-1",
+                "http": "127.0.0.1:-1",
+                "server_name": "mesh-embedded",
+                "max_payload": self.max_payload,
+                "ports_file_dir": str(ports_dir),
+                "jetstream": {"store_dir": str(self.directory / "jetstream")},
+            }
+            conf = self.directory / "nats.conf"
+            conf.write_text(json.dumps(config, indent=2))
+            log = self.log_path.open("ab")
+            try:
+                self._proc = subprocess.Popen(
+                    [str(binary()), "-c", str(conf)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if self.tie_to_parent else None,
+                    pass_fds=(lock,),
+                )
+            finally:
+                log.close()
         finally:
-            log.close()
+            os.close(lock)  # nats-server's inherited copy keeps the lock
         ports_file = ports_dir / f"{binary().name}_{self._proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while True:

@@ -43,6 +43,19 @@ def agent_name(name: str) -> str:
     return name
 
 
+def is_reply_target(subject: str) -> bool:
+    """Where an agent may send an answer: a mesh agent/reply/event subject or an _INBOX."""
+    if subject.startswith("_INBOX.") and "*" not in subject and ">" not in subject:
+        return _TOKEN_CHARS.match(subject.replace(".", "_")) is not None
+    address = parse(subject)
+    return (
+        address is not None
+        and address.kind in (AGENT, REPLY, EVENT)
+        and is_conversation_id(address.conversation)
+        and all(t and _TOKEN_CHARS.match(t) for t in address.target.split("."))
+    )
+
+
 def is_conversation_id(value: str) -> bool:
     return _CONVERSATION.match(value) is not None
 

@@ -83,7 +83,7 @@ def _as_json(data: bytes, content_type: str) -> bytes | None:
     try:
         obj = msgspec.msgpack.decode(data) if content_type.startswith(MSGPACK) else msgspec.json.decode(data)
         return msgspec.json.encode(obj)  # msgpack can hold what JSON cannot (e.g. binary keys)
-    except (msgspec.DecodeError, UnicodeDecodeError, TypeError, msgspec.EncodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError, msgspec.EncodeError, RecursionError):
         return None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +91,23 @@ def read_spans(path: Path, trace_id: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def configure_tracing(settings: Settings, service_name: str, instance: str = "") -> TracerProvider:
-    """Install this process's tracer provider. Call `provider.shutdown()` before exit."""
+def configure_tracing(settings: Settings, service_name: str, instance: str = "") -> Callable[[], None]:
+    """Install this process's tracer provider; returns the shutdown to call before exit.
+
+    With no exporter nothing is installed: the API's non-recording spans still carry the
+    incoming trace context onward, so a trace stays whole across a process that records
+    nothing, at almost no cost.
+    """
+    exporter = _exporter(settings)
+    if exporter is None:
+        return lambda: None
     attrs: dict[str, Any] = {"service.name": service_name}
     if instance:
         attrs["service.instance.id"] = instance
     provider = TracerProvider(resource=Resource.create(attrs))
-    exporter = _exporter(settings)
-    if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    return provider
+    return provider.shutdown
 
 
 def exporter_kind(settings: Settings) -> str:
@@ -137,27 +143,33 @@ def tracing(call_next: Call) -> Call:
     """Middleware: run the handler in a span that continues the message's trace."""
     tracer = trace.get_tracer(TRACER_NAME)
 
+    names: dict[tuple[str, str], str] = {}
+
     async def call(ctx: Any, msg: Any) -> Any:
         env = ctx.envelope
-        parent = _propagator.extract(env.headers)
+        key = (ctx.agent, env.type_name)
+        name = names.get(key) or names.setdefault(key, f"{ctx.agent} process {env.type_name}")
         with tracer.start_as_current_span(
-            f"{ctx.agent} process {env.type_name}",
-            context=parent,
+            name,
+            context=_propagator.extract(env.headers),
             kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": env.subject,
-                "messaging.message.id": env.id,
-                "messaging.message.conversation_id": env.conversation,
-                "mesh.agent": ctx.agent,
-                "mesh.sender": env.sender,
-                "mesh.message.type": env.type_name,
-                "mesh.hop": env.hop,
-            },
             record_exception=True,
             set_status_on_exception=True,
         ) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": env.subject,
+                        "messaging.message.id": env.id,
+                        "messaging.message.conversation_id": env.conversation,
+                        "mesh.agent": ctx.agent,
+                        "mesh.sender": env.sender,
+                        "mesh.message.type": env.type_name,
+                        "mesh.hop": env.hop,
+                    }
+                )
             result = await call_next(ctx, msg)
             span.set_status(Status(StatusCode.OK))
             return result

@@ -51,6 +51,10 @@ class Transport(Protocol):
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
 
+    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+        """Publish with a reply subject and wait for the first answer."""
+        ...
+
     async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish and wait until a stream has stored the message."""
         ...
@@ -60,6 +64,9 @@ class Transport(Protocol):
         ...
 
     async def flush(self, timeout: float = 5.0) -> None: ...
+
+    @property
+    def is_connected(self) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -100,10 +107,15 @@ class NatsTransport:
             options["user_credentials"] = str(settings.nats_creds)
         try:
             nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout * 2)
-        except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
+        except TimeoutError:
             raise ServerError(
-                f"cannot reach NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
+                f"no answer from NATS at {', '.join(servers)} within {settings.connect_timeout * 2:.0f}s. "
                 f"Is the server up? Start one with `mesh up`, or fix MESH_NATS_URL"
+            ) from None
+        except (OSError, ValueError, nats.errors.Error) as exc:
+            raise ServerError(
+                f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
+                f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
             ) from None
         return cls(nc)
 
@@ -120,6 +132,9 @@ class NatsTransport:
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription:
         sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
         return sub
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+        return await self.nc.request(subject, data, timeout=timeout)
 
     async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         await self._js.publish(subject, data, headers=headers)
@@ -142,6 +157,10 @@ class NatsTransport:
 
     async def flush(self, timeout: float = 5.0) -> None:
         await self.nc.flush(timeout)  # type: ignore[arg-type]
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self.nc.is_connected)
 
     async def close(self) -> None:
         if not self.nc.is_closed:

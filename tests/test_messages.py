@@ -93,3 +93,12 @@ def test_decode_errors_are_the_projects_own() -> None:
     assert invalid.value.kind == "validation"
     with pytest.raises(DecodeError, match="unsupported Content-Type"):
         default_codec.decode(b"{}", Ping, "text/plain")
+
+
+def test_hostile_nesting_is_a_decode_error_not_a_crash() -> None:
+    from typing import Any
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(DecodeError) as info:
+        default_codec.decode(b'{"a": ' + deep + b"}", dict[str, Any])
+    assert info.value.kind == "decode"

@@ -143,6 +143,30 @@ async def test_one_trace_across_three_processes(
     assert all(s["attributes"]["messaging.message.conversation_id"] == "traced" for s in spans.values())
 
 
+async def test_a_process_that_records_no_spans_keeps_the_trace_whole(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    from sample_agents.relay import Baton
+
+    spans_file = tmp_path / "spans.jsonl"
+    for name in ("first", "second", "third"):
+        exporter = "none" if name == "second" else "file"
+        env = {"MESH_TRACE_EXPORTER": exporter, "MESH_TRACE_FILE": str(spans_file)}
+        procs.append(
+            spawn_agent(f"{SAMPLES / 'relay.py'}:{name}", settings, log=tmp_path / f"{name}.log", env=env)
+        )
+    await wait_for_agents(client.transport, {"first": 1, "second": 1, "third": 1})
+    rec = await Recorder.start(client.transport, "mesh.halftraced.>")
+    await client.publish(Baton(token="tr"), conversation="halftraced")
+    await rec.wait_for(lambda ms: any(m.headers.get(h.TYPE) == "test.finished" for m in ms))
+    for p in procs:
+        assert stop_process(p) == 0
+    spans = {s["service"]: s for s in read_spans(spans_file)}
+    assert set(spans) == {"first", "third"}
+    assert spans["third"]["trace_id"] == spans["first"]["trace_id"]
+    assert spans["third"]["parent_span_id"] == spans["first"]["span_id"]
+
+
 async def test_cli_publish_reaches_agent_and_tap_sees_it(
     settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

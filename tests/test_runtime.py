@@ -155,6 +155,9 @@ def _headers(client: MeshClient, conv: str, **extra: str) -> dict[str, str]:
         ("decode", b'{"text": "x"}', {h.CONTENT_TYPE: "application/xml"}),
         ("bad_header", b'{"text": "x"}', {h.HOP: "many"}),
         ("hop_limit", b'{"text": "x"}', {h.HOP: "1000"}),
+        ("bad_header", b'{"text": "x"}', {h.HOP: "-1000000"}),
+        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "$JS.API.STREAM.PURGE.MESH_DLQ"}),
+        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.agent.*"}),
         ("deadline_expired", b'{"text": "x"}', {h.DEADLINE: str(int(time.time() * 1000) - 1000)}),
         ("handler_error", b'{"text": "boom"}', {}),
         ("oversize", b'{"text": "' + b"x" * (2 << 20) + b'"}', {}),
@@ -179,7 +182,8 @@ async def test_bad_input_is_dead_lettered_with_bytes_headers_and_reason(
         assert dead.headers[h.DLQ_SUBJECT] == inbox
         assert dead.headers[h.DLQ_AGENT] == "strict"
         assert dead.headers[h.DLQ_REASON]
-        assert dead.headers["Mesh-Dlq-Original-Msg-Id"] == headers[h.NATS_MSG_ID]
+        assert dead.headers["Mesh-Dlq-Orig-Nats-Msg-Id"] == headers[h.NATS_MSG_ID]
+        assert h.NATS_MSG_ID not in dead.headers
         for name, value in headers.items():
             if name != h.NATS_MSG_ID:
                 assert dead.headers[name] == value
@@ -291,3 +295,79 @@ async def test_handlers_cut_off_by_the_drain_timeout_are_dead_lettered(
         [dead] = await dlq.wait_count(1)
         assert dead.headers[h.DLQ_KIND] == "drain_timeout"
         assert b"zzz" in dead.data
+
+
+async def test_jetstream_control_headers_cannot_stop_a_dead_letter_being_stored(
+    settings: Settings, client: MeshClient
+) -> None:
+    async with running_agent(bad_agent, settings):
+        dlq = await Recorder.start(client.transport, "mesh.jsh.dlq.strict")
+        headers = {**_headers(client, "jsh"), "Nats-Expected-Stream": "ELSEWHERE", "Nats-Rollup": "all"}
+        await client.transport.publish("mesh.jsh.agent.strict", b"{broken", headers)
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers["Mesh-Dlq-Orig-Nats-Expected-Stream"] == "ELSEWHERE"
+        assert not any(k.startswith("Nats-") for k in dead.headers)
+        js = client.transport.nc.jetstream()  # type: ignore[attr-defined]
+        stored = await _stored(js, settings.dead_letter_stream, dead.subject)
+        assert stored.data == b"{broken"
+
+
+async def test_a_saturated_agent_still_stops_within_its_drain_timeout(
+    settings: Settings, client: MeshClient
+) -> None:
+    """Concurrency 1, a handler that never finishes, two more deliveries queued behind it:
+    stop() returns promptly and all three messages are dead-lettered, none lost."""
+    busy = Agent("busy", concurrency=1)
+    started = asyncio.Event()
+
+    @busy.handler
+    async def forever(ping: Ping) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async with running_agent(busy, settings) as runtime:
+        dlq = await Recorder.start(client.transport, "mesh.busy.dlq.busy")
+        for n in range(3):
+            await client.send("busy", Ping(text="q", n=n), conversation="busy")
+        await asyncio.wait_for(started.wait(), 5)
+        await client.transport.flush()
+        await asyncio.wait_for(runtime.stop(timeout=0.5), 15)
+        dead = await dlq.wait_count(3)
+        assert {m.headers[h.DLQ_KIND] for m in dead} == {"drain_timeout"}
+        assert sorted(msgspec.json.decode(m.data)["n"] for m in dead) == [0, 1, 2]
+
+
+async def test_watchdog_notices_a_connection_that_stopped_reading(settings: Settings) -> None:
+    """nats-py ends its read loop on a subject that is not UTF-8 while still 'connected';
+    the watchdog must turn that silence into an error instead of a deaf agent."""
+    from mesh.errors import ServerError
+    from mesh.runtime import _watch_connection
+    from mesh.transport import NatsTransport
+
+    async def ignore(msg: Any) -> None:
+        pass
+
+    async def answer(msg: Any) -> None:
+        await victim.publish(msg.reply, b"pong")
+
+    victim = await NatsTransport.connect(settings, "victim")
+    try:
+        await victim.subscribe("mesh.>", ignore)
+        await victim.subscribe("probe.victim", answer)
+        stop = asyncio.Event()
+        watching = asyncio.create_task(_watch_connection(victim, stop, "probe.victim", every=0.2))
+        await asyncio.sleep(0.5)  # a healthy connection answers its probe: the watchdog stays quiet
+        assert not watching.done()
+        await victim.flush()
+        host, port = (settings.nats_url or "").removeprefix("nats://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false}\r\nPUB mesh.\xff.agent.victim 2\r\nhi\r\nPING\r\n')
+        await writer.drain()
+        await reader.readline()  # PONG: the server has routed the message
+        writer.close()
+        with pytest.raises(ServerError, match="stopped reading"):
+            await asyncio.wait_for(watching, 10)
+        assert stop.is_set()
+    finally:
+        await victim.nc.close()

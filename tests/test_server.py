@@ -60,3 +60,10 @@ def test_a_reused_pid_is_not_taken_for_the_server(tmp_path: Path) -> None:
     fake = srv.ServerInfo(url="nats://127.0.0.1:1", monitor_url="", pid=os.getpid(), directory=str(tmp_path))
     srv.write_state(settings, fake)
     assert srv.running(settings) is None
+
+
+def test_one_server_per_directory(tmp_path: Path) -> None:
+    with srv.EmbeddedServer(tmp_path), pytest.raises(ServerError, match="another nats-server already runs"):
+        srv.EmbeddedServer(tmp_path).start()
+    with srv.EmbeddedServer(tmp_path) as again:  # the lock went with the server
+        assert again.url
