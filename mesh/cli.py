@@ -389,19 +389,13 @@ def schema(type_name: str | None, types_: str) -> None:
 @click.argument("trace_id")
 def trace_cmd(trace_id: str) -> None:
     """Print the spans of one trace from the local span file."""
-    from mesh.tracing import iter_tree, read_spans
+    from mesh.tracing import read_spans, render_spans
 
     settings = _settings()
     spans = read_spans(settings.spans_path, trace_id)
     if not spans:
         raise ConfigError(f"no spans of trace {trace_id} in {settings.spans_path}")
-    start = min(s["start_ns"] for s in spans)
-    for depth, s in iter_tree(spans):
-        ms = (s["end_ns"] - s["start_ns"]) / 1e6
-        click.echo(
-            f"{(s['start_ns'] - start) / 1e6:9.1f} ms  {'   ' * depth}└─ {s['name']}  "
-            f"[{s['service']}] {ms:.1f} ms"
-        )
+    click.echo(render_spans(spans))
 
 
 @cli.command()

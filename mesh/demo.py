@@ -8,11 +8,8 @@ conversation as a causal tree with its trace id, then the trace's spans.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mesh import server as srv
@@ -20,9 +17,10 @@ from mesh.client import MeshClient
 from mesh.conversation import render_tree
 from mesh.discovery import wait_for_agents
 from mesh.errors import MeshError
+from mesh.launch import spawn_agent, stop_process
 from mesh.settings import Settings
 from mesh.tap import TapLine, format_line
-from mesh.tracing import configure_tracing, exporter_kind, iter_tree, read_spans
+from mesh.tracing import configure_tracing, exporter_kind, read_spans, render_spans
 
 TICKETS = [
     {
@@ -75,7 +73,7 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, spec in AGENT_SPECS.items():
-            procs.append(_spawn(spec, url, settings, logs / f"{name}.log"))
+            procs.append(spawn_agent(spec, url=url, data_dir=settings.data_dir, log=logs / f"{name}.log"))
             out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {logs / f'{name}.log'})")
         out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
         client = await MeshClient.connect(settings, "helpdesk", url=url)
@@ -90,12 +88,9 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
             await client.close()
     finally:
         for p in procs:
-            p.terminate()
+            p.terminate()  # all at once: they drain in parallel
         for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         if owned is not None:
             owned.stop()
             srv.clear_state(settings)
@@ -155,18 +150,6 @@ async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[s
     return trace_id
 
 
-def _spawn(spec: str, url: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MESH_NATS_URL": url, "MESH_DATA_DIR": str(settings.data_dir)}
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mesh", "run", spec],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-
 def _print_spans(settings: Settings, trace_ids: list[str], out: Callable[[str], None]) -> None:
     if exporter_kind(settings) != "file":
         out(f"spans were sent to the {exporter_kind(settings)} exporter")
@@ -177,8 +160,5 @@ def _print_spans(settings: Settings, trace_ids: list[str], out: Callable[[str], 
         out(f"trace {trace_id}: {len(spans)} spans from {len(services)} processes ({', '.join(services)})")
         if not spans:
             continue
-        start = min(s["start_ns"] for s in spans)
-        for depth, s in iter_tree(spans):
-            ms = (s["end_ns"] - s["start_ns"]) / 1e6
-            out(f"  {(s['start_ns'] - start) / 1e6:8.1f} ms  {'   ' * depth}└─ {s['name']}  {ms:.1f} ms")
+        out(render_spans(spans))
     out(f"(spans are in {settings.spans_path}; `mesh trace <id>` prints one again)")

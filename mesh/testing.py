@@ -10,15 +10,15 @@ and a recorder that waits on messages instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from mesh import launch
 from mesh.agent import Agent
+from mesh.launch import stop_process as stop_process  # re-exported for tests
 from mesh.llm import LLM
 from mesh.runtime import AgentRuntime
 from mesh.server import EmbeddedServer
@@ -55,36 +55,11 @@ async def running_agent(
 def spawn_agent(
     spec: str, settings: Settings, *, log: Path, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start `mesh run spec` as its own process, pointed at the same server and data dir."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    full_env.update(
-        {
-            "MESH_NATS_URL": settings.nats_url or "",
-            "MESH_DATA_DIR": str(settings.data_dir),
-            "MESH_TRACE_FILE": str(settings.spans_path),
-        }
+    """Start `mesh run spec` as its own process, pointed at the same server, data dir and span file."""
+    base = {"MESH_TRACE_FILE": str(settings.spans_path), **(env or {})}
+    return launch.spawn_agent(
+        spec, url=settings.nats_url or "", data_dir=settings.data_dir, log=log, env=base
     )
-    full_env.update(env or {})
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mesh", "run", spec],
-            env=full_env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM, wait for a graceful exit, SIGKILL if it does not come."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 class Recorder:

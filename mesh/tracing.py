@@ -177,6 +177,16 @@ def tracing(call_next: Call) -> Call:
     return call
 
 
+def render_spans(spans: list[dict[str, Any]]) -> str:
+    """A text tree of one trace's spans: start offset, name, process, duration."""
+    start = min(s["start_ns"] for s in spans)
+    return "\n".join(
+        f"{(s['start_ns'] - start) / 1e6:9.1f} ms  {'   ' * depth}└─ {s['name']}  "
+        f"[{s['service']}] {(s['end_ns'] - s['start_ns']) / 1e6:.1f} ms"
+        for depth, s in iter_tree(spans)
+    )
+
+
 def iter_tree(spans: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Spans of one trace, depth first, with their depth."""
     by_parent: dict[str | None, list[dict[str, Any]]] = {}

@@ -1,0 +1,42 @@
+"""Starting agents as their own OS processes (`mesh run`), as the demo and tests do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def spawn_agent(
+    spec: str, *, url: str, data_dir: Path, log: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``mesh run spec`` against `url`; its output is appended to `log`.
+
+    The child gets this process's environment without its MESH_* settings, then
+    MESH_NATS_URL, MESH_DATA_DIR and `env`.
+    """
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    full_env.update({"MESH_NATS_URL": url, "MESH_DATA_DIR": str(data_dir)})
+    full_env.update(env or {})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mesh", "run", spec],
+            env=full_env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, wait for a graceful exit, SIGKILL if it does not come; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
