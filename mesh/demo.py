@@ -118,7 +118,7 @@ async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[s
     async def on_message(msg: Any) -> None:
         line = observe(msg)
         lines.append(line)
-        out("  " + format_line(line))
+        out("  " + format_line(line, subject=False))
         if line.type == "support.reply_drafted":
             replies.append(default_codec.decode(msg.data, ReplyDrafted))
             finished.set()

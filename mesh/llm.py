@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Protocol
 
 from mesh.errors import ConfigError, MeshError
 from mesh.settings import Settings
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 class LLM(Protocol):
@@ -28,18 +29,22 @@ class LLMError(MeshError):
 
 
 class OfflineLLM:
-    """A deterministic stand-in: the same input always gives the same text.
+    """A deterministic, extractive stand-in: the same input always gives the same text.
 
-    It echoes the gist of the prompt in a fixed shape, so demos and tests run offline.
+    It answers with the prompt's bullet points (lines starting ``- ``) joined into prose,
+    or else the first sentence of the prompt's last paragraph. No network, no model files.
     """
 
     name = "offline"
 
     async def complete(self, *, system: str, prompt: str, max_tokens: int = 512) -> str:
-        words = re.findall(r"[A-Za-z][A-Za-z'-]+", prompt)
-        digest = hashlib.sha256(f"{system}\n{prompt}".encode()).hexdigest()[:8]
-        gist = " ".join(words[:24])
-        text = f"[offline model {digest}] {gist}"
+        bullets = [line[2:].strip() for line in prompt.splitlines() if line.startswith("- ")]
+        if bullets:
+            text = " ".join(b if b.endswith((".", "!", "?")) else b + "." for b in bullets)
+        else:
+            paragraphs = [p.strip() for p in prompt.split("\n\n") if p.strip()]
+            last = " ".join((paragraphs[-1] if paragraphs else "").split())
+            text = _SENTENCE.split(last, maxsplit=1)[0]
         return text[: max(16, max_tokens * 4)]
 
 

@@ -103,12 +103,12 @@ def preview(data: bytes, content_type: str) -> str:
     return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
 
 
-def format_line(line: TapLine) -> str:
+def format_line(line: TapLine, *, subject: bool = True) -> str:
     when = datetime.fromtimestamp(line.seen_ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
     latency = f"{line.latency_ms:7.2f}ms" if line.latency_ms is not None else "      - "
     head = (
         f"{when} {latency}  {line.sender} → {line.receiver}  {line.type}  "
-        f"conv={line.conversation} hop={line.hop} subj={line.subject}"
+        f"conv={line.conversation} hop={line.hop}" + (f" subj={line.subject}" if subject else "")
     )
     if line.dead_letter:
         return f"{head}  DEAD LETTER ({line.dead_letter})  {line.preview}"

@@ -103,3 +103,10 @@ def test_provider_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     assert make_llm(Settings.load(environ={})).name == "anthropic:claude-sonnet-4-5"
     assert make_llm(Settings.load(environ={"MESH_LLM": "offline"})).name == "offline"
+
+
+async def test_offline_model_answers_with_the_bullets_of_the_prompt() -> None:
+    text = await OfflineLLM().complete(
+        system="s", prompt="Customer: Ada\n\nNotes:\n- First fact\n- Second fact."
+    )
+    assert text == "First fact. Second fact."

@@ -32,7 +32,7 @@ async def on_ticket(ticket: TicketOpened, ctx: Context) -> None:
     category, priority, keywords = classify(f"{ticket.subject}\n{ticket.body}")
     summary = await ctx.llm.complete(
         system="You summarise support tickets in one sentence for a colleague.",
-        prompt=f"Ticket subject: {ticket.subject}\nTicket body:\n{ticket.body}",
+        prompt=f"Subject: {ticket.subject}\n\n{ticket.body}",
         max_tokens=80,
     )
     ctx.log.info("ticket triaged", ticket_id=ticket.ticket_id, category=category, priority=priority)

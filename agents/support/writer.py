@@ -18,9 +18,8 @@ async def on_findings(found: ResearchFindings, ctx: Context) -> ReplyDrafted:
         prompt=f"Customer: {ticket.customer}\nTicket: {ticket.subject}\n{ticket.body}\n\nNotes:\n{notes}",
         max_tokens=300,
     )
-    facts = " ".join(found.findings)
-    greeting = f'Hi {ticket.customer},\n\nThanks for writing about "{ticket.subject}".'
-    reply = f"{greeting} {facts}\n\n{body}\n\n- Support"
+    reply = f'Hi {ticket.customer},\n\nThanks for writing about "{ticket.subject}". {body}\n\nSupport team'
+
     ctx.log.info("reply drafted", ticket_id=ticket.ticket_id, chars=len(reply))
     return ReplyDrafted(
         ticket_id=ticket.ticket_id,
