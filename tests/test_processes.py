@@ -270,3 +270,58 @@ async def test_discovery_answers_parse_as_nats_micro_responses(
     assert info.metadata["mesh.handles"] == "test.ping@1"
     assert {e.queue_group for e in info.endpoints} == {"echo"}
     assert stats.endpoints[0].num_requests == 0
+
+
+async def test_spans_go_to_otlp_when_an_endpoint_is_set(
+    settings: Settings, client: MeshClient, procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """An agent process exports its spans over OTLP/HTTP to a collector on loopback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[ExportTraceServiceRequest] = []
+    arrived = threading.Event()
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/v1/traces":
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                received.append(req)
+                arrived.set()
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}"}
+        proc = spawn_agent(ECHO, settings, log=tmp_path / "echo.log", env=env)
+        procs.append(proc)
+        await wait_for_agents(client.transport, {"echo": 1})
+        pongs = await Recorder.start(client.transport, "mesh.otlp.evt.test.pong")
+        await client.send("echo", Ping(text="o"), conversation="otlp")
+        [pong] = await pongs.wait_count(1)
+        assert stop_process(proc) == 0  # shutdown flushes the batch
+        assert await asyncio.to_thread(arrived.wait, 10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    spans = [
+        (span, rs.resource)
+        for req in received
+        for rs in req.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
+    [(span, resource)] = [(s, r) for s, r in spans if s.name == "echo process test.ping"]
+    assert span.trace_id.hex() == pong.headers[h.TRACEPARENT].split("-")[1]
+    service = {a.key: a.value.string_value for a in resource.attributes}["service.name"]
+    assert service == "echo"
