@@ -16,6 +16,7 @@ import click
 import msgspec
 
 from mesh import server as srv
+from mesh import subjects
 from mesh.errors import ConfigError, MeshError
 from mesh.settings import Settings
 
@@ -304,7 +305,7 @@ async def _publish(
 
 
 @cli.command("tap")
-@click.argument("pattern", default="mesh.>")
+@click.argument("pattern", default=subjects.ALL)
 @click.option("--conversation", "-c", help="Only this conversation (overrides PATTERN).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
 @click.option("--count", "-n", type=int, default=0, help="Stop after this many messages.")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
-
 from mesh.client import Lineage, MeshClient, Sent
 from mesh.codec import JSON
 from mesh.envelope import Envelope
 from mesh.messages import Message, type_of
 from mesh.subjects import Address
+from mesh.tracing import current_trace_id
 
 if TYPE_CHECKING:
     from mesh.llm import LLM
@@ -60,8 +59,7 @@ class Context:
 
     @property
     def trace_id(self) -> str:
-        ctx = trace.get_current_span().get_span_context()
-        return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+        return current_trace_id()
 
     async def send(self, agent: str, msg: Message, *, content_type: str = JSON) -> Sent:
         """Send to another agent; its reply comes back to this agent's inbox."""

@@ -40,7 +40,3 @@ class DecodeError(DeliveryError):
 
 class UnknownTypeError(DeliveryError):
     """A message names a type this process does not know."""
-
-
-class MeshTimeoutError(MeshError, TimeoutError):
-    """Waiting for a reply or an event took longer than allowed."""
