@@ -11,7 +11,7 @@ from mesh.errors import ConfigError, DeliveryError, MeshError
 from mesh.llm import LLM
 from mesh.messages import Message, message
 from mesh.middleware import Call, Middleware
-from mesh.runtime import serve
+from mesh.serving import serve
 from mesh.settings import Settings
 
 __all__ = [

@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mesh import subjects
 from mesh.errors import RegistrationError
+from mesh.join import Join, Policy, Resolver, all_of
 from mesh.messages import Message, MessageType, type_of
 
 if TYPE_CHECKING:
     from mesh.middleware import Middleware
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T", bound=Message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class Agent:
         self.middleware = tuple(middleware)
         self._handlers: dict[tuple[str, int], Handler] = {}
         self._latest: dict[str, Handler] = {}
+        self.joins: dict[str, Join[Any]] = {}
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, handles={[str(h.mtype) for h in self.handlers]})"
@@ -75,6 +78,30 @@ class Agent:
         if version is None:
             return self._latest.get(type_name)
         return self._handlers.get((type_name, version))
+
+    def join(
+        self,
+        name: str,
+        *types: type[T],
+        policy: Policy | None = None,
+        resolve: Resolver | None = None,
+    ) -> Join[T]:
+        """Declare a fan-in point gathering answers of ``types`` (see `Context.fan_out`).
+
+        ``policy``: `mesh.all_of()` (default), `mesh.quorum(n)` or `mesh.first(k)`.
+        ``resolve``: `mesh.majority(key)`, `mesh.merge(fn)` or `mesh.judge(agent)` picks
+        `Gathered.resolved` when answers disagree.
+        """
+        if name in self.joins:
+            raise RegistrationError(f"agent {self.name!r} already has a join named {name!r}")
+        if not types:
+            raise RegistrationError(f"join {name!r}: name the message type(s) it gathers")
+        for cls in types:
+            if not (isinstance(cls, type) and issubclass(cls, Message)):
+                raise RegistrationError(f"join {name!r}: {cls!r} is not a mesh.Message type")
+        j = Join(self.name, name, types, policy or all_of(), resolve)
+        self.joins[name] = j
+        return j
 
     @overload
     def handler(self, fn: F, /) -> F: ...

@@ -19,6 +19,7 @@ from mesh import server as srv
 from mesh import subjects
 from mesh.errors import ConfigError, MeshError
 from mesh.settings import Settings
+from mesh.transport import NatsTransport
 
 T = TypeVar("T")
 
@@ -77,6 +78,14 @@ def main() -> None:
 # -- server ------------------------------------------------------------------------
 
 
+async def _create_streams(settings: Settings, url: str) -> None:
+    transport = await NatsTransport.connect(settings, "mesh-up", url=url)
+    try:
+        await transport.ensure_streams()
+    finally:
+        await transport.close()
+
+
 @cli.command()
 @click.option("--detach", is_flag=True, help="Start in the background and return.")
 def up(detach: bool) -> None:
@@ -100,9 +109,12 @@ def up(detach: bool) -> None:
     if not detach:  # before the server starts, so a signal at any point stops it cleanly
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    server = srv.EmbeddedServer(srv.server_dir(settings), tie_to_parent=not detach)
+    server = srv.EmbeddedServer(
+        srv.server_dir(settings), tie_to_parent=not detach, sync_always=settings.fsync == "always"
+    )
     info = server.start()
     srv.write_state(settings, info)
+    asyncio.run(_create_streams(settings, info.url))  # publishers may come before any agent
     click.echo(f"mesh server up: {info.url} (pid {info.pid}, store {srv.server_dir(settings)})")
     if detach:
         click.echo("stop it with `mesh down`")
@@ -149,7 +161,7 @@ def run(spec: str) -> None:
     from mesh.envelope import new_id
     from mesh.loader import load_agent
     from mesh.logs import configure_logging
-    from mesh.runtime import serve
+    from mesh.serving import serve
     from mesh.tracing import configure_tracing
 
     settings = _settings()

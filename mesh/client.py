@@ -8,18 +8,23 @@ current trace context on each message.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import envelope as h
+from mesh import subjects
 from mesh.codec import JSON, Codec, default_codec
+from mesh.errors import DecodeError, RequestError
 from mesh.messages import Message, type_of
 from mesh.settings import Settings
 from mesh.subjects import Address, conversation_id
 from mesh.transport import NatsTransport, Transport
 
 _propagator = TraceContextTextMapPropagator()
+R = TypeVar("R", bound=Message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,9 @@ class Lineage:
     hop: int = 0
     deadline_ms: int | None = None
     reply_to: str = ""
+    join: str = ""  # the fan-out branch an answer along this lineage belongs to
+    route: tuple[str, ...] = ()  # agents still to visit after the receiver
+    depth: int = 0
 
 
 ROOT = Lineage()
@@ -96,11 +104,64 @@ class MeshClient:
         content_type: str = JSON,
         reply_to: str = "",
         deadline: float | None = None,
+        durable: bool = True,
+        route: Sequence[str] = (),
     ) -> Sent:
-        """Send `msg` to one agent's inbox (one replica of it handles it)."""
+        """Send `msg` to one agent (one replica of it handles it).
+
+        Durable sends go to its JetStream inbox: stored before this returns, redelivered
+        until handled. ``durable=False`` uses its direct line: core NATS, at most once,
+        lower latency. ``route`` names the agents that handle the result after it, in
+        order (a pipeline); the last one's result goes to ``reply_to``.
+        """
         conv = _conversation(conversation or lineage.conversation)
         lineage = _with_deadline(lineage, deadline)
-        return await self.emit(Address.inbox(conv, agent), msg, lineage, content_type, reply_to)
+        if route:
+            lineage = replace(lineage, route=tuple(subjects.agent_name(a) for a in route))
+        address = Address.inbox(conv, agent) if durable else Address.direct(conv, agent)
+        return await self.emit(address, msg, lineage, content_type, reply_to)
+
+    async def request(
+        self,
+        agent: str,
+        msg: Message,
+        reply_type: type[R],
+        *,
+        timeout: float = 5.0,
+        lineage: Lineage = ROOT,
+        conversation: str | None = None,
+        content_type: str = JSON,
+    ) -> R:
+        """Ask an agent over its direct line and wait for its typed answer.
+
+        Raises `RequestError` if nobody answers in time or the answer is not a `reply_type`.
+        """
+        conv = _conversation(conversation or lineage.conversation)
+        if lineage.deadline_ms is None:
+            lineage = _with_deadline(lineage, timeout)
+        mtype = type_of(type(msg))
+        headers = self.headers(mtype.name, mtype.version, conv, lineage, content_type)
+        subject = Address.direct(conv, agent).subject
+        try:
+            answer = await self.transport.request(
+                subject, self.codec.encode(msg, content_type), timeout, headers=headers
+            )
+        except TimeoutError:
+            raise RequestError(f"no answer from agent {agent!r} within {timeout:g}s ({subject})") from None
+        except Exception as exc:
+            if type(exc).__name__ == "NoRespondersError":
+                raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
+            raise
+        got = (answer.headers or {}).get(h.TYPE, "")
+        want = type_of(reply_type).name
+        if got and got != want:
+            raise RequestError(f"agent {agent!r} answered with {got}, not {want}")
+        try:
+            return self.codec.decode(
+                answer.data, reply_type, (answer.headers or {}).get(h.CONTENT_TYPE) or JSON
+            )
+        except DecodeError as exc:
+            raise RequestError(f"agent {agent!r} answered with an invalid {want}: {exc.reason}") from None
 
     async def emit(
         self,
@@ -110,15 +171,28 @@ class MeshClient:
         content_type: str = JSON,
         reply_to: str = "",
         subject: str | None = None,
+        msg_id: str | None = None,
     ) -> Sent:
-        """Publish to an address (or a raw reply `subject`), with full headers."""
+        """Publish to an address (or a raw reply `subject`), with full headers.
+
+        Inboxes and events are stored (JetStream acknowledges before this returns); direct
+        lines and replies to requesters are plain publishes.
+        """
         mtype = type_of(type(msg))
         data = self.codec.encode(msg, content_type)
-        headers = self.headers(mtype.name, mtype.version, address.conversation, lineage, content_type)
+        headers = self.headers(mtype.name, mtype.version, address.conversation, lineage, content_type, msg_id)
         if reply_to or lineage.reply_to:
             headers[h.REPLY_TO] = reply_to or lineage.reply_to
         target = subject or address.subject
-        await self.transport.publish(target, data, headers)
+        if subject is None:
+            kind = address.kind
+        else:
+            parsed = subjects.parse(subject)
+            kind = parsed.kind if parsed is not None else subjects.REPLY
+        if kind in (subjects.AGENT, subjects.EVENT):
+            await self.transport.store(target, data, headers)
+        else:
+            await self.transport.publish(target, data, headers)
         return Sent(id=headers[h.ID], conversation=address.conversation, subject=target)
 
     def headers(
@@ -128,8 +202,9 @@ class MeshClient:
         conversation: str,
         lineage: Lineage = ROOT,
         content_type: str = JSON,
+        msg_id: str | None = None,
     ) -> dict[str, str]:
-        msg_id = h.new_id()
+        msg_id = msg_id or h.new_id()
         headers = {
             h.TYPE: type_name,
             h.VERSION: str(version),
@@ -146,6 +221,12 @@ class MeshClient:
             headers[h.DEADLINE] = str(lineage.deadline_ms)
         if content_type != JSON:
             headers[h.CONTENT_TYPE] = content_type
+        if lineage.join:
+            headers[h.JOIN] = lineage.join
+        if lineage.route:
+            headers[h.ROUTE] = ",".join(lineage.route)
+        if lineage.depth:
+            headers[h.DEPTH] = str(lineage.depth)
         _propagator.inject(headers)
         return headers
 

@@ -2,40 +2,96 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from mesh import subjects
 from mesh.client import Lineage, MeshClient, Sent
 from mesh.codec import JSON
-from mesh.envelope import Envelope
+from mesh.envelope import Envelope, derive_id
 from mesh.messages import Message, type_of
 from mesh.subjects import Address
 from mesh.tracing import current_trace_id
 
 if TYPE_CHECKING:
+    from mesh.join import Join, JoinKeeper
     from mesh.llm import LLM
+
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Where the answer to the work in hand goes: a reply target, the fan-out branch it
+    belongs to, and the agents still on its route."""
+
+    reply_to: str = ""
+    join: str = ""
+    route: tuple[str, ...] = ()
+    depth: int = 0
+    deadline_ms: int | None = None
 
 
 class Context:
     """Handed to a handler with each message. Everything it sends carries the lineage
-    (conversation, causation, hop + 1, deadline) and the handler's trace context."""
+    (conversation, causation, hop + 1, deadline) and the handler's trace context.
 
-    __slots__ = ("_client", "_lineage", "agent", "envelope", "instance", "llm", "log")
+    Messages sent while handling one message get ids derived from it, so when a message is
+    delivered again after a crash, what the handler sends again is dropped as a duplicate.
+    """
+
+    __slots__ = (
+        "_answer",
+        "_client",
+        "_joins",
+        "_lineage",
+        "_sent",
+        "agent",
+        "envelope",
+        "gathered",
+        "instance",
+        "join_name",
+        "llm",
+        "log",
+    )
 
     def __init__(
-        self, envelope: Envelope, client: MeshClient, agent: str, instance: str, llm: LLM, log: Any
+        self,
+        envelope: Envelope,
+        client: MeshClient,
+        agent: str,
+        instance: str,
+        llm: LLM,
+        log: Any,
+        *,
+        joins: JoinKeeper | None = None,
+        answer: Answer | None = None,
     ) -> None:
         self.envelope = envelope
         self.agent = agent
         self.instance = instance
         self.llm = llm
         self.log = log
+        self.join_name = ""  # set when this context completes a join
+        self.gathered: tuple[str, ...] = ()  # traceparents of what a join gathered
         self._client = client
+        self._joins = joins
+        self._answer = answer or Answer(
+            reply_to=envelope.reply_to,
+            join=envelope.join,
+            route=envelope.route,
+            depth=envelope.depth,
+            deadline_ms=envelope.deadline_ms,
+        )
         self._lineage = Lineage(
             conversation=envelope.conversation,
             causation=envelope.id,
             hop=envelope.hop + 1,
-            deadline_ms=envelope.deadline_ms,
+            deadline_ms=self._answer.deadline_ms,
+            depth=self._answer.depth,
         )
+        self._sent = 0
 
     @property
     def conversation_id(self) -> str:
@@ -46,6 +102,12 @@ class Context:
         return self.envelope.id
 
     @property
+    def idempotency_key(self) -> str:
+        """The same on every delivery of this message to this agent: hand it to external
+        systems (payment APIs, databases) so a retried handler does not act twice."""
+        return f"{self.agent}:{self.envelope.id}"
+
+    @property
     def sender(self) -> str:
         return self.envelope.sender
 
@@ -54,39 +116,112 @@ class Context:
         return self.envelope.hop
 
     @property
+    def depth(self) -> int:
+        return self._answer.depth
+
+    @property
     def deadline_ms(self) -> int | None:
-        return self.envelope.deadline_ms
+        return self._answer.deadline_ms
 
     @property
     def trace_id(self) -> str:
         return current_trace_id()
 
-    async def send(self, agent: str, msg: Message, *, content_type: str = JSON) -> Sent:
+    def next_id(self) -> str:
+        """The id of the next message this handler sends (stable across redeliveries)."""
+        self._sent += 1
+        return derive_id(self.envelope.id, self.agent, self._sent)
+
+    async def send(self, agent: str, msg: Message, *, durable: bool = True, content_type: str = JSON) -> Sent:
         """Send to another agent; its reply comes back to this agent's inbox."""
         mine = Address.inbox(self.conversation_id, self.agent).subject
-        return await self._client.send(
-            agent, msg, lineage=self._lineage, content_type=content_type, reply_to=mine
-        )
-
-    async def handoff(self, agent: str, msg: Message, *, content_type: str = JSON) -> Sent:
-        """Pass the work on: the next agent answers whoever this message asked to be answered."""
         lineage = Lineage(
             conversation=self._lineage.conversation,
             causation=self._lineage.causation,
             hop=self._lineage.hop,
             deadline_ms=self._lineage.deadline_ms,
-            reply_to=self.envelope.reply_to,
+            reply_to=mine,
+            depth=self._lineage.depth,
         )
-        return await self._client.send(agent, msg, lineage=lineage, content_type=content_type)
+        return await self._emit(_address(self.conversation_id, agent, durable), msg, lineage, content_type)
+
+    async def handoff(
+        self,
+        agent: str,
+        msg: Message,
+        *,
+        route: Sequence[str] = (),
+        durable: bool = True,
+        content_type: str = JSON,
+    ) -> Sent:
+        """Pass the work on: the next agent answers whoever this message asked to be answered.
+
+        ``route`` puts more agents in front of the rest of the current route.
+        """
+        lineage = self._onward(tuple(subjects.agent_name(a) for a in route) + self._answer.route)
+        return await self._emit(_address(self.conversation_id, agent, durable), msg, lineage, content_type)
 
     async def publish(self, msg: Message, *, content_type: str = JSON) -> Sent:
         """Publish an event of the message's type in this conversation."""
-        return await self._client.publish(msg, lineage=self._lineage, content_type=content_type)
+        address = Address.event(self.conversation_id, type_of(type(msg)).name)
+        return await self._emit(address, msg, self._lineage, content_type)
 
     async def reply(self, msg: Message, *, content_type: str = JSON) -> Sent:
-        """Answer this message: to its reply subject if it has one, else as an event."""
-        target = self.envelope.reply_to
-        if not target:
+        """Answer the work in hand: to the next agent on its route, else to its reply target,
+        else as an event. (A handler's return value is sent with this.)"""
+        answer = self._answer
+        if answer.route:
+            nxt, rest = answer.route[0], answer.route[1:]
+            return await self._emit(
+                Address.inbox(self.conversation_id, nxt), msg, self._onward(rest), content_type
+            )
+        if not answer.reply_to:
             return await self.publish(msg, content_type=content_type)
         address = Address.event(self.conversation_id, type_of(type(msg)).name)
-        return await self._client.emit(address, msg, self._lineage, content_type=content_type, subject=target)
+        lineage = self._onward(())
+        return await self._client.emit(
+            address, msg, lineage, content_type, subject=answer.reply_to, msg_id=self.next_id()
+        )
+
+    async def request(self, agent: str, msg: Message, reply_type: type[R], *, timeout: float = 5.0) -> R:
+        """Ask an agent over its direct line and wait for its typed answer (holds this
+        handler while waiting: for long work, prefer `fan_out` or `send`)."""
+        return await self._client.request(agent, msg, reply_type, timeout=timeout, lineage=self._lineage)
+
+    async def fan_out(
+        self,
+        join: Join[Any],
+        tasks: Iterable[tuple[str, Message]],
+        *,
+        deadline: float | None = None,
+    ) -> str:
+        """Send each ``(agent, message)`` task and gather the answers in `join`; returns the
+        join id. This handler returns at once: when the join's policy is met (or its
+        deadline passes) the join's completion handler runs, on whichever replica gets the
+        last answer, and its result answers the message in hand."""
+        if self._joins is None:
+            raise RuntimeError("fan_out is only available inside a handler run by the mesh runtime")
+        return await self._joins.start(self, join, list(tasks), deadline)
+
+    delegate = fan_out  # a supervisor's word for the same thing
+
+    def _onward(self, route: tuple[str, ...]) -> Lineage:
+        """Lineage for a message that carries the answer obligation on."""
+        return Lineage(
+            conversation=self._lineage.conversation,
+            causation=self._lineage.causation,
+            hop=self._lineage.hop,
+            deadline_ms=self._lineage.deadline_ms,
+            reply_to=self._answer.reply_to,
+            join=self._answer.join,
+            route=route,
+            depth=self._lineage.depth,
+        )
+
+    async def _emit(self, address: Address, msg: Message, lineage: Lineage, content_type: str) -> Sent:
+        return await self._client.emit(address, msg, lineage, content_type, msg_id=self.next_id())
+
+
+def _address(conversation: str, agent: str, durable: bool) -> Address:
+    name = subjects.agent_name(agent)
+    return Address.inbox(conversation, name) if durable else Address.direct(conversation, name)

@@ -2,7 +2,7 @@
 
 It is republished on ``mesh.<conversation>.dlq.<agent>`` with its original bytes and
 headers, plus ``Mesh-Dlq-*`` headers giving the reason. The ``MESH_DLQ`` stream stores
-every dead letter.
+every dead letter; `mesh dlq` lists them and re-drives one to its agent.
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ from mesh import subjects
 from mesh.transport import Transport
 
 log = structlog.get_logger("mesh.deadletter")
-
-MAX_AGE_S = 14 * 24 * 3600.0
-
-
-async def ensure_stream(transport: Transport, name: str) -> bool:
-    return await transport.ensure_stream(name, [subjects.dead_letter_pattern()], MAX_AGE_S)
 
 
 def dead_letter_subject(subject: str, agent: str) -> str:
@@ -37,9 +31,10 @@ async def dead_letter(
     msg: Any,
     kind: str,
     reason: str,
-    stored: bool,
+    extra: dict[str, str] | None = None,
 ) -> bool:
-    """Publish `msg` (a raw delivery) to the dead-letter subject with the reason."""
+    """Store `msg` (a delivery: subject, data, headers) on the dead-letter subject with the
+    reason. False if even that failed (the caller must then not acknowledge `msg`)."""
     headers: dict[str, str] = {}
     for name, value in (msg.headers or {}).items():
         # Nats-* headers steer JetStream (dedupe, expected stream/sequence, rollup, TTL) and
@@ -55,15 +50,13 @@ async def dead_letter(
             h.DLQ_SUBJECT: msg.subject,
             h.DLQ_AGENT: agent,
             h.DLQ_AT: str(h.now_ns()),
+            **(extra or {}),
         }
     )
     subject = dead_letter_subject(msg.subject, agent)
     log.warning("dead-lettered", kind=kind, reason=reason, subject=msg.subject, dlq=subject)
     try:
-        if stored:
-            await transport.store(subject, msg.data, headers)
-        else:
-            await transport.publish(subject, msg.data, headers)
+        await transport.store(subject, msg.data, headers)
         return True
     except Exception as exc:  # the bus itself failed; say so loudly, with the bytes
         log.error(

@@ -37,6 +37,9 @@ class Stats:
     errors: int = 0
     dead_lettered: int = 0
     in_flight: int = 0
+    retried: int = 0  # failed and handed back for a later delivery
+    redelivered: int = 0  # deliveries that were not the first
+    duplicates: int = 0  # redeliveries of an already processed message, skipped
     processing_ns: int = 0
     last_error: str = ""
 
@@ -109,6 +112,9 @@ class ServiceResponder:
                         "errors": s.errors,
                         "dead_lettered": s.dead_lettered,
                         "in_flight": s.in_flight,
+                        "retried": s.retried,
+                        "redelivered": s.redelivered,
+                        "duplicates": s.duplicates,
                     }
                     if i == 0
                     else {},

@@ -5,6 +5,8 @@ See docs/protocol.md for the contract other languages follow.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -27,6 +29,10 @@ SENT_AT: Final = "Mesh-Sent-At"
 HOP: Final = "Mesh-Hop"
 DEADLINE: Final = "Mesh-Deadline"
 REPLY_TO: Final = "Mesh-Reply-To"
+JOIN: Final = "Mesh-Join"  # <owner agent>.<join id>/<branch>: this answers a fan-out branch
+ROUTE: Final = "Mesh-Route"  # agents still to visit, comma-separated (a declared pipeline)
+DEPTH: Final = "Mesh-Depth"  # delegation nesting depth
+GATHERS: Final = "Mesh-Gathers"  # on a join's output: the ids of the messages it gathered
 CONTENT_TYPE: Final = "Content-Type"
 TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"
@@ -36,6 +42,8 @@ DLQ_KIND: Final = "Mesh-Dlq-Kind"
 DLQ_SUBJECT: Final = "Mesh-Dlq-Subject"
 DLQ_AGENT: Final = "Mesh-Dlq-Agent"
 DLQ_AT: Final = "Mesh-Dlq-At"
+DLQ_DELIVERIES: Final = "Mesh-Dlq-Deliveries"
+DLQ_HISTORY: Final = "Mesh-Dlq-History"  # JSON list: one {n, at_ns, instance, error} per failure
 DLQ_ORIGINAL_PREFIX: Final = "Mesh-Dlq-Orig-"  # + the original Nats-* header's name
 
 _nuid = NUID()
@@ -65,6 +73,9 @@ class Envelope:
     hop: int
     deadline_ms: int | None
     content_type: str
+    join: str = ""
+    route: tuple[str, ...] = ()
+    depth: int = 0
 
     @property
     def reply_to(self) -> str:
@@ -72,8 +83,14 @@ class Envelope:
         return self.reply or self.headers.get(REPLY_TO, "")
 
 
-def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, reply: str) -> Envelope:
-    """Parse the metadata of a delivery; DeliveryError says which header is wrong."""
+def open_envelope(
+    subject: str, data: bytes, headers: dict[str, str] | None, reply: str, fallback_id: str = ""
+) -> Envelope:
+    """Parse the metadata of a delivery; DeliveryError says which header is wrong.
+
+    `fallback_id` names a message that came without a Mesh-Id (a stored message's stream
+    sequence), so its id stays the same when it is delivered again.
+    """
     address = subjects.parse(subject)
     if address is None or not subjects.is_conversation_id(address.conversation):
         raise DeliveryError(
@@ -98,7 +115,7 @@ def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, rep
         data=data,
         headers=h,
         reply=reply,
-        id=h.get(ID) or h.get(NATS_MSG_ID) or new_id(),
+        id=h.get(ID) or h.get(NATS_MSG_ID) or fallback_id or new_id(),
         type_name=type_name,
         version=_int(h, VERSION),
         conversation=address.conversation,
@@ -108,6 +125,9 @@ def open_envelope(subject: str, data: bytes, headers: dict[str, str] | None, rep
         hop=_hop(h),
         deadline_ms=_int(h, DEADLINE),
         content_type=_media_type(h.get(CONTENT_TYPE)),
+        join=h.get(JOIN, ""),
+        route=tuple(a for a in h.get(ROUTE, "").split(",") if a),
+        depth=_int(h, DEPTH) or 0,
     )
 
 
@@ -133,6 +153,13 @@ def _int(h: dict[str, str], name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise DeliveryError("bad_header", f"header {name}: {raw!r} is not an integer") from None
+
+
+def derive_id(parent: str, agent: str, n: int) -> str:
+    """The id of the n-th message `agent` sends while handling `parent`: the same on every
+    redelivery, so a re-run handler's messages are dropped by the stream's dedupe."""
+    digest = hashlib.blake2b(f"{parent}/{agent}/{n}".encode(), digest_size=16).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def now_ns() -> int:

@@ -24,8 +24,8 @@ class DeliveryError(MeshError):
 
     `kind` is a short machine-readable reason that also appears on dead letters:
     ``decode``, ``validation``, ``unknown_type``, ``oversize``, ``hop_limit``,
-    ``deadline_expired``, ``bad_header``, ``bad_subject``, ``handler_error`` or
-    ``drain_timeout``.
+    ``deadline_expired``, ``bad_header``, ``bad_subject``, ``depth_limit``, ``handler_error``,
+    ``max_deliveries``, ``rejected`` or ``drain_timeout``.
     """
 
     def __init__(self, kind: str, reason: str) -> None:
@@ -40,3 +40,15 @@ class DecodeError(DeliveryError):
 
 class UnknownTypeError(DeliveryError):
     """A message names a type this process does not know."""
+
+
+class Reject(DeliveryError):
+    """Raise from a handler to dead-letter the message at once, without retries:
+    ``raise mesh.Reject("order 17 does not exist")``."""
+
+    def __init__(self, reason: str, kind: str = "rejected") -> None:
+        super().__init__(kind, reason)
+
+
+class RequestError(MeshError):
+    """A request over an agent's direct line got no (valid) answer in time."""

@@ -1,37 +1,45 @@
-"""Running an agent: subscriptions, dispatch by type, bounded concurrency, dead letters,
-discovery and a graceful drain."""
+"""Running an agent: durable and direct deliveries, dispatch by type, bounded concurrency,
+acknowledgements and retries, dead letters, discovery and a graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Awaitable
 from typing import Any
 
 import structlog
 
-from mesh import subjects
+from mesh import delivery, streams, subjects
 from mesh.agent import Agent, Handler
 from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
-from mesh.context import Context
-from mesh.deadletter import dead_letter, ensure_stream
-from mesh.discovery import PREFIX, Endpoint, ServiceResponder, Stats
-from mesh.envelope import new_id, open_envelope
-from mesh.errors import ConfigError, DeliveryError, ServerError, UnknownTypeError
+from mesh.consumer import PullConsumer
+from mesh.context import Answer, Context
+from mesh.deadletter import dead_letter
+from mesh.delivery import Failures
+from mesh.discovery import Endpoint, ServiceResponder, Stats
+from mesh.envelope import Envelope, new_id, open_envelope
+from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
+from mesh.join import Gathered, Join, JoinKeeper, JoinState, Later, Outcome
 from mesh.llm import LLM, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
 from mesh.middleware import Call, chain
 from mesh.settings import Settings
 from mesh.tracing import tracing
-from mesh.transport import NatsTransport, Subscription, Transport
+from mesh.transport import StateStore, Subscription, Transport
 
 
 class AgentRuntime:
-    """One process's instance of an agent, attached to a transport."""
+    """One process's instance of an agent, attached to a transport.
+
+    Stored deliveries (inbox and events, from JetStream) are acknowledged after the handler
+    and everything it sent are stored; a failure is retried with backoff and dead-lettered
+    after MESH_MAX_DELIVER deliveries. Direct deliveries (core NATS requests) are handled at
+    most once; a failure is dead-lettered at once.
+    """
 
     def __init__(
         self,
@@ -43,11 +51,17 @@ class AgentRuntime:
         codec: Codec = default_codec,
         instance: str | None = None,
     ) -> None:
-        if not agent.handlers:
+        if not agent.handlers and not agent.joins:
             raise ConfigError(
                 f"agent {agent.name!r} has no handlers: add one with @{agent.name}.handler "
                 f"(or whatever the Agent variable is called) before running it"
             )
+        for join in agent.joins.values():
+            if join.handler is None:
+                raise ConfigError(
+                    f"join {join.name!r} of agent {agent.name!r} has no completion handler: "
+                    f"decorate one with @{join.name}.complete"
+                )
         self.agent = agent
         self.settings = settings
         self.transport = transport
@@ -57,66 +71,90 @@ class AgentRuntime:
         self.client = MeshClient(transport, sender=agent.name, codec=codec)
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
-        self._limit = asyncio.Semaphore(agent.concurrency or settings.concurrency)
+        self._capacity = agent.concurrency or settings.concurrency
+        self._limit = asyncio.Semaphore(self._capacity)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
-        self._dlq_stored = False
+        self._consumers: list[PullConsumer] = []
+        self._working: dict[asyncio.Task[Any], Any] = {}  # stored deliveries being handled
         middleware = [tracing, log_context, *agent.middleware]
         self._calls = {id(h): chain(_invoker(h), middleware) for h in agent.handlers}
+        self._join_calls = {name: chain(_join_invoker(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
+        self._joins: JoinKeeper | None = None
+        self._processed: StateStore | None = None
+        self._failures: Failures | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._expired = False
         self._hurry = asyncio.Event()
 
     def endpoints(self) -> list[Endpoint]:
         name = self.agent.name
-        eps = [Endpoint("inbox", subjects.inbox_pattern(name), name)]
-        seen = set()
-        for h in self.agent.handlers:
-            if h.events and h.mtype.name not in seen:
-                seen.add(h.mtype.name)
-                eps.append(
-                    Endpoint(h.mtype.name.replace(".", "_"), subjects.event_pattern(h.mtype.name), name)
-                )
+        eps = [
+            Endpoint("inbox", subjects.inbox_pattern(name), name),
+            Endpoint("direct", subjects.direct_pattern(name), name),
+        ]
+        for t in self._event_types():
+            eps.append(Endpoint(t.replace(".", "_"), subjects.event_pattern(t), name))
         return eps
 
+    def _event_types(self) -> list[str]:
+        return sorted({h.mtype.name for h in self.agent.handlers if h.events})
+
     async def start(self) -> None:
-        self._dlq_stored = await ensure_stream(self.transport, self.settings.dead_letter_stream)
-        if not self._dlq_stored:
-            self.log.warning("the NATS server has no JetStream: dead letters are published but not stored")
-        endpoints = self.endpoints()
-        for ep in endpoints:
+        settings, name = self.settings, self.agent.name
+        await self.transport.ensure_streams()
+        processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
+        self._processed = processed
+        self._failures = Failures(state, name, self.instance)
+        self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth)
+        self._joins.run_completion = self._complete
+        for spec in streams.consumer_specs(name, self._event_types(), settings):
+            await self.transport.ensure_consumer(spec)
             self._subs.append(
-                await self.transport.subscribe(ep.subject, self._on_message, queue=ep.queue_group)
+                await self.transport.subscribe(
+                    f"{delivery.ADVISORY}.{spec.stream}.{spec.name}", self._on_advisory, queue=name
+                )
             )
+            self._consumers.append(await self.transport.consume(spec, self._on_stored, self._capacity))
+        self._subs.append(
+            await self.transport.subscribe(subjects.direct_pattern(name), self._on_direct, queue=name)
+        )
         self._responder = ServiceResponder(
             self.transport,
-            name=self.agent.name,
+            name=name,
             version=self.agent.version,
             description=self.agent.description,
             metadata={"mesh.handles": ",".join(str(h.mtype) for h in self.agent.handlers)},
-            endpoints=endpoints,
+            endpoints=self.endpoints(),
             stats=lambda: self.stats,
             instance=self.instance,
         )
         await self._responder.start()
+        self._ticker = asyncio.create_task(self._keep_alive())
         await self.transport.flush()
         self.log.info(
             "agent started",
             handles=[str(h.mtype) for h in self.agent.handlers],
+            joins=list(self.agent.joins),
             url=self.transport.connected_url,
         )
 
     def hurry(self) -> None:
-        """End a drain now: what is still running or queued is dead-lettered (second Ctrl-C)."""
+        """End a drain now (second Ctrl-C): stored work goes back to the stream, direct work
+        is dead-lettered."""
         self._hurry.set()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop taking messages and finish what was received, all within one drain timeout.
 
-        Whatever is still running or waiting for a worker slot when it runs out (or when
-        `hurry` is called) is dead-lettered as ``drain_timeout``, not lost.
+        What is still running when it runs out (or when `hurry` is called) is cancelled:
+        a stored message is handed back to the stream at once, for another replica or the
+        next start; a direct one is dead-lettered as ``drain_timeout``.
         """
         budget = timeout or self.settings.drain_timeout
+        for consumer in self._consumers:
+            await consumer.stop()
         drains = [asyncio.create_task(_quietly(sub.drain())) for sub in self._subs]
         self._subs.clear()
         hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
@@ -129,24 +167,30 @@ class AgentRuntime:
             if not pending or remaining <= 0:
                 break
             await asyncio.wait([*pending, hurry], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        self._expired = True  # from here on, queued deliveries are dead-lettered, not handled
+        self._expired = True  # from here on, queued direct deliveries are dead-lettered
         late = list(self._tasks)
         for task in late:
             task.cancel()
         if late:
-            self.log.warning("drain timed out; cancelled handlers are dead-lettered", cancelled=len(late))
-        # cancelled handlers free their slots, queued deliveries go to the DLQ, drains finish
+            self.log.warning("drain timed out; cancelled running handlers", cancelled=len(late))
         leftovers = [*drains, *late, *self._tasks]
         if leftovers:
             await asyncio.wait(leftovers, timeout=10)
         hurry.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for consumer in self._consumers:
+            await consumer.close()
+        self._consumers.clear()
         if self._responder is not None:
             await self._responder.stop()
         with contextlib.suppress(Exception):
             await self.transport.flush()
         self.log.info("agent stopped", handled=self.stats.handled, errors=self.stats.errors)
 
-    async def _on_message(self, msg: Any) -> None:
+    # ------------------------------------------------------------ direct (core NATS)
+
+    async def _on_direct(self, msg: Any) -> None:
         await self._limit.acquire()
         if self._expired:
             self._limit.release()
@@ -154,22 +198,22 @@ class AgentRuntime:
             self.stats.dead_lettered += 1
             await self._dead_letter(msg, "drain_timeout", "the agent stopped before handling it")
             return
-        task = asyncio.create_task(self._process(msg))
+        task = asyncio.create_task(self._process_direct(msg))
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._direct_done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _direct_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._limit.release()
 
-    async def _process(self, msg: Any) -> None:
+    async def _process_direct(self, msg: Any) -> None:
         stats = self.stats
         stats.received += 1
         stats.in_flight += 1
         started = time.perf_counter_ns()
         try:
             try:
-                handler, message, ctx = self._accept(msg)
+                env, ctx, message, handler = self._accept(msg, msg.reply)
             except DeliveryError as exc:
                 stats.dead_lettered += 1
                 await self._dead_letter(msg, exc.kind, exc.reason)
@@ -179,40 +223,152 @@ class AgentRuntime:
                 await self._dead_letter(msg, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
             try:
-                await self._calls[id(handler)](ctx, message)
+                await self._run(env, ctx, message, handler)
                 stats.handled += 1
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is None or not task.cancelling():
-                    raise  # not cancelled by stop(); nothing to keep
+                if not _cancelled_by_stop():
+                    raise
                 stats.dead_lettered += 1
-                await self._dead_letter(
-                    msg, "drain_timeout", f"{handler.name} was still running when the agent stopped"
-                )
+                await self._dead_letter(msg, "drain_timeout", "it was still running when the agent stopped")
                 raise
+            except DeliveryError as exc:
+                stats.dead_lettered += 1
+                await self._dead_letter(msg, exc.kind, exc.reason)
             except Exception as exc:
                 stats.errors += 1
                 stats.dead_lettered += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.log.exception(
-                    "handler failed",
-                    handler=handler.name,
-                    message_id=ctx.message_id,
-                    conversation_id=ctx.conversation_id,
-                )
-                await self._dead_letter(msg, "handler_error", f"{handler.name} raised {stats.last_error}")
+                self.log.exception("handler failed", message_id=env.id, conversation_id=env.conversation)
+                await self._dead_letter(msg, "handler_error", f"{_name(handler)} raised {stats.last_error}")
         finally:
             stats.in_flight -= 1
             stats.processing_ns += time.perf_counter_ns() - started
 
-    def _accept(self, msg: Any) -> tuple[Handler, Message, Context]:
-        """Check and decode a delivery; DeliveryError says why it cannot be handled."""
+    # ------------------------------------------------------------ stored (JetStream)
+
+    async def _on_stored(self, msg: Any, consumer: PullConsumer) -> None:
+        task = asyncio.create_task(self._process_stored(msg, consumer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process_stored(self, msg: Any, consumer: PullConsumer) -> None:
+        try:
+            async with self._limit:
+                if self._expired:
+                    await msg.nak()
+                    return
+                self._working[asyncio.current_task()] = msg  # type: ignore[index]
+                try:
+                    await self._handle_stored(msg)
+                finally:
+                    self._working.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            if _cancelled_by_stop():
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # back to the stream now, not after MESH_ACK_WAIT
+            raise
+        finally:
+            consumer.done()
+
+    async def _handle_stored(self, msg: Any) -> None:
+        stats, settings = self.stats, self.settings
+        meta = msg.metadata
+        delivery_no = int(meta.num_delivered or 1)
+        stats.received += 1
+        stats.in_flight += 1
+        started = time.perf_counter_ns()
+        if delivery_no > 1:
+            stats.redelivered += 1
+        try:
+            try:
+                env, ctx, message, handler = self._accept(msg, "", f"{meta.stream}-{meta.sequence.stream}")
+            except DeliveryError as exc:
+                await self._reject(msg, exc.kind, exc.reason)
+                return
+            except Exception as exc:
+                await self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
+                return
+            assert self._processed is not None and self._failures is not None
+            mark = streams.processed_key(self.agent.name, env.id)
+            if delivery_no > 1 and await self._processed.get(mark) is not None:
+                stats.duplicates += 1
+                await msg.ack()
+                return
+            try:
+                outcome = await asyncio.wait_for(
+                    self._run(env, ctx, message, handler), settings.handler_timeout
+                )
+            except DeliveryError as exc:  # Reject, depth limit, an unknown join...
+                await self._reject(msg, exc.kind, exc.reason)
+                return
+            except Exception as exc:
+                if isinstance(exc, TimeoutError):
+                    error = f"{_name(handler)} ran past MESH_HANDLER_TIMEOUT={settings.handler_timeout:g}s"
+                else:
+                    error = f"{_name(handler)} raised {type(exc).__name__}: {exc}"
+                stats.errors += 1
+                stats.last_error = error
+                self.log.warning("handler failed", error=error, message_id=env.id, delivery=delivery_no)
+                history = await self._failures.record(env.id, delivery_no, error)
+                if delivery_no >= settings.max_deliver:
+                    extra = delivery.history_headers(history, delivery_no)
+                    if await self._reject(msg, "handler_error", f"{error} (delivery {delivery_no})", extra):
+                        await self._failures.forget(env.id)
+                    return
+                stats.retried += 1
+                await msg.nak(delay=delivery.backoff(settings, delivery_no))
+                return
+            if isinstance(outcome, Later):
+                await msg.nak(delay=outcome.delay)
+                return
+            await self._processed.put_nowait(mark, b"1")
+            await msg.ack()
+            stats.handled += 1
+            if delivery_no > 1:
+                with contextlib.suppress(Exception):
+                    await self._failures.forget(env.id)
+        finally:
+            stats.in_flight -= 1
+            stats.processing_ns += time.perf_counter_ns() - started
+
+    async def _reject(self, msg: Any, kind: str, reason: str, extra: dict[str, str] | None = None) -> bool:
+        """Dead-letter a stored delivery and acknowledge it; if the dead letter cannot be
+        stored, hand the message back instead (it is never dropped)."""
+        self.stats.dead_lettered += 1
+        if await self._dead_letter(msg, kind, reason, extra):
+            await msg.ack()
+            return True
+        await msg.nak(delay=delivery.backoff(self.settings, 3))
+        return False
+
+    async def _on_advisory(self, msg: Any) -> None:
+        assert self._failures is not None
+        self.stats.dead_lettered += 1
+        await delivery.on_max_deliveries(self.transport, self._failures, self.agent.name, msg.data)
+
+    async def _keep_alive(self) -> None:
+        """Tell the server that long handlers are still working, so it does not redeliver."""
+        every = max(0.2, self.settings.ack_wait / 3)
+        while True:
+            await asyncio.sleep(every)
+            for msg in list(self._working.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    # ------------------------------------------------------------ both
+
+    def _accept(
+        self, msg: Any, reply: str, fallback_id: str = ""
+    ) -> tuple[Envelope, Context, Message | None, Handler | None]:
+        """Check and decode a delivery; DeliveryError says why it cannot be handled.
+
+        A join's answer or timer is decoded by the join, so it has no handler here."""
         limit = self.settings.max_message_bytes
         if len(msg.data) > limit:
             raise DeliveryError(
                 "oversize", f"body is {len(msg.data)} bytes; the limit is {limit} (MESH_MAX_MESSAGE_BYTES)"
             )
-        env = open_envelope(msg.subject, msg.data, msg.headers, msg.reply)
+        env = open_envelope(msg.subject, msg.data, msg.headers, reply, fallback_id)
         if env.address.kind == subjects.EVENT and env.type_name != env.address.target:
             raise DeliveryError(
                 "bad_header",
@@ -224,6 +380,9 @@ class AgentRuntime:
             )
         if env.deadline_ms is not None and env.deadline_ms < time.time() * 1000:
             raise DeliveryError("deadline_expired", f"deadline {env.deadline_ms} ms passed before handling")
+        ctx = Context(env, self.client, self.agent.name, self.instance, self.llm, self.log, joins=self._joins)
+        if self._joins is not None and self._joins.owns(env):
+            return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
         if handler is None:
             handled = ", ".join(str(h.mtype) for h in self.agent.handlers)
@@ -232,18 +391,78 @@ class AgentRuntime:
                 "unknown_type", f"agent {self.agent.name!r} has no handler for {want} (it handles {handled})"
             )
         message = self.codec.decode(msg.data, handler.mtype.cls, env.content_type)
-        ctx = Context(env, self.client, self.agent.name, self.instance, self.llm, self.log)
-        return handler, message, ctx
+        return env, ctx, message, handler
 
-    async def _dead_letter(self, msg: Any, kind: str, reason: str) -> None:
-        await dead_letter(
-            self.transport, agent=self.agent.name, msg=msg, kind=kind, reason=reason, stored=self._dlq_stored
+    async def _run(
+        self, env: Envelope, ctx: Context, message: Message | None, handler: Handler | None
+    ) -> Outcome | Later | None:
+        if handler is None:
+            assert self._joins is not None
+            return await self._joins.receive(env, ctx)
+        assert message is not None
+        await self._calls[id(handler)](ctx, message)
+        return None
+
+    async def _complete(self, join: Join[Any], gathered: Gathered[Any], ctx: Context, st: JoinState) -> None:
+        """Run a join's completion handler; its answer goes where the fan-out's message wanted."""
+        answer = Answer(
+            reply_to=st.reply_to,
+            join=st.reply_join,
+            route=tuple(st.route),
+            depth=st.depth,
+            deadline_ms=st.origin_deadline_ms,
         )
+        done = Context(
+            ctx.envelope,
+            self.client,
+            self.agent.name,
+            self.instance,
+            self.llm,
+            self.log,
+            joins=self._joins,
+            answer=answer,
+        )
+        done.join_name = join.name
+        done.gathered = tuple(st.parts[b].traceparent for b in st.order if st.parts[b].traceparent)
+        await self._join_calls[join.name](done, gathered)  # type: ignore[arg-type]
+
+    async def _dead_letter(
+        self, msg: Any, kind: str, reason: str, extra: dict[str, str] | None = None
+    ) -> bool:
+        return await dead_letter(
+            self.transport, agent=self.agent.name, msg=msg, kind=kind, reason=reason, extra=extra
+        )
+
+
+def _cancelled_by_stop() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _name(handler: Handler | None) -> str:
+    return handler.name if handler is not None else "the join"
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:
     with contextlib.suppress(Exception):
         await aw
+
+
+def _join_invoker(join: Join[Any]) -> Call:
+    fn, with_ctx = join.handler, join.takes_context
+    assert fn is not None
+
+    async def invoke(ctx: Context, gathered: Any) -> Message | None:
+        result: object = await (fn(gathered, ctx) if with_ctx else fn(gathered))
+        if isinstance(result, Message):
+            await ctx.reply(result)
+        elif result is not None:
+            raise TypeError(
+                f"join {join.name} returned {type(result).__name__}; return a mesh.Message or None"
+            )
+        return None
+
+    return invoke
 
 
 def _invoker(handler: Handler) -> Call:
@@ -262,78 +481,3 @@ def _invoker(handler: Handler) -> Call:
         return None
 
     return invoke
-
-
-async def serve(
-    agent: Agent,
-    settings: Settings,
-    *,
-    url: str | None = None,
-    ready: asyncio.Event | None = None,
-    stop: asyncio.Event | None = None,
-    llm: LLM | None = None,
-    instance: str | None = None,
-) -> AgentRuntime:
-    """Connect, run `agent` until `stop` is set or SIGTERM/SIGINT arrives, then drain.
-
-    A second signal during the drain ends it at once (running work is dead-lettered).
-    Raises `ServerError` if the connection stops reading, so a supervisor restarts us.
-    """
-    transport = await NatsTransport.connect(settings, f"{agent.name}", url=url)
-    runtime = AgentRuntime(agent, settings, transport, llm=llm, instance=instance)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            runtime.hurry()
-        stop.set()
-
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, on_signal)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):
-            pass
-    watchdog: asyncio.Task[None] | None = None
-    try:
-        await runtime.start()
-        if ready is not None:
-            ready.set()
-        probe = f"{PREFIX}.PING.{agent.name}.{runtime.instance}"  # answered by this process
-        watchdog = asyncio.create_task(_watch_connection(transport, stop, probe))
-        await stop.wait()
-        await runtime.stop()
-        if watchdog.done() and watchdog.exception() is not None:
-            raise watchdog.exception()  # type: ignore[misc]
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        await transport.close()
-    return runtime
-
-
-async def _watch_connection(
-    transport: Transport, stop: asyncio.Event, probe: str, every: float = 5.0
-) -> None:
-    """Every few seconds, ask this process's own discovery responder (`probe`) through the
-    server. If a connected client gets no answer twice in a row, its read loop is gone
-    (nats-py ends it on some malformed input while still reporting itself connected) and it
-    would silently receive nothing more: stop, and fail so the process exits non-zero."""
-    misses = 0
-    while not stop.is_set():
-        await asyncio.sleep(every)
-        try:
-            await transport.request(probe, b"", timeout=every)
-            misses = 0
-        except Exception:
-            misses += 1 if transport.is_connected else 0
-            if misses >= 2:
-                stop.set()
-                raise ServerError(
-                    "the NATS connection stopped reading (its own probe went unanswered twice "
-                    "while connected); stopping so this replica can be restarted"
-                ) from None

@@ -75,9 +75,11 @@ class EmbeddedServer:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         tie_to_parent: bool = True,
+        sync_always: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.max_payload = max_payload
+        self.sync_always = sync_always
         self.tie_to_parent = tie_to_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self.info: ServerInfo | None = None
@@ -116,7 +118,11 @@ class EmbeddedServer:
                 "server_name": "mesh-embedded",
                 "max_payload": self.max_payload,
                 "ports_file_dir": str(ports_dir),
-                "jetstream": {"store_dir": str(self.directory / "jetstream")},
+                "jetstream": {
+                    "store_dir": str(self.directory / "jetstream"),
+                    # "always": fsync before acknowledging each write (MESH_FSYNC=always)
+                    **({"sync_interval": "always"} if self.sync_always else {}),
+                },
             }
             conf = self.directory / "nats.conf"
             conf.write_text(json.dumps(config, indent=2))

@@ -61,6 +61,38 @@ class Settings(BaseModel):
         "imports them to validate `mesh publish` and list them in `mesh schema`.",
     )
     dead_letter_stream: str = Field(default="MESH_DLQ", pattern=r"^[A-Za-z0-9_-]+$")
+    # durability: see docs/handoffs.md and docs/operations.md
+    storage: Literal["file", "memory"] = Field(
+        default="file", description="Where JetStream keeps inboxes, events, dead letters and state."
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=5, description="Stream and bucket replicas (3 on a cluster survives a lost node)."
+    )
+    fsync: Literal["interval", "always"] = Field(
+        default="interval",
+        description="Embedded server only: 'always' fsyncs before every ack (slower, survives a machine "
+        "crash); 'interval' fsyncs every 2 minutes (survives a process crash).",
+    )
+    event_retention: float = Field(default=7 * 86400.0, gt=0, description="Seconds events are kept.")
+    dedupe_window: float = Field(
+        default=300.0, gt=0, description="Seconds a Nats-Msg-Id is remembered for publish dedupe."
+    )
+    ack_wait: float = Field(
+        default=30.0, gt=0, description="Seconds without an ack or progress before redelivery."
+    )
+    max_deliver: int = Field(default=5, ge=2, description="Deliveries before a message is dead-lettered.")
+    retry_backoff: float = Field(default=1.0, gt=0, description="First retry delay in seconds; doubles.")
+    retry_backoff_max: float = Field(default=60.0, gt=0, description="Longest retry delay in seconds.")
+    max_ack_pending: int = Field(
+        default=1000, gt=0, description="Unacknowledged messages per agent, over all its replicas."
+    )
+    handler_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds a handler may run before it is cancelled and retried."
+    )
+    max_depth: int = Field(default=8, gt=0, description="Nesting limit of delegations (fan-outs).")
+    processed_ttl: float = Field(
+        default=86400.0, gt=0, description="Seconds a processed message id is remembered."
+    )
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -5,7 +5,8 @@ pattern ``mesh.<conversation>.>``:
 
 =====================================  ===============================================
 ``mesh.<conv>.evt.<type name>``         an event of a message type (external or agent)
-``mesh.<conv>.agent.<agent name>``      an agent's inbox (sends, handoffs, replies)
+``mesh.<conv>.agent.<agent name>``      an agent's durable inbox (JetStream: sends, handoffs)
+``mesh.<conv>.direct.<agent name>``     an agent's direct line (core NATS: requests, at most once)
 ``mesh.<conv>.reply.<token>``           a reply to a requester outside the mesh
 ``mesh.<conv>.dlq.<agent name>``        a dead letter rejected by that agent
 =====================================  ===============================================
@@ -22,11 +23,12 @@ from mesh.errors import ConfigError
 ROOT: Final = "mesh"
 EVENT: Final = "evt"
 AGENT: Final = "agent"
+DIRECT: Final = "direct"
 REPLY: Final = "reply"
 DEAD_LETTER: Final = "dlq"
 
-Kind = Literal["evt", "agent", "reply", "dlq"]
-_KINDS: Final = frozenset((EVENT, AGENT, REPLY, DEAD_LETTER))
+Kind = Literal["evt", "agent", "direct", "reply", "dlq"]
+_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER))
 
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _CONVERSATION = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -50,7 +52,7 @@ def is_reply_target(subject: str) -> bool:
     address = parse(subject)
     return (
         address is not None
-        and address.kind in (AGENT, REPLY, EVENT)
+        and address.kind in (AGENT, DIRECT, REPLY, EVENT)
         and is_conversation_id(address.conversation)
         and all(t and _TOKEN_CHARS.match(t) for t in address.target.split("."))
     )
@@ -87,6 +89,8 @@ class Address:
         """Human label of the receiving end, as `mesh tap` shows it."""
         if self.kind == AGENT:
             return self.target
+        if self.kind == DIRECT:
+            return f"{self.target}!"
         if self.kind == EVENT:
             return f"evt:{self.target}"
         return f"{self.kind}:{self.target}"
@@ -98,6 +102,10 @@ class Address:
     @classmethod
     def inbox(cls, conversation: str, agent: str) -> Address:
         return cls(AGENT, conversation, agent)
+
+    @classmethod
+    def direct(cls, conversation: str, agent: str) -> Address:
+        return cls(DIRECT, conversation, agent)
 
     @classmethod
     def reply(cls, conversation: str, token: str) -> Address:
@@ -124,6 +132,11 @@ def event_pattern(type_name: str) -> str:
 def inbox_pattern(agent: str) -> str:
     """An agent's inbox, in any conversation."""
     return f"{ROOT}.*.{AGENT}.{agent}"
+
+
+def direct_pattern(agent: str) -> str:
+    """An agent's direct line, in any conversation."""
+    return f"{ROOT}.*.{DIRECT}.{agent}"
 
 
 def conversation_pattern(conversation: str) -> str:

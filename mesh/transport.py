@@ -13,12 +13,23 @@ from typing import Any, Protocol
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
 
+from mesh.consumer import PullConsumer
 from mesh.errors import ServerError
 from mesh.server import resolve_url
 from mesh.settings import Settings
+from mesh.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 
 log = structlog.get_logger("mesh.transport")
 
@@ -31,6 +42,7 @@ class RawMessage(Protocol):
 
 
 RawHandler = Callable[[Any], Awaitable[None]]
+StoredHandler = Callable[[Any, PullConsumer], Awaitable[None]]
 
 
 class Subscription(Protocol):
@@ -51,16 +63,36 @@ class Transport(Protocol):
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
 
-    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+    async def request(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
         """Publish with a reply subject and wait for the first answer."""
         ...
 
-    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-        """Publish and wait until a stream has stored the message."""
+    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish and wait until a stream has stored the message; its stream sequence."""
         ...
 
-    async def ensure_stream(self, name: str, subjects: list[str], max_age_s: float) -> bool:
-        """Create the stream if absent; False when the server has no JetStream."""
+    async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
+        """Create the stream if absent (ServerError when the server has no JetStream)."""
+        ...
+
+    async def ensure_streams(self) -> None: ...
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None: ...
+
+    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> PullConsumer: ...
+
+    async def consumer_info(self, stream: str, name: str) -> Any: ...
+
+    async def stored(self, stream: str, seq: int) -> Any:
+        """A stored message by stream sequence (subject, data, headers)."""
+        ...
+
+    async def delete_stored(self, stream: str, seq: int) -> None: ...
+
+    async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
+        """A key-value bucket (created if absent)."""
         ...
 
     async def flush(self, timeout: float = 5.0) -> None: ...
@@ -74,9 +106,11 @@ class Transport(Protocol):
 class NatsTransport:
     """`Transport` over nats-py."""
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, settings: Settings | None = None) -> None:
         self.nc = nc
+        self.settings = settings or Settings.load(environ={})
         self._js = nc.jetstream()
+        self._streams_ready = False
 
     @classmethod
     async def connect(cls, settings: Settings, name: str, *, url: str | None = None) -> NatsTransport:
@@ -117,7 +151,7 @@ class NatsTransport:
                 f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
                 f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
             ) from None
-        return cls(nc)
+        return cls(nc, settings)
 
     @property
     def connected_url(self) -> str:
@@ -133,27 +167,103 @@ class NatsTransport:
         sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
         return sub
 
-    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
-        return await self.nc.request(subject, data, timeout=timeout)
+    async def request(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
+        return await self.nc.request(subject, data, timeout=timeout, headers=headers)
 
-    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-        await self._js.publish(subject, data, headers=headers)
+    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        if not self._streams_ready:
+            # A publisher may be first on a new server; and without the stream, a subscriber
+            # on the subject (a tap) would swallow the store request until it timed out.
+            await self.ensure_streams()
+        for attempt in (1, 2):
+            try:
+                ack = await self._js.publish(subject, data, headers=headers)
+                return int(ack.seq)
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                if attempt == 2:
+                    raise ServerError(
+                        f"no stream stored {subject!r}: the mesh streams could not be created "
+                        f"(does the NATS server run JetStream?)"
+                    ) from None
+                await self.ensure_streams()  # the first publisher on a new server
+        raise AssertionError("unreachable")
 
-    async def ensure_stream(self, name: str, subjects: list[str], max_age_s: float) -> bool:
-        config = StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, max_age=max_age_s)
+    async def ensure_streams(self) -> None:
+        """Create every mesh stream that is missing (agents and `mesh up` call this)."""
+        for spec in stream_specs(self.settings):
+            await self.ensure_stream(spec, self.settings)
+        self._streams_ready = True
+
+    async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=spec.subjects,
+            retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY if settings.storage == "memory" else StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=spec.max_age,
+            duplicate_window=spec.dedupe_window,
+        )
         try:
             await self._js.add_stream(config)
         except BadRequestError as exc:
-            # 10058: the stream exists with another config; 10065: another stream already
-            # captures these subjects. Either way, publishes to them are stored.
+            # 10058: the stream exists with another config (an operator's choice: keep it);
+            # 10065: another stream already captures these subjects, so they are stored.
             if exc.err_code in (10058, 10065):
-                return True
+                log.debug("stream kept as configured", stream=spec.name, code=exc.err_code)
+                return
             raise
-        except nats.errors.NoRespondersError:
-            return False
-        except nats.js.errors.ServiceUnavailableError:
-            return False
-        return True
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+            raise ServerError(
+                "the NATS server has no JetStream, which the mesh needs for durable inboxes, events "
+                "and dead letters: start nats-server with -js (or `jetstream {}` in its config)"
+            ) from None
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        config = ConsumerConfig(
+            durable_name=spec.name,
+            filter_subjects=spec.filters,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
+            ack_wait=spec.ack_wait,
+            max_deliver=spec.max_deliver,
+            max_ack_pending=spec.max_ack_pending,
+            max_waiting=512,
+        )
+        await self._js.add_consumer(spec.stream, config)
+
+    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> PullConsumer:
+        consumer = PullConsumer(self.nc, spec.stream, spec.name, handler, capacity=capacity)
+        await consumer.start()
+        return consumer
+
+    async def consumer_info(self, stream: str, name: str) -> Any:
+        return await self._js.consumer_info(stream, name)
+
+    async def stored(self, stream: str, seq: int) -> Any:
+        return await self._js.get_msg(stream, seq)
+
+    async def delete_stored(self, stream: str, seq: int) -> None:
+        await self._js.delete_msg(stream, seq)
+
+    async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
+        try:
+            kv = await self._js.key_value(bucket.name)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(
+                bucket=bucket.name,
+                history=1,
+                ttl=bucket.ttl,
+                storage=StorageType.MEMORY if settings.storage == "memory" else StorageType.FILE,
+                replicas=settings.replicas,
+            )
+            try:
+                kv = await self._js.create_key_value(config)
+            except BadRequestError:
+                kv = await self._js.key_value(bucket.name)  # a replica created it meanwhile
+        return NatsState(self.nc, kv, bucket.name)
 
     async def flush(self, timeout: float = 5.0) -> None:
         await self.nc.flush(timeout)  # type: ignore[arg-type]
@@ -165,3 +275,64 @@ class NatsTransport:
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+class StateStore(Protocol):
+    """A key-value bucket with compare-and-set: the only place shared state lives."""
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """The value and its revision, or None."""
+        ...
+
+    async def create(self, key: str, value: bytes) -> int | None:
+        """Store if absent: the new revision, or None if the key exists."""
+        ...
+
+    async def update(self, key: str, value: bytes, revision: int) -> int | None:
+        """Compare-and-set: the new revision, or None if `revision` is no longer current."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> int: ...
+
+    async def put_nowait(self, key: str, value: bytes) -> None:
+        """Write without waiting for the store to confirm (for hints that may be lost)."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+
+class NatsState:
+    """`StateStore` over a JetStream KV bucket."""
+
+    def __init__(self, nc: NatsClient, kv: KeyValue, bucket: str) -> None:
+        self._nc = nc
+        self._kv = kv
+        self._prefix = f"$KV.{bucket}."
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return (entry.value or b""), int(entry.revision or 0)
+
+    async def create(self, key: str, value: bytes) -> int | None:
+        try:
+            return int(await self._kv.create(key, value))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+    async def update(self, key: str, value: bytes, revision: int) -> int | None:
+        try:
+            return int(await self._kv.update(key, value, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+    async def put(self, key: str, value: bytes) -> int:
+        return int(await self._kv.put(key, value))
+
+    async def put_nowait(self, key: str, value: bytes) -> None:
+        await self._nc.publish(self._prefix + key, value)
+
+    async def delete(self, key: str) -> None:
+        await self._kv.delete(key)

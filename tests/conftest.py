@@ -46,6 +46,11 @@ def settings(server: EmbeddedServer, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         trace_exporter="none",
         log_level="warning",
+        # retries and redeliveries in test time
+        max_deliver=3,
+        retry_backoff=0.05,
+        retry_backoff_max=0.2,
+        ack_wait=5.0,
     )
 
 

@@ -11,6 +11,7 @@ from sample_agents.relay import Baton, Finished
 from mesh.client import MeshClient
 from mesh.codec import JSON, MSGPACK, default_codec
 from mesh.errors import DecodeError, RegistrationError, UnknownTypeError
+from mesh.join import JoinTimer, JudgeRequest, JudgeVerdict
 from mesh.messages import Message, message, registry, type_of
 from mesh.testing import Recorder
 
@@ -27,6 +28,9 @@ SAMPLES: dict[str, Message] = {
     "test.pong": Pong(text="p", n=1, pid=2, instance="i"),
     "test.baton": Baton(token="t", path=["a"]),
     "test.finished": Finished(token="t", path=["a", "b"]),
+    "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
+    "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
+    "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),
 }
 
 

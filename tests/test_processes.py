@@ -249,7 +249,11 @@ async def test_discovery_reports_handles_and_counters(
     await pongs.wait_count(3)
     [echo] = [a for a in await discover(client.transport) if a.name == "echo"]
     assert echo.handles == ["test.ping@1"]
-    assert {e["subject"] for e in echo.endpoints} == {"mesh.*.agent.echo", "mesh.*.evt.test.ping"}
+    assert {e["subject"] for e in echo.endpoints} == {
+        "mesh.*.agent.echo",
+        "mesh.*.direct.echo",
+        "mesh.*.evt.test.ping",
+    }
     assert echo.stats["handled"] == 3
     assert Address.inbox("x", "echo").subject == "mesh.x.agent.echo"
 

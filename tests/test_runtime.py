@@ -37,11 +37,12 @@ async def test_event_reaches_agent_and_return_value_is_the_reply(
 
 
 async def test_nats_request_gets_the_reply(settings: Settings, client: MeshClient) -> None:
-    """A plain NATS request (as any client can send) is answered on its reply subject."""
+    """A plain NATS request (as any client can send) to an agent's direct line is answered
+    on its reply subject."""
     async with running_agent(echo, settings):
         nc = client.transport.nc  # type: ignore[attr-defined]
         reply = await nc.request(
-            Address.inbox("req1", "echo").subject,
+            Address.direct("req1", "echo").subject,
             b'{"text":"plain","n":7}',
             timeout=5,
             headers={h.TYPE: "test.ping"},
@@ -276,7 +277,7 @@ async def test_a_deadline_set_by_the_publisher_stops_late_work(
         assert int(dead.headers[h.DEADLINE]) < time.time() * 1000
 
 
-async def test_handlers_cut_off_by_the_drain_timeout_are_dead_lettered(
+async def test_direct_handlers_cut_off_by_the_drain_timeout_are_dead_lettered(
     settings: Settings, client: MeshClient
 ) -> None:
     stuck = Agent("stuck")
@@ -289,7 +290,7 @@ async def test_handlers_cut_off_by_the_drain_timeout_are_dead_lettered(
 
     async with running_agent(stuck, settings) as runtime:
         dlq = await Recorder.start(client.transport, "mesh.stuck.dlq.stuck")
-        await client.send("stuck", Ping(text="zzz"), conversation="stuck")
+        await client.send("stuck", Ping(text="zzz"), conversation="stuck", durable=False)
         await asyncio.wait_for(started.wait(), 5)
         await runtime.stop(timeout=0.1)
         [dead] = await dlq.wait_count(1)
@@ -303,7 +304,8 @@ async def test_jetstream_control_headers_cannot_stop_a_dead_letter_being_stored(
     async with running_agent(bad_agent, settings):
         dlq = await Recorder.start(client.transport, "mesh.jsh.dlq.strict")
         headers = {**_headers(client, "jsh"), "Nats-Expected-Stream": "ELSEWHERE", "Nats-Rollup": "all"}
-        await client.transport.publish("mesh.jsh.agent.strict", b"{broken", headers)
+        # (sent to the direct line: the inbox stream itself would refuse these headers)
+        await client.transport.publish("mesh.jsh.direct.strict", b"{broken", headers)
         [dead] = await dlq.wait_count(1)
         assert dead.headers["Mesh-Dlq-Orig-Nats-Expected-Stream"] == "ELSEWHERE"
         assert not any(k.startswith("Nats-") for k in dead.headers)
@@ -315,8 +317,8 @@ async def test_jetstream_control_headers_cannot_stop_a_dead_letter_being_stored(
 async def test_a_saturated_agent_still_stops_within_its_drain_timeout(
     settings: Settings, client: MeshClient
 ) -> None:
-    """Concurrency 1, a handler that never finishes, two more deliveries queued behind it:
-    stop() returns promptly and all three messages are dead-lettered, none lost."""
+    """Concurrency 1, a handler that never finishes, two more direct deliveries queued behind
+    it: stop() returns promptly and all three messages are dead-lettered, none lost."""
     busy = Agent("busy", concurrency=1)
     started = asyncio.Event()
 
@@ -328,7 +330,7 @@ async def test_a_saturated_agent_still_stops_within_its_drain_timeout(
     async with running_agent(busy, settings) as runtime:
         dlq = await Recorder.start(client.transport, "mesh.busy.dlq.busy")
         for n in range(3):
-            await client.send("busy", Ping(text="q", n=n), conversation="busy")
+            await client.send("busy", Ping(text="q", n=n), conversation="busy", durable=False)
         await asyncio.wait_for(started.wait(), 5)
         await client.transport.flush()
         await asyncio.wait_for(runtime.stop(timeout=0.5), 15)
@@ -337,11 +339,46 @@ async def test_a_saturated_agent_still_stops_within_its_drain_timeout(
         assert sorted(msgspec.json.decode(m.data)["n"] for m in dead) == [0, 1, 2]
 
 
+async def test_stored_work_cut_off_by_the_drain_goes_back_to_the_stream(
+    settings: Settings, client: MeshClient
+) -> None:
+    """Durable deliveries that a stopping replica cannot finish are handed back at once (not
+    dead-lettered, not held for MESH_ACK_WAIT): the next replica handles every one."""
+    release = asyncio.Event()
+    handled: list[int] = []
+
+    def build() -> Agent:
+        slow = Agent("handback", concurrency=1)
+
+        @slow.handler
+        async def on_ping(ping: Ping) -> None:
+            if not release.is_set():
+                await asyncio.sleep(60)
+            handled.append(ping.n)
+
+        return slow
+
+    async with running_agent(build(), settings) as first:
+        for n in range(3):
+            await client.send("handback", Ping(text="q", n=n), conversation="handback")
+        async with asyncio.timeout(5):
+            while first.stats.in_flight == 0:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(first.stop(timeout=0.2), 15)
+    release.set()
+    async with running_agent(build(), settings) as second:
+        async with asyncio.timeout(4):  # well inside MESH_ACK_WAIT: handed back, not timed out
+            while len(handled) < 3:
+                await asyncio.sleep(0.01)
+        assert sorted(handled) == [0, 1, 2]
+        assert second.stats.dead_lettered == 0
+
+
 async def test_watchdog_notices_a_connection_that_stopped_reading(settings: Settings) -> None:
     """nats-py ends its read loop on a subject that is not UTF-8 while still 'connected';
     the watchdog must turn that silence into an error instead of a deaf agent."""
     from mesh.errors import ServerError
-    from mesh.runtime import _watch_connection
+    from mesh.serving import _watch_connection
     from mesh.transport import NatsTransport
 
     async def ignore(msg: Any) -> None:

@@ -1,0 +1,478 @@
+"""Fan-out and fan-in: parallel and hierarchical handoffs whose state lives in NATS KV.
+
+    findings = agent.join("findings", Findings, policy=mesh.quorum(2), resolve=mesh.majority(key))
+
+    @agent.handler
+    async def on_question(q: Question, ctx: mesh.Context) -> None:
+        await ctx.fan_out(findings, [("research", Ask(...)), ("archive", Ask(...))], deadline=30)
+
+    @findings.complete
+    async def answer(g: mesh.Gathered[Findings], ctx: mesh.Context) -> Answer:
+        return Answer(text=g.resolved.text if g.resolved else "no agreement")
+
+`fan_out` stores the join's state, sends the tasks and returns: nothing waits in memory.
+Each answer is recorded in the state with compare-and-set; the answer (or the deadline
+timer) that meets the policy claims the completion in the same write, and the completion
+handler runs while that message is being handled. If the process dies there, the message is
+redelivered, to any replica, which sees that its own id claimed the completion and runs it
+again (what it sends is deduplicated by derived ids).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+import msgspec
+
+from mesh import envelope as h
+from mesh import subjects
+from mesh.client import Lineage
+from mesh.codec import default_codec
+from mesh.errors import DeliveryError, RegistrationError
+from mesh.messages import Message, message, type_of
+from mesh.streams import join_key
+
+if TYPE_CHECKING:
+    from mesh.context import Context
+    from mesh.transport import StateStore
+
+T = TypeVar("T", bound=Message)
+
+
+@message("mesh.join_timer")
+class JoinTimer(Message, frozen=True):
+    """The deadline of a join, sent by an agent to its own inbox when it fans out."""
+
+    join: str
+    due_ms: int
+
+
+@message("mesh.judge_request")
+class JudgeRequest(Message, frozen=True):
+    """Sent to a judge agent when a join's answers must be decided between."""
+
+    join: str
+    candidates: list[str]  # each answer as JSON text
+    agents: list[str]  # who gave each answer
+
+
+@message("mesh.judge_verdict")
+class JudgeVerdict(Message, frozen=True):
+    """A judge agent's answer: the index of the chosen candidate and why."""
+
+    choice: int
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- declaration
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """When a join completes: ``all``, a ``quorum`` of n answers, or the ``first`` k."""
+
+    kind: Literal["all", "quorum", "first"]
+    n: int = 0
+
+    def needed(self, branches: int) -> int:
+        if self.kind == "all":
+            return branches
+        if self.kind == "quorum":
+            return min(branches, self.n or branches // 2 + 1)
+        return min(branches, max(1, self.n))
+
+
+def all_of() -> Policy:
+    return Policy("all")
+
+
+def quorum(n: int = 0) -> Policy:
+    """n answers (default: a majority of the branches)."""
+    return Policy("quorum", n)
+
+
+def first(k: int = 1) -> Policy:
+    return Policy("first", k)
+
+
+@dataclass(frozen=True, slots=True)
+class Majority:
+    """Pick the answer whose ``key`` most answers share (ties: the earliest)."""
+
+    key: Callable[[Any], Hashable]
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """Combine every answer into one with ``fn(list_of_answers)``."""
+
+    fn: Callable[[list[Any]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeBy:
+    """Ask the judge agent to pick an answer (it handles `JudgeRequest`, returns `JudgeVerdict`)."""
+
+    agent: str
+
+
+Resolver = Majority | Merge | JudgeBy
+
+
+def majority(key: Callable[[Any], Hashable] = lambda m: m) -> Majority:
+    return Majority(key)
+
+
+def merge(fn: Callable[[list[Any]], Any]) -> Merge:
+    return Merge(fn)
+
+
+def judge(agent: str) -> JudgeBy:
+    return JudgeBy(subjects.agent_name(agent))
+
+
+@dataclass(frozen=True, slots=True)
+class Part(Generic[T]):
+    """One gathered answer."""
+
+    branch: str
+    agent: str  # who the task went to
+    sender: str  # who answered (another agent if the task was handed on)
+    message: T
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered(Generic[T]):
+    """What a completion handler receives: the answers, what is missing, and the resolution."""
+
+    join_id: str
+    parts: list[Part[T]]
+    branches: dict[str, str]  # branch -> the agent it was sent to
+    timed_out: bool = False
+    resolved: T | None = None
+    verdict: str = ""  # the judge's reason, if a judge decided
+    late: list[str] = field(default_factory=list)
+
+    @property
+    def results(self) -> list[T]:
+        return [p.message for p in self.parts]
+
+    @property
+    def missing(self) -> list[str]:
+        """Agents whose branch did not answer."""
+        got = {p.branch for p in self.parts}
+        return [a for b, a in self.branches.items() if b not in got]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def partial(self) -> bool:
+        """Some branches did not answer (the deadline passed or a first-k policy fired)."""
+        return bool(self.missing)
+
+
+Completion = Callable[..., Awaitable[Any]]
+
+
+class Join(Generic[T]):
+    """A declared fan-in point of an agent. Create it with `Agent.join`."""
+
+    def __init__(
+        self,
+        agent: str,
+        name: str,
+        types: tuple[type[T], ...],
+        policy: Policy,
+        resolve: Resolver | None,
+    ) -> None:
+        self.agent = agent
+        self.name = name
+        self.types = {type_of(t).name: t for t in types}
+        self.policy = policy
+        self.resolve = resolve
+        self.handler: Completion | None = None
+        self.takes_context = True
+
+    def complete(self, fn: Completion) -> Completion:
+        """Register the completion handler: ``async def f(g: Gathered[T], ctx) -> Message | None``."""
+        import inspect
+
+        if not inspect.iscoroutinefunction(fn):
+            raise RegistrationError(f"join {self.name!r}: the completion handler must be `async def`")
+        self.takes_context = len(inspect.signature(fn).parameters) >= 2
+        self.handler = fn
+        return fn
+
+    def __repr__(self) -> str:
+        return f"Join({self.agent}.{self.name}, {self.policy.kind})"
+
+
+# ---------------------------------------------------------------- state
+
+
+class PartRecord(msgspec.Struct):
+    type: str
+    data: str  # base64 body
+    content_type: str
+    message_id: str
+    sender: str
+    traceparent: str = ""
+
+
+class JoinState(msgspec.Struct):
+    name: str
+    branches: dict[str, str]
+    need: int
+    deadline_ms: int | None
+    conversation: str
+    causation: str
+    hop: int
+    depth: int
+    reply_to: str = ""
+    reply_join: str = ""
+    route: list[str] = []
+    origin_deadline_ms: int | None = None
+    parts: dict[str, PartRecord] = {}
+    order: list[str] = []
+    late: list[str] = []
+    fired_by: str = ""
+    timed_out: bool = False
+    judging: bool = False
+    verdict: int = -1
+    verdict_reason: str = ""
+    done: bool = False
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_state = msgspec.json.Decoder(JoinState).decode
+
+Outcome = Literal["handled", "skipped"]
+
+
+@dataclass(slots=True)
+class Later:
+    """The delivery is not due yet: hand it back to the server for `delay` seconds."""
+
+    delay: float
+
+
+class JoinKeeper:
+    """Runs the joins of one agent: starting them, recording answers, firing completions."""
+
+    def __init__(self, agent: str, joins: dict[str, Join[Any]], state: StateStore, max_depth: int) -> None:
+        self.agent = agent
+        self.joins = joins
+        self.state = state
+        self.max_depth = max_depth
+        self.run_completion: Callable[[Join[Any], Gathered[Any], Context, JoinState], Awaitable[None]]
+
+    def owns(self, env: h.Envelope) -> bool:
+        return env.join.startswith(self.agent + ".") or env.type_name == "mesh.join_timer"
+
+    async def start(
+        self, ctx: Context, join: Join[Any], tasks: list[tuple[str, Message]], deadline: float | None
+    ) -> str:
+        if join.agent != self.agent or self.joins.get(join.name) is not join:
+            raise RegistrationError(f"join {join.name!r} is not declared on agent {self.agent!r}")
+        if join.handler is None:
+            raise RegistrationError(f"join {join.name!r} has no completion handler (@{join.name}.complete)")
+        if not tasks:
+            raise ValueError("fan_out needs at least one (agent, message) task")
+        depth = ctx.depth + 1
+        if depth > self.max_depth:
+            raise DeliveryError(
+                "depth_limit", f"delegation depth {depth} is past MESH_MAX_DEPTH={self.max_depth}"
+            )
+        jid = ctx.next_id()
+        due = None if deadline is None else int(time.time() * 1000 + deadline * 1000)
+        branches = {str(i): subjects.agent_name(agent) for i, (agent, _) in enumerate(tasks)}
+        answer = ctx._answer
+        state = JoinState(
+            name=join.name,
+            branches=branches,
+            need=join.policy.needed(len(tasks)),
+            deadline_ms=due,
+            conversation=ctx.conversation_id,
+            causation=ctx.message_id,
+            hop=ctx.hop,
+            depth=ctx.depth,
+            reply_to=answer.reply_to,
+            reply_join=answer.join,
+            route=list(answer.route),
+            origin_deadline_ms=answer.deadline_ms,
+        )
+        key = join_key(self.agent, jid)
+        await self.state.create(key, _encode(state))  # None: a re-run of this handler made it already
+        mine = subjects.Address.inbox(ctx.conversation_id, self.agent).subject
+        client = ctx._client
+        base = ctx._lineage
+        for branch, (_, msg) in zip(branches, tasks, strict=True):
+            lineage = Lineage(
+                conversation=base.conversation,
+                causation=base.causation,
+                hop=base.hop,
+                deadline_ms=due if due is not None else base.deadline_ms,
+                reply_to=mine,
+                join=f"{self.agent}.{jid}/{branch}",
+                depth=depth,
+            )
+            address = subjects.Address.inbox(ctx.conversation_id, branches[branch])
+            await client.emit(address, msg, lineage, msg_id=ctx.next_id())
+        if due is not None:
+            timer = Lineage(
+                conversation=base.conversation,
+                causation=base.causation,
+                hop=base.hop,
+                join=f"{self.agent}.{jid}/timer",
+                depth=ctx.depth,
+            )
+            await client.emit(
+                subjects.Address.inbox(ctx.conversation_id, self.agent),
+                JoinTimer(join=jid, due_ms=due),
+                timer,
+                msg_id=ctx.next_id(),
+            )
+        return jid
+
+    async def receive(self, env: h.Envelope, ctx: Context) -> Outcome | Later:
+        """Record an answer or a timer; run the completion if this message completes the join."""
+        jid, _, branch = env.join.partition("/")
+        jid = jid[len(self.agent) + 1 :]
+        if env.type_name == "mesh.join_timer":
+            timer = default_codec.decode(env.data, JoinTimer, env.content_type)
+            jid, branch = timer.join, "timer"
+            wait = timer.due_ms / 1000 - time.time()
+            if wait > 0:
+                return Later(wait)
+        key = join_key(self.agent, jid)
+        while True:
+            got = await self.state.get(key)
+            if got is None:
+                if branch == "timer":
+                    return "skipped"  # the join finished and its state expired
+                raise DeliveryError("unknown_join", f"no join {jid!r} on agent {self.agent!r} (expired?)")
+            raw, revision = got
+            st = _decode_state(raw)
+            join = self.joins.get(st.name)
+            if join is None:
+                raise DeliveryError("unknown_join", f"agent {self.agent!r} declares no join {st.name!r}")
+            if st.done:
+                return "skipped"
+            if st.fired_by:
+                if st.fired_by == env.id:
+                    break  # a redelivery of the message that fired it: run the completion again
+                if branch == "judge" and st.judging:
+                    verdict = default_codec.decode(env.data, JudgeVerdict, env.content_type)
+                    st.verdict, st.verdict_reason = verdict.choice, verdict.reason
+                    st.judging = False
+                    st.fired_by = env.id
+                elif branch != "timer" and env.id not in st.late and len(st.late) < 100:
+                    st.late.append(env.id)  # after completion: noted, not gathered
+                    await self.state.update(key, _encode(st), revision)
+                    return "skipped"
+                else:
+                    return "skipped"
+            elif branch == "timer":
+                st.timed_out = True
+                st.fired_by = env.id
+            else:
+                if branch not in st.branches:
+                    raise DeliveryError("unknown_join", f"join {jid!r} has no branch {branch!r}")
+                if env.type_name not in join.types:
+                    raise DeliveryError(
+                        "unknown_type",
+                        f"join {st.name!r} gathers {', '.join(join.types)}, not {env.type_name}",
+                    )
+                if branch not in st.parts:
+                    st.parts[branch] = PartRecord(
+                        type=env.type_name,
+                        data=base64.b64encode(env.data).decode(),
+                        content_type=env.content_type,
+                        message_id=env.id,
+                        sender=env.sender,
+                        traceparent=env.headers.get(h.TRACEPARENT, ""),
+                    )
+                    st.order.append(branch)
+                if len(st.parts) >= st.need:
+                    st.fired_by = env.id
+            if st.fired_by == env.id and isinstance(join.resolve, JudgeBy) and st.verdict < 0:
+                st.judging = True
+            if await self.state.update(key, _encode(st), revision) is not None:
+                if st.fired_by != env.id:
+                    return "handled"  # recorded; not complete yet
+                break
+            # someone else changed it meanwhile: read again and retry
+        if st.judging:
+            await self._ask_judge(join, st, jid, ctx)
+            return "handled"
+        gathered = self._gathered(join, st, jid)
+        await self.run_completion(join, gathered, ctx, st)
+        await self._finish(key)
+        return "handled"
+
+    async def _finish(self, key: str) -> None:
+        while True:
+            got = await self.state.get(key)
+            if got is None:
+                return
+            st = _decode_state(got[0])
+            st.done = True
+            if await self.state.update(key, _encode(st), got[1]) is not None:
+                return
+
+    async def _ask_judge(self, join: Join[Any], st: JoinState, jid: str, ctx: Context) -> None:
+        assert isinstance(join.resolve, JudgeBy)
+        order = [b for b in st.order if b in st.parts]
+        request = JudgeRequest(
+            join=f"{join.name}/{jid}",
+            candidates=[base64.b64decode(st.parts[b].data).decode("utf-8", "replace") for b in order],
+            agents=[st.parts[b].sender for b in order],
+        )
+        lineage = Lineage(
+            conversation=st.conversation,
+            causation=ctx.message_id,
+            hop=ctx.hop + 1,
+            reply_to=subjects.Address.inbox(st.conversation, self.agent).subject,
+            join=f"{self.agent}.{jid}/judge",
+            depth=st.depth + 1,
+        )
+        address = subjects.Address.inbox(st.conversation, join.resolve.agent)
+        await ctx._client.emit(address, request, lineage, msg_id=ctx.next_id())
+
+    def _gathered(self, join: Join[Any], st: JoinState, jid: str) -> Gathered[Any]:
+        parts = []
+        for b in st.order:
+            rec = st.parts[b]
+            cls = join.types[rec.type]
+            msg = default_codec.decode(base64.b64decode(rec.data), cls, rec.content_type)
+            parts.append(Part(b, st.branches[b], rec.sender, msg, rec.message_id))
+        resolved: Any = None
+        results = [p.message for p in parts]
+        if results:
+            if isinstance(join.resolve, Majority):
+                keys = [join.resolve.key(m) for m in results]
+                top = Counter(keys).most_common(1)[0][1]
+                resolved = next(m for m, k in zip(results, keys, strict=True) if keys.count(k) == top)
+            elif isinstance(join.resolve, Merge):
+                resolved = join.resolve.fn(results)
+            elif isinstance(join.resolve, JudgeBy) and 0 <= st.verdict < len(results):
+                resolved = results[st.verdict]
+            elif join.resolve is None:
+                resolved = results[0]
+        return Gathered(
+            join_id=jid,
+            parts=parts,
+            branches=dict(st.branches),
+            timed_out=st.timed_out,
+            resolved=resolved,
+            verdict=st.verdict_reason,
+            late=list(st.late),
+        )

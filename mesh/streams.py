@@ -1,0 +1,108 @@
+"""What the mesh keeps in JetStream, and with which durability settings.
+
+=====================  ==========================  ==========================================
+name                   holds                       retention
+=====================  ==========================  ==========================================
+``MESH_INBOX``         ``mesh.*.agent.>``          work queue: gone once its agent acks it
+``MESH_EVENTS``        ``mesh.*.evt.>``            ``MESH_EVENT_RETENTION`` (7 days)
+``MESH_DLQ``           ``mesh.*.dlq.>``            14 days
+KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
+KV ``MESH_STATE``      joins, failure histories    7 days
+=====================  ==========================  ==========================================
+
+Each agent has one durable pull consumer on ``MESH_INBOX`` (its inbox) and, if it handles
+events, one on ``MESH_EVENTS`` filtered to their types. Both are named after the agent, so
+every replica shares them and the server balances work across replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from mesh import subjects
+from mesh.settings import Settings
+
+INBOX: Final = "MESH_INBOX"
+EVENTS: Final = "MESH_EVENTS"
+PROCESSED: Final = "MESH_PROCESSED"
+STATE: Final = "MESH_STATE"
+DLQ_MAX_AGE: Final = 14 * 86400.0
+STATE_MAX_AGE: Final = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    max_age: float  # seconds, 0 = forever
+    work_queue: bool = False
+    dedupe_window: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    name: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """A durable pull consumer for one agent on one stream."""
+
+    stream: str
+    name: str
+    filters: list[str] = field(default_factory=list)
+    deliver_new: bool = False  # events: start from now, not from the retained history
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+
+
+def stream_specs(settings: Settings) -> list[StreamSpec]:
+    window = settings.dedupe_window
+    return [
+        StreamSpec(
+            INBOX, [f"{subjects.ROOT}.*.{subjects.AGENT}.*"], 0, work_queue=True, dedupe_window=window
+        ),
+        StreamSpec(
+            EVENTS, [f"{subjects.ROOT}.*.{subjects.EVENT}.>"], settings.event_retention, dedupe_window=window
+        ),
+        StreamSpec(settings.dead_letter_stream, [subjects.dead_letter_pattern()], DLQ_MAX_AGE),
+    ]
+
+
+def bucket_specs(settings: Settings) -> list[BucketSpec]:
+    return [BucketSpec(PROCESSED, settings.processed_ttl), BucketSpec(STATE, STATE_MAX_AGE)]
+
+
+def consumer_specs(agent: str, event_types: list[str], settings: Settings) -> list[ConsumerSpec]:
+    common = {
+        "ack_wait": settings.ack_wait,
+        "max_deliver": settings.max_deliver,
+        "max_ack_pending": settings.max_ack_pending,
+    }
+    specs = [ConsumerSpec(INBOX, agent, [subjects.inbox_pattern(agent)], **common)]  # type: ignore[arg-type]
+    if event_types:
+        specs.append(
+            ConsumerSpec(
+                EVENTS,
+                agent,
+                [subjects.event_pattern(t) for t in sorted(event_types)],
+                deliver_new=True,
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    return specs
+
+
+def processed_key(agent: str, message_id: str) -> str:
+    return f"{agent}.{message_id}"
+
+
+def failures_key(agent: str, message_id: str) -> str:
+    return f"failures.{agent}.{message_id}"
+
+
+def join_key(agent: str, join_id: str) -> str:
+    return f"joins.{agent}.{join_id}"
