@@ -344,7 +344,7 @@ async def test_stored_work_cut_off_by_the_drain_goes_back_to_the_stream(
 ) -> None:
     """Durable deliveries that a stopping replica cannot finish are handed back at once (not
     dead-lettered, not held for MESH_ACK_WAIT): the next replica handles every one."""
-    release = asyncio.Event()
+    release, entered, all_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
     handled: list[int] = []
 
     def build() -> Agent:
@@ -352,24 +352,23 @@ async def test_stored_work_cut_off_by_the_drain_goes_back_to_the_stream(
 
         @slow.handler
         async def on_ping(ping: Ping) -> None:
+            entered.set()
             if not release.is_set():
                 await asyncio.sleep(60)
             handled.append(ping.n)
+            if len(handled) == 3:
+                all_done.set()
 
         return slow
 
     async with running_agent(build(), settings) as first:
         for n in range(3):
             await client.send("handback", Ping(text="q", n=n), conversation="handback")
-        async with asyncio.timeout(5):
-            while first.stats.in_flight == 0:
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(entered.wait(), 5)
         await asyncio.wait_for(first.stop(timeout=0.2), 15)
     release.set()
     async with running_agent(build(), settings) as second:
-        async with asyncio.timeout(4):  # well inside MESH_ACK_WAIT: handed back, not timed out
-            while len(handled) < 3:
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(all_done.wait(), 4)  # inside MESH_ACK_WAIT: handed back, not timed out
         assert sorted(handled) == [0, 1, 2]
         assert second.stats.dead_lettered == 0
 
