@@ -48,6 +48,7 @@ class Lineage:
     join: str = ""  # the fan-out branch an answer along this lineage belongs to
     route: tuple[str, ...] = ()  # agents still to visit after the receiver
     depth: int = 0
+    gathers: tuple[str, ...] = ()  # a join's output: the ids of the answers it gathered
 
 
 ROOT = Lineage()
@@ -227,6 +228,8 @@ class MeshClient:
             headers[h.ROUTE] = ",".join(lineage.route)
         if lineage.depth:
             headers[h.DEPTH] = str(lineage.depth)
+        if lineage.gathers:
+            headers[h.GATHERS] = ",".join(lineage.gathers)
         _propagator.inject(headers)
         return headers
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mesh import subjects
@@ -48,6 +48,7 @@ class Context:
         "_lineage",
         "_sent",
         "agent",
+        "attempt",
         "envelope",
         "gathered",
         "instance",
@@ -67,8 +68,10 @@ class Context:
         *,
         joins: JoinKeeper | None = None,
         answer: Answer | None = None,
+        attempt: int = 1,
     ) -> None:
         self.envelope = envelope
+        self.attempt = attempt  # 1 on the first delivery; more when a stored message is retried
         self.agent = agent
         self.instance = instance
         self.llm = llm
@@ -135,14 +138,7 @@ class Context:
     async def send(self, agent: str, msg: Message, *, durable: bool = True, content_type: str = JSON) -> Sent:
         """Send to another agent; its reply comes back to this agent's inbox."""
         mine = Address.inbox(self.conversation_id, self.agent).subject
-        lineage = Lineage(
-            conversation=self._lineage.conversation,
-            causation=self._lineage.causation,
-            hop=self._lineage.hop,
-            deadline_ms=self._lineage.deadline_ms,
-            reply_to=mine,
-            depth=self._lineage.depth,
-        )
+        lineage = replace(self._lineage, reply_to=mine)
         return await self._emit(_address(self.conversation_id, agent, durable), msg, lineage, content_type)
 
     async def handoff(
@@ -207,16 +203,13 @@ class Context:
 
     def _onward(self, route: tuple[str, ...]) -> Lineage:
         """Lineage for a message that carries the answer obligation on."""
-        return Lineage(
-            conversation=self._lineage.conversation,
-            causation=self._lineage.causation,
-            hop=self._lineage.hop,
-            deadline_ms=self._lineage.deadline_ms,
-            reply_to=self._answer.reply_to,
-            join=self._answer.join,
-            route=route,
-            depth=self._lineage.depth,
-        )
+        return replace(self._lineage, reply_to=self._answer.reply_to, join=self._answer.join, route=route)
+
+    def completing(self, join_name: str, ids: tuple[str, ...], traceparents: tuple[str, ...]) -> None:
+        """Mark this context as the completion of a join that gathered `ids`."""
+        self.join_name = join_name
+        self.gathered = traceparents
+        self._lineage = replace(self._lineage, gathers=ids)
 
     async def _emit(self, address: Address, msg: Message, lineage: Lineage, content_type: str) -> Sent:
         return await self._client.emit(address, msg, lineage, content_type, msg_id=self.next_id())

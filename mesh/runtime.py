@@ -281,7 +281,9 @@ class AgentRuntime:
             stats.redelivered += 1
         try:
             try:
-                env, ctx, message, handler = self._accept(msg, "", f"{meta.stream}-{meta.sequence.stream}")
+                env, ctx, message, handler = self._accept(
+                    msg, "", f"{meta.stream}-{meta.sequence.stream}", delivery_no
+                )
             except DeliveryError as exc:
                 await self._reject(msg, exc.kind, exc.reason)
                 return
@@ -358,7 +360,7 @@ class AgentRuntime:
     # ------------------------------------------------------------ both
 
     def _accept(
-        self, msg: Any, reply: str, fallback_id: str = ""
+        self, msg: Any, reply: str, fallback_id: str = "", attempt: int = 1
     ) -> tuple[Envelope, Context, Message | None, Handler | None]:
         """Check and decode a delivery; DeliveryError says why it cannot be handled.
 
@@ -380,7 +382,16 @@ class AgentRuntime:
             )
         if env.deadline_ms is not None and env.deadline_ms < time.time() * 1000:
             raise DeliveryError("deadline_expired", f"deadline {env.deadline_ms} ms passed before handling")
-        ctx = Context(env, self.client, self.agent.name, self.instance, self.llm, self.log, joins=self._joins)
+        ctx = Context(
+            env,
+            self.client,
+            self.agent.name,
+            self.instance,
+            self.llm,
+            self.log,
+            joins=self._joins,
+            attempt=attempt,
+        )
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
@@ -421,9 +432,14 @@ class AgentRuntime:
             self.log,
             joins=self._joins,
             answer=answer,
+            attempt=ctx.attempt,
         )
-        done.join_name = join.name
-        done.gathered = tuple(st.parts[b].traceparent for b in st.order if st.parts[b].traceparent)
+        parts = [st.parts[b] for b in st.order]
+        done.completing(
+            join.name,
+            tuple(p.message_id for p in parts),
+            tuple(p.traceparent for p in parts if p.traceparent),
+        )
         await self._join_calls[join.name](done, gathered)  # type: ignore[arg-type]
 
     async def _dead_letter(

@@ -76,10 +76,12 @@ class EmbeddedServer:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         tie_to_parent: bool = True,
         sync_always: bool = False,
+        port: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.max_payload = max_payload
         self.sync_always = sync_always
+        self.port = port  # None: a free port
         self.tie_to_parent = tie_to_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self.info: ServerInfo | None = None
@@ -113,7 +115,7 @@ class EmbeddedServer:
             for stale in ports_dir.glob("*.ports"):
                 stale.unlink()
             config = {
-                "listen": "127.0.0.1:-1",
+                "listen": f"127.0.0.1:{self.port or -1}",
                 "http": "127.0.0.1:-1",
                 "server_name": "mesh-embedded",
                 "max_payload": self.max_payload,

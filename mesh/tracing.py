@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh.middleware import Call
@@ -147,11 +147,20 @@ def tracing(call_next: Call) -> Call:
 
     async def call(ctx: Any, msg: Any) -> Any:
         env = ctx.envelope
-        key = (ctx.agent, env.type_name)
-        name = names.get(key) or names.setdefault(key, f"{ctx.agent} process {env.type_name}")
+        links: list[Link] = []
+        if ctx.join_name:  # a join's completion: one span, linked to every answer it gathered
+            name = f"{ctx.agent} join {ctx.join_name}"
+            for tp in ctx.gathered:
+                linked = trace.get_current_span(_propagator.extract({"traceparent": tp})).get_span_context()
+                if linked.is_valid:
+                    links.append(Link(linked))
+        else:
+            key = (ctx.agent, env.type_name)
+            name = names.get(key) or names.setdefault(key, f"{ctx.agent} process {env.type_name}")
         with tracer.start_as_current_span(
             name,
             context=_propagator.extract(env.headers),
+            links=links,
             kind=SpanKind.CONSUMER,
             record_exception=True,
             set_status_on_exception=True,

@@ -6,6 +6,7 @@ import mesh.schemas  # noqa: F401
 import pytest
 from mesh.schemas.support import ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
 from sample_agents.echo import Ping, Pong
+from sample_agents import handoffs as ho
 from sample_agents.relay import Baton, Finished
 
 from mesh.client import MeshClient
@@ -28,6 +29,12 @@ SAMPLES: dict[str, Message] = {
     "test.pong": Pong(text="p", n=1, pid=2, instance="i"),
     "test.baton": Baton(token="t", path=["a"]),
     "test.finished": Finished(token="t", path=["a", "b"]),
+    "test.chain": ho.Chain(conversation="c", marks=["a"], work_ms=1),
+    "test.chain_done": ho.ChainDone(conversation="c", marks=["a", "b"]),
+    "test.task": ho.Task(text="t", workers=2, deadline=1.5),
+    "test.work": ho.Work(text="t", n=1),
+    "test.work_done": ho.WorkDone(text="t", n=1, answer="a", by=1),
+    "test.summary": ho.Summary(text="t", answers=["a"], missing=[], timed_out=False),
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
     "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),

@@ -1,0 +1,161 @@
+"""Parallel and hierarchical handoffs in this process against the real server: policies,
+deadlines, resolution, nesting, routes, and the trace of a join."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sample_agents import handoffs as ho
+
+from mesh import envelope as h
+from mesh.agent import Agent
+from mesh.client import MeshClient
+from mesh.codec import default_codec
+from mesh.errors import RegistrationError
+from mesh.settings import Settings
+from mesh.subjects import Address
+from mesh.testing import Recorder, running_agent
+
+
+@pytest.fixture(autouse=True)
+async def _ledger_url(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    monkeypatch.setenv("MESH_NATS_URL", settings.nats_url or "")
+    yield
+    await ho.close_ledger()
+
+
+@asynccontextmanager
+async def agents(settings: Settings, *members: Agent) -> AsyncIterator[list[Any]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running_agent(a, settings)) for a in members]
+
+
+async def ask(client: MeshClient, agent: str, msg: Any, conv: str, **kw: Any) -> tuple[Recorder, str]:
+    reply_to = Address.reply(conv, "t").subject
+    rec = await Recorder.start(client.transport, reply_to)
+    await client.send(agent, msg, conversation=conv, reply_to=reply_to, **kw)
+    return rec, reply_to
+
+
+def summary(msg: Any) -> ho.Summary:
+    return default_codec.decode(msg.data, ho.Summary)
+
+
+async def test_fan_out_gathers_all_and_majority_resolves(settings: Settings, client: MeshClient) -> None:
+    async with agents(settings, ho.coordinator, ho.worker):
+        rec, _ = await ask(client, "coordinator", ho.Task(text="x", workers=3), "join-all")
+        [msg] = await rec.wait_count(1)
+        s = summary(msg)
+        assert s.answers == ["x!", "x!", "x?"]
+        assert s.missing == [] and not s.timed_out
+        assert s.resolved == "x!"  # two of three agree
+        gathered = msg.headers[h.GATHERS].split(",")
+        assert len(gathered) == 3
+
+
+async def test_quorum_completes_on_enough_answers_and_ignores_the_rest(
+    settings: Settings, client: MeshClient
+) -> None:
+    async with agents(settings, ho.coordinator, ho.worker):
+        rec, _ = await ask(
+            client, "coordinator", ho.Task(text="q", workers=3, policy="quorum", work_ms=100), "join-q"
+        )
+        [msg] = await rec.wait_count(1)
+        s = summary(msg)
+        assert len(s.answers) == 2 and len(s.missing) == 1
+        with pytest.raises(TimeoutError):  # the third answer arrives, and changes nothing
+            await rec.wait_count(2, timeout=1.0)
+
+
+async def test_first_k_answers_are_explicitly_partial(settings: Settings, client: MeshClient) -> None:
+    async with agents(settings, ho.coordinator, ho.worker):
+        rec, _ = await ask(
+            client, "coordinator", ho.Task(text="f", workers=3, policy="first", work_ms=50), "join-f"
+        )
+        s = summary((await rec.wait_count(1))[0])
+        assert s.answers == ["f!"] and s.missing == ["worker", "worker"]
+
+
+async def test_deadline_completes_with_what_arrived_and_says_so(
+    settings: Settings, client: MeshClient
+) -> None:
+    async with agents(settings, ho.coordinator, ho.worker):
+        # worker n takes 0.3 s * (n + 1): by 0.75 s two of three have answered
+        task = ho.Task(text="d", workers=3, work_ms=300, deadline=0.75)
+        rec, _ = await ask(client, "coordinator", task, "join-d")
+        s = summary((await rec.wait_count(1, timeout=10))[0])
+        assert s.timed_out
+        assert sorted(s.answers) == ["d!", "d?"] and s.missing == ["worker"]
+
+
+async def test_a_judge_agent_resolves_disagreement(settings: Settings, client: MeshClient) -> None:
+    async with agents(settings, ho.coordinator, ho.worker, ho.judge_agent):
+        rec, _ = await ask(client, "coordinator", ho.Task(text="j", workers=2, policy="judged"), "join-j")
+        s = summary((await rec.wait_count(1))[0])
+        assert s.answers == ["j!", "j?"]
+        assert s.resolved == "j!" and "statement" in s.verdict
+
+
+async def test_hierarchical_delegation_synthesizes_nested_answers(
+    settings: Settings, client: MeshClient
+) -> None:
+    async with agents(settings, ho.supervisor, ho.lead, ho.worker):
+        tap = await Recorder.start(client.transport, "mesh.join-h.>")
+        rec, _ = await ask(client, "supervisor", ho.Task(text="h"), "join-h")
+        s = summary((await rec.wait_count(1))[0])
+        assert s.text == "synthesis"
+        assert s.answers == ["h/0!", "h/0?", "h/1!", "h/1?"]
+        depths = {m.headers.get(h.DEPTH, "0") for m in tap.messages if m.headers.get(h.TYPE) == "test.work"}
+        assert depths == {"2"}  # supervisor -> lead (1) -> worker (2)
+
+
+async def test_delegation_past_the_depth_limit_is_dead_lettered(
+    settings: Settings, client: MeshClient
+) -> None:
+    shallow = settings.model_copy(update={"max_depth": 1})
+    async with agents(shallow, ho.supervisor, ho.lead, ho.worker):
+        dlq = await Recorder.start(client.transport, "mesh.join-deep.dlq.lead")
+        await client.send("supervisor", ho.Task(text="deep"), conversation="join-deep")
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers[h.DLQ_KIND] == "depth_limit"
+
+
+async def test_a_declared_route_runs_each_stage_in_order(settings: Settings, client: MeshClient) -> None:
+    async with agents(settings, ho.stage_a, ho.stage_b, ho.stage_c):
+        rec, _ = await ask(
+            client, "stage_a", ho.Chain(conversation="r1"), "route-1", route=["stage_b", "stage_c"]
+        )
+        [msg] = await rec.wait_count(1)
+        assert default_codec.decode(msg.data, ho.ChainDone).marks == ["stage_a", "stage_b", "stage_c"]
+        assert msg.headers[h.HOP] == "3"
+
+
+async def test_the_join_span_links_every_answer_it_gathered(
+    settings: Settings, client: MeshClient, spans: InMemorySpanExporter
+) -> None:
+    spans.clear()
+    async with agents(settings, ho.coordinator, ho.worker):
+        rec, _ = await ask(client, "coordinator", ho.Task(text="s", workers=3), "join-span")
+        [msg] = await rec.wait_count(1)
+    [joined] = [s for s in spans.get_finished_spans() if s.name == "coordinator join all"]
+    workers = [s for s in spans.get_finished_spans() if s.name == "worker process test.work"]
+    trace_ids = {s.context.trace_id for s in [joined, *workers]}
+    assert len(trace_ids) == 1  # one conversation, one trace
+    assert len(joined.links) == 3
+    assert {link.context.trace_id for link in joined.links} == trace_ids
+    assert msg.headers[h.TRACEPARENT].split("-")[1] == format(joined.context.trace_id, "032x")
+
+
+def test_joins_are_checked_at_declaration() -> None:
+    a = Agent("decl")
+    a.join("one", ho.WorkDone)
+    with pytest.raises(RegistrationError, match="already has a join"):
+        a.join("one", ho.WorkDone)
+    with pytest.raises(RegistrationError, match="name the message type"):
+        a.join("two")
+    with pytest.raises(RegistrationError, match=r"not a mesh\.Message"):
+        a.join("three", int)  # type: ignore[arg-type]
