@@ -142,11 +142,15 @@ class PullConsumer:
         await self._on_message(msg, self)
 
     async def _watchdog(self) -> None:
-        """Reissue the pull if the server has gone quiet for two heartbeats (lost request)."""
+        """Reissue the pull after a reconnect, or when the server has gone quiet for two
+        heartbeats: either way the server has forgotten the pull requests in flight."""
         loop = asyncio.get_running_loop()
+        reconnects = self._nc.stats["reconnects"]
         while not self._stopping:
-            await asyncio.sleep(self._heartbeat)
-            if loop.time() - self._heard > 2 * self._heartbeat:
+            await asyncio.sleep(min(1.0, self._heartbeat))
+            now = self._nc.stats["reconnects"]
+            if now != reconnects or loop.time() - self._heard > 2 * self._heartbeat:
+                reconnects = now
                 self._outstanding = 0
                 self._heard = loop.time()
             await self._pull()

@@ -296,6 +296,16 @@ class AgentRuntime:
                 stats.duplicates += 1
                 await msg.ack()
                 return
+            if delivery_no > settings.max_deliver:  # earlier deliveries died with their process
+                history = await self._failures.history(env.id)
+                reason = (
+                    f"delivered {delivery_no - 1} times without an acknowledgement: the handler "
+                    f"crashed, hung past MESH_ACK_WAIT or its process was killed each time"
+                )
+                extra = delivery.history_headers(history, delivery_no - 1)
+                if await self._reject(msg, "max_deliveries", reason, extra):
+                    await self._failures.forget(env.id)
+                return
             try:
                 outcome = await asyncio.wait_for(
                     self._run(env, ctx, message, handler), settings.handler_timeout

@@ -79,7 +79,10 @@ def bucket_specs(settings: Settings) -> list[BucketSpec]:
 def consumer_specs(agent: str, event_types: list[str], settings: Settings) -> list[ConsumerSpec]:
     common = {
         "ack_wait": settings.ack_wait,
-        "max_deliver": settings.max_deliver,
+        # one more than allowed: that extra delivery is dead-lettered by the agent without
+        # running the handler, so even a message that kills every process that takes it
+        # ends in the dead letters (the server's own give-up is only an advisory)
+        "max_deliver": settings.max_deliver + 1,
         "max_ack_pending": settings.max_ack_pending,
     }
     specs = [ConsumerSpec(INBOX, agent, [subjects.inbox_pattern(agent)], **common)]  # type: ignore[arg-type]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mesh.schemas  # noqa: F401
 import pytest
 from mesh.schemas.support import ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
-from sample_agents.echo import Ping, Pong
 from sample_agents import handoffs as ho
+from sample_agents.echo import Ping, Pong
 from sample_agents.relay import Baton, Finished
 
 from mesh.client import MeshClient

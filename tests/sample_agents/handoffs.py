@@ -4,8 +4,10 @@ and a judge. Run in-process or as real processes (`mesh run sample_agents.handof
 
 Side effects go to an external "ledger" (a KV bucket standing in for a payment API): each
 is applied with the handler's idempotency key, so a retried handler cannot apply it twice.
-Setting HANDOFF_CRASH=1 makes a process kill itself in the middle of some handlers, after
-the effect and before the acknowledgement: the worst moment for exactly-once.
+HANDOFF_CRASH_EVERY=n makes a process kill itself (SIGKILL) in about one handler in n, on
+the message's first delivery, after its effect and before its answer and acknowledgement:
+the worst moment for exactly-once. HANDOFF_CRASH_COMPLETION=1 does the same in every join
+completion's first attempt.
 """
 
 from __future__ import annotations
@@ -105,11 +107,17 @@ async def close_ledger() -> None:
     _ledger = _ledger_nc = None
 
 
-def _maybe_crash(ctx: Context, salt: str) -> None:
-    """With HANDOFF_CRASH=1: on the first delivery of about one message in eight, die here."""
-    if os.environ.get("HANDOFF_CRASH") != "1" or ctx.attempt > 1:
+def _maybe_crash(ctx: Context, salt: str, always: bool = False) -> None:
+    """Die here on a first delivery, if HANDOFF_CRASH_* says so (see the module docstring);
+    HANDOFF_CRASH_ALWAYS=1: on every delivery."""
+    if os.environ.get("HANDOFF_CRASH_ALWAYS") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if ctx.attempt > 1:
         return
-    if zlib.crc32(f"{salt}/{ctx.message_id}".encode()) % 8 == 0:
+    every = int(os.environ.get("HANDOFF_CRASH_EVERY", "0"))
+    if (always and os.environ.get("HANDOFF_CRASH_COMPLETION") == "1") or (
+        every and zlib.crc32(f"{salt}/{ctx.message_id}".encode()) % every == 0
+    ):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -167,8 +175,8 @@ async def on_task(task: Task, ctx: Context) -> None:
 
 
 async def _summarize(g: Gathered[WorkDone], ctx: Context) -> Summary:
-    _maybe_crash(ctx, "coordinator")
     await apply_effect(ctx, "coordinator")
+    _maybe_crash(ctx, "coordinator", always=True)
     return Summary(
         text=g.results[0].text if g.results else "",
         answers=sorted(w.answer for w in g.results),
@@ -212,8 +220,8 @@ async def on_big_task(task: Task, ctx: Context) -> None:
 
 @leads_join.complete
 async def synthesize(g: Gathered[Summary], ctx: Context) -> Summary:
-    _maybe_crash(ctx, "supervisor")
     await apply_effect(ctx, "supervisor")
+    _maybe_crash(ctx, "supervisor", always=True)
     answers = sorted(a for s in g.results for a in s.answers)
     return Summary(text="synthesis", answers=answers, missing=g.missing, timed_out=g.timed_out)
 
@@ -232,3 +240,15 @@ async def lead_done(g: Gathered[WorkDone], ctx: Context) -> Summary:
         missing=g.missing,
         timed_out=False,
     )
+
+
+# ------------------------------------------------------------------ failure
+
+fragile = Agent("fragile", description="fails on poison, forever")
+
+
+@fragile.handler(events=False)
+async def on_fragile(work: Work, ctx: Context) -> WorkDone:
+    if work.text == "poison":
+        raise RuntimeError(f"poisoned (attempt {ctx.attempt})")
+    return WorkDone(text=work.text, n=work.n, answer="ok", by=os.getpid())
