@@ -67,6 +67,15 @@ def cli() -> None:
     """
 
 
+def _register_groups() -> None:
+    from mesh import dlq
+
+    dlq.register(cli, _settings, _run)
+
+
+_register_groups()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
@@ -179,8 +188,12 @@ def run(spec: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per agent process.")
 @click.option("--wait", default=0.5, show_default=True, help="Seconds to gather answers.")
 def agents(as_json: bool, wait: float) -> None:
-    """List running agents, their replicas and their counters."""
-    from mesh.discovery import discover
+    """List running agents, their replicas, counters and queues.
+
+    PENDING: stored messages not yet handed to a replica; REDELIVERED: messages delivered
+    more than once (retries, crashed handlers), over the agent's inbox and event queues.
+    """
+    from mesh.discovery import backlog, discover
     from mesh.transport import NatsTransport
 
     settings = _settings()
@@ -189,11 +202,12 @@ def agents(as_json: bool, wait: float) -> None:
         transport = await NatsTransport.connect(settings, "mesh-cli")
         try:
             found = await discover(transport, timeout=wait)
+            queues = {name: await backlog(transport, name) for name in {a.name for a in found}}
         finally:
             await transport.close()
         if as_json:
             for a in found:
-                click.echo(json.dumps(a.__dict__))
+                click.echo(json.dumps({**a.__dict__, "queue": queues[a.name]}))
             return
         if not found:
             click.echo("no agents are running (start one with `mesh run module:agent`)")
@@ -202,16 +216,19 @@ def agents(as_json: bool, wait: float) -> None:
         for a in found:
             by_name.setdefault(a.name, []).append(a)
         click.echo(
-            f"{'AGENT':<16}{'REPLICAS':>9}{'HANDLED':>9}{'ERRORS':>8}{'DLQ':>6}{'IN-FLIGHT':>11}  HANDLES"
+            f"{'AGENT':<16}{'REPLICAS':>9}{'HANDLED':>9}{'ERRORS':>8}{'DLQ':>6}{'IN-FLIGHT':>11}"
+            f"{'PENDING':>9}{'REDELIVERED':>13}  HANDLES"
         )
         for name, group in by_name.items():
             total = {
                 k: sum(int(a.stats.get(k, 0)) for a in group)
                 for k in ("handled", "errors", "dead_lettered", "in_flight")
             }
+            q = queues[name]
             click.echo(
                 f"{name:<16}{len(group):>9}{total['handled']:>9}{total['errors']:>8}"
-                f"{total['dead_lettered']:>6}{total['in_flight']:>11}  {', '.join(group[0].handles)}"
+                f"{total['dead_lettered']:>6}{total['in_flight']:>11}{q['pending']:>9}{q['redelivered']:>13}"
+                f"  {', '.join(group[0].handles)}"
             )
 
     _run(go)

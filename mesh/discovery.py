@@ -215,3 +215,20 @@ async def wait_for_agents(transport: Transport, wanted: dict[str, int], *, timeo
             return
         if loop.time() > deadline:
             raise TimeoutError(f"agents not up within {timeout:.0f}s: wanted {wanted}, found {counts}")
+
+
+async def backlog(transport: Transport, agent: str) -> dict[str, int]:
+    """An agent's stored queues, summed over its inbox and events consumers: messages
+    waiting (pending), handed out and not yet acknowledged (unacked), redelivered."""
+    from mesh import streams
+
+    total = {"pending": 0, "unacked": 0, "redelivered": 0}
+    for stream in (streams.INBOX, streams.EVENTS):
+        try:
+            info = await transport.consumer_info(stream, agent)
+        except Exception:
+            continue  # no such consumer (an agent without event handlers)
+        total["pending"] += int(info.num_pending or 0)
+        total["unacked"] += int(info.num_ack_pending or 0)
+        total["redelivered"] += int(info.num_redelivered or 0)
+    return total

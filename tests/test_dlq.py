@@ -1,0 +1,115 @@
+"""`mesh dlq`: listing dead letters and re-driving one to the agent that gave up on it;
+`mesh agents` showing what waits in an agent's queues."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from sample_agents.echo import Ping, Pong
+
+from mesh import Agent, Context
+from mesh import envelope as h
+from mesh.client import MeshClient
+from mesh.discovery import backlog
+from mesh.dlq import list_dead_letters, redrive, redrive_headers
+from mesh.settings import Settings
+from mesh.testing import Recorder, running_agent
+
+healed = False
+moody = Agent("moody", description="fails until healed")
+
+
+@moody.handler
+async def on_ping(ping: Ping, ctx: Context) -> Pong:
+    if not healed:
+        raise RuntimeError("not today")
+    return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_a_dead_letter_is_listed_and_redriven_once_the_cause_is_fixed(
+    settings: Settings, client: MeshClient
+) -> None:
+    global healed
+    healed = False
+    async with running_agent(moody, settings):
+        dlq = await Recorder.start(client.transport, "mesh.dlq-redrive.dlq.moody")
+        sent = await client.send("moody", Ping(text="again", n=9), conversation="dlq-redrive", deadline=60)
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers[h.DLQ_DELIVERIES] == str(settings.max_deliver)
+
+        letters = await list_dead_letters(
+            client.transport,  # type: ignore[arg-type]
+            settings.dead_letter_stream,
+            conversation="dlq-redrive",
+        )
+        [letter] = letters
+        assert (letter.agent, letter.kind, letter.message_id) == ("moody", "handler_error", sent.id)
+        listed = _cli(settings, "dlq", "ls", "--conversation", "dlq-redrive", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["seq"] == letter.seq
+        shown = _cli(settings, "dlq", "show", str(letter.seq))
+        assert "Mesh-Dlq-Reason: on_ping raised RuntimeError: not today" in shown.stdout
+
+        healed = True
+        pongs = await Recorder.start(client.transport, "mesh.dlq-redrive.evt.test.pong")
+        target = await redrive(client.transport, settings.dead_letter_stream, letter.seq)  # type: ignore[arg-type]
+        assert target == "mesh.dlq-redrive.agent.moody"
+        [pong] = await pongs.wait_count(1)
+        assert pong.headers[h.CAUSATION] == sent.id  # the same message, handled now
+        remaining = await list_dead_letters(
+            client.transport,  # type: ignore[arg-type]
+            settings.dead_letter_stream,
+            conversation="dlq-redrive",
+        )
+        assert remaining == []
+
+
+def test_redrive_restores_the_original_headers_with_a_new_dedupe_id() -> None:
+    dead = {
+        h.ID: "m1",
+        h.TYPE: "test.ping",
+        h.DEADLINE: "1",
+        "Mesh-Dlq-Orig-Nats-Msg-Id": "m1",
+        "Mesh-Dlq-Orig-Nats-Expected-Stream": "X",
+        h.DLQ_KIND: "deadline_expired",
+        h.DLQ_REASON: "late",
+    }
+    out = redrive_headers(dead)
+    assert out[h.ID] == "m1" and out[h.TYPE] == "test.ping"
+    assert out["Nats-Expected-Stream"] == "X"
+    assert out[h.NATS_MSG_ID] != "m1"
+    assert h.DEADLINE not in out and not any(k.startswith("Mesh-Dlq-") for k in out)
+
+
+def test_redriving_an_unknown_dead_letter_says_how_to_find_one(settings: Settings) -> None:
+    result = _cli(settings, "dlq", "redrive", "999999")
+    assert result.returncode == 2
+    assert "mesh dlq ls" in result.stderr
+
+
+async def test_agents_shows_what_waits_in_a_stopped_agents_queue(
+    settings: Settings, client: MeshClient
+) -> None:
+    global healed
+    healed = True
+    async with running_agent(moody, settings):
+        pass  # its consumers now exist; nobody is taking from them
+    before = await backlog(client.transport, "moody")
+    for n in range(5):
+        await client.send("moody", Ping(text="queued", n=n), conversation="dlq-backlog")
+    after = await backlog(client.transport, "moody")
+    assert after["pending"] - before["pending"] == 5
+    pongs = await Recorder.start(client.transport, "mesh.dlq-backlog.evt.test.pong")
+    async with running_agent(moody, settings):
+        await pongs.wait_count(5)
