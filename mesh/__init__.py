@@ -7,7 +7,8 @@ from mesh.agent import Agent
 from mesh.client import MeshClient, Sent
 from mesh.codec import JSON, MSGPACK
 from mesh.context import Context
-from mesh.errors import ConfigError, DeliveryError, MeshError
+from mesh.errors import ConfigError, DeliveryError, MeshError, Reject, RequestError
+from mesh.join import Gathered, Join, Part, all_of, first, judge, majority, merge, quorum
 from mesh.llm import LLM
 from mesh.messages import Message, message
 from mesh.middleware import Call, Middleware
@@ -23,12 +24,23 @@ __all__ = [
     "ConfigError",
     "Context",
     "DeliveryError",
+    "Gathered",
+    "Join",
     "MeshClient",
     "MeshError",
     "Message",
     "Middleware",
+    "Part",
+    "Reject",
+    "RequestError",
     "Sent",
     "Settings",
+    "all_of",
+    "first",
+    "judge",
+    "majority",
+    "merge",
     "message",
+    "quorum",
     "serve",
 ]

@@ -45,7 +45,8 @@ class Lineage:
     hop: int = 0
     deadline_ms: int | None = None
     reply_to: str = ""
-    join: str = ""  # the fan-out branch an answer along this lineage belongs to
+    join: str = ""  # the fan-out branch whose answer this work owes (Mesh-Join)
+    answer: str = ""  # the fan-out branch this message answers (Mesh-Answer)
     route: tuple[str, ...] = ()  # agents still to visit after the receiver
     depth: int = 0
     gathers: tuple[str, ...] = ()  # a join's output: the ids of the answers it gathered
@@ -224,6 +225,8 @@ class MeshClient:
             headers[h.CONTENT_TYPE] = content_type
         if lineage.join:
             headers[h.JOIN] = lineage.join
+        if lineage.answer:
+            headers[h.ANSWER] = lineage.answer
         if lineage.route:
             headers[h.ROUTE] = ",".join(lineage.route)
         if lineage.depth:

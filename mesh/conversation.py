@@ -48,6 +48,8 @@ def render_tree(lines: Iterable[TapLine]) -> str:
             f" (+{(t - (parent.sent_ns or parent.seen_ns)) / 1e6:.1f} ms after its cause)" if parent else ""
         )
         flag = f"  DEAD LETTER: {line.dead_letter}" if line.dead_letter else ""
+        if line.gathers:
+            flag += f"  (joins {len(line.gathers)} answers)"
         indent = "   " * depth + "└─ "
         rows.append(
             f"{(t - start) / 1e6:9.1f} ms  {indent}{line.sender} → {line.receiver}  [{line.type}]{step}{flag}"

@@ -1,8 +1,13 @@
 """`mesh demo`: the support desk, live.
 
-Starts (or reuses) the embedded nats-server, starts triage, research and writer as three
-OS processes, taps the mesh, publishes tickets as the helpdesk would, and prints each
-conversation as a causal tree with its trace id, then the trace's spans.
+Starts (or reuses) the embedded nats-server, starts triage, research (two replicas),
+policy and writer as OS processes, taps the mesh, publishes tickets as the helpdesk would,
+and prints each conversation as a causal tree with its trace id, then the trace's spans.
+
+Each ticket shows the three handoffs: triage supervises the case (hierarchical: it
+delegates and synthesizes without waiting in memory), research and policy work on it in
+parallel, research fans out again to one request per knowledge source across its
+replicas, and the writer drafts the reply (sequential).
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ TICKETS = [
 AGENT_SPECS = {
     "triage": "mesh.agents.support.triage:agent",
     "research": "mesh.agents.support.research:agent",
+    "policy": "mesh.agents.support.policy:agent",
     "writer": "mesh.agents.support.writer:agent",
 }
+REPLICAS = {"research": 2}
 
 
 async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str], None] = print) -> int:
@@ -73,12 +80,15 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, spec in AGENT_SPECS.items():
-            procs.append(spawn_agent(spec, url=url, data_dir=settings.data_dir, log=logs / f"{name}.log"))
-            out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {logs / f'{name}.log'})")
+            for i in range(REPLICAS.get(name, 1)):
+                log = logs / f"{name}{i or ''}.log"
+                procs.append(spawn_agent(spec, url=url, data_dir=settings.data_dir, log=log))
+                out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {log})")
         out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
         client = await MeshClient.connect(settings, "helpdesk", url=url)
         try:
-            await wait_for_agents(client.transport, {n: 1 for n in AGENT_SPECS}, timeout=30)
+            wanted = {n: REPLICAS.get(n, 1) for n in AGENT_SPECS}
+            await wait_for_agents(client.transport, wanted, timeout=30)
             out("all agents joined the mesh\n")
             trace_ids = []
             for raw in (TICKETS * (1 + tickets // len(TICKETS)))[:tickets]:
@@ -117,6 +127,8 @@ async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[s
 
     async def on_message(msg: Any) -> None:
         line = observe(msg)
+        if line.type == "mesh.join_timer":
+            return  # a join's deadline timer: bookkeeping, not conversation
         lines.append(line)
         out("  " + format_line(line, subject=False))
         if line.type == "support.reply_drafted":

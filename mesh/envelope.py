@@ -29,7 +29,8 @@ SENT_AT: Final = "Mesh-Sent-At"
 HOP: Final = "Mesh-Hop"
 DEADLINE: Final = "Mesh-Deadline"
 REPLY_TO: Final = "Mesh-Reply-To"
-JOIN: Final = "Mesh-Join"  # <owner agent>.<join id>/<branch>: this answers a fan-out branch
+JOIN: Final = "Mesh-Join"  # <owner>.<join id>/<branch>: the answer to this work belongs to that join
+ANSWER: Final = "Mesh-Answer"  # <owner>.<join id>/<branch>: this message is that branch's answer
 ROUTE: Final = "Mesh-Route"  # agents still to visit, comma-separated (a declared pipeline)
 DEPTH: Final = "Mesh-Depth"  # delegation nesting depth
 GATHERS: Final = "Mesh-Gathers"  # on a join's output: the ids of the messages it gathered
@@ -74,6 +75,7 @@ class Envelope:
     deadline_ms: int | None
     content_type: str
     join: str = ""
+    answer: str = ""
     route: tuple[str, ...] = ()
     depth: int = 0
 
@@ -126,6 +128,7 @@ def open_envelope(
         deadline_ms=_int(h, DEADLINE),
         content_type=_media_type(h.get(CONTENT_TYPE)),
         join=h.get(JOIN, ""),
+        answer=h.get(ANSWER, ""),
         route=tuple(a for a in h.get(ROUTE, "").split(",") if a),
         depth=_int(h, DEPTH) or 0,
     )

@@ -275,7 +275,7 @@ class JoinKeeper:
         self.run_completion: Callable[[Join[Any], Gathered[Any], Context, JoinState], Awaitable[None]]
 
     def owns(self, env: h.Envelope) -> bool:
-        return env.join.startswith(self.agent + ".") or env.type_name == "mesh.join_timer"
+        return env.answer.startswith(self.agent + ".") or env.type_name == "mesh.join_timer"
 
     async def start(
         self, ctx: Context, join: Join[Any], tasks: list[tuple[str, Message]], deadline: float | None
@@ -331,7 +331,7 @@ class JoinKeeper:
                 conversation=base.conversation,
                 causation=base.causation,
                 hop=base.hop,
-                join=f"{self.agent}.{jid}/timer",
+                answer=f"{self.agent}.{jid}/timer",
                 depth=ctx.depth,
             )
             await client.emit(
@@ -344,7 +344,7 @@ class JoinKeeper:
 
     async def receive(self, env: h.Envelope, ctx: Context) -> Outcome | Later:
         """Record an answer or a timer; run the completion if this message completes the join."""
-        jid, _, branch = env.join.partition("/")
+        jid, _, branch = env.answer.partition("/")
         jid = jid[len(self.agent) + 1 :]
         if env.type_name == "mesh.join_timer":
             timer = default_codec.decode(env.data, JoinTimer, env.content_type)

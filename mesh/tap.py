@@ -42,6 +42,7 @@ class TapLine:
     preview: str
     dead_letter: str  # the reason, for dead letters
     body: Any = None  # the whole decoded body, when asked for
+    gathers: tuple[str, ...] = ()  # a join's output: the ids of the answers it gathered
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +73,7 @@ def observe(msg: Any, seen_ns: int | None = None, *, full: bool = False) -> TapL
         size=len(msg.data),
         preview=preview(msg.data, headers.get(h.CONTENT_TYPE, "")),
         body=decode_any(msg.data, headers.get(h.CONTENT_TYPE, "")) if full else None,
+        gathers=tuple(i for i in headers.get(h.GATHERS, "").split(",") if i),
         dead_letter=f"{headers.get(h.DLQ_KIND, '')}: {headers.get(h.DLQ_REASON, '')}"
         if h.DLQ_REASON in headers
         else "",

@@ -1,4 +1,4 @@
-"""Customer-support messages: the demo's ticket flow (triage -> research -> draft)."""
+"""Customer-support messages: the demo's ticket flow (triage -> research + policy -> writer)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class ResearchRequest(Message):
     priority: Priority
     summary: str
     keywords: list[str] = []
+    source: str = ""  # "" asks for every source; research fans out one request per source
 
 
 @message("support.research_findings", version=1)
@@ -39,6 +40,16 @@ class ResearchFindings(Message):
     request: ResearchRequest
     findings: list[str]
     sources: list[str] = []
+    notes: list[str] = []  # policy notes the writer must respect
+
+
+@message("support.policy_note", version=1)
+class PolicyNote(Message):
+    """What the policy agent says applies to a ticket (refund rules, escalation)."""
+
+    ticket_id: str
+    rules: list[str]
+    escalate: bool = False
 
 
 @message("support.reply_drafted", version=1)

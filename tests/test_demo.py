@@ -1,4 +1,5 @@
-"""`mesh demo` end to end: three agent processes, an embedded server, one trace."""
+"""`mesh demo` end to end: five agent processes, an embedded server, one trace per ticket,
+with a sequential, a parallel and a hierarchical handoff in each."""
 
 from __future__ import annotations
 
@@ -30,13 +31,26 @@ def test_demo_runs_the_support_desk_and_prints_the_causal_tree(tmp_path: Path) -
     assert len(trees) == 2
     for who in (
         "helpdesk → evt:support.ticket_opened",
-        "triage → research",
-        "research → writer",
+        "triage → research",  # triage supervises: research and policy in parallel
+        "triage → policy",
+        "research → research",  # research fans out to its replicas, one per source
+        "research → triage",  # the merged findings answer the supervisor's join
+        "policy → triage",
+        "triage → writer",  # the synthesis is handed on
         "writer → evt:support.reply_drafted",
     ):
         assert out.count(who) >= 4, who  # live line + tree line, per ticket
+    assert out.count("(joins 2 answers)") >= 4  # research's join and triage's, per ticket
+    summaries = re.findall(r"trace ([0-9a-f]{32}): (.*)", out)
     for trace_id in trees:
-        assert f"trace {trace_id}: 4 spans from 4 processes (helpdesk, research, triage, writer)" in out
+        assert (
+            trace_id,
+            "9 spans from 5 processes (helpdesk, policy, research, triage, writer)",
+        ) in summaries, (
+            summaries,
+            out[out.find(f"trace {trace_id}:") :][:2000],
+        )
+        assert "research join sources" in out and "triage join case" in out
     assert "reply drafted (billing, high, model offline" in out
     assert "reply drafted (bug, urgent, model offline" in out
     # the server it started is gone, and later commands are told so

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mesh.schemas  # noqa: F401
 import pytest
-from mesh.schemas.support import ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
+from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping, Pong
 from sample_agents.relay import Baton, Finished
@@ -24,6 +24,7 @@ SAMPLES: dict[str, Message] = {
     "support.ticket_opened": _ticket,
     "support.research_request": _request,
     "support.research_findings": ResearchFindings(request=_request, findings=["f"], sources=["kb-1"]),
+    "support.policy_note": PolicyNote(ticket_id="T-1", rules=["r"], escalate=True),
     "support.reply_drafted": ReplyDrafted(ticket_id="T-1", category="billing", priority="high", reply="Hi"),
     "test.ping": Ping(text="p", n=1),
     "test.pong": Pong(text="p", n=1, pid=2, instance="i"),

@@ -1,12 +1,15 @@
-"""Research: look the ticket up in the knowledge base and hand the findings to the writer."""
+"""Research: look a ticket up in every knowledge source, in parallel.
+
+A request without a source is fanned out to one request per source, which any replica
+of research may take; their findings are merged when all answer (or the deadline passes)."""
 
 from __future__ import annotations
 
 from mesh.schemas.support import ResearchFindings, ResearchRequest
 
-from mesh import Agent, Context
+from mesh import Agent, Context, Gathered, merge
 
-agent = Agent("research", description="Finds knowledge-base articles relevant to a ticket")
+agent = Agent("research", description="Finds what the knowledge base and past tickets say about a ticket")
 
 KNOWLEDGE_BASE: dict[str, tuple[str, str]] = {
     "kb-101": ("billing", "Refunds for duplicate charges are issued within 5 business days of the request."),
@@ -22,22 +25,61 @@ KNOWLEDGE_BASE: dict[str, tuple[str, str]] = {
     "kb-901": ("other", "Our support hours are 08:00-20:00 CET on weekdays."),
 }
 
+PAST_TICKETS: dict[str, tuple[str, str]] = {
+    "T-0817": (
+        "billing",
+        "A double charge in February was refunded after the customer sent the invoice number.",
+    ),
+    "T-0902": ("bug", "Monthly exports avoided the error 500 until the customer upgraded to 4.2."),
+    "T-0955": ("account", "The customer was locked out; a password reset fixed it right away."),
+}
 
-def search(category: str, keywords: list[str]) -> list[tuple[str, str]]:
+SOURCES = {"kb": KNOWLEDGE_BASE, "history": PAST_TICKETS}
+
+
+def search(source: str, category: str, keywords: list[str]) -> list[tuple[str, str]]:
     scored = []
-    for doc_id, (doc_category, text) in KNOWLEDGE_BASE.items():
+    for doc_id, (doc_category, text) in SOURCES[source].items():
         score = (2 if doc_category == category else 0) + sum(k in text.lower() for k in keywords)
         if score:
             scored.append((score, doc_id, text))
     scored.sort(key=lambda s: (-s[0], s[1]))
-    return [(doc_id, text) for _, doc_id, text in scored[:3]]
+    return [(doc_id, text) for _, doc_id, text in scored[:2]]
 
 
-@agent.handler
-async def on_request(request: ResearchRequest, ctx: Context) -> None:
-    hits = search(request.category, request.keywords)
-    ctx.log.info("research done", ticket_id=request.ticket.ticket_id, sources=[d for d, _ in hits])
-    await ctx.handoff(
-        "writer",
-        ResearchFindings(request=request, findings=[t for _, t in hits], sources=[d for d, _ in hits]),
+def _merge(found: list[ResearchFindings]) -> ResearchFindings:
+    return ResearchFindings(
+        request=found[0].request,
+        findings=[f for r in found for f in r.findings],
+        sources=[s for r in found for s in r.sources],
+    )
+
+
+by_source = agent.join("sources", ResearchFindings, resolve=merge(_merge))
+
+
+@agent.handler(events=False)
+async def on_request(request: ResearchRequest, ctx: Context) -> ResearchFindings | None:
+    if not request.source:  # one request per source, in parallel, on any replica
+        tasks = [("research", _with_source(request, source)) for source in SOURCES]
+        await ctx.fan_out(by_source, tasks, deadline=10)
+        return None
+    hits = search(request.source, request.category, request.keywords)
+    ctx.log.info("searched", source=request.source, ticket_id=request.ticket.ticket_id, hits=len(hits))
+    return ResearchFindings(request=request, findings=[t for _, t in hits], sources=[d for d, _ in hits])
+
+
+@by_source.complete
+async def all_sources(g: Gathered[ResearchFindings]) -> ResearchFindings | None:
+    return g.resolved  # the merged findings answer the request that was fanned out
+
+
+def _with_source(request: ResearchRequest, source: str) -> ResearchRequest:
+    return ResearchRequest(
+        ticket=request.ticket,
+        category=request.category,
+        priority=request.priority,
+        summary=request.summary,
+        keywords=request.keywords,
+        source=source,
     )

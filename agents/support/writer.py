@@ -12,7 +12,7 @@ agent = Agent("writer", description="Drafts customer replies from research findi
 @agent.handler
 async def on_findings(found: ResearchFindings, ctx: Context) -> ReplyDrafted:
     ticket = found.request.ticket
-    notes = "\n".join(f"- {f}" for f in found.findings) or "- (nothing in the knowledge base)"
+    notes = "\n".join(f"- {f}" for f in [*found.findings, *found.notes]) or "- (nothing found)"
     body = await ctx.llm.complete(
         system="You write short, friendly replies to customer support tickets. Use only the notes given.",
         prompt=f"Customer: {ticket.customer}\nTicket: {ticket.subject}\n{ticket.body}\n\nNotes:\n{notes}",
