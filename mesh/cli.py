@@ -190,8 +190,9 @@ def run(spec: str) -> None:
 def agents(as_json: bool, wait: float) -> None:
     """List running agents, their replicas, counters and queues.
 
-    PENDING: stored messages not yet handed to a replica; REDELIVERED: messages delivered
-    more than once (retries, crashed handlers), over the agent's inbox and event queues.
+    PENDING: stored messages not yet handed to a replica; REDELIVERED: messages out for a
+    second (or later) delivery and not yet acknowledged (retries, crashed handlers). Both
+    count the agent's inbox and event queues.
     """
     from mesh.discovery import backlog, discover
     from mesh.transport import NatsTransport

@@ -85,16 +85,18 @@ class MeshClient:
         content_type: str = JSON,
         reply_to: str = "",
         deadline: float | None = None,
+        msg_id: str | None = None,
     ) -> Sent:
         """Publish `msg` as an event of its type: every agent handling the type gets it.
 
         `deadline` (seconds from now) travels downstream; work past it is dead-lettered.
+        `msg_id`: give the same id when retrying a publish that may have been stored (after
+        a timeout), so the stream drops the second copy.
         """
         conv = _conversation(conversation or lineage.conversation)
         lineage = _with_deadline(lineage, deadline)
-        return await self.emit(
-            Address.event(conv, type_of(type(msg)).name), msg, lineage, content_type, reply_to
-        )
+        address = Address.event(conv, type_of(type(msg)).name)
+        return await self.emit(address, msg, lineage, content_type, reply_to, msg_id=msg_id)
 
     async def send(
         self,
@@ -108,20 +110,22 @@ class MeshClient:
         deadline: float | None = None,
         durable: bool = True,
         route: Sequence[str] = (),
+        msg_id: str | None = None,
     ) -> Sent:
         """Send `msg` to one agent (one replica of it handles it).
 
         Durable sends go to its JetStream inbox: stored before this returns, redelivered
         until handled. ``durable=False`` uses its direct line: core NATS, at most once,
         lower latency. ``route`` names the agents that handle the result after it, in
-        order (a pipeline); the last one's result goes to ``reply_to``.
+        order (a pipeline); the last one's result goes to ``reply_to``. ``msg_id`` as in
+        `publish`.
         """
         conv = _conversation(conversation or lineage.conversation)
         lineage = _with_deadline(lineage, deadline)
         if route:
             lineage = replace(lineage, route=tuple(subjects.agent_name(a) for a in route))
         address = Address.inbox(conv, agent) if durable else Address.direct(conv, agent)
-        return await self.emit(address, msg, lineage, content_type, reply_to)
+        return await self.emit(address, msg, lineage, content_type, reply_to, msg_id=msg_id)
 
     async def request(
         self,

@@ -174,7 +174,8 @@ class Context:
         if not answer.reply_to:
             return await self.publish(msg, content_type=content_type)
         address = Address.event(self.conversation_id, type_of(type(msg)).name)
-        lineage = replace(self._onward(()), join="", answer=answer.join)
+        # an answer owes nothing further: no reply target, no join obligation
+        lineage = replace(self._onward(()), reply_to="", join="", answer=answer.join)
         return await self._client.emit(
             address, msg, lineage, content_type, subject=answer.reply_to, msg_id=self.next_id()
         )

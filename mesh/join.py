@@ -267,11 +267,19 @@ class Later:
 class JoinKeeper:
     """Runs the joins of one agent: starting them, recording answers, firing completions."""
 
-    def __init__(self, agent: str, joins: dict[str, Join[Any]], state: StateStore, max_depth: int) -> None:
+    def __init__(
+        self,
+        agent: str,
+        joins: dict[str, Join[Any]],
+        state: StateStore,
+        max_depth: int,
+        max_deliver: int = 5,
+    ) -> None:
         self.agent = agent
         self.joins = joins
         self.state = state
         self.max_depth = max_depth
+        self.max_deliver = max_deliver
         self.run_completion: Callable[[Join[Any], Gathered[Any], Context, JoinState], Awaitable[None]]
 
     def owns(self, env: h.Envelope) -> bool:
@@ -351,6 +359,10 @@ class JoinKeeper:
             jid, branch = timer.join, "timer"
             wait = timer.due_ms / 1000 - time.time()
             if wait > 0:
+                if ctx.attempt >= max(2, self.max_deliver):
+                    # each wait is a redelivery; before the server's limit, start a fresh timer
+                    await self._rearm(env, ctx, timer)
+                    return "handled"
                 return Later(wait)
         key = join_key(self.agent, jid)
         while True:
@@ -417,6 +429,17 @@ class JoinKeeper:
         await self.run_completion(join, gathered, ctx, st)
         await self._finish(key)
         return "handled"
+
+    async def _rearm(self, env: h.Envelope, ctx: Context, timer: JoinTimer) -> None:
+        lineage = Lineage(
+            conversation=env.conversation,
+            causation=env.causation,
+            hop=env.hop,
+            answer=env.answer,
+            depth=env.depth,
+        )
+        address = subjects.Address.inbox(env.conversation, self.agent)
+        await ctx._client.emit(address, timer, lineage, msg_id=ctx.next_id())
 
     async def _finish(self, key: str) -> None:
         while True:

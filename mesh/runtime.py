@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from mesh import delivery, streams, subjects
+from mesh import envelope as h
 from mesh.agent import Agent, Handler
 from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
@@ -107,7 +108,7 @@ class AgentRuntime:
         processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
         self._processed = processed
         self._failures = Failures(state, name, self.instance)
-        self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth)
+        self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
         for spec in streams.consumer_specs(name, self._event_types(), settings):
             await self.transport.ensure_consumer(spec)
@@ -252,22 +253,22 @@ class AgentRuntime:
         task.add_done_callback(self._tasks.discard)
 
     async def _process_stored(self, msg: Any, consumer: PullConsumer) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        self._working[me] = msg  # kept alive from arrival, also while it waits for a slot
         try:
             async with self._limit:
                 if self._expired:
                     await msg.nak()
                     return
-                self._working[asyncio.current_task()] = msg  # type: ignore[index]
-                try:
-                    await self._handle_stored(msg)
-                finally:
-                    self._working.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+                await self._handle_stored(msg)
         except asyncio.CancelledError:
             if _cancelled_by_stop():
                 with contextlib.suppress(Exception):
                     await msg.nak()  # back to the stream now, not after MESH_ACK_WAIT
             raise
         finally:
+            self._working.pop(me, None)
             consumer.done()
 
     async def _handle_stored(self, msg: Any) -> None:
@@ -279,24 +280,26 @@ class AgentRuntime:
         started = time.perf_counter_ns()
         if delivery_no > 1:
             stats.redelivered += 1
+        fallback_id = f"{meta.stream}-{meta.sequence.stream}"
+        assert self._processed is not None and self._failures is not None
         try:
+            if delivery_no > 1:  # finished before (its ack was lost)? then only acknowledge it
+                msg_id = (msg.headers or {}).get(h.ID) or fallback_id
+                if await self._processed.get(streams.processed_key(self.agent.name, msg_id)) is not None:
+                    stats.duplicates += 1
+                    await msg.ack()
+                    return
             try:
-                env, ctx, message, handler = self._accept(
-                    msg, "", f"{meta.stream}-{meta.sequence.stream}", delivery_no
-                )
+                env, ctx, message, handler = self._accept(msg, "", fallback_id, delivery_no)
             except DeliveryError as exc:
                 await self._reject(msg, exc.kind, exc.reason)
                 return
             except Exception as exc:
                 await self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
-            assert self._processed is not None and self._failures is not None
             mark = streams.processed_key(self.agent.name, env.id)
-            if delivery_no > 1 and await self._processed.get(mark) is not None:
-                stats.duplicates += 1
-                await msg.ack()
-                return
-            if delivery_no > settings.max_deliver:  # earlier deliveries died with their process
+            timer = env.type_name == "mesh.join_timer"  # waits by redelivery: not a failure
+            if delivery_no > settings.max_deliver and not timer:  # earlier ones died with their process
                 history = await self._failures.history(env.id)
                 reason = (
                     f"delivered {delivery_no - 1} times without an acknowledgement: the handler "

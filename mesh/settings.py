@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mesh.errors import ConfigError
 
@@ -94,6 +94,15 @@ class Settings(BaseModel):
         default=86400.0, gt=0, description="Seconds a processed message id is remembered."
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.event_retention < self.dedupe_window:
+            raise ValueError(
+                f"MESH_EVENT_RETENTION ({self.event_retention:g}s) must be at least MESH_DEDUPE_WINDOW "
+                f"({self.dedupe_window:g}s): JetStream cannot remember ids longer than it keeps messages"
+            )
+        return self
+
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Read and validate settings; a `ConfigError` names each bad variable and the fix."""
@@ -120,7 +129,10 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                field = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a rule across settings
+                    problems.append(err["msg"].removeprefix("Value error, "))
+                    continue
+                field = str(err["loc"][0])
                 problems.append(f"{PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
             raise ConfigError("invalid mesh settings: " + "; ".join(problems)) from None
 

@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sample_agents import handoffs as ho
 
+from mesh import Context
 from mesh import envelope as h
 from mesh.agent import Agent
 from mesh.client import MeshClient
@@ -159,3 +160,42 @@ def test_joins_are_checked_at_declaration() -> None:
         a.join("two")
     with pytest.raises(RegistrationError, match=r"not a mesh\.Message"):
         a.join("three", int)  # type: ignore[arg-type]
+
+
+async def test_an_answer_to_a_send_goes_back_once_and_owes_nothing(
+    settings: Settings, client: MeshClient
+) -> None:
+    """asker sends to worker; worker's answer comes to asker's inbox; what asker's handler
+    for the answer returns is published as an event, not sent back to asker itself."""
+    asker = Agent("asker")
+
+    @asker.handler(events=False)
+    async def ask_worker(task: ho.Task, ctx: Context) -> None:
+        await ctx.send("worker", ho.Work(text=task.text, n=0))
+
+    @asker.handler(events=False)
+    async def on_answer(done: ho.WorkDone, ctx: Context) -> ho.Summary:
+        assert h.REPLY_TO not in ctx.envelope.headers
+        return ho.Summary(text=done.text, answers=[done.answer], missing=[], timed_out=False)
+
+    async with agents(settings, asker, ho.worker):
+        events = await Recorder.start(client.transport, "mesh.owe-1.evt.test.summary")
+        dlq = await Recorder.start(client.transport, "mesh.owe-1.dlq.>")
+        await client.send("asker", ho.Task(text="o"), conversation="owe-1")
+        [summary_msg] = await events.wait_count(1)
+        assert summary(summary_msg).answers == ["o!"]
+        assert dlq.messages == []
+
+
+async def test_a_join_timer_held_back_many_times_is_rearmed_not_lost(
+    settings: Settings, client: MeshClient
+) -> None:
+    """Each wait of a deadline timer is a redelivery; with MESH_MAX_DELIVER=2 the timer is
+    re-armed as a fresh message instead of running out of deliveries."""
+    tight = settings.model_copy(update={"max_deliver": 2})
+    async with agents(tight, ho.coordinator, ho.worker) as (coordinator, _):
+        task = ho.Task(text="t", workers=2, work_ms=2000, deadline=1.0)
+        rec, _ = await ask(client, "coordinator", task, "rearm-1")
+        s = summary((await rec.wait_count(1, timeout=15))[0])
+        assert s.timed_out and s.answers == []
+        assert coordinator.stats.dead_lettered == 0

@@ -31,6 +31,7 @@ def test_settings_are_frozen() -> None:
         ({"MESH_CONCURRENCY": "0"}, "MESH_CONCURRENCY='0': Input should be greater than 0"),
         ({"MESH_LOG_LEVEL": "loud"}, "MESH_LOG_LEVEL='loud'"),
         ({"MESH_CONCURENCY": "4"}, "MESH_CONCURENCY (did you mean MESH_CONCURRENCY?)"),
+        ({"MESH_EVENT_RETENTION": "60"}, "MESH_EVENT_RETENTION (60s) must be at least MESH_DEDUPE_WINDOW"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
