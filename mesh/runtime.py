@@ -380,7 +380,16 @@ class AgentRuntime:
             )
         if env.deadline_ms is not None and env.deadline_ms < time.time() * 1000:
             raise DeliveryError("deadline_expired", f"deadline {env.deadline_ms} ms passed before handling")
-        ctx = Context(env, self.client, self.agent.name, self.instance, self.llm, self.log, joins=self._joins)
+        ctx = Context(
+            env,
+            self.client,
+            self.agent.name,
+            self.instance,
+            self.llm,
+            self.log,
+            joins=self._joins,
+            settings=self.settings,
+        )
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
@@ -421,6 +430,7 @@ class AgentRuntime:
             self.log,
             joins=self._joins,
             answer=answer,
+            settings=self.settings,
         )
         done.join_name = join.name
         done.gathered = tuple(st.parts[b].traceparent for b in st.order if st.parts[b].traceparent)
