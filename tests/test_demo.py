@@ -36,7 +36,9 @@ def test_demo_runs_the_support_desk_and_prints_the_causal_tree(tmp_path: Path) -
     ):
         assert out.count(who) >= 4, who  # live line + tree line, per ticket
     for trace_id in trees:
-        assert f"trace {trace_id}: 4 spans from 4 processes (helpdesk, research, triage, writer)" in out
+        assert (
+            f"trace {trace_id}: 8 spans from 5 processes (helpdesk, memory, research, triage, writer)" in out
+        )
     assert "reply drafted (billing, high, model offline" in out
     assert "reply drafted (bug, urgent, model offline" in out
     # the server it started is gone, and later commands are told so

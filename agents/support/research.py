@@ -5,6 +5,7 @@ from __future__ import annotations
 from mesh.schemas.support import ResearchFindings, ResearchRequest
 
 from mesh import Agent, Context
+from mesh.errors import MemoryFault
 
 agent = Agent("research", description="Finds knowledge-base articles relevant to a ticket")
 
@@ -36,8 +37,29 @@ def search(category: str, keywords: list[str]) -> list[tuple[str, str]]:
 @agent.handler
 async def on_request(request: ResearchRequest, ctx: Context) -> None:
     hits = search(request.category, request.keywords)
-    ctx.log.info("research done", ticket_id=request.ticket.ticket_id, sources=[d for d, _ in hits])
-    await ctx.handoff(
-        "writer",
-        ResearchFindings(request=request, findings=[t for _, t in hits], sources=[d for d, _ in hits]),
-    )
+    findings, sources = [t for _, t in hits], [d for d, _ in hits]
+    findings += await _remember_and_recall(request, sources, ctx)
+    if len(findings) > len(hits):
+        sources.append("memory")
+    ctx.log.info("research done", ticket_id=request.ticket.ticket_id, sources=sources)
+    await ctx.handoff("writer", ResearchFindings(request=request, findings=findings, sources=sources))
+
+
+async def _remember_and_recall(request: ResearchRequest, sources: list[str], ctx: Context) -> list[str]:
+    """Recall what earlier tickets of this category were answered with, then remember this
+    one. Without the memory service the research goes on from the knowledge base alone."""
+    ticket = request.ticket
+    try:
+        earlier = await ctx.memory.recall(
+            f"{request.category}: {ticket.subject}", k=3, where={"kind": "episode"}
+        )
+        await ctx.memory.remember(
+            f"Ticket {ticket.ticket_id} ({request.category}) '{ticket.subject}' was answered with "
+            f"{', '.join(sources) or 'no article'}.",
+            kind="episode",
+            meta={"category": request.category, "ticket_id": ticket.ticket_id},
+        )
+    except MemoryFault as exc:
+        ctx.log.warning("memory unavailable; researching without it", error=str(exc))
+        return []
+    return [f"Earlier: {h.text}" for h in earlier if h.meta.get("category") == request.category][:1]

@@ -3,8 +3,8 @@
     mesh run mesh.memory.service:agent
 
 Every request gets its answer type or `MemoryFailed` (a typed error): bad input never
-crashes the service and never leaves a requester waiting. The store opens on the first
-request (from this process's settings); a background task sweeps expired memories and
+crashes the service and never leaves a requester waiting. `mesh run` opens the
+collection at start (from this process's settings); a background task sweeps expired memories and
 lets the embedded engine build its index. With a Qdrant server behind it, run as many
 replicas as you like; the embedded engine is one process per data dir.
 """
@@ -236,19 +236,19 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
     return agent
 
 
-def from_settings(settings: Settings | None = None) -> MemoryService:
-    """A service whose store opens from `settings` (default: this process's environment)."""
-
-    async def open_store() -> MemoryStore:
-        return await MemoryStore.from_settings(settings or Settings.load()).open()
-
-    s = settings or Settings.load()
-    return MemoryService(open_store, budget=s.memory_turn_budget, sweep_every=s.memory_sweep)
-
-
-def _default_agent() -> Agent:
+def __getattr__(name: str) -> Agent:
+    """`mesh run mesh.memory.service:agent`: the service of this process's settings, its
+    collection opened now, so a wrong embedder or an unreachable Qdrant fails at start."""
+    if name != "agent":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     settings = Settings.load()
-    return memory_agent(from_settings(settings), settings.memory_agent)
+    store = MemoryStore.from_settings(settings)
+    store.backend.open(store.spec)
 
+    async def opened() -> MemoryStore:
+        return store
 
-agent = _default_agent()
+    service = MemoryService(opened, budget=settings.memory_turn_budget, sweep_every=settings.memory_sweep)
+    built = memory_agent(service, settings.memory_agent)
+    globals()["agent"] = built
+    return built
