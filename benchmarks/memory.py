@@ -30,6 +30,7 @@ from typing import Any
 
 from mesh.client import MeshClient
 from mesh.discovery import wait_for_agents
+from mesh.errors import MemoryRefused
 from mesh.launch import spawn_agent, stop_process
 from mesh.memory.backend import StoredPoint
 from mesh.memory.client import Memory
@@ -138,11 +139,21 @@ async def run_size(n: int, ops: int, root: Path, server_url: str, seed: int) -> 
             result["mesh_remember"] = percentiles(
                 await timed(ops, lambda i: memory.remember(f"mesh {i} " + queries[i]))
             )
+            # the floor: a full mesh round trip the service refuses before any store work
+            result["mesh_round_trip"] = percentiles(await timed(ops, lambda i: refused(memory)))
     finally:
         stop_process(proc)
     for op in ("recall", "remember"):
         result[f"overhead_{op}_p50_ms"] = result[f"mesh_{op}"]["p50_ms"] - result[f"direct_{op}"]["p50_ms"]
     return result
+
+
+async def refused(memory: Memory) -> None:
+    try:
+        await memory.recall("q", k=0)
+    except MemoryRefused:
+        return
+    raise AssertionError("k=0 was not refused")
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -157,6 +168,11 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{r['memories']:>9}  {op:<9} {d['p50_ms']:>8.2f}ms {d['p99_ms']:>8.2f}ms "
                 f"{m['p50_ms']:>7.2f}ms {m['p99_ms']:>7.2f}ms {r[f'overhead_{op}_p50_ms']:>10.2f}ms"
             )
+        rt = r["mesh_round_trip"]
+        lines.append(
+            f"{r['memories']:>9}  {'refused':<9} {'':>10} {'':>10} "
+            f"{rt['p50_ms']:>7.2f}ms {rt['p99_ms']:>7.2f}ms   (mesh round trip, no store work)"
+        )
     return "\n".join(lines)
 
 

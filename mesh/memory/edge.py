@@ -132,12 +132,6 @@ class EdgeBackend:
         with self._lock:
             self.shard.update(qe.UpdateOperation.overwrite_payload([point_id], payload))
 
-    def retrieve(self, tenant: str, ids: Sequence[str]) -> list[Found]:
-        if not ids:
-            return []
-        records = self.shard.retrieve(list(ids), with_payload=True)
-        return [_found(r) for r in records if (r.payload or {}).get("tenant") == tenant]
-
     def scroll(self, where: Where, limit: int) -> list[Found]:
         records, _ = self.shard.scroll(
             qe.ScrollRequest(limit=limit, filter=_filter(where), with_payload=True)

@@ -150,12 +150,6 @@ class QdrantBackend:
     def set_payload(self, point_id: str, payload: dict[str, Any]) -> None:
         self.client.overwrite_payload(self.collection, payload=payload, points=[point_id], wait=True)
 
-    def retrieve(self, tenant: str, ids: Sequence[str]) -> list[Found]:
-        if not ids:
-            return []
-        records = self.client.retrieve(self.collection, ids=list(ids), with_payload=True)
-        return [_found(r) for r in records if (r.payload or {}).get("tenant") == tenant]
-
     def scroll(self, where: Where, limit: int) -> list[Found]:
         records, _ = self.client.scroll(
             self.collection, scroll_filter=_filter(where), limit=limit, with_payload=True
