@@ -3,6 +3,7 @@ errors, an absent service, working memory and traces."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from mesh.testing import Recorder, running_agent
 def mem_settings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
-            "memory_agent": f"memory-{new_id()[:8].lower()}",
+            "memory_agent": f"memory-{uuid.uuid4().hex[:12]}",  # one service per test
             "memory_tenants": "default,acme",
             "memory_turn_budget": 64,
         }

@@ -247,7 +247,11 @@ async def test_discovery_reports_handles_and_counters(
     for n in range(3):
         await client.send("echo", Ping(text="x", n=n), conversation="disc")
     await pongs.wait_count(3)
-    [echo] = [a for a in await discover(client.transport) if a.name == "echo"]
+    for _ in range(50):  # the counter moves after the ack, a moment after the pong is out
+        [echo] = [a for a in await discover(client.transport) if a.name == "echo"]
+        if echo.stats["handled"] == 3:
+            break
+        await asyncio.sleep(0.05)
     assert echo.handles == ["test.ping@1"]
     assert {e["subject"] for e in echo.endpoints} == {
         "mesh.*.agent.echo",
