@@ -17,7 +17,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from mesh import envelope as h
 from mesh import subjects
 from mesh.codec import JSON, Codec, default_codec
-from mesh.errors import DecodeError, RequestError
+from mesh.errors import DecodeError, RequestError, RequestRefused
 from mesh.messages import Message, type_of
 from mesh.settings import Settings
 from mesh.subjects import Address, conversation_id
@@ -137,10 +137,12 @@ class MeshClient:
         lineage: Lineage = ROOT,
         conversation: str | None = None,
         content_type: str = JSON,
+        errors: tuple[type[Message], ...] = (),
     ) -> R:
         """Ask an agent over its direct line and wait for its typed answer.
 
-        Raises `RequestError` if nobody answers in time or the answer is not a `reply_type`.
+        Raises `RequestError` if nobody answers in time or the answer is not a `reply_type`;
+        `RequestRefused` (carrying the decoded answer) if it is one of the `errors` types.
         """
         conv = _conversation(conversation or lineage.conversation)
         if lineage.deadline_ms is None:
@@ -160,6 +162,14 @@ class MeshClient:
             raise
         got = (answer.headers or {}).get(h.TYPE, "")
         want = type_of(reply_type).name
+        refusal = next((e for e in errors if got and type_of(e).name == got), None)
+        if refusal is not None:
+            ct = (answer.headers or {}).get(h.CONTENT_TYPE) or JSON
+            try:
+                refused = self.codec.decode(answer.data, refusal, ct)
+            except DecodeError as exc:
+                raise RequestError(f"agent {agent!r} answered with an invalid {got}: {exc.reason}") from None
+            raise RequestRefused(agent, refused)
         if got and got != want:
             raise RequestError(f"agent {agent!r} answered with {got}, not {want}")
         try:

@@ -17,6 +17,8 @@ from mesh.tracing import current_trace_id
 if TYPE_CHECKING:
     from mesh.join import Join, JoinKeeper
     from mesh.llm import LLM
+    from mesh.memory.client import Memory
+    from mesh.settings import Settings
 
 R = TypeVar("R", bound=Message)
 
@@ -55,6 +57,7 @@ class Context:
         "join_name",
         "llm",
         "log",
+        "settings",
     )
 
     def __init__(
@@ -69,9 +72,11 @@ class Context:
         joins: JoinKeeper | None = None,
         answer: Answer | None = None,
         attempt: int = 1,
+        settings: Settings | None = None,
     ) -> None:
         self.envelope = envelope
         self.attempt = attempt  # 1 on the first delivery; more when a stored message is retried
+        self.settings = settings  # the process's settings, when run by the mesh runtime
         self.agent = agent
         self.instance = instance
         self.llm = llm
@@ -180,10 +185,28 @@ class Context:
             address, msg, lineage, content_type, subject=answer.reply_to, msg_id=self.next_id()
         )
 
-    async def request(self, agent: str, msg: Message, reply_type: type[R], *, timeout: float = 5.0) -> R:
+    async def request(
+        self,
+        agent: str,
+        msg: Message,
+        reply_type: type[R],
+        *,
+        timeout: float = 5.0,
+        errors: tuple[type[Message], ...] = (),
+    ) -> R:
         """Ask an agent over its direct line and wait for its typed answer (holds this
-        handler while waiting: for long work, prefer `fan_out` or `send`)."""
-        return await self._client.request(agent, msg, reply_type, timeout=timeout, lineage=self._lineage)
+        handler while waiting: for long work, prefer `fan_out` or `send`). An answer of one
+        of the `errors` types raises `RequestRefused`."""
+        return await self._client.request(
+            agent, msg, reply_type, timeout=timeout, lineage=self._lineage, errors=errors
+        )
+
+    @property
+    def memory(self) -> Memory:
+        """The shared semantic memory, through the memory service (docs/memory.md)."""
+        from mesh.memory.client import Memory
+
+        return Memory(self, self.settings)
 
     async def fan_out(
         self,

@@ -49,6 +49,7 @@ TICKETS = [
 ]
 
 AGENT_SPECS = {
+    "memory": "mesh.memory.service:agent",  # shared memory: research remembers and recalls tickets
     "triage": "mesh.agents.support.triage:agent",
     "research": "mesh.agents.support.research:agent",
     "policy": "mesh.agents.support.policy:agent",

@@ -52,3 +52,35 @@ class Reject(DeliveryError):
 
 class RequestError(MeshError):
     """A request over an agent's direct line got no (valid) answer in time."""
+
+
+class RequestRefused(RequestError):
+    """The agent answered a request with one of the error types the requester declared
+    (`request(..., errors=(...))`); `answer` is that typed error message."""
+
+    def __init__(self, agent: str, answer: object) -> None:
+        super().__init__(f"agent {agent!r} answered with {type(answer).__name__}: {answer!r}")
+        self.agent = agent
+        self.answer = answer
+
+
+class MemoryFault(MeshError):
+    """A shared-memory operation failed. `kind` is machine-readable: ``unavailable``,
+    ``oversize``, ``dimension``, ``unknown_tenant``, ``bad_filter``, ``invalid`` or
+    ``internal``."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+class MemoryUnavailable(MemoryFault):
+    """The memory service did not answer in time (down, or none running)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("unavailable", reason)
+
+
+class MemoryRefused(MemoryFault):
+    """The memory service answered with a typed error: bad input it will not store or run."""

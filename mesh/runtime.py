@@ -404,6 +404,7 @@ class AgentRuntime:
             self.log,
             joins=self._joins,
             attempt=attempt,
+            settings=self.settings,
         )
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
@@ -446,6 +447,7 @@ class AgentRuntime:
             joins=self._joins,
             answer=answer,
             attempt=ctx.attempt,
+            settings=self.settings,
         )
         parts = [st.parts[b] for b in st.order]
         done.completing(

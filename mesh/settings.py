@@ -93,6 +93,44 @@ class Settings(BaseModel):
     processed_ttl: float = Field(
         default=86400.0, gt=0, description="Seconds a processed message id is remembered."
     )
+    # shared memory (docs/memory.md): the agent side, then the memory service's side
+    memory_agent: str = Field(default="memory", description="Name of the memory service agent.")
+    memory_tenant: str = Field(
+        default="default", description="Tenant whose memories this process's `ctx.memory` reads and writes."
+    )
+    memory_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds `ctx.memory` waits for the memory service."
+    )
+    memory_tenants: str = Field(
+        default="default", description="Memory service: tenants it serves, comma-separated; '*' for any."
+    )
+    memory_backend: Literal["auto", "edge", "qdrant", "qdrant-local"] = Field(
+        default="auto",
+        description="auto: a Qdrant server when MESH_QDRANT_URL is set, else the embedded engine "
+        "(edge) under <data_dir>/memory; qdrant-local: qdrant-client's local mode under the data dir.",
+    )
+    qdrant_url: str | None = Field(default=None, description="Qdrant server URL for the memory service.")
+    qdrant_api_key: str | None = Field(default=None, description="Qdrant server API key.")
+    qdrant_collection: str = Field(default="mesh_memory", pattern=r"^[A-Za-z0-9_-]+$")
+    qdrant_shards: int = Field(default=1, ge=1, description="Qdrant server: shards of a new collection.")
+    qdrant_replicas: int = Field(default=1, ge=1, description="Qdrant server: replicas of each shard.")
+    qdrant_write_consistency: int = Field(
+        default=1, ge=1, description="Qdrant server: replicas that must ack a write."
+    )
+    memory_embedder: Literal["hash", "minilm"] = Field(
+        default="hash",
+        description="hash: offline, deterministic, no download; minilm: all-MiniLM-L6-v2 from the "
+        "optional `memory-minilm` extra.",
+    )
+    memory_dim: int = Field(default=384, ge=16, le=4096, description="Dimension of the hash embedder.")
+    memory_max_text: int = Field(default=8192, gt=0, description="Longest memory text, in characters.")
+    memory_dedupe: float = Field(
+        default=0.92, gt=0, le=1.0, description="Cosine similarity at or above which a new memory merges."
+    )
+    memory_turn_budget: int = Field(
+        default=1024, ge=64, description="Tokens of working memory kept per conversation before compressing."
+    )
+    memory_sweep: float = Field(default=60.0, gt=0, description="Seconds between sweeps of expired memories.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -4,6 +4,6 @@ Each module groups the types of one domain. Importing `mesh.schemas` registers a
 them, which is what `mesh schema`, `mesh publish` and `mesh tap` rely on.
 """
 
-from mesh.schemas import support
+from mesh.schemas import memory, support
 
-__all__ = ["support"]
+__all__ = ["memory", "support"]

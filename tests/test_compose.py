@@ -366,7 +366,7 @@ def _replace(doc: dict[str, Any], service: str, **values: Any) -> None:
 def test_broken_document_yields_the_matching_problems() -> None:
     doc = load_compose()
     env = doc["services"]["triage"]["environment"]
-    _replace(doc, "triage", environment={**env, "MESH_QDRANT_URL": "http://qdrant:6333"})
+    _replace(doc, "triage", environment={**env, "MESH_QDRANT_ADDRESS": "http://qdrant:6333"})
     _replace(doc, "research", command=["run", "mesh.agents.support.nope:agent"])
     _replace(doc, "writer", depends_on=["nats", "jaeger", "redis"])
 
@@ -374,7 +374,7 @@ def test_broken_document_yields_the_matching_problems() -> None:
 
     assert len(problems) == 3, problems
     research, triage, writer = sorted(problems)
-    assert triage.startswith("triage: unknown mesh setting(s): MESH_QDRANT_URL")
+    assert triage.startswith("triage: unknown mesh setting(s): MESH_QDRANT_ADDRESS")
     assert research.startswith("research: agent spec 'mesh.agents.support.nope:agent' does not load")
     assert writer == "writer: depends_on names undefined service 'redis'"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import memory_samples
 import mesh.schemas  # noqa: F401
 import pytest
 from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
@@ -39,6 +40,7 @@ SAMPLES: dict[str, Message] = {
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
     "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),
+    **{type_of(type(m)).name: m for m in memory_samples.ALL},
 }
 
 

@@ -1,13 +1,15 @@
 """Research: look a ticket up in every knowledge source, in parallel.
 
-A request without a source is fanned out to one request per source, which any replica
-of research may take; their findings are merged when all answer (or the deadline passes)."""
+A request without a source is fanned out to one request per source (the knowledge base,
+past tickets, and the mesh's shared memory), which any replica of research may take; their
+findings are merged when all answer (or the deadline passes)."""
 
 from __future__ import annotations
 
 from mesh.schemas.support import ResearchFindings, ResearchRequest
 
 from mesh import Agent, Context, Gathered, merge
+from mesh.errors import MemoryFault
 
 agent = Agent("research", description="Finds what the knowledge base and past tickets say about a ticket")
 
@@ -35,6 +37,7 @@ PAST_TICKETS: dict[str, tuple[str, str]] = {
 }
 
 SOURCES = {"kb": KNOWLEDGE_BASE, "history": PAST_TICKETS}
+FAN_OUT = [*SOURCES, "memory"]  # the shared semantic memory is the third source
 
 
 def search(source: str, category: str, keywords: list[str]) -> list[tuple[str, str]]:
@@ -61,9 +64,11 @@ by_source = agent.join("sources", ResearchFindings, resolve=merge(_merge))
 @agent.handler(events=False)
 async def on_request(request: ResearchRequest, ctx: Context) -> ResearchFindings | None:
     if not request.source:  # one request per source, in parallel, on any replica
-        tasks = [("research", _with_source(request, source)) for source in SOURCES]
+        tasks = [("research", _with_source(request, source)) for source in FAN_OUT]
         await ctx.fan_out(by_source, tasks, deadline=10)
         return None
+    if request.source == "memory":
+        return await _remember_and_recall(request, ctx)
     hits = search(request.source, request.category, request.keywords)
     ctx.log.info("searched", source=request.source, ticket_id=request.ticket.ticket_id, hits=len(hits))
     return ResearchFindings(request=request, findings=[t for _, t in hits], sources=[d for d, _ in hits])
@@ -82,4 +87,26 @@ def _with_source(request: ResearchRequest, source: str) -> ResearchRequest:
         summary=request.summary,
         keywords=request.keywords,
         source=source,
+    )
+
+
+async def _remember_and_recall(request: ResearchRequest, ctx: Context) -> ResearchFindings:
+    """Recall how earlier tickets of this category went, then remember this one. Without
+    the memory service this source finds nothing and the others carry the research."""
+    ticket = request.ticket
+    try:
+        earlier = await ctx.memory.recall(
+            f"{request.category}: {ticket.subject}", k=3, where={"kind": "episode"}
+        )
+        await ctx.memory.remember(
+            f"Ticket {ticket.ticket_id} ({request.category}) '{ticket.subject}': {request.summary}",
+            kind="episode",
+            meta={"category": request.category, "ticket_id": ticket.ticket_id},
+        )
+    except MemoryFault as exc:
+        ctx.log.warning("memory unavailable; researching without it", error=str(exc))
+        return ResearchFindings(request=request, findings=[], sources=[])
+    same = [h for h in earlier if h.meta.get("category") == request.category][:1]
+    return ResearchFindings(
+        request=request, findings=[f"Earlier: {h.text}" for h in same], sources=["memory"] if same else []
     )

@@ -1,0 +1,135 @@
+"""`ctx.memory`: the handler's view of shared memory, over the memory service's direct line.
+
+    hits = await ctx.memory.recall("refund policy for duplicate charges", k=3)
+    await ctx.memory.remember("Ada prefers email", kind="entity")
+    await ctx.memory.forget(where={"conversation": ctx.conversation_id})
+
+Each call is one typed request/reply. If the service does not answer within
+MESH_MEMORY_TIMEOUT it raises `MemoryUnavailable`; bad input raises `MemoryRefused` with
+the service's reason. Catch `MemoryFault` to carry on without memory, or let it raise to
+have the message retried and then dead-lettered like any failing handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+from mesh.errors import MemoryRefused, MemoryUnavailable, RequestError, RequestRefused
+from mesh.messages import Message
+from mesh.settings import Settings
+
+R = TypeVar("R", bound=Message)
+
+
+class Requester(Protocol):
+    """What `Memory` needs: `Context.request` (or a function with its signature)."""
+
+    async def request(
+        self,
+        agent: str,
+        msg: Message,
+        reply_type: type[R],
+        *,
+        timeout: float = ...,
+        errors: tuple[type[Message], ...] = ...,
+    ) -> R: ...
+
+
+class Memory:
+    """Remember, recall and forget in the tenant of this process (MESH_MEMORY_TENANT)."""
+
+    def __init__(self, requester: Requester, settings: Settings | None = None, *, tenant: str | None = None):
+        s = settings or _defaults()
+        self._requester = requester
+        self.agent = s.memory_agent
+        self.timeout = s.memory_timeout
+        self.tenant = tenant or s.memory_tenant
+
+    async def _ask(self, msg: Message, reply_type: type[R], timeout: float | None) -> R:
+        from mesh.schemas.memory import MemoryFailed
+
+        wait = timeout or self.timeout
+        try:
+            return await self._requester.request(
+                self.agent, msg, reply_type, timeout=wait, errors=(MemoryFailed,)
+            )
+        except RequestRefused as exc:
+            failed: Any = exc.answer
+            raise MemoryRefused(failed.kind, failed.reason) from None
+        except RequestError as exc:
+            raise MemoryUnavailable(f"memory service {self.agent!r}: {exc}") from None
+
+    async def remember(
+        self,
+        text: str,
+        *,
+        kind: str = "fact",
+        namespace: str = "default",
+        ttl: float | None = None,
+        meta: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Store `text`; returns `Remembered` (its id, and whether it merged into a near-duplicate)."""
+        from mesh.schemas.memory import Remember, Remembered
+
+        msg = Remember(
+            text=text, kind=kind, tenant=self.tenant, namespace=namespace, ttl=ttl, meta=dict(meta or {})
+        )
+        return await self._ask(msg, Remembered, timeout)
+
+    async def recall(
+        self,
+        query: str,
+        *,
+        k: int = 5,
+        namespace: str = "default",
+        where: Mapping[str, Any] | None = None,
+        mode: str = "hybrid",
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """The `k` memories nearest to `query` (`MemoryHit`s, best first, with provenance)."""
+        from mesh.schemas.memory import Recall, Recalled
+
+        msg = Recall(
+            query=query, k=k, tenant=self.tenant, namespace=namespace, where=dict(where or {}), mode=mode
+        )
+        answer: Any = await self._ask(msg, Recalled, timeout)
+        return list(answer.hits)
+
+    async def forget(
+        self,
+        *,
+        ids: Sequence[str] = (),
+        where: Mapping[str, Any] | None = None,
+        namespace: str = "default",
+        timeout: float | None = None,
+    ) -> int:
+        """Delete memories by id and/or filter; how many were deleted."""
+        from mesh.schemas.memory import Forget, Forgotten
+
+        msg = Forget(tenant=self.tenant, namespace=namespace, ids=list(ids), where=dict(where or {}))
+        answer: Any = await self._ask(msg, Forgotten, timeout)
+        return int(answer.count)
+
+    async def add_turn(self, role: str, text: str, *, timeout: float | None = None) -> Any:
+        """Append a turn to this conversation's working memory; returns its `History`."""
+        from mesh.schemas.memory import AddTurn, History
+
+        return await self._ask(AddTurn(role=role, text=text, tenant=self.tenant), History, timeout)
+
+    async def history(self, *, timeout: float | None = None) -> Any:
+        """This conversation's working memory: summary of older turns, then recent turns."""
+        from mesh.schemas.memory import GetHistory, History
+
+        return await self._ask(GetHistory(tenant=self.tenant), History, timeout)
+
+
+_DEFAULTS: Settings | None = None
+
+
+def _defaults() -> Settings:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = Settings.load(environ={})
+    return _DEFAULTS

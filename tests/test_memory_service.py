@@ -1,0 +1,169 @@
+"""The memory service on a real nats-server: typed request/reply, `ctx.memory`, typed
+errors, an absent service, working memory and traces."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from mesh.schemas.memory import MemoryFailed, Recall, Recalled, Remember, Remembered
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sample_agents.memo import Note, Noted
+
+from mesh.client import MeshClient
+from mesh.codec import default_codec
+from mesh.envelope import new_id
+from mesh.errors import MemoryRefused, MemoryUnavailable
+from mesh.memory.client import Memory
+from mesh.memory.service import MemoryService, memory_agent
+from mesh.memory.store import MemoryStore
+from mesh.settings import Settings
+from mesh.testing import Recorder, running_agent
+
+
+@pytest.fixture
+def mem_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "memory_agent": f"memory-{uuid.uuid4().hex[:12]}",  # one service per test
+            "memory_tenants": "default,acme",
+            "memory_turn_budget": 64,
+        }
+    )
+
+
+@pytest.fixture
+async def service(mem_settings: Settings) -> AsyncIterator[MemoryService]:
+    async def open_store() -> MemoryStore:
+        return await MemoryStore.from_settings(mem_settings).open()
+
+    svc = MemoryService(open_store, budget=mem_settings.memory_turn_budget)
+    async with running_agent(memory_agent(svc, mem_settings.memory_agent), mem_settings):
+        yield svc
+    await svc.close()
+
+
+@pytest.fixture
+def memory(client: MeshClient, mem_settings: Settings, service: MemoryService) -> Memory:
+    return Memory(client, mem_settings)
+
+
+async def test_remember_and_recall_through_the_mesh(memory: Memory) -> None:
+    done = await memory.remember("Invoice INV-4471 was paid on March 3.", meta={"source": "erp"})
+    assert not done.merged
+    again = await memory.remember("Invoice INV-4471 was paid on March 3!")
+    assert (again.id, again.merged, again.seen) == (done.id, True, 2)
+    [top] = await memory.recall("INV-4471", k=1)
+    assert (top.id, top.text, top.kind, top.seen, top.meta) == (
+        done.id,
+        "Invoice INV-4471 was paid on March 3.",
+        "fact",
+        2,
+        {"source": "erp"},
+    )
+    assert top.provenance.agent == "test-client"
+    assert await memory.forget(ids=[done.id]) == 1
+    assert await memory.recall("INV-4471", k=1) == []
+
+
+async def test_bad_input_gets_a_typed_error_reply_and_the_service_carries_on(
+    memory: Memory, client: MeshClient, mem_settings: Settings
+) -> None:
+    cases: list[tuple[Any, str]] = [
+        (memory.remember("x" * (mem_settings.memory_max_text + 1)), "oversize"),
+        (memory.recall("q", where={"colour": "red"}), "bad_filter"),
+        (memory.recall("q", where={"after": [1]}), "bad_filter"),
+        (Memory(client, mem_settings, tenant="umbrella").recall("q"), "unknown_tenant"),
+        (memory.recall("q", k=1000), "invalid"),
+    ]
+    for call, kind in cases:
+        with pytest.raises(MemoryRefused) as caught:
+            await call
+        assert caught.value.kind == kind, caught.value.reason
+    # a wrong vector dimension, sent as a raw typed request
+    with pytest.raises(Exception) as raw:
+        await client.request(
+            mem_settings.memory_agent,
+            Remember(text="v", vector=[0.5, 0.5]),
+            Remembered,
+            errors=(MemoryFailed,),
+        )
+    assert raw.value.answer == MemoryFailed(kind="dimension", reason=raw.value.answer.reason)  # type: ignore[attr-defined]
+    assert "2 dimensions" in raw.value.answer.reason  # type: ignore[attr-defined]
+    answer = await client.request(mem_settings.memory_agent, Recall(query="anything"), Recalled)
+    assert answer.mode == "hybrid"
+
+
+async def test_an_absent_memory_service_is_a_timely_error(client: MeshClient, settings: Settings) -> None:
+    nobody = Memory(
+        client, settings.model_copy(update={"memory_agent": "memory-nobody", "memory_timeout": 0.5})
+    )
+    with pytest.raises(MemoryUnavailable, match="memory-nobody"):
+        await nobody.recall("anything")
+    with pytest.raises(MemoryUnavailable):
+        await nobody.remember("anything")
+
+
+async def test_agents_use_ctx_memory_with_provenance_and_carry_on_when_it_is_down(
+    mem_settings: Settings, service: MemoryService, client: MeshClient, spans: InMemorySpanExporter
+) -> None:
+    from sample_agents.memo import agent as memo
+
+    conv = new_id()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.evt.memtest.noted")
+    async with running_agent(memo, mem_settings):
+        first = await client.send("memo", Note(text="Ada prefers phone calls."), conversation=conv)
+        await client.send(
+            "memo",
+            Note(text="Grace runs the navy team.", recall="who prefers phone calls"),
+            conversation=conv,
+        )
+        msgs = await rec.wait_count(2)
+    noted = {n.text: n for n in (default_codec.decode(m.data, Noted) for m in msgs)}
+    answer = noted["Grace runs the navy team."]
+    assert answer.error == "" and answer.recalled[0] == "Ada prefers phone calls."
+    agent_name, message_id, trace_id = answer.sources[0].split("/")
+    assert (agent_name, message_id) == ("memo", first.id)  # the write is traced to the note that caused it
+    handler_spans = [s for s in spans.get_finished_spans() if s.name == "memo process memtest.note"]
+    assert trace_id in {f"{s.context.trace_id:032x}" for s in handler_spans}
+    memory_spans = [s for s in spans.get_finished_spans() if s.name == "memory remember"]
+    assert any(f"{s.context.trace_id:032x}" == trace_id for s in memory_spans)  # one trace across the hop
+
+    # the memory service is gone: the handler gets a timely error and carries on
+    down = mem_settings.model_copy(update={"memory_agent": "memory-gone", "memory_timeout": 0.5})
+    rec2 = await Recorder.start(client.transport, f"mesh.{conv}.evt.memtest.noted")
+    async with running_agent(memo, down):
+        await client.send("memo", Note(text="no memory now"), conversation=conv)
+        [msg] = await rec2.wait_count(1)
+    assert default_codec.decode(msg.data, Noted).error == "unavailable"
+
+
+async def test_working_memory_compresses_older_turns_into_a_summary(
+    client: MeshClient, mem_settings: Settings, service: MemoryService
+) -> None:
+    conv = new_id()
+
+    class InConversation:
+        async def request(self, agent: str, msg: Any, reply_type: Any, **kw: Any) -> Any:
+            return await client.request(agent, msg, reply_type, conversation=conv, **kw)
+
+    memory = Memory(InConversation(), mem_settings)
+    turns = [
+        f"turn {i}: the customer asks about order ORD-{1000 + i} and its delivery date" for i in range(12)
+    ]
+    for i, text in enumerate(turns):
+        history = await memory.add_turn("user" if i % 2 == 0 else "agent", text)
+        assert history.tokens <= mem_settings.memory_turn_budget + 64 // 2
+    assert history.compressed > 0 and history.summary
+    assert [t.text for t in history.turns] == turns[history.compressed :]
+    assert "ORD-1000" in history.summary  # the offline model keeps the oldest folded turn
+    again = await memory.history()
+    assert (again.summary, again.compressed, [t.text for t in again.turns]) == (
+        history.summary,
+        history.compressed,
+        [t.text for t in history.turns],
+    )
+    # working memory is not in the tenant's recall results
+    assert await memory.recall("ORD-1000 delivery date") == []
