@@ -181,6 +181,9 @@ def run(spec: str) -> None:
     try:
         _run(lambda: serve(agent, settings, instance=instance))
     finally:
+        # the drain is over: a late signal must not cut the span export short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         shutdown_tracing()
 
 

@@ -101,7 +101,9 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
         for p in procs:
             p.terminate()  # all at once: they drain in parallel
         for p in procs:
-            stop_process(p)
+            code = stop_process(p, terminate=False)
+            if code != 0:
+                out(f"agent process {p.pid} exited with {code}; see its log under {logs}")
         if owned is not None:
             owned.stop()
             srv.clear_state(settings)

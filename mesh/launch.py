@@ -31,9 +31,10 @@ def spawn_agent(
         )
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM, wait for a graceful exit, SIGKILL if it does not come; the exit code."""
-    if proc.poll() is None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0, *, terminate: bool = True) -> int:
+    """SIGTERM (unless already sent: ``terminate=False``), wait for a graceful exit, SIGKILL
+    if it does not come; the exit code. A second SIGTERM would cut a drain short."""
+    if terminate and proc.poll() is None:
         proc.terminate()
         try:
             return proc.wait(timeout)

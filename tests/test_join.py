@@ -121,8 +121,8 @@ async def test_delegation_past_the_depth_limit_is_dead_lettered(
     async with agents(shallow, ho.supervisor, ho.lead, ho.worker):
         dlq = await Recorder.start(client.transport, "mesh.join-deep.dlq.lead")
         await client.send("supervisor", ho.Task(text="deep"), conversation="join-deep")
-        [dead] = await dlq.wait_count(1)
-        assert dead.headers[h.DLQ_KIND] == "depth_limit"
+        dead = await dlq.wait_count(2)  # both leads would go one level too deep
+        assert [d.headers[h.DLQ_KIND] for d in dead] == ["depth_limit", "depth_limit"]
 
 
 async def test_a_declared_route_runs_each_stage_in_order(settings: Settings, client: MeshClient) -> None:

@@ -51,6 +51,7 @@ def search(source: str, category: str, keywords: list[str]) -> list[tuple[str, s
 
 
 def _merge(found: list[ResearchFindings]) -> ResearchFindings:
+    found = sorted(found, key=lambda r: FAN_OUT.index(r.request.source))  # not arrival order
     return ResearchFindings(
         request=found[0].request,
         findings=[f for r in found for f in r.findings],
