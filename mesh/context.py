@@ -15,7 +15,8 @@ from mesh.subjects import Address
 from mesh.tracing import current_trace_id
 
 if TYPE_CHECKING:
-    from mesh.join import Join, JoinKeeper
+    from mesh.fanin import JoinKeeper
+    from mesh.join import Join
     from mesh.llm import LLM
     from mesh.memory.client import Memory
     from mesh.settings import Settings

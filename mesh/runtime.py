@@ -23,11 +23,13 @@ from mesh.delivery import Failures
 from mesh.discovery import Endpoint, ServiceResponder, Stats
 from mesh.envelope import Envelope, new_id, open_envelope
 from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
-from mesh.join import Gathered, Join, JoinKeeper, JoinState, Later, Outcome
+from mesh.fanin import JoinKeeper, JoinState, Later, Outcome
+from mesh.invoke import handler_call, join_call
+from mesh.join import Gathered, Join
 from mesh.llm import LLM, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
-from mesh.middleware import Call, chain
+from mesh.middleware import chain
 from mesh.settings import Settings
 from mesh.tracing import tracing
 from mesh.transport import StateStore, Subscription, Transport
@@ -79,8 +81,8 @@ class AgentRuntime:
         self._consumers: list[PullConsumer] = []
         self._working: dict[asyncio.Task[Any], Any] = {}  # stored deliveries being handled
         middleware = [tracing, log_context, *agent.middleware]
-        self._calls = {id(h): chain(_invoker(h), middleware) for h in agent.handlers}
-        self._join_calls = {name: chain(_join_invoker(j), middleware) for name, j in agent.joins.items()}
+        self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
+        self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
         self._joins: JoinKeeper | None = None
         self._processed: StateStore | None = None
@@ -477,38 +479,3 @@ def _name(handler: Handler | None) -> str:
 async def _quietly(aw: Awaitable[Any]) -> None:
     with contextlib.suppress(Exception):
         await aw
-
-
-def _join_invoker(join: Join[Any]) -> Call:
-    fn, with_ctx = join.handler, join.takes_context
-    assert fn is not None
-
-    async def invoke(ctx: Context, gathered: Any) -> Message | None:
-        result: object = await (fn(gathered, ctx) if with_ctx else fn(gathered))
-        if isinstance(result, Message):
-            await ctx.reply(result)
-        elif result is not None:
-            raise TypeError(
-                f"join {join.name} returned {type(result).__name__}; return a mesh.Message or None"
-            )
-        return None
-
-    return invoke
-
-
-def _invoker(handler: Handler) -> Call:
-    """The innermost call: run the handler and send what it returns as the reply."""
-    fn, with_ctx = handler.fn, handler.takes_context
-
-    async def invoke(ctx: Context, message: Message) -> Message | None:
-        result: object = await (fn(message, ctx) if with_ctx else fn(message))
-        if isinstance(result, Message):
-            await ctx.reply(result)
-        elif result is not None:
-            raise TypeError(
-                f"handler {handler.name} returned {type(result).__name__}; return a mesh.Message "
-                f"(sent as the reply) or None"
-            )
-        return None
-
-    return invoke
