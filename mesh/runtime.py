@@ -397,17 +397,7 @@ class AgentRuntime:
             )
         if env.deadline_ms is not None and env.deadline_ms < time.time() * 1000:
             raise DeliveryError("deadline_expired", f"deadline {env.deadline_ms} ms passed before handling")
-        ctx = Context(
-            env,
-            self.client,
-            self.agent.name,
-            self.instance,
-            self.llm,
-            self.log,
-            joins=self._joins,
-            attempt=attempt,
-            settings=self.settings,
-        )
+        ctx = self._context(env, attempt)
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
@@ -419,6 +409,20 @@ class AgentRuntime:
             )
         message = self.codec.decode(msg.data, handler.mtype.cls, env.content_type)
         return env, ctx, message, handler
+
+    def _context(self, env: Envelope, attempt: int, answer: Answer | None = None) -> Context:
+        return Context(
+            env,
+            self.client,
+            self.agent.name,
+            self.instance,
+            self.llm,
+            self.log,
+            joins=self._joins,
+            answer=answer,
+            attempt=attempt,
+            settings=self.settings,
+        )
 
     async def _run(
         self, env: Envelope, ctx: Context, message: Message | None, handler: Handler | None
@@ -439,18 +443,7 @@ class AgentRuntime:
             depth=st.depth,
             deadline_ms=st.origin_deadline_ms,
         )
-        done = Context(
-            ctx.envelope,
-            self.client,
-            self.agent.name,
-            self.instance,
-            self.llm,
-            self.log,
-            joins=self._joins,
-            answer=answer,
-            attempt=ctx.attempt,
-            settings=self.settings,
-        )
+        done = self._context(ctx.envelope, ctx.attempt, answer)
         parts = [st.parts[b] for b in st.order]
         done.completing(
             join.name,
