@@ -205,7 +205,7 @@ class MeshClient:
         else:
             parsed = subjects.parse(subject)
             kind = parsed.kind if parsed is not None else subjects.REPLY
-        if kind in (subjects.AGENT, subjects.EVENT):
+        if kind in (subjects.AGENT, subjects.EVENT, subjects.TIMER):
             await self.transport.store(target, data, headers)
         else:
             await self.transport.publish(target, data, headers)

@@ -109,7 +109,7 @@ class JoinKeeper:
         self.run_completion: Callable[[Join[Any], Gathered[Any], Context, JoinState], Awaitable[None]]
 
     def owns(self, env: h.Envelope) -> bool:
-        return env.answer.startswith(self.agent + ".") or env.type_name == "mesh.join_timer"
+        return env.answer.startswith(self.agent + ".") or env.address.kind == subjects.TIMER
 
     async def start(
         self, ctx: Context, join: Join[Any], tasks: list[tuple[str, Message]], deadline: float | None
@@ -169,7 +169,7 @@ class JoinKeeper:
                 depth=ctx.depth,
             )
             await client.emit(
-                subjects.Address.inbox(ctx.conversation_id, self.agent),
+                subjects.Address.timer(ctx.conversation_id, self.agent),
                 JoinTimer(join=jid, due_ms=due),
                 timer,
                 msg_id=ctx.next_id(),
@@ -264,7 +264,7 @@ class JoinKeeper:
             answer=env.answer,
             depth=env.depth,
         )
-        address = subjects.Address.inbox(env.conversation, self.agent)
+        address = subjects.Address.timer(env.conversation, self.agent)
         await ctx._client.emit(address, timer, lineage, msg_id=ctx.next_id())
 
     async def _finish(self, key: str) -> None:

@@ -112,7 +112,8 @@ class AgentRuntime:
         self._failures = Failures(state, name, self.instance)
         self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
-        for spec in streams.consumer_specs(name, self._event_types(), settings):
+        specs = streams.consumer_specs(name, self._event_types(), settings, timers=bool(self.agent.joins))
+        for spec in specs:
             await self.transport.ensure_consumer(spec)
             self._subs.append(
                 await self.transport.subscribe(

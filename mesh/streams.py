@@ -5,13 +5,16 @@ name                   holds                       retention
 =====================  ==========================  ==========================================
 ``MESH_INBOX``         ``mesh.*.agent.>``          work queue: gone once its agent acks it
 ``MESH_EVENTS``        ``mesh.*.evt.>``            ``MESH_EVENT_RETENTION`` (7 days)
+``MESH_TIMERS``        ``mesh.*.timer.*``          work queue: a join's deadline, until it fires
 ``MESH_DLQ``           ``mesh.*.dlq.>``            14 days
 KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
 KV ``MESH_STATE``      joins, failure histories    7 days
 =====================  ==========================  ==========================================
 
-Each agent has one durable pull consumer on ``MESH_INBOX`` (its inbox) and, if it handles
-events, one on ``MESH_EVENTS`` filtered to their types. Both are named after the agent, so
+Each agent has one durable pull consumer on ``MESH_INBOX`` (its inbox), one on
+``MESH_EVENTS`` filtered to the types it handles (if any) and one on ``MESH_TIMERS`` (if
+it declares joins). Timers wait by redelivery, so they have a queue of their own: open
+fan-outs never take unacknowledged slots from the agent's inbox. Both are named after the agent, so
 every replica shares them and the server balances work across replicas.
 """
 
@@ -25,6 +28,8 @@ from mesh.settings import Settings
 
 INBOX: Final = "MESH_INBOX"
 EVENTS: Final = "MESH_EVENTS"
+TIMERS: Final = "MESH_TIMERS"
+MAX_OPEN_TIMERS: Final = 100_000  # a timer's consumer: deadlines waiting at once, per agent
 PROCESSED: Final = "MESH_PROCESSED"
 STATE: Final = "MESH_STATE"
 DLQ_MAX_AGE: Final = 14 * 86400.0
@@ -68,6 +73,9 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
         StreamSpec(
             EVENTS, [f"{subjects.ROOT}.*.{subjects.EVENT}.>"], settings.event_retention, dedupe_window=window
         ),
+        StreamSpec(
+            TIMERS, [f"{subjects.ROOT}.*.{subjects.TIMER}.*"], 0, work_queue=True, dedupe_window=window
+        ),
         StreamSpec(settings.dead_letter_stream, [subjects.dead_letter_pattern()], DLQ_MAX_AGE),
     ]
 
@@ -76,7 +84,9 @@ def bucket_specs(settings: Settings) -> list[BucketSpec]:
     return [BucketSpec(PROCESSED, settings.processed_ttl), BucketSpec(STATE, STATE_MAX_AGE)]
 
 
-def consumer_specs(agent: str, event_types: list[str], settings: Settings) -> list[ConsumerSpec]:
+def consumer_specs(
+    agent: str, event_types: list[str], settings: Settings, *, timers: bool = False
+) -> list[ConsumerSpec]:
     common = {
         "ack_wait": settings.ack_wait,
         # one more than allowed: that extra delivery is dead-lettered by the agent without
@@ -96,6 +106,9 @@ def consumer_specs(agent: str, event_types: list[str], settings: Settings) -> li
                 **common,  # type: ignore[arg-type]
             )
         )
+    if timers:
+        timer_common = {**common, "max_ack_pending": MAX_OPEN_TIMERS}
+        specs.append(ConsumerSpec(TIMERS, agent, [subjects.timer_pattern(agent)], **timer_common))  # type: ignore[arg-type]
     return specs
 
 

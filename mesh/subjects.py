@@ -7,6 +7,7 @@ pattern ``mesh.<conversation>.>``:
 ``mesh.<conv>.evt.<type name>``         an event of a message type (external or agent)
 ``mesh.<conv>.agent.<agent name>``      an agent's durable inbox (JetStream: sends, handoffs)
 ``mesh.<conv>.direct.<agent name>``     an agent's direct line (core NATS: requests, at most once)
+``mesh.<conv>.timer.<agent name>``      an agent's durable timers (JetStream: join deadlines)
 ``mesh.<conv>.reply.<token>``           a reply to a requester outside the mesh
 ``mesh.<conv>.dlq.<agent name>``        a dead letter rejected by that agent
 =====================================  ===============================================
@@ -26,9 +27,10 @@ AGENT: Final = "agent"
 DIRECT: Final = "direct"
 REPLY: Final = "reply"
 DEAD_LETTER: Final = "dlq"
+TIMER: Final = "timer"
 
-Kind = Literal["evt", "agent", "direct", "reply", "dlq"]
-_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER))
+Kind = Literal["evt", "agent", "direct", "reply", "dlq", "timer"]
+_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER, TIMER))
 
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _CONVERSATION = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -112,6 +114,10 @@ class Address:
         return cls(REPLY, conversation, token)
 
     @classmethod
+    def timer(cls, conversation: str, agent: str) -> Address:
+        return cls(TIMER, conversation, agent)
+
+    @classmethod
     def dead_letter(cls, conversation: str, agent: str) -> Address:
         return cls(DEAD_LETTER, conversation, agent)
 
@@ -142,6 +148,11 @@ def direct_pattern(agent: str) -> str:
 def conversation_pattern(conversation: str) -> str:
     """Everything in one conversation."""
     return f"{ROOT}.{conversation_id(conversation)}.>"
+
+
+def timer_pattern(agent: str) -> str:
+    """An agent's timers, in any conversation."""
+    return f"{ROOT}.*.{TIMER}.{agent}"
 
 
 def dead_letter_pattern() -> str:
