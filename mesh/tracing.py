@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -104,10 +105,16 @@ def configure_tracing(settings: Settings, service_name: str, instance: str = "")
     attrs: dict[str, Any] = {"service.name": service_name}
     if instance:
         attrs["service.instance.id"] = instance
-    provider = TracerProvider(resource=Resource.create(attrs))
+    provider = TracerProvider(resource=Resource.create(attrs), sampler=sampler(settings.trace_sample))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider.shutdown
+
+
+def sampler(fraction: float) -> Sampler:
+    """Parent-based: follow the upstream decision when the message carries one; for a new
+    trace, record `fraction` of them (by trace id, so every process agrees)."""
+    return ParentBased(ALWAYS_ON if fraction >= 1.0 else TraceIdRatioBased(fraction))
 
 
 def exporter_kind(settings: Settings) -> str:
