@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -45,10 +46,11 @@ class JsonLinesSpanExporter(SpanExporter):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans)
+        encode = _span_encoder.encode
+        lines = b"".join([encode(_SpanLine.of(s)) + b"\n" for s in spans])
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, lines.encode())
+            os.write(fd, lines)
         finally:
             os.close(fd)
         return SpanExportResult.SUCCESS
@@ -57,22 +59,49 @@ class JsonLinesSpanExporter(SpanExporter):
         pass
 
 
+class _SpanLine(msgspec.Struct, omit_defaults=False):
+    """One line of the span file (the fields of `span_record`, in that order)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    name: str
+    kind: str
+    service: Any
+    start_ns: int | None
+    end_ns: int | None
+    status: str
+    attributes: dict[str, Any]
+    links: list[str]
+
+    @classmethod
+    def of(cls, span: ReadableSpan) -> _SpanLine:
+        ctx = span.get_span_context()
+        assert ctx is not None
+        parent = span.parent
+        return cls(
+            f"{ctx.trace_id:032x}",
+            f"{ctx.span_id:016x}",
+            f"{parent.span_id:016x}" if parent else None,
+            span.name,
+            span.kind.name,
+            span.resource.attributes.get("service.name"),
+            span.start_time,
+            span.end_time,
+            span.status.status_code.name,
+            dict(span.attributes or {}),
+            [f"{link.context.span_id:016x}" for link in span.links],
+        )
+
+
+# spans are exported on the SDK's worker thread, but this costs the process's CPU (and the GIL)
+# all the same: msgspec writes a line in a fraction of json.dumps's time
+_span_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
 def span_record(span: ReadableSpan) -> dict[str, Any]:
-    ctx = span.get_span_context()
-    assert ctx is not None
-    return {
-        "trace_id": format(ctx.trace_id, "032x"),
-        "span_id": format(ctx.span_id, "016x"),
-        "parent_span_id": format(span.parent.span_id, "016x") if span.parent else None,
-        "name": span.name,
-        "kind": span.kind.name,
-        "service": span.resource.attributes.get("service.name"),
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "status": span.status.status_code.name,
-        "attributes": dict(span.attributes or {}),
-        "links": [format(link.context.span_id, "016x") for link in span.links],
-    }
+    """A finished span as the span file stores it."""
+    return msgspec.structs.asdict(_SpanLine.of(span))
 
 
 def read_spans(path: Path, trace_id: str | None = None) -> list[dict[str, Any]]:
