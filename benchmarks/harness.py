@@ -87,7 +87,7 @@ class Group:
                             stdin=subprocess.DEVNULL,
                         )
                     )
-        log = (self.logs / f"{self.workload.key}-{self.system.key}-driver.log").open("ab")
+        err = (self.logs / f"{self.workload.key}-{self.system.key}-driver.log").open("ab")
         try:
             self.driver = subprocess.Popen(
                 [*_PY, "benchmarks.driver", self.system.kind, self.workload.key, *self._where],
@@ -95,11 +95,11 @@ class Group:
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=log,
+                stderr=err,
                 text=True,
             )
         finally:
-            log.close()
+            err.close()
 
     @property
     def _where(self) -> list[str]:
@@ -115,7 +115,7 @@ class Group:
         assert self.driver is not None and self.driver.stdin and self.driver.stdout
         for p in self.services:
             if p.poll() is not None:
-                raise RuntimeError(f"a {self.system.key} service of {self.workload.key} exited ({p.args})")
+                raise RuntimeError(f"a {self.system.key} service of {self.workload.key} exited ({p.args!r})")
         self.driver.stdin.write(json.dumps(cmd) + "\n")
         self.driver.stdin.flush()
         with selectors.DefaultSelector() as sel:
@@ -146,6 +146,9 @@ class Group:
                 except (OSError, subprocess.TimeoutExpired):
                     self.driver.kill()
                     self.driver.wait()
+            for pipe in (self.driver.stdin, self.driver.stdout):
+                if pipe is not None:
+                    pipe.close()
             self.driver = None
         for p in self.services:
             if p.poll() is None:

@@ -157,18 +157,16 @@ def run_bench(
                 records += run_workload(wl, mode, rounds, server.url, server.info.pid, work, echo)
         finally:
             server.stop()
-    doc = {
-        "meta": {
-            **info,
-            "mode": mode,
-            "rounds": rounds,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.monotonic() - started, 1),
-        },
-        "results": records,
+    meta = {
+        **info,
+        "mode": mode,
+        "rounds": rounds,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
     }
+    doc = {"meta": meta, "results": records}
     echo(table(records))
-    echo(f"finished in {doc['meta']['seconds']}s")
+    echo(f"finished in {meta['seconds']}s")
     if output is not None:
         output.write_text(json.dumps(doc, indent=2) + "\n")
         echo(f"wrote {output}")
@@ -195,10 +193,10 @@ def table(records: list[dict[str, Any]]) -> str:
         cells = [REGISTRY[wl].title if wl in REGISTRY else wl, f"{name} ({by_system['raw']['unit']})"]
         verdicts = []
         for k in systems:
-            r = by_system.get(k)
-            if r is None:
+            if k not in by_system:
                 cells.append("")
                 continue
+            r = by_system[k]
             cell = _fmt(r["value"])
             if k != "raw" and r["ratio"] is not None:
                 cell += f" ({r['ratio']:.2f}x)"
