@@ -71,7 +71,7 @@ async def raw_calls(workload: str, url: str, suffix: str) -> tuple[Call, Callabl
     enc = msgspec.json.Encoder()
     s = raw_services.subject
 
-    if workload in ("hop", "fanout"):
+    if workload in ("hop", "fanout", "join"):  # the durable join's floor is the same fan-out
         target = s(suffix, "responder" if workload == "hop" else "coordinator")
 
         async def request(n: int) -> None:
@@ -137,14 +137,14 @@ async def mesh_calls(workload: str, url: str, suffix: str) -> tuple[Call, Callab
 
     replies = Replies()
     token = _new_id()
-    durable = workload == "durable"
+    durable = workload in ("durable", "join")
 
     async def on_reply(msg: Any) -> None:
         replies.arrived(default_codec.decode(msg.data, Event).id)
 
     await client.transport.subscribe(f"mesh.*.reply.{token}", on_reply)
     await client.transport.flush()
-    first = f"stage-a{suffix}"
+    first = f"{'join-coordinator' if workload == 'join' else 'stage-a'}{suffix}"
 
     async def through(n: int) -> None:
         conv = _new_id()
@@ -242,7 +242,7 @@ async def main_async(system: str, workload: str, url: str, suffix: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("system", choices=["raw", "mesh"])
-    parser.add_argument("workload", choices=["hop", "pipeline", "fanout", "durable"])
+    parser.add_argument("workload", choices=["hop", "pipeline", "fanout", "durable", "join"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ import msgspec
 
 from benchmarks.payload import Event
 from mesh import Agent, Context
+from mesh.join import Gathered
 
 SUFFIX = os.environ.get("BENCH_SUFFIX", "")
 DURABLE = os.environ.get("BENCH_DURABLE") == "1"
@@ -84,3 +85,19 @@ coordinator = Agent(named("coordinator"), description="asks four workers at once
 async def on_task(ev: Event, ctx: Context) -> Event:
     answers = await asyncio.gather(*(ctx.request(named(f"worker-{i}"), ev, Event) for i in range(WORKERS)))
     return msgspec.structs.replace(ev, text=ev.text + "".join(a.text[-1] for a in answers))
+
+
+# the same fan-out through the durable join: state in KV, answers through JetStream inboxes
+join_coordinator = Agent(named("join-coordinator"), description="fans out through a durable join")
+parts = join_coordinator.join("parts", Event)
+
+
+@join_coordinator.handler(events=False)
+async def on_join_task(ev: Event, ctx: Context) -> None:
+    await ctx.fan_out(parts, [(named(f"worker-{i}"), ev) for i in range(WORKERS)])
+
+
+@parts.complete
+async def on_parts(g: Gathered[Event]) -> Event:
+    first = g.results[0]
+    return msgspec.structs.replace(first, text=first.text[:-1] + "".join(e.text[-1] for e in g.results))

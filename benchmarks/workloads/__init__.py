@@ -93,7 +93,8 @@ def throughput(name: str, unit: str, unit_name: str, *targets: Target) -> tuple[
 def _registry() -> dict[str, Workload]:
     from benchmarks.workloads import durable, fanout, hop, pipeline
 
-    return {w.key: w for w in (hop.WORKLOAD, pipeline.WORKLOAD, fanout.WORKLOAD, durable.WORKLOAD)}
+    chosen = (hop.WORKLOAD, pipeline.WORKLOAD, fanout.WORKLOAD, durable.WORKLOAD, fanout.JOIN_WORKLOAD)
+    return {w.key: w for w in chosen}
 
 
 REGISTRY: dict[str, Workload] = _registry()

@@ -29,3 +29,34 @@ def phases(mode: Mode) -> list[Phase]:
 
 
 WORKLOAD = Workload("fanout", "W3 fan-out/fan-in (4 workers)", services, phases, warmup=100)
+
+
+def join_services(system: System) -> list[str]:
+    return [*services(system)[:-1], "join_coordinator" if system.kind == "mesh" else "coordinator"]
+
+
+def join_phases(mode: Mode) -> list[Phase]:
+    return [
+        Phase(
+            "serial rounds",
+            {"cmd": "serial", "n": COUNTS[mode] // 2 or 1},
+            (
+                Metric("rate", "W3 durable join rounds", "rounds/s"),
+                Metric("p50_us", "W3 durable join p50", "µs"),
+                Metric("p99_us", "W3 durable join p99", "µs"),
+                Metric("cpu_us", "W3 durable join CPU/round", "µs"),
+            ),
+        )
+    ]
+
+
+# an extra row: ctx.fan_out through a durable join (KV state, JetStream inboxes), against the
+# same raw core-NATS fan-out floor; no target
+JOIN_WORKLOAD = Workload(
+    "join",
+    "W3 fan-out, durable join (extra)",
+    join_services,
+    join_phases,
+    systems=("raw", "mesh"),
+    warmup=20,
+)
