@@ -440,3 +440,24 @@ def demo(tickets: int) -> None:
 
     settings = _settings()
     _run(lambda: run_demo(settings, tickets=tickets))
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Smaller counts and one round: under a minute.")
+@click.option("--only", default="", help="Comma-separated workloads (hop, pipeline, fanout, durable).")
+@click.option("--rounds", type=int, default=0, help="Rounds per phase (default: 1 quick, 3 full).")
+def bench(quick: bool, only: str, rounds: int) -> None:
+    """Measure the mesh beside plain nats-py (needs a clone of the repository: benchmarks/)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run.py").exists():
+        raise ConfigError(
+            f"mesh bench runs the benchmarks/ package of a clone of the repository, and there is none "
+            f"beside this installation ({root}); clone it and run `make bench` there"
+        )
+    sys.path.insert(0, str(root))
+    from benchmarks.run import run_bench
+
+    names = [n.strip() for n in only.split(",") if n.strip()] or None
+    run_bench("quick" if quick else "full", only=names, rounds=rounds or None, echo=click.echo)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import msgspec
+from msgspec.structs import replace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import envelope as h
@@ -27,8 +28,7 @@ _propagator = TraceContextTextMapPropagator()
 R = TypeVar("R", bound=Message)
 
 
-@dataclass(frozen=True, slots=True)
-class Sent:
+class Sent(msgspec.Struct, frozen=True):
     """What was published: its id, conversation and subject."""
 
     id: str
@@ -36,8 +36,7 @@ class Sent:
     subject: str
 
 
-@dataclass(frozen=True, slots=True)
-class Lineage:
+class Lineage(msgspec.Struct, frozen=True):
     """Where a new message comes from: the message being handled, if any."""
 
     conversation: str | None = None

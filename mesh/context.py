@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from msgspec.structs import replace
 
 from mesh import subjects
 from mesh.client import Lineage, MeshClient, Sent
@@ -24,8 +26,7 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Message)
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
     """Where the answer to the work in hand goes: a reply target, the fan-out branch it
     belongs to, and the agents still on its route."""
 

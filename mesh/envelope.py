@@ -8,9 +8,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 from nats.nuid import NUID
 
 from mesh import subjects
@@ -55,9 +55,11 @@ def new_id() -> str:
     return _nuid.next().decode()
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A received message: where it came, its metadata, and its undecoded body."""
+class Envelope(msgspec.Struct, frozen=True):
+    """A received message: where it came, its metadata, and its undecoded body.
+
+    A msgspec Struct, not a frozen dataclass: one is built per delivery, and a frozen
+    dataclass sets each of its 18 fields through object.__setattr__."""
 
     address: Address
     subject: str

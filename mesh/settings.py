@@ -41,6 +41,14 @@ class Settings(BaseModel):
         default="auto",
         description="auto: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else a JSON-lines file.",
     )
+    trace_sample: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of new traces recorded (parent-based: a message whose trace was sampled "
+        "upstream is recorded, one that was not is not). 1.0 records every trace; 0.1 is the "
+        "recommendation for production traffic.",
+    )
     trace_file: Path | None = Field(
         default=None, description="Span file for the file exporter (default: <data_dir>/traces.jsonl)."
     )

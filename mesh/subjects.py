@@ -16,8 +16,9 @@ pattern ``mesh.<conversation>.>``:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Final, Literal
+
+import msgspec
 
 from mesh.errors import ConfigError
 
@@ -74,8 +75,7 @@ def conversation_id(value: str) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(msgspec.Struct, frozen=True):
     """Where a message goes: the kind of subject, its conversation and its target."""
 
     kind: Kind

@@ -1,0 +1,30 @@
+"""W1 hop: a typed request to a responder agent and its typed reply, over the direct line."""
+
+from __future__ import annotations
+
+from benchmarks.workloads import Mode, Phase, System, Target, Workload, latency, throughput
+
+COUNTS = {"smoke": (20, 40), "quick": (500, 2000), "full": (2000, 10000)}
+
+
+def services(system: System) -> list[str]:
+    return ["responder"]
+
+
+def phases(mode: Mode) -> list[Phase]:
+    serial, concurrent = COUNTS[mode]
+    return [
+        Phase(
+            "serial",
+            {"cmd": "serial", "n": serial},
+            latency("W1 serial", "request", Target("mesh", 1.25, "lower")),
+        ),
+        Phase(
+            "c16",
+            {"cmd": "concurrent", "n": concurrent, "inflight": 16},
+            throughput("W1 concurrency 16", "req/s", "request", Target("mesh", 0.6, "higher")),
+        ),
+    ]
+
+
+WORKLOAD = Workload("hop", "W1 hop (request/reply)", services, phases)
