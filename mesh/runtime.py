@@ -339,9 +339,9 @@ class AgentRuntime:
             if isinstance(outcome, Later):
                 await msg.nak(delay=outcome.delay)
                 return
+            stats.handled += 1
             await self._processed.put_nowait(mark, b"1")
             await msg.ack()
-            stats.handled += 1
             if delivery_no > 1:
                 with contextlib.suppress(Exception):
                     await self._failures.forget(env.id)
