@@ -12,6 +12,7 @@ is the median over rounds; ratios are to the raw floor's median of the same run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -26,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks import memory as memory_bench
 from benchmarks.harness import ROOT, Group, cpu_seconds
 from benchmarks.workloads import REGISTRY, SYSTEMS, Mode, Workload
 from mesh import server as srv
@@ -141,7 +143,7 @@ def run_bench(
     echo: Echo = _print,
 ) -> dict[str, Any]:
     """Run the selected workloads; returns (and writes to `output`) the results document."""
-    chosen = [REGISTRY[k] for k in (only or list(REGISTRY))]
+    chosen = [REGISTRY[k] for k in (only or list(REGISTRY)) if k != "memory"]
     rounds = rounds or ROUNDS[mode]
     started = time.monotonic()
     info = machine()
@@ -155,6 +157,9 @@ def run_bench(
             assert server.info is not None
             for wl in chosen:
                 records += run_workload(wl, mode, rounds, server.url, server.info.pid, work, echo)
+            if only is None or "memory" in only:
+                echo("memory: remember/recall through the mesh vs the store called directly")
+                records += asyncio.run(memory_bench.bench_records(mode, server.url, work / "memory"))
         finally:
             server.stop()
     meta = {
@@ -190,7 +195,8 @@ def table(records: list[dict[str, Any]]) -> str:
     for r in records:
         rows.setdefault((r["workload"], r["name"]), {})[r["system"]] = r
     for (wl, name), by_system in rows.items():
-        cells = [REGISTRY[wl].title if wl in REGISTRY else wl, f"{name} ({by_system['raw']['unit']})"]
+        title = REGISTRY[wl].title if wl in REGISTRY else "Memory (floor: the store called directly)"
+        cells = [title, f"{name} ({by_system['raw']['unit']})"]
         verdicts = []
         for k in systems:
             if k not in by_system:
@@ -215,13 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--quick", action="store_true", help="Smaller counts, one round (under a minute).")
     how.add_argument("--smoke", action="store_true", help="Tiny counts: checks the harness only.")
-    parser.add_argument("--only", default="", help=f"Comma-separated workloads: {', '.join(REGISTRY)}.")
+    parser.add_argument(
+        "--only", default="", help=f"Comma-separated workloads: {', '.join(REGISTRY)}, memory."
+    )
     parser.add_argument("--rounds", type=int, default=0, help="Rounds per phase (default: 1 quick, 3 full).")
     parser.add_argument("--output", default=str(ROOT / "bench-results.json"), help="Where the JSON goes.")
     args = parser.parse_args(argv)
     mode: Mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     only = [k.strip() for k in args.only.split(",") if k.strip()] or None
-    unknown = [k for k in only or [] if k not in REGISTRY]
+    unknown = [k for k in only or [] if k not in REGISTRY and k != "memory"]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
     run_bench(mode, only=only, rounds=args.rounds or None, output=Path(args.output))

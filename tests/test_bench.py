@@ -35,6 +35,11 @@ def test_every_workload_runs_on_every_system(tmp_path: Path) -> None:
     assert all(r["value"] > 0 for r in records if r["metric"] != "cpu_us")
     assert {r["ratio"] for r in records if r["system"] == "raw" and r["value"]} == {1.0}
     assert "| W1 hop" in table(records) and any("wrote" in line for line in lines)
+    memory = [r for r in records if r["workload"] == "memory"]
+    assert {(r["system"], r["name"]) for r in memory} >= {
+        ("raw", "recall p50 @500"),
+        ("mesh", "recall p50 @500"),
+    }
     assert doc["meta"]["cores"] and doc["meta"]["nats_server"]
 
 
