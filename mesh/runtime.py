@@ -26,7 +26,7 @@ from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
 from mesh.fanin import JoinKeeper, JoinState, Later, Outcome
 from mesh.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
-from mesh.llm import LLM, make_llm
+from mesh.llm import LLM, llm_scope, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
 from mesh.middleware import chain
@@ -80,7 +80,7 @@ class AgentRuntime:
         self._subs: list[Subscription] = []
         self._consumers: list[PullConsumer] = []
         self._working: dict[asyncio.Task[Any], Any] = {}  # stored deliveries being handled
-        middleware = [tracing, log_context, *agent.middleware]
+        middleware = [tracing, log_context, llm_scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
