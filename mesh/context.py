@@ -202,6 +202,13 @@ class Context:
             agent, msg, reply_type, timeout=timeout, lineage=self._lineage, errors=errors
         )
 
+    async def stream(self, *, system: str, prompt: str, max_tokens: int = 512) -> str:
+        """Like ``llm.complete``, but the answer is published while it is generated: ``llm.chunk``
+        events in this conversation, then one ``llm.final`` with the whole text (mesh.streaming)."""
+        from mesh.streaming import stream_text
+
+        return await stream_text(self, system=system, prompt=prompt, max_tokens=max_tokens)
+
     @property
     def memory(self) -> Memory:
         """The shared semantic memory, through the memory service (docs/memory.md)."""
