@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -12,14 +12,17 @@ from mesh.codec import JSON
 from mesh.envelope import Envelope, derive_id
 from mesh.messages import Message, type_of
 from mesh.subjects import Address
+from mesh.tools import Toolbox
 from mesh.tracing import current_trace_id
 
 if TYPE_CHECKING:
+    from mesh.approval import ApprovalKeeper
     from mesh.fanin import JoinKeeper
     from mesh.join import Join
     from mesh.llm import LLM
     from mesh.memory.client import Memory
     from mesh.settings import Settings
+    from mesh.toolloop import ToolRun
 
 R = TypeVar("R", bound=Message)
 
@@ -51,6 +54,7 @@ class Context:
         "_lineage",
         "_sent",
         "agent",
+        "approvals",
         "attempt",
         "envelope",
         "gathered",
@@ -58,7 +62,9 @@ class Context:
         "join_name",
         "llm",
         "log",
+        "permissions",
         "settings",
+        "tools",
     )
 
     def __init__(
@@ -74,8 +80,14 @@ class Context:
         answer: Answer | None = None,
         attempt: int = 1,
         settings: Settings | None = None,
+        tools: Toolbox | None = None,
+        permissions: frozenset[str] = frozenset(),
+        approvals: ApprovalKeeper | None = None,
     ) -> None:
         self.envelope = envelope
+        self.tools = tools if tools is not None else Toolbox()  # what this agent's model may call
+        self.permissions = permissions
+        self.approvals = approvals
         self.attempt = attempt  # 1 on the first delivery; more when a stored message is retried
         self.settings = settings  # the process's settings, when run by the mesh runtime
         self.agent = agent
@@ -208,6 +220,34 @@ class Context:
         from mesh.streaming import stream_text
 
         return await stream_text(self, system=system, prompt=prompt, max_tokens=max_tokens)
+
+    async def run_tools(
+        self,
+        *,
+        system: str,
+        prompt: str,
+        data: Mapping[str, str] | None = None,
+        allow: Iterable[str] | None = None,
+        stream: bool = False,
+        max_turns: int = 8,
+        max_tokens: int = 512,
+    ) -> ToolRun:
+        """Let the model call this agent's tools until it answers (mesh.toolloop). Untrusted
+        text goes in ``data`` (delimited blocks); ``allow`` narrows the tools; ``stream``
+        publishes the answer as it is generated. If a call needs approval the result is
+        ``parked``: return from the handler, it resumes on the decision."""
+        from mesh.toolloop import run_tools
+
+        return await run_tools(
+            self,
+            system=system,
+            prompt=prompt,
+            data=data,
+            allow=allow,
+            stream=stream,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
+        )
 
     @property
     def memory(self) -> Memory:

@@ -14,6 +14,7 @@ import structlog
 from mesh import delivery, streams, subjects
 from mesh import envelope as h
 from mesh.agent import Agent, Handler
+from mesh.approval import ApprovalKeeper
 from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
 from mesh.consumer import PullConsumer
@@ -85,6 +86,7 @@ class AgentRuntime:
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
         self._joins: JoinKeeper | None = None
+        self._approvals: ApprovalKeeper | None = None
         self._processed: StateStore | None = None
         self._failures: Failures | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -112,6 +114,7 @@ class AgentRuntime:
         self._failures = Failures(state, name, self.instance)
         self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
+        self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
         for spec in streams.consumer_specs(name, self._event_types(), settings):
             await self.transport.ensure_consumer(spec)
             self._subs.append(
@@ -128,7 +131,10 @@ class AgentRuntime:
             name=name,
             version=self.agent.version,
             description=self.agent.description,
-            metadata={"mesh.handles": ",".join(str(h.mtype) for h in self.agent.handlers)},
+            metadata={
+                "mesh.handles": ",".join(str(h.mtype) for h in self.agent.handlers),
+                **({"mesh.tools": self.agent.tools.catalog()} if len(self.agent.tools) else {}),
+            },
             endpoints=self.endpoints(),
             stats=lambda: self.stats,
             instance=self.instance,
@@ -300,7 +306,7 @@ class AgentRuntime:
                 await self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
             mark = streams.processed_key(self.agent.name, env.id)
-            timer = env.type_name == "mesh.join_timer"  # waits by redelivery: not a failure
+            timer = env.type_name in ("mesh.join_timer", "mesh.approval_timer")  # waits by redelivery
             if delivery_no > settings.max_deliver and not timer:  # earlier ones died with their process
                 history = await self._failures.history(env.id)
                 reason = (
@@ -400,6 +406,8 @@ class AgentRuntime:
         ctx = self._context(env, attempt)
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
+        if self._approvals is not None and self._approvals.owns(env):
+            return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
         if handler is None:
             handled = ", ".join(str(h.mtype) for h in self.agent.handlers)
@@ -422,12 +430,17 @@ class AgentRuntime:
             answer=answer,
             attempt=attempt,
             settings=self.settings,
+            tools=self.agent.tools,
+            permissions=self.agent.permissions,
+            approvals=self._approvals,
         )
 
     async def _run(
         self, env: Envelope, ctx: Context, message: Message | None, handler: Handler | None
     ) -> Outcome | Later | None:
         if handler is None:
+            if self._approvals is not None and self._approvals.owns(env):
+                return await self._approvals.receive(env, ctx)
             assert self._joins is not None
             return await self._joins.receive(env, ctx)
         assert message is not None

@@ -81,10 +81,12 @@ class OfflineLLM(Base):
         first = next((t for t in request.messages if t.role == "user"), None)
         text = _extract(first.text if first else "")
         outputs = [
-            b.content.strip().splitlines()[0]
+            lines[0]
             for t in request.messages
             for b in t.content
-            if isinstance(b, ToolOutput) and not b.is_error and b.content.strip()
+            if isinstance(b, ToolOutput) and not b.is_error
+            for lines in [[x for x in b.content.splitlines() if x.strip() and not x.startswith("<")]]
+            if lines
         ]
         if outputs:
             text = " ".join([text, *(o if o.endswith((".", "!", "?")) else o + "." for o in outputs)]).strip()
