@@ -24,6 +24,7 @@ from mesh import subjects
 from mesh.errors import RegistrationError
 from mesh.join import Join, Policy, Resolver, all_of
 from mesh.messages import Message, MessageType, type_of
+from mesh.tools import Toolbox
 
 if TYPE_CHECKING:
     from mesh.middleware import Middleware
@@ -57,8 +58,11 @@ class Agent:
         version: str = "0.1.0",
         concurrency: int | None = None,
         middleware: Sequence[Middleware] = (),
+        permissions: Sequence[str] = (),
     ) -> None:
         self.name = subjects.agent_name(name)
+        self.permissions = frozenset(permissions)  # what this agent's tools may require
+        self.tools = Toolbox()  # the only tools its model may call (mesh.tools)
         self.description = description
         self.version = version
         self.concurrency = concurrency
@@ -102,6 +106,23 @@ class Agent:
         j = Join(self.name, name, types, policy or all_of(), resolve)
         self.joins[name] = j
         return j
+
+    def tool(
+        self,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        permissions: Sequence[str] = (),
+        approval: bool = False,
+    ) -> Callable[[F], F]:
+        """Register a tool this agent's model may call: ``async def f(args: SomeStruct) -> ...``
+        with a docstring. ``approval=True``: it runs only after a person approves each call."""
+
+        def register(f: F) -> F:
+            self.tools.register(f, name=name, timeout=timeout, permissions=permissions, approval=approval)
+            return f
+
+        return register
 
     @overload
     def handler(self, fn: F, /) -> F: ...

@@ -68,9 +68,10 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh import dlq
+    from mesh import dlq, llmcli
 
     dlq.register(cli, _settings, _run)
+    llmcli.register(cli, _settings, _run)
 
 
 _register_groups()

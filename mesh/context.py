@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -14,14 +14,17 @@ from mesh.codec import JSON
 from mesh.envelope import Envelope, derive_id
 from mesh.messages import Message, type_of
 from mesh.subjects import Address
+from mesh.tools import Toolbox
 from mesh.tracing import current_trace_id
 
 if TYPE_CHECKING:
+    from mesh.approval import ApprovalKeeper
     from mesh.fanin import JoinKeeper
     from mesh.join import Join
     from mesh.llm import LLM
     from mesh.memory.client import Memory
     from mesh.settings import Settings
+    from mesh.toolloop import ToolRun
 
 R = TypeVar("R", bound=Message)
 
@@ -52,6 +55,7 @@ class Context:
         "_lineage",
         "_sent",
         "agent",
+        "approvals",
         "attempt",
         "envelope",
         "gathered",
@@ -59,7 +63,9 @@ class Context:
         "join_name",
         "llm",
         "log",
+        "permissions",
         "settings",
+        "tools",
     )
 
     def __init__(
@@ -75,8 +81,14 @@ class Context:
         answer: Answer | None = None,
         attempt: int = 1,
         settings: Settings | None = None,
+        tools: Toolbox | None = None,
+        permissions: frozenset[str] = frozenset(),
+        approvals: ApprovalKeeper | None = None,
     ) -> None:
         self.envelope = envelope
+        self.tools = tools if tools is not None else Toolbox()  # what this agent's model may call
+        self.permissions = permissions
+        self.approvals = approvals
         self.attempt = attempt  # 1 on the first delivery; more when a stored message is retried
         self.settings = settings  # the process's settings, when run by the mesh runtime
         self.agent = agent
@@ -201,6 +213,41 @@ class Context:
         of the `errors` types raises `RequestRefused`."""
         return await self._client.request(
             agent, msg, reply_type, timeout=timeout, lineage=self._lineage, errors=errors
+        )
+
+    async def stream(self, *, system: str, prompt: str, max_tokens: int = 512) -> str:
+        """Like ``llm.complete``, but the answer is published while it is generated: ``llm.chunk``
+        events in this conversation, then one ``llm.final`` with the whole text (mesh.streaming)."""
+        from mesh.streaming import stream_text
+
+        return await stream_text(self, system=system, prompt=prompt, max_tokens=max_tokens)
+
+    async def run_tools(
+        self,
+        *,
+        system: str,
+        prompt: str,
+        data: Mapping[str, str] | None = None,
+        allow: Iterable[str] | None = None,
+        stream: bool = False,
+        max_turns: int = 8,
+        max_tokens: int = 512,
+    ) -> ToolRun:
+        """Let the model call this agent's tools until it answers (mesh.toolloop). Untrusted
+        text goes in ``data`` (delimited blocks); ``allow`` narrows the tools; ``stream``
+        publishes the answer as it is generated. If a call needs approval the result is
+        ``parked``: return from the handler, it resumes on the decision."""
+        from mesh.toolloop import run_tools
+
+        return await run_tools(
+            self,
+            system=system,
+            prompt=prompt,
+            data=data,
+            allow=allow,
+            stream=stream,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
         )
 
     @property

@@ -155,6 +155,7 @@ class AgentInstance:
     handles: list[str]
     endpoints: list[dict[str, Any]]
     stats: dict[str, Any]
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 async def discover(transport: Transport, *, timeout: float = 0.5, name: str = "") -> list[AgentInstance]:
@@ -197,6 +198,7 @@ async def discover(transport: Transport, *, timeout: float = 0.5, name: str = ""
                 handles=[t for t in meta.get("mesh.handles", "").split(",") if t],
                 endpoints=info.get("endpoints") or [],
                 stats=st[0].get("data") or {},
+                metadata=dict(meta),
             )
         )
     return sorted(out, key=lambda a: (a.name, a.id))

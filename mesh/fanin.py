@@ -109,7 +109,9 @@ class JoinKeeper:
         self.run_completion: Callable[[Join[Any], Gathered[Any], Context, JoinState], Awaitable[None]]
 
     def owns(self, env: h.Envelope) -> bool:
-        return env.answer.startswith(self.agent + ".") or env.address.kind == subjects.TIMER
+        return env.answer.startswith(self.agent + ".") or (
+            env.address.kind == subjects.TIMER and env.type_name == "mesh.join_timer"
+        )
 
     async def start(
         self, ctx: Context, join: Join[Any], tasks: list[tuple[str, Message]], deadline: float | None

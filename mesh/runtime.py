@@ -14,6 +14,7 @@ import structlog
 from mesh import delivery, streams, subjects
 from mesh import envelope as h
 from mesh.agent import Agent, Handler
+from mesh.approval import ApprovalKeeper
 from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
 from mesh.consumer import PullConsumer
@@ -26,7 +27,7 @@ from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
 from mesh.fanin import JoinKeeper, JoinState, Later, Outcome
 from mesh.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
-from mesh.llm import LLM, make_llm
+from mesh.llm import LLM, llm_scope, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
 from mesh.middleware import chain
@@ -80,11 +81,12 @@ class AgentRuntime:
         self._subs: list[Subscription] = []
         self._consumers: list[PullConsumer] = []
         self._working: dict[asyncio.Task[Any], Any] = {}  # stored deliveries being handled
-        middleware = [tracing, log_context, *agent.middleware]
+        middleware = [tracing, log_context, llm_scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
         self._joins: JoinKeeper | None = None
+        self._approvals: ApprovalKeeper | None = None
         self._processed: StateStore | None = None
         self._failures: Failures | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -112,7 +114,9 @@ class AgentRuntime:
         self._failures = Failures(state, name, self.instance)
         self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
-        specs = streams.consumer_specs(name, self._event_types(), settings, timers=bool(self.agent.joins))
+        self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
+        timers = bool(self.agent.joins) or any(t.approval for t in self.agent.tools)
+        specs = streams.consumer_specs(name, self._event_types(), settings, timers=timers)
         for spec in specs:
             await self.transport.ensure_consumer(spec)
             self._subs.append(
@@ -129,7 +133,10 @@ class AgentRuntime:
             name=name,
             version=self.agent.version,
             description=self.agent.description,
-            metadata={"mesh.handles": ",".join(str(h.mtype) for h in self.agent.handlers)},
+            metadata={
+                "mesh.handles": ",".join(str(h.mtype) for h in self.agent.handlers),
+                **({"mesh.tools": self.agent.tools.catalog()} if len(self.agent.tools) else {}),
+            },
             endpoints=self.endpoints(),
             stats=lambda: self.stats,
             instance=self.instance,
@@ -301,7 +308,7 @@ class AgentRuntime:
                 await self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
             mark = streams.processed_key(self.agent.name, env.id)
-            timer = env.type_name == "mesh.join_timer"  # waits by redelivery: not a failure
+            timer = env.type_name in ("mesh.join_timer", "mesh.approval_timer")  # waits by redelivery
             if delivery_no > settings.max_deliver and not timer:  # earlier ones died with their process
                 history = await self._failures.history(env.id)
                 reason = (
@@ -401,6 +408,8 @@ class AgentRuntime:
         ctx = self._context(env, attempt)
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
+        if self._approvals is not None and self._approvals.owns(env):
+            return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
         if handler is None:
             handled = ", ".join(str(h.mtype) for h in self.agent.handlers)
@@ -423,12 +432,17 @@ class AgentRuntime:
             answer=answer,
             attempt=attempt,
             settings=self.settings,
+            tools=self.agent.tools,
+            permissions=self.agent.permissions,
+            approvals=self._approvals,
         )
 
     async def _run(
         self, env: Envelope, ctx: Context, message: Message | None, handler: Handler | None
     ) -> Outcome | Later | None:
         if handler is None:
+            if self._approvals is not None and self._approvals.owns(env):
+                return await self._approvals.receive(env, ctx)
             assert self._joins is not None
             return await self._joins.receive(env, ctx)
         assert message is not None

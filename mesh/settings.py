@@ -59,10 +59,38 @@ class Settings(BaseModel):
         default=30.0, gt=0, description="Seconds to finish in-flight work on SIGTERM."
     )
     connect_timeout: float = Field(default=5.0, gt=0)
-    llm: Literal["auto", "offline", "anthropic"] = Field(
-        default="auto", description="auto: Anthropic when ANTHROPIC_API_KEY is set, else offline."
+    llm: Literal["auto", "offline", "anthropic", "openai"] = Field(
+        default="auto",
+        description="auto: Anthropic when ANTHROPIC_API_KEY is set, else an OpenAI-compatible server "
+        "when MESH_OPENAI_BASE_URL is set, else offline.",
     )
     anthropic_model: str = "claude-sonnet-4-5"
+    # model providers, routing and limits: see docs/llm-and-tools.md
+    llm_fallback: str = Field(
+        default="",
+        description="Providers tried in order after MESH_LLM fails, comma-separated "
+        "(anthropic, openai, offline).",
+    )
+    openai_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama)."
+    )
+    openai_model: str = Field(default="llama3.1", description="Model name sent to the OpenAI-compatible API.")
+    llm_timeout: float = Field(default=60.0, gt=0, description="Seconds one model call may take.")
+    llm_retries: int = Field(default=2, ge=0, description="Retries per provider on 429, 5xx, 529, timeouts.")
+    llm_rate: float = Field(default=50.0, gt=0, description="Model calls a second, per tenant and per agent.")
+    llm_burst: float = Field(default=20.0, ge=1, description="Model calls that may start at once.")
+    llm_concurrency: int = Field(default=8, gt=0, description="Model calls at once per tenant and per agent.")
+    llm_breaker_failures: int = Field(
+        default=5, gt=0, description="Failures in a row that open a provider's circuit breaker."
+    )
+    llm_breaker_reset: float = Field(
+        default=30.0, gt=0, description="Seconds an open breaker waits before it lets a probe call through."
+    )
+    tenant: str = Field(default="default", description="Tenant this process works for (model limits, costs).")
+    tool_timeout: float = Field(default=30.0, gt=0, description="Default seconds a tool may run.")
+    approval_timeout: float = Field(
+        default=3600.0, gt=0, description="Seconds an approval request waits for a decision, then expires."
+    )
     types: str = Field(
         default="",
         description="Extra modules or .py files declaring message types, comma-separated; the CLI "

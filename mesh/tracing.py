@@ -135,10 +135,44 @@ def configure_tracing(settings: Settings, service_name: str, instance: str = "")
     attrs: dict[str, Any] = {"service.name": service_name}
     if instance:
         attrs["service.instance.id"] = instance
-    provider = TracerProvider(resource=Resource.create(attrs), sampler=sampler(settings.trace_sample))
+    resource = Resource.create(attrs)
+    provider = TracerProvider(resource=resource, sampler=sampler(settings.trace_sample))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    return provider.shutdown
+    meters = _meter_provider(settings, resource)
+
+    def shutdown() -> None:
+        provider.shutdown()
+        if meters is not None:
+            meters.shutdown()
+
+    return shutdown
+
+
+def _meter_provider(settings: Settings, resource: Resource) -> Any:
+    """Metrics (model tokens and cost, docs/llm-and-tools.md) go where spans go, for the
+    OTLP and console exporters; the span file carries the same numbers as span attributes."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        MetricExporter,
+        PeriodicExportingMetricReader,
+    )
+
+    choice = exporter_kind(settings)
+    exporter: MetricExporter
+    if choice == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter()
+    elif choice == "console":
+        exporter = ConsoleMetricExporter()
+    else:
+        return None
+    meters = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)])
+    metrics.set_meter_provider(meters)
+    return meters
 
 
 def sampler(fraction: float) -> Sampler:

@@ -10,11 +10,13 @@ from sample_agents import handoffs as ho
 from sample_agents.echo import Ping, Pong
 from sample_agents.relay import Baton, Finished
 
+from mesh.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
 from mesh.client import MeshClient
 from mesh.codec import JSON, MSGPACK, default_codec
 from mesh.errors import DecodeError, RegistrationError, UnknownTypeError
 from mesh.join import JoinTimer, JudgeRequest, JudgeVerdict
 from mesh.messages import Message, message, registry, type_of
+from mesh.streaming import LLMChunk, LLMFinal
 from mesh.testing import Recorder
 
 _ticket = TicketOpened(ticket_id="T-1", customer="Ada", subject="Refund", body="Charged twice")
@@ -40,6 +42,19 @@ SAMPLES: dict[str, Message] = {
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
     "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),
+    "llm.chunk": LLMChunk(stream="s1", seq=0, text="Hel", agent="writer"),
+    "approval.request": ApprovalRequest(
+        approval="a1",
+        agent="clerk",
+        tool="refund",
+        arguments="{}",
+        expires_ms=1,
+        decide_on="mesh.c.agent.clerk",
+    ),
+    "approval.decision": ApprovalDecision(approval="a1", approved=False, by="ada", reason="no"),
+    "approval.resolved": ApprovalResolved(approval="a1", status="denied", by="ada", reason="no"),
+    "mesh.approval_timer": ApprovalTimer(approval="a1", due_ms=1),
+    "llm.final": LLMFinal(stream="s1", text="Hello", chunks=2, agent="writer", model="m", provider="p"),
     **{type_of(type(m)).name: m for m in memory_samples.ALL},
 }
 

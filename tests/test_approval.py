@@ -1,0 +1,80 @@
+"""Human approval: a high-risk tool call parks the work durably (no waiting coroutine),
+survives a restart of the agent, resumes on the decision, and expires cleanly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh_user_tools import REFUNDS, Answered, Ask, Refund, agent
+
+from mesh import envelope as h
+from mesh.approval import ApprovalRequest, ApprovalResolved
+from mesh.client import MeshClient
+from mesh.codec import default_codec
+from mesh.llmcli import decide
+from mesh.settings import Settings
+from mesh.testing import Recorder, running_agent
+
+REFUND = 'Please call refund({"order_id": "A-9", "amount_eur": 20})'
+
+
+def _of(msgs: list[Any], suffix: str) -> list[Any]:
+    return [m for m in msgs if m.subject.endswith(suffix)]
+
+
+async def test_approval_survives_a_restart_and_resumes_on_approve(
+    client: MeshClient, settings: Settings
+) -> None:
+    conv = "approve-restart"
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.evt.>")
+    async with running_agent(agent, settings):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+    # the agent process is gone; nothing ran and nothing waits in memory
+    request = default_codec.decode(req.data, ApprovalRequest)
+    assert request.tool == "refund" and '"amount_eur":20' in request.arguments
+    assert REFUNDS == []
+    async with running_agent(agent, settings):  # a fresh runtime: a restart
+        st = await decide(client, settings, request.approval, approved=True, by="ada", reason="ok")
+        assert st.status == "pending" and st.tool == "refund"
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+    assert [Refund(order_id="A-9", amount_eur=20)] == REFUNDS
+    [resolved] = [default_codec.decode(m.data, ApprovalResolved) for m in _of(msgs, "approval.resolved")]
+    assert resolved.status == "approved" and resolved.by == "ada"
+    [answer] = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]
+    assert answer.calls == ["refund"] and "Refunded 20 EUR on A-9." in answer.text
+
+
+async def test_a_denied_call_never_runs_and_the_model_is_told(client: MeshClient, settings: Settings) -> None:
+    conv = "approve-deny"
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.evt.>")
+    async with running_agent(agent, settings):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        await decide(client, settings, approval, approved=False, by="bob", reason="too much")
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+    assert REFUNDS == []
+    [answer] = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]
+    assert answer.errors == ["refund:denied"]
+
+
+async def test_an_unanswered_request_expires_into_a_dead_letter(
+    client: MeshClient, settings: Settings
+) -> None:
+    conv = "approve-expire"
+    REFUNDS.clear()
+    quick = settings.model_copy(update={"approval_timeout": 0.3})
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, quick):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "dlq.clerk")), timeout=20)
+    [dead] = _of(msgs, "dlq.clerk")
+    assert dead.headers[h.DLQ_KIND] == "approval_expired"
+    assert "refund" in dead.headers[h.DLQ_REASON]
+    assert default_codec.decode(dead.data, Ask).text == REFUND  # the original work is kept
+    [resolved] = [default_codec.decode(m.data, ApprovalResolved) for m in _of(msgs, "approval.resolved")]
+    assert resolved.status == "expired"
+    assert REFUNDS == []
