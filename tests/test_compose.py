@@ -335,6 +335,13 @@ def load_compose() -> dict[str, Any]:
 # -- tests ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading an agent can open its state (the memory service opens its store): keep that
+    in a temporary directory, never in the user's own data dir."""
+    monkeypatch.setenv("MESH_DATA_DIR", str(tmp_path / "data"))
+
+
 def test_compose_file_has_no_problems() -> None:
     assert check_compose(load_compose()) == []
 
