@@ -435,12 +435,17 @@ def trace_cmd(trace_id: str) -> None:
 
 @cli.command()
 @click.option("--tickets", default=2, show_default=True, help="How many tickets to run through.")
-def demo(tickets: int) -> None:
-    """Run the support-desk demo: three agent processes on an embedded server."""
+@click.option("--interactive", is_flag=True, help="Ask before approving a tool call (e.g. a refund).")
+def demo(tickets: int, interactive: bool) -> None:
+    """Run the support-desk demo: six agent processes on an embedded server."""
     from mesh.demo import run_demo
 
+    async def ask(question: str) -> bool:
+        answer = await asyncio.to_thread(click.prompt, f"\n  {question}. Approve?", default="y")
+        return str(answer).strip().lower() in ("y", "yes")
+
     settings = _settings()
-    _run(lambda: run_demo(settings, tickets=tickets))
+    _run(lambda: run_demo(settings, tickets=tickets, ask=ask if interactive else None))
 
 
 @cli.command()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import msgspec
 
 from mesh import server as srv
 from mesh.client import MeshClient
@@ -58,7 +60,18 @@ AGENT_SPECS = {
 REPLICAS = {"research": 2}
 
 
-async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str], None] = print) -> int:
+Ask = Callable[[str], Awaitable[bool]]
+
+
+async def run_demo(
+    settings: Settings,
+    *,
+    tickets: int = 2,
+    out: Callable[[str], None] = print,
+    ask: Ask | None = None,
+) -> int:
+    """Run the support desk. Approvals are granted at once unless `ask` (the interactive
+    demo's prompt) says otherwise."""
     from mesh.schemas.support import TicketOpened
 
     shutdown_tracing = configure_tracing(settings, "helpdesk")
@@ -94,7 +107,7 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
             trace_ids = []
             for raw in (TICKETS * (1 + tickets // len(TICKETS)))[:tickets]:
                 ticket = TicketOpened(**raw)
-                trace_ids.append(await _one_conversation(client, ticket, out))
+                trace_ids.append(await _one_conversation(client, settings, ticket, out, ask))
         finally:
             await client.close()
     finally:
@@ -112,10 +125,13 @@ async def run_demo(settings: Settings, *, tickets: int = 2, out: Callable[[str],
     return 0
 
 
-async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[str], None]) -> str:
+async def _one_conversation(
+    client: MeshClient, settings: Settings, ticket: object, out: Callable[[str], None], ask: Ask | None
+) -> str:
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
 
+    from mesh.approval import ApprovalRequest
     from mesh.codec import default_codec
     from mesh.envelope import new_id
     from mesh.schemas.support import ReplyDrafted
@@ -127,14 +143,25 @@ async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[s
     lines: list[TapLine] = []
     finished = asyncio.Event()
     replies: list[ReplyDrafted] = []
+    chunks: list[str] = []
+    decisions: list[asyncio.Task[None]] = []
 
     async def on_message(msg: Any) -> None:
         line = observe(msg)
-        if line.type == "mesh.join_timer":
-            return  # a join's deadline timer: bookkeeping, not conversation
+        if line.type in ("mesh.join_timer", "mesh.approval_timer"):
+            return  # deadline timers: bookkeeping, not conversation
+        if line.type == "llm.chunk":  # the streamed answer: shown growing on one line
+            chunks.append(str(msgspec.json.decode(msg.data).get("text", "")))
+            if len(chunks) % 12 == 1:  # every twelfth chunk, to keep the screen readable
+                out(f"  … writer streams ({len(chunks)} chunks): …{''.join(chunks)[-80:]}")
+            return
         lines.append(line)
         out("  " + format_line(line, subject=False))
-        if line.type == "support.reply_drafted":
+        if line.type == "approval.request":
+            request = default_codec.decode(msg.data, ApprovalRequest)
+            decision = _decide(client, settings, request, dict(msg.headers or {}), out, ask)
+            decisions.append(asyncio.create_task(decision))
+        elif line.type == "support.reply_drafted":
             replies.append(default_codec.decode(msg.data, ReplyDrafted))
             finished.set()
         elif line.dead_letter:
@@ -154,6 +181,10 @@ async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[s
         ) from None
     finally:
         await sub.unsubscribe()
+    for task in decisions:
+        await task
+    if chunks:
+        out(f"  (the answer was streamed in {len(chunks)} chunks, then sent whole as llm.final)")
     out(f"\nconversation {conversation} as a causal tree (trace {trace_id}):")
     out(render_tree(lines))
     for reply in replies:
@@ -161,8 +192,43 @@ async def _one_conversation(client: MeshClient, ticket: object, out: Callable[[s
             f"\nreply drafted ({reply.category}, {reply.priority}, model {reply.model}, "
             f"sources {reply.sources}):"
         )
+        for action in reply.actions:
+            out(f"  tool: {action}")
         out("  | " + reply.reply.replace("\n", "\n  | ") + "\n")
     return trace_id
+
+
+async def _decide(
+    client: MeshClient,
+    settings: Settings,
+    request: Any,
+    headers: dict[str, str],
+    out: Callable[[str], None],
+    ask: Ask | None,
+) -> None:
+    """Answer a tool's approval request: at once in the plain demo, by asking with --interactive.
+    The decision continues the request's trace, so the resumed work stays in the conversation's."""
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from mesh.llmcli import decide
+
+    question = f"{request.agent} wants to run {request.tool}({request.arguments})"
+    approved = True if ask is None else await ask(question)
+    who = "helpdesk (auto-approved in the demo)" if ask is None else "you"
+    out(f"  approval {request.approval}: {question}: {'approved' if approved else 'denied'} by {who}")
+    parent = TraceContextTextMapPropagator().extract(headers)
+    with trace.get_tracer("mesh").start_as_current_span("helpdesk decide approval", context=parent):
+        reason = "" if approved else "denied"
+        await decide(
+            client,
+            settings,
+            request.approval,
+            approved=approved,
+            by=who,
+            reason=reason,
+            causation=headers.get("Mesh-Id", ""),
+        )
 
 
 def _print_spans(settings: Settings, trace_ids: list[str], out: Callable[[str], None]) -> None:

@@ -30,9 +30,17 @@ async def list_tools(transport: NatsTransport, *, wait: float = 0.5) -> list[dic
 
 
 async def decide(
-    client: MeshClient, settings: Settings, approval: str, *, approved: bool, by: str, reason: str = ""
+    client: MeshClient,
+    settings: Settings,
+    approval: str,
+    *,
+    approved: bool,
+    by: str,
+    reason: str = "",
+    causation: str = "",
 ) -> ApprovalState:
-    """Send a decision to the agent whose tool call waits under `approval`."""
+    """Send a decision to the agent whose tool call waits under `approval` (`causation`: the
+    id of the approval request it answers, when known, so the conversation's tree shows it)."""
     transport = client.transport
     store = await transport.state(streams.bucket_specs(settings)[1], settings)
     got = await store.get(approval_key(approval))
@@ -44,7 +52,7 @@ async def decide(
     decision = ApprovalDecision(approval=approval, approved=approved, by=by, reason=reason)
     address = Address.inbox(st.conversation, st.agent)
     assert address.subject == decision_subject(st.conversation, st.agent)
-    await client.emit(address, decision, Lineage(conversation=st.conversation))
+    await client.emit(address, decision, Lineage(conversation=st.conversation, causation=causation))
     return st
 
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import structlog
+from opentelemetry import context as otel_context
 
 from mesh import delivery, streams, subjects
 from mesh import envelope as h
@@ -32,7 +33,7 @@ from mesh.logs import log_context
 from mesh.messages import Message
 from mesh.middleware import chain
 from mesh.settings import Settings
-from mesh.tracing import tracing
+from mesh.tracing import extract_context, tracing
 from mesh.transport import StateStore, Subscription, Transport
 
 
@@ -440,11 +441,17 @@ class AgentRuntime:
     async def _run(
         self, env: Envelope, ctx: Context, message: Message | None, handler: Handler | None
     ) -> Outcome | Later | None:
-        if handler is None:
-            if self._approvals is not None and self._approvals.owns(env):
-                return await self._approvals.receive(env, ctx)
-            assert self._joins is not None
-            return await self._joins.receive(env, ctx)
+        if handler is None:  # a join's answer or timer, an approval's decision or timer
+            # no span of its own, but what it sends (a completion, a resumed message) stays
+            # in the trace of what it received
+            token = otel_context.attach(extract_context(env.headers))
+            try:
+                if self._approvals is not None and self._approvals.owns(env):
+                    return await self._approvals.receive(env, ctx)
+                assert self._joins is not None
+                return await self._joins.receive(env, ctx)
+            finally:
+                otel_context.detach(token)
         assert message is not None
         await self._calls[id(handler)](ctx, message)
         return None

@@ -205,6 +205,11 @@ def _exporter(settings: Settings) -> SpanExporter | None:
     return None
 
 
+def extract_context(headers: dict[str, str]) -> Any:
+    """The trace context a message's headers carry (W3C traceparent)."""
+    return _propagator.extract(headers)
+
+
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -62,3 +62,4 @@ class ReplyDrafted(Message):
     reply: str
     sources: list[str] = []
     model: str = ""
+    actions: list[str] = []  # what the writer's tools did (e.g. a refund, once approved)
