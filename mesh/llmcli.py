@@ -88,6 +88,8 @@ def register(
                     click.echo(f"    ({'; '.join(flags)})")
                 click.echo(f"    input: {json.dumps(t['input_schema'])}")
 
+        run(go)
+
     def _decide(approval: str, approved: bool, by: str, reason: str) -> None:
         settings = settings_fn()
 
