@@ -275,3 +275,21 @@ def test_provider_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [p.name for p in both.providers] == ["anthropic:claude-sonnet-4-5", "offline"]
     with pytest.raises(ConfigError, match="unknown model provider"):
         make_llm(Settings.load(environ={"MESH_LLM_FALLBACK": "gpt"}))
+
+
+async def test_router_retries_an_openai_compatible_stream_that_failed_before_its_first_piece(
+    openai_api: str, openai_script: Script
+) -> None:
+    openai_script.steps = ["429"]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    llm = OpenAICompatLLM("llama-test", base_url=openai_api)
+    router = Router([llm], retries=1, backoff_base=0.5, sleep=sleep, rng=lambda: 1.0)
+    deltas, final = await collect(router, Request(messages=[Turn.user("stream me")]))
+    assert "".join(deltas) == final.text == "echo: stream me"
+    assert len(waits) == 1 and len(openai_script.requests) == 2  # one 429, one stream
+    assert openai_script.requests[1]["body"]["stream"] is True
+    await llm.aclose()
