@@ -8,6 +8,10 @@
     ...
     await server.close()
 
+or declared, to be imported when the agent starts and closed when it stops:
+
+    agent.mcp_server(["python", "-m", "files_server"], name="files", allow=["read_file"])
+
 `import_tools` starts the server as a child process, speaks JSON-RPC 2.0 with it as one
 JSON object per line on its stdin and stdout (the MCP stdio transport), lists its tools and
 adds each one to the toolbox as a `Tool` with ``source="mcp:<name>"``. The model sees the
@@ -466,3 +470,80 @@ async def import_tools(
     server.tools = tools
     log.info("mcp tools imported", server=name, tools=[t.name for t in tools], pid=server.pid)
     return server
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """An MCP server an agent declared with `Agent.mcp_server`: the arguments of `import_tools`."""
+
+    command: tuple[str, ...]
+    name: str
+    allow: tuple[str, ...] | None = None
+    permissions: tuple[str, ...] = ()
+    approval: tuple[str, ...] = ()
+    timeout: float | None = None
+    prefix: bool = False
+    env: Mapping[str, str] | None = None
+    cwd: str | os.PathLike[str] | None = None
+    start_timeout: float = 10.0
+
+
+@dataclass
+class Declared:
+    """An agent's declared MCP servers. The runtime attaches when an agent starts and
+    detaches when it stops: the servers start with the first replica of the agent in a
+    process and close, their tools leaving the toolbox, with the last."""
+
+    specs: list[Declaration] = field(default_factory=list)
+    live: list[MCPServer] = field(default_factory=list)
+    users: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def add(self, spec: Declaration) -> None:
+        if any(s.name == spec.name for s in self.specs):
+            raise RegistrationError(f"an MCP server named {spec.name!r} is already declared")
+        self.specs.append(spec)
+
+    async def attach(self, toolbox: Toolbox) -> None:
+        async with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            try:
+                for s in self.specs:
+                    server = await import_tools(
+                        toolbox,
+                        s.command,
+                        name=s.name,
+                        allow=s.allow,
+                        permissions=s.permissions,
+                        approval=s.approval,
+                        timeout=s.timeout,
+                        prefix=s.prefix,
+                        env=s.env,
+                        cwd=s.cwd,
+                        start_timeout=s.start_timeout,
+                    )
+                    self.live.append(server)
+            except BaseException:
+                self.users -= 1
+                await self._close(toolbox)
+                raise
+
+    async def detach(self, toolbox: Toolbox) -> None:
+        async with self.lock:
+            if self.users == 0:
+                return
+            self.users -= 1
+            if self.users == 0:
+                await self._close(toolbox)
+
+    async def _close(self, toolbox: Toolbox) -> None:
+        for server in reversed(self.live):
+            for tool in server.tools:
+                toolbox.remove(tool.name)
+            await server.close()
+        self.live.clear()

@@ -201,3 +201,31 @@ async def test_the_model_calls_mcp_tools_through_run_tools(client: MeshClient, s
     assert answer.errors == ["add:invalid_input", "fail:failed"]
     assert answer.calls == ["add"]
     assert "42" in answer.text
+
+
+async def test_a_declared_server_is_imported_at_start_and_closed_at_stop(
+    client: MeshClient, settings: Settings
+) -> None:
+    agent = Agent("mcp-declared")
+    agent.mcp_server(SERVER, name="calc", allow=["shout"], timeout=5)
+    with pytest.raises(RegistrationError, match="already declared"):
+        agent.mcp_server(SERVER, name="calc")
+
+    @agent.handler(events=False)
+    async def on_ask(ask: McpAsk, ctx: Context) -> McpAnswered:
+        run = await ctx.run_tools(system="You shout.", prompt=ask.text)
+        return McpAnswered(text=run.text, calls=[c.tool for c in run.calls if c.ok], errors=[])
+
+    assert len(agent.tools) == 0
+    rec = await Recorder.start(client.transport, "mesh.mcp-declared.evt.test.mcp.answered")
+    async with running_agent(agent, settings):
+        [server] = agent.mcp_servers.live
+        assert [t.source for t in agent.tools] == ["mcp:calc"]
+        text = 'call shout({"text": "hello"})'
+        await client.send("mcp-declared", McpAsk(text=text), conversation="mcp-declared")
+        [msg] = await rec.wait_count(1)
+    await rec.stop()
+    answer = default_codec.decode(msg.data, McpAnswered)
+    assert answer.calls == ["shout"] and "HELLO" in answer.text
+    assert len(agent.tools) == 0 and agent.mcp_servers.live == []
+    assert server.pid is not None and gone(server.pid)
