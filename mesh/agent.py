@@ -16,13 +16,14 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mesh import subjects
 from mesh.errors import RegistrationError
 from mesh.join import Join, Policy, Resolver, all_of
+from mesh.mcp import Declaration, Declared
 from mesh.messages import Message, MessageType, type_of
 from mesh.tools import Toolbox
 
@@ -63,6 +64,7 @@ class Agent:
         self.name = subjects.agent_name(name)
         self.permissions = frozenset(permissions)  # what this agent's tools may require
         self.tools = Toolbox()  # the only tools its model may call (mesh.tools)
+        self.mcp_servers = Declared()  # imported into `tools` while the agent runs (mesh.mcp)
         self.description = description
         self.version = version
         self.concurrency = concurrency
@@ -123,6 +125,41 @@ class Agent:
             return f
 
         return register
+
+    def mcp_server(
+        self,
+        command: Sequence[str],
+        *,
+        name: str,
+        allow: Sequence[str] | None = None,
+        permissions: Sequence[str] = (),
+        approval: Sequence[str] = (),
+        timeout: float | None = None,
+        prefix: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        """Declare an MCP server (stdio) whose tools this agent's model may call: it is
+        started and its tools imported when the agent starts, and closed when it stops.
+        The arguments are those of `mesh.mcp.import_tools`; an import that fails stops the
+        agent's start with the reason."""
+        if not command:
+            raise RegistrationError(f"MCP server {name!r}: give the command that starts it")
+        self.mcp_servers.add(
+            Declaration(
+                command=tuple(command),
+                name=name,
+                allow=tuple(allow) if allow is not None else None,
+                permissions=tuple(permissions),
+                approval=tuple(approval),
+                timeout=timeout,
+                prefix=prefix,
+                env=env,
+                cwd=cwd,
+                start_timeout=start_timeout,
+            )
+        )
 
     @overload
     def handler(self, fn: F, /) -> F: ...

@@ -93,6 +93,7 @@ class AgentRuntime:
         self._ticker: asyncio.Task[None] | None = None
         self._expired = False
         self._hurry = asyncio.Event()
+        self._mcp_attached = False
 
     def endpoints(self) -> list[Endpoint]:
         name = self.agent.name
@@ -109,6 +110,9 @@ class AgentRuntime:
 
     async def start(self) -> None:
         settings, name = self.settings, self.agent.name
+        if self.agent.mcp_servers:  # before anything reads the toolbox
+            await self.agent.mcp_servers.attach(self.agent.tools)
+            self._mcp_attached = True
         await self.transport.ensure_streams()
         processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
         self._processed = processed
@@ -198,6 +202,9 @@ class AgentRuntime:
             await self._responder.stop()
         with contextlib.suppress(Exception):
             await self.transport.flush()
+        if self._mcp_attached:
+            self._mcp_attached = False
+            await self.agent.mcp_servers.detach(self.agent.tools)
         self.log.info("agent stopped", handled=self.stats.handled, errors=self.stats.errors)
 
     # ------------------------------------------------------------ direct (core NATS)

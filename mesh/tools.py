@@ -190,6 +190,9 @@ class Toolbox:
         self.tools[tool.name] = tool
         return tool
 
+    def remove(self, name: str) -> Tool | None:
+        return self.tools.pop(name, None)
+
     def register(
         self,
         fn: Callable[..., Awaitable[Any]],
