@@ -3,9 +3,12 @@ last delivery (including deliveries that never came back because the process die
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -55,6 +58,17 @@ class Failures:
 
     async def forget(self, message_id: str) -> None:
         await self.state.delete(streams.failures_key(self.agent, message_id))
+
+
+async def keep_alive(working: Mapping[Any, Any], ack_wait: float) -> None:
+    """Tell the server, every third of MESH_ACK_WAIT, that the stored messages in `working`
+    (running or waiting for a slot) are still being worked on, so it does not redeliver them."""
+    every = max(0.2, ack_wait / 3)
+    while True:
+        await asyncio.sleep(every)
+        for msg in list(working.values()):
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
 
 
 def history_headers(history: list[dict[str, Any]], deliveries: int) -> dict[str, str]:

@@ -40,7 +40,7 @@ from mesh.messages import Message
 from mesh.streams import join_key
 
 if TYPE_CHECKING:
-    from mesh.context import Context
+    from mesh.context import Answer, Context
     from mesh.transport import StateStore
 
 
@@ -75,6 +75,18 @@ class JoinState(msgspec.Struct):
     verdict: int = -1
     verdict_reason: str = ""
     done: bool = False
+
+    def answer(self) -> Answer:
+        """Where the completion's result goes: what the fanned-out message asked for."""
+        from mesh.context import Answer
+
+        return Answer(
+            reply_to=self.reply_to,
+            join=self.reply_join,
+            route=tuple(self.route),
+            depth=self.depth,
+            deadline_ms=self.origin_deadline_ms,
+        )
 
 
 _encode = msgspec.json.Encoder().encode

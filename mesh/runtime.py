@@ -380,13 +380,7 @@ class AgentRuntime:
         await delivery.on_max_deliveries(self.transport, self._failures, self.agent.name, msg.data)
 
     async def _keep_alive(self) -> None:
-        """Tell the server that long handlers are still working, so it does not redeliver."""
-        every = max(0.2, self.settings.ack_wait / 3)
-        while True:
-            await asyncio.sleep(every)
-            for msg in list(self._working.values()):
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
+        await delivery.keep_alive(self._working, self.settings.ack_wait)
 
     # ------------------------------------------------------------ both
 
@@ -465,20 +459,9 @@ class AgentRuntime:
 
     async def _complete(self, join: Join[Any], gathered: Gathered[Any], ctx: Context, st: JoinState) -> None:
         """Run a join's completion handler; its answer goes where the fan-out's message wanted."""
-        answer = Answer(
-            reply_to=st.reply_to,
-            join=st.reply_join,
-            route=tuple(st.route),
-            depth=st.depth,
-            deadline_ms=st.origin_deadline_ms,
-        )
-        done = self._context(ctx.envelope, ctx.attempt, answer)
+        done = self._context(ctx.envelope, ctx.attempt, st.answer())
         parts = [st.parts[b] for b in st.order]
-        done.completing(
-            join.name,
-            tuple(p.message_id for p in parts),
-            tuple(p.traceparent for p in parts if p.traceparent),
-        )
+        done.completing(join.name, tuple(p.message_id for p in parts), tuple(p.traceparent for p in parts))
         await self._join_calls[join.name](done, gathered)  # type: ignore[arg-type]
 
     async def _dead_letter(
