@@ -18,7 +18,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from mesh import envelope as h
 from mesh import subjects
 from mesh.codec import JSON, Codec, default_codec
-from mesh.errors import DecodeError, RequestError, RequestRefused
+from mesh.deadletter import DeliveryFailed
+from mesh.errors import DecodeError, RequestError, RequestFailed, RequestRefused
 from mesh.messages import Message, type_of
 from mesh.settings import Settings
 from mesh.subjects import Address, conversation_id
@@ -160,6 +161,12 @@ class MeshClient:
                 raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
             raise
         got = (answer.headers or {}).get(h.TYPE, "")
+        if got == "mesh.delivery_failed":
+            try:
+                failed = self.codec.decode(answer.data, DeliveryFailed, JSON)
+            except DecodeError:
+                raise RequestError(f"agent {agent!r} could not handle the request") from None
+            raise RequestFailed(agent, failed.kind, failed.reason)
         want = type_of(reply_type).name
         refusal = next((e for e in errors if got and type_of(e).name == got), None)
         if refusal is not None:

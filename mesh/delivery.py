@@ -16,6 +16,7 @@ import structlog
 from mesh import envelope as h
 from mesh import streams
 from mesh.deadletter import dead_letter
+from mesh.errors import DeliveryError
 from mesh.settings import Settings
 from mesh.transport import StateStore, Transport
 
@@ -94,7 +95,10 @@ async def on_max_deliveries(transport: Transport, failures: Failures, agent: str
     except Exception as exc:  # acknowledged late, or removed meanwhile: nothing to keep
         log.info("message of a max-deliveries advisory is gone", stream=stream, seq=seq, error=str(exc))
         return
-    message_id = (stored.headers or {}).get(h.ID) or f"{stream}-{seq}"
+    try:
+        message_id = h.message_id(dict(stored.headers or {}), f"{stream}-{seq}")
+    except DeliveryError:  # an id over the limit: its failures were never recorded under it
+        message_id = f"{stream}-{seq}"
     history = await failures.history(message_id)
     reason = (
         f"delivered {deliveries} times without an acknowledgement: the handler crashed, hung "

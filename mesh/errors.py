@@ -19,6 +19,11 @@ class ServerError(MeshError):
     """The NATS server could not be started, found or reached."""
 
 
+class PublishError(MeshError):
+    """A message was refused before it was sent: the server would not take it (a subject or
+    message too large), and sending it would have cost the connection."""
+
+
 class DeliveryError(MeshError):
     """A message could not be accepted for processing.
 
@@ -52,6 +57,17 @@ class Reject(DeliveryError):
 
 class RequestError(MeshError):
     """A request over an agent's direct line got no (valid) answer in time."""
+
+
+class RequestFailed(RequestError):
+    """The agent could not handle the request (it was dead-lettered): `kind` is the dead
+    letter's kind (``validation``, ``handler_error``...) and `reason` says why."""
+
+    def __init__(self, agent: str, kind: str, reason: str) -> None:
+        super().__init__(f"agent {agent!r} could not handle the request ({kind}): {reason}")
+        self.agent = agent
+        self.kind = kind
+        self.reason = reason
 
 
 class RequestRefused(RequestError):

@@ -192,11 +192,11 @@ class JoinKeeper:
 
     async def receive(self, env: h.Envelope, ctx: Context) -> Outcome | Later:
         """Record an answer or a timer; run the completion if this message completes the join."""
-        jid, _, branch = env.answer.partition("/")
-        jid = jid[len(self.agent) + 1 :]
         if env.type_name == "mesh.join_timer":
             timer = default_codec.decode(env.data, JoinTimer, env.content_type)
             jid, branch = timer.join, "timer"
+            if not h.is_id_token(jid):  # a '*' or '>' in a key would be a KV wildcard
+                raise DeliveryError("unknown_join", f"{h.show(jid)} is not a join id")
             wait = timer.due_ms / 1000 - time.time()
             if wait > 0:
                 if ctx.attempt >= max(2, self.max_deliver):
@@ -204,12 +204,15 @@ class JoinKeeper:
                     await self._rearm(env, ctx, timer)
                     return "handled"
                 return Later(wait)
+        else:
+            link = h.parse_link(env.answer)
+            if link is None or link[0] != self.agent or link[2] == "timer":
+                raise DeliveryError("unknown_join", f"{h.ANSWER} {h.show(env.answer)} names no join of ours")
+            _, jid, branch = link
         key = join_key(self.agent, jid)
         while True:
             got = await self.state.get(key)
-            if got is None:
-                if branch == "timer":
-                    return "skipped"  # the join finished and its state expired
+            if got is None:  # never started here, or its state expired (MESH_STATE keeps 7 days)
                 raise DeliveryError("unknown_join", f"no join {jid!r} on agent {self.agent!r} (expired?)")
             raw, revision = got
             st = _decode_state(raw)

@@ -20,7 +20,7 @@ from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
 from mesh.consumer import PullConsumer
 from mesh.context import Answer, Context
-from mesh.deadletter import dead_letter
+from mesh.deadletter import answer_failure, dead_letter
 from mesh.delivery import Failures
 from mesh.discovery import Endpoint, ServiceResponder, Stats
 from mesh.envelope import Envelope, new_id, open_envelope
@@ -214,8 +214,7 @@ class AgentRuntime:
         if self._expired:
             self._limit.release()
             self.stats.received += 1
-            self.stats.dead_lettered += 1
-            await self._dead_letter(msg, "drain_timeout", "the agent stopped before handling it")
+            await self._fail_direct(msg, "drain_timeout", "the agent stopped before handling it")
             return
         task = asyncio.create_task(self._process_direct(msg))
         self._tasks.add(task)
@@ -234,12 +233,10 @@ class AgentRuntime:
             try:
                 env, ctx, message, handler = self._accept(msg, msg.reply)
             except DeliveryError as exc:
-                stats.dead_lettered += 1
-                await self._dead_letter(msg, exc.kind, exc.reason)
+                await self._fail_direct(msg, exc.kind, exc.reason)
                 return
             except Exception as exc:  # a check itself failed: keep the message, say why
-                stats.dead_lettered += 1
-                await self._dead_letter(msg, "internal_error", f"{type(exc).__name__}: {exc}")
+                await self._fail_direct(msg, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
             try:
                 await self._run(env, ctx, message, handler)
@@ -247,18 +244,15 @@ class AgentRuntime:
             except asyncio.CancelledError:
                 if not _cancelled_by_stop():
                     raise
-                stats.dead_lettered += 1
-                await self._dead_letter(msg, "drain_timeout", "it was still running when the agent stopped")
+                await self._fail_direct(msg, "drain_timeout", "it was still running when the agent stopped")
                 raise
             except DeliveryError as exc:
-                stats.dead_lettered += 1
-                await self._dead_letter(msg, exc.kind, exc.reason)
+                await self._fail_direct(msg, exc.kind, exc.reason)
             except Exception as exc:
                 stats.errors += 1
-                stats.dead_lettered += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.exception("handler failed", message_id=env.id, conversation_id=env.conversation)
-                await self._dead_letter(msg, "handler_error", f"{_name(handler)} raised {stats.last_error}")
+                await self._fail_direct(msg, "handler_error", f"{_name(handler)} raised {stats.last_error}")
         finally:
             stats.in_flight -= 1
             stats.processing_ns += time.perf_counter_ns() - started
@@ -301,12 +295,18 @@ class AgentRuntime:
         fallback_id = f"{meta.stream}-{meta.sequence.stream}"
         assert self._processed is not None and self._failures is not None
         try:
-            if delivery_no > 1:  # finished before (its ack was lost)? then only acknowledge it
-                msg_id = (msg.headers or {}).get(h.ID) or fallback_id
-                if await self._processed.get(streams.processed_key(self.agent.name, msg_id)) is not None:
-                    stats.duplicates += 1
-                    await msg.ack()
-                    return
+            # Finished before (its ack was lost, or the server lost it in a crash and now
+            # delivers it as new)? Then only acknowledge it. Asked on every delivery: after a
+            # broker crash a redelivery can arrive with a delivery count of 1.
+            try:
+                msg_id = h.message_id(msg.headers or {}, fallback_id)
+            except DeliveryError as exc:
+                await self._reject(msg, exc.kind, exc.reason)
+                return
+            if await self._processed.get(streams.processed_key(self.agent.name, msg_id)) is not None:
+                stats.duplicates += 1
+                await msg.ack()
+                return
             try:
                 env, ctx, message, handler = self._accept(msg, "", fallback_id, delivery_no)
             except DeliveryError as exc:
@@ -327,18 +327,15 @@ class AgentRuntime:
                 if await self._reject(msg, "max_deliveries", reason, extra):
                     await self._failures.forget(env.id)
                 return
+            limit = asyncio.timeout(settings.handler_timeout)
             try:
-                outcome = await asyncio.wait_for(
-                    self._run(env, ctx, message, handler), settings.handler_timeout
-                )
+                async with limit:
+                    outcome = await self._run(env, ctx, message, handler)
             except DeliveryError as exc:  # Reject, depth limit, an unknown join...
                 await self._reject(msg, exc.kind, exc.reason)
                 return
             except Exception as exc:
-                if isinstance(exc, TimeoutError):
-                    error = f"{_name(handler)} ran past MESH_HANDLER_TIMEOUT={settings.handler_timeout:g}s"
-                else:
-                    error = f"{_name(handler)} raised {type(exc).__name__}: {exc}"
+                error = _failure(handler, exc, limit.expired(), settings.handler_timeout)
                 stats.errors += 1
                 stats.last_error = error
                 self.log.warning("handler failed", error=error, message_id=env.id, delivery=delivery_no)
@@ -471,6 +468,12 @@ class AgentRuntime:
             self.transport, agent=self.agent.name, msg=msg, kind=kind, reason=reason, extra=extra
         )
 
+    async def _fail_direct(self, msg: Any, kind: str, reason: str) -> None:
+        """Dead-letter a direct delivery and, if someone waits for an answer, tell them why."""
+        self.stats.dead_lettered += 1
+        await self._dead_letter(msg, kind, reason)
+        await answer_failure(self.transport, msg, self.agent.name, kind, reason)
+
 
 def _cancelled_by_stop() -> bool:
     task = asyncio.current_task()
@@ -479,6 +482,17 @@ def _cancelled_by_stop() -> bool:
 
 def _name(handler: Handler | None) -> str:
     return handler.name if handler is not None else "the join"
+
+
+def _failure(handler: Handler | None, exc: Exception, expired: bool, timeout: float) -> str:
+    """What went wrong, in words. A TimeoutError is the handler's own deadline only if that
+    deadline expired: a NATS request or another timeout inside the handler raises one too."""
+    if expired:
+        return f"{_name(handler)} ran past MESH_HANDLER_TIMEOUT={timeout:g}s"
+    if isinstance(exc, TimeoutError):
+        what = type(exc).__module__ + "." + type(exc).__name__
+        return f"{_name(handler)} raised {what} (a call inside it timed out): {exc}"
+    return f"{_name(handler)} raised {type(exc).__name__}: {exc}"
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:

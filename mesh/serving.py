@@ -58,6 +58,11 @@ async def serve(
         await runtime.stop()
         if watchdog.done() and watchdog.exception() is not None:
             raise watchdog.exception()  # type: ignore[misc]
+        if transport.closed.is_set():
+            raise ServerError(
+                "the NATS connection was closed by the server or the client gave up reconnecting "
+                "(see the log line before this one); exiting so a supervisor restarts this replica"
+            )
     finally:
         if watchdog is not None:
             watchdog.cancel()
@@ -70,21 +75,30 @@ async def serve(
 async def _watch_connection(
     transport: Transport, stop: asyncio.Event, probe: str, every: float = 5.0
 ) -> None:
-    """Every few seconds, ask this process's own discovery responder (`probe`) through the
-    server. If a connected client gets no answer twice in a row, its read loop is gone
-    (nats-py ends it on some malformed input while still reporting itself connected) and it
-    would silently receive nothing more: stop, and fail so the process exits non-zero."""
+    """Stop at once if the connection closes for good. And every few seconds, ask this
+    process's own discovery responder (`probe`) through the server: if a connected client
+    gets no answer twice in a row, its read loop is gone (nats-py ends it on unexpected
+    input while still reporting itself connected) and it would silently receive nothing
+    more: stop, and fail so the process exits non-zero."""
     misses = 0
-    while not stop.is_set():
-        await asyncio.sleep(every)
-        try:
-            await transport.request(probe, b"", timeout=every)
-            misses = 0
-        except Exception:
-            misses += 1 if transport.is_connected else 0
-            if misses >= 2:
+    closed = asyncio.ensure_future(transport.closed.wait())
+    try:
+        while not stop.is_set():
+            # nats-py never reconnects after the server closed the connection with an error
+            await asyncio.wait([closed], timeout=every)
+            if closed.done():
                 stop.set()
-                raise ServerError(
-                    "the NATS connection stopped reading (its own probe went unanswered twice "
-                    "while connected); stopping so this replica can be restarted"
-                ) from None
+                return
+            try:
+                await transport.request(probe, b"", timeout=every)
+                misses = 0
+            except Exception:
+                misses += 1 if transport.is_connected else 0
+                if misses >= 2:
+                    stop.set()
+                    raise ServerError(
+                        "the NATS connection stopped reading (its own probe went unanswered twice "
+                        "while connected); stopping so this replica can be restarted"
+                    ) from None
+    finally:
+        closed.cancel()

@@ -20,10 +20,13 @@ every replica shares them and the server balances work across replicas.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass, field
 from typing import Final
 
 from mesh import subjects
+from mesh.envelope import is_id_token
 from mesh.settings import Settings
 
 INBOX: Final = "MESH_INBOX"
@@ -112,12 +115,22 @@ def consumer_specs(
     return specs
 
 
+def id_key(message_id: str) -> str:
+    """A message id as one KV key token. Ids are any string (docs/protocol.md): one that is
+    already a safe token (what the mesh makes) is kept readable; any other, with a colon, a
+    space, a dot or unicode, becomes ``=`` and its hash, which no safe token can equal."""
+    if is_id_token(message_id):
+        return message_id
+    digest = hashlib.blake2b(message_id.encode(errors="surrogatepass"), digest_size=18).digest()
+    return "=" + base64.urlsafe_b64encode(digest).decode()
+
+
 def processed_key(agent: str, message_id: str) -> str:
-    return f"{agent}.{message_id}"
+    return f"{agent}.{id_key(message_id)}"
 
 
 def failures_key(agent: str, message_id: str) -> str:
-    return f"failures.{agent}.{message_id}"
+    return f"failures.{agent}.{id_key(message_id)}"
 
 
 def join_key(agent: str, join_id: str) -> str:

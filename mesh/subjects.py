@@ -35,7 +35,14 @@ _KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER, TIMER))
 
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _CONVERSATION = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_TOKEN_CHARS = re.compile(r"^[^\s.*>]+$")
+_TOKEN_CHARS = re.compile(r"^[\x21-\x29\x2b-\x2d\x2f-\x3d\x3f-\x7e]+$")  # printable ASCII but . * >
+
+# Limits on what arrives from the wire (docs/protocol.md, "Limits"). A value from a message
+# that the mesh puts into a subject or a key is checked against these first: nats-server
+# closes the connection of a client that sends a control line over 4 KiB.
+MAX_SUBJECT: Final = 512  # bytes of a subject an agent receives, or a reply target it answers to
+MAX_TYPE_NAME: Final = 128
+MAX_TOKEN: Final = 128  # a reply token
 
 
 def agent_name(name: str) -> str:
@@ -48,8 +55,14 @@ def agent_name(name: str) -> str:
     return name
 
 
+def is_agent_name(name: str) -> bool:
+    return _AGENT_NAME.match(name) is not None
+
+
 def is_reply_target(subject: str) -> bool:
     """Where an agent may send an answer: a mesh agent/reply/event subject or an _INBOX."""
+    if len(subject) > MAX_SUBJECT:
+        return False
     if subject.startswith("_INBOX.") and "*" not in subject and ">" not in subject:
         return _TOKEN_CHARS.match(subject.replace(".", "_")) is not None
     address = parse(subject)
@@ -57,6 +70,7 @@ def is_reply_target(subject: str) -> bool:
         address is not None
         and address.kind in (AGENT, DIRECT, REPLY, EVENT)
         and is_conversation_id(address.conversation)
+        and len(address.target) <= MAX_TYPE_NAME
         and all(t and _TOKEN_CHARS.match(t) for t in address.target.split("."))
     )
 

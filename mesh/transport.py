@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import nats
 import structlog
@@ -26,7 +26,7 @@ from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from mesh.consumer import PullConsumer
-from mesh.errors import ServerError
+from mesh.errors import PublishError, ServerError
 from mesh.server import resolve_url
 from mesh.settings import Settings
 from mesh.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
@@ -100,7 +100,44 @@ class Transport(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers and body) the bus takes."""
+        ...
+
+    closed: asyncio.Event  # set when the connection has closed for good
+
     async def close(self) -> None: ...
+
+
+MAX_CONTROL_LINE: Final = 4096  # nats-server's default; a longer PUB line closes the connection
+
+
+class _Client(NatsClient):
+    """nats-py's client, except that a subject that is not UTF-8 is read as text with its
+    bad bytes escaped (``\\xff``). nats-py decodes subjects strictly, and the error ends its
+    read loop for good: one such message would leave every replica it reaches connected
+    and deaf. Escaped, the subject is no mesh subject, and the agent dead-letters it."""
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        try:
+            return super()._build_message(sid, subject, reply, data, headers)
+        except UnicodeDecodeError:
+            return self.msg_class(
+                subject=subject.decode(errors="backslashreplace"),
+                reply=reply.decode(errors="backslashreplace"),
+                data=data,
+                headers=headers,
+                _client=self,
+                _sid=sid,
+            )
+
+
+def header_bytes(headers: dict[str, str] | None) -> int:
+    """The size of `headers` on the wire (the ``NATS/1.0`` block), exactly."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 class NatsTransport:
@@ -111,6 +148,33 @@ class NatsTransport:
         self.settings = settings or Settings.load(environ={})
         self._js = nc.jetstream()
         self._streams_ready = False
+        self.closed = asyncio.Event()  # set when the connection is closed for good
+        self._closing = False
+
+    @property
+    def max_payload(self) -> int:
+        """The most the server takes in one message, headers and body together."""
+        return int(self.nc.max_payload)
+
+    def check_outgoing(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Refuse, with a PublishError, what the server would answer by closing the
+        connection: a control line over 4 KiB or a message over its max_payload."""
+        room = self.nc.max_payload
+        rough = len(data) + (0 if not headers else sum(map(len, headers)) + sum(map(len, headers.values())))
+        if len(subject) + len(reply) < 1024 and rough < room - 4096:
+            return  # the common case, without encoding anything
+        line = len(subject.encode()) + len(reply.encode()) + 200  # HPUB, sizes, a JetStream reply inbox
+        if line > MAX_CONTROL_LINE:
+            raise PublishError(
+                f"subject {subject[:80]!r}... is {len(subject.encode())} bytes: with its reply subject "
+                f"it would not fit the server's {MAX_CONTROL_LINE}-byte control line"
+            )
+        size = len(data) + header_bytes(headers)
+        if size > room:
+            raise PublishError(
+                f"message to {subject[:120]!r} is {size} bytes with its headers; the server takes "
+                f"at most {room} (max_payload)"
+            )
 
     @classmethod
     async def connect(cls, settings: Settings, name: str, *, url: str | None = None) -> NatsTransport:
@@ -126,6 +190,14 @@ class NatsTransport:
         async def on_reconnect() -> None:
             log.info("nats reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
 
+        transport: NatsTransport | None = None
+
+        async def on_closed() -> None:
+            if transport is not None:
+                transport.closed.set()
+                if not transport._closing:
+                    log.error("nats connection closed", error=str(nc.last_error or ""))
+
         options: dict[str, Any] = {
             "servers": servers,
             "name": name,
@@ -136,11 +208,13 @@ class NatsTransport:
             "error_cb": on_error,
             "disconnected_cb": on_disconnect,
             "reconnected_cb": on_reconnect,
+            "closed_cb": on_closed,
         }
         if settings.nats_creds:
             options["user_credentials"] = str(settings.nats_creds)
+        nc = _Client()
         try:
-            nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout * 2)
+            await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
         except TimeoutError:
             raise ServerError(
                 f"no answer from NATS at {', '.join(servers)} within {settings.connect_timeout * 2:.0f}s. "
@@ -151,7 +225,8 @@ class NatsTransport:
                 f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
                 f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
             ) from None
-        return cls(nc, settings)
+        transport = cls(nc, settings)
+        return transport
 
     @property
     def connected_url(self) -> str:
@@ -161,6 +236,7 @@ class NatsTransport:
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
     ) -> None:
+        self.check_outgoing(subject, reply, data, headers)
         await self.nc.publish(subject, data, reply=reply, headers=headers)
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription:
@@ -173,6 +249,7 @@ class NatsTransport:
         return await self.nc.request(subject, data, timeout=timeout, headers=headers)
 
     async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        self.check_outgoing(subject, "", data, headers)
         if not self._streams_ready:
             # A publisher may be first on a new server; and without the stream, a subscriber
             # on the subject (a tap) would swallow the store request until it timed out.
@@ -273,6 +350,7 @@ class NatsTransport:
         return bool(self.nc.is_connected)
 
     async def close(self) -> None:
+        self._closing = True
         if not self.nc.is_closed:
             await self.nc.drain()
 

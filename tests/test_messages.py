@@ -13,6 +13,7 @@ from sample_agents.relay import Baton, Finished
 from mesh.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
 from mesh.client import MeshClient
 from mesh.codec import JSON, MSGPACK, default_codec
+from mesh.deadletter import DeliveryFailed
 from mesh.errors import DecodeError, RegistrationError, UnknownTypeError
 from mesh.join import JoinTimer, JudgeRequest, JudgeVerdict
 from mesh.messages import Message, message, registry, type_of
@@ -40,6 +41,7 @@ SAMPLES: dict[str, Message] = {
     "test.work_done": ho.WorkDone(text="t", n=1, answer="a", by=1),
     "test.summary": ho.Summary(text="t", answers=["a"], missing=[], timed_out=False),
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
+    "mesh.delivery_failed": DeliveryFailed(kind="validation", reason="r", agent="a", message_id="m"),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
     "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),
     "llm.chunk": LLMChunk(stream="s1", seq=0, text="Hel", agent="writer"),

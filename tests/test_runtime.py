@@ -377,36 +377,79 @@ async def test_stored_work_cut_off_by_the_drain_goes_back_to_the_stream(
 
 
 async def test_watchdog_notices_a_connection_that_stopped_reading(settings: Settings) -> None:
-    """nats-py ends its read loop on a subject that is not UTF-8 while still 'connected';
-    the watchdog must turn that silence into an error instead of a deaf agent."""
+    """If nats-py's read loop ends while the client still reports itself connected, the
+    watchdog must turn that silence into an error instead of a deaf agent."""
     from mesh.errors import ServerError
     from mesh.serving import _watch_connection
     from mesh.transport import NatsTransport
-
-    async def ignore(msg: Any) -> None:
-        pass
 
     async def answer(msg: Any) -> None:
         await victim.publish(msg.reply, b"pong")
 
     victim = await NatsTransport.connect(settings, "victim")
     try:
-        await victim.subscribe("mesh.>", ignore)
         await victim.subscribe("probe.victim", answer)
         stop = asyncio.Event()
         watching = asyncio.create_task(_watch_connection(victim, stop, "probe.victim", every=0.2))
         await asyncio.sleep(0.5)  # a healthy connection answers its probe: the watchdog stays quiet
         assert not watching.done()
-        await victim.flush()
-        host, port = (settings.nats_url or "").removeprefix("nats://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        await reader.readline()  # INFO
-        writer.write(b'CONNECT {"verbose":false}\r\nPUB mesh.\xff.agent.victim 2\r\nhi\r\nPING\r\n')
-        await writer.drain()
-        await reader.readline()  # PONG: the server has routed the message
-        writer.close()
+        victim.nc._reading_task.cancel()  # the read loop is gone; the socket stays open
         with pytest.raises(ServerError, match="stopped reading"):
             await asyncio.wait_for(watching, 10)
         assert stop.is_set()
     finally:
         await victim.nc.close()
+
+
+async def test_watchdog_stops_at_once_when_the_server_closes_the_connection(settings: Settings) -> None:
+    """nats-server answers a control line over 4 KiB with -ERR and closes the connection, and
+    nats-py then never reconnects: the process must stop (and exit non-zero), not idle deaf."""
+    from mesh.serving import _watch_connection
+    from mesh.transport import NatsTransport
+
+    victim = await NatsTransport.connect(settings, "victim")
+    try:
+        stop = asyncio.Event()
+        watching = asyncio.create_task(_watch_connection(victim, stop, "probe.none", every=30))
+        await victim.nc.publish("mesh." + "x" * 5000 + ".agent.a", b"")  # past the transport's check
+        await asyncio.wait_for(watching, 10)
+        assert stop.is_set() and victim.closed.is_set()
+    finally:
+        await victim.nc.close()
+
+
+async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_working(
+    settings: Settings, client: MeshClient
+) -> None:
+    """nats-py decodes subjects strictly, and the error ends its read loop: one such message
+    would leave every replica it reaches connected and deaf."""
+    agent = Agent("victim")
+    got: list[str] = []
+
+    @agent.handler
+    async def on_ping(msg: Ping, ctx: Context) -> None:
+        got.append(msg.text)
+
+    dlq = await Recorder.start(client.transport, "mesh.*.dlq.victim")
+    async with running_agent(agent, settings):
+        host, port = (settings.nats_url or "").removeprefix("nats://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await reader.readline()  # INFO
+        hdrs = b"NATS/1.0\r\nMesh-Type: test.ping\r\n\r\n"
+        body = b'{"text":"x"}'
+        writer.write(
+            b'CONNECT {"verbose":false,"headers":true}\r\n'
+            + b"HPUB mesh.\xff\xfe.direct.victim %d %d\r\n" % (len(hdrs), len(hdrs) + len(body))
+            + hdrs + body + b"\r\nPING\r\n"
+        )
+        await writer.drain()
+        await reader.readline()  # PONG: the server has routed the message
+        writer.close()
+        letters = await dlq.wait_count(1)
+        assert letters[0].headers[h.DLQ_KIND] == "bad_subject"
+        assert letters[0].subject == "mesh._.dlq.victim"
+        await client.send("victim", Ping(text="still here"), durable=False)
+        async with asyncio.timeout(10):
+            while got != ["still here"]:
+                await asyncio.sleep(0.02)
+    await dlq.stop()
