@@ -162,6 +162,16 @@ def _headers(client: MeshClient, conv: str, **extra: str) -> dict[str, str]:
         ("deadline_expired", b'{"text": "x"}', {h.DEADLINE: str(int(time.time() * 1000) - 1000)}),
         ("handler_error", b'{"text": "boom"}', {}),
         ("oversize", b'{"text": "' + b"x" * (2 << 20) + b'"}', {}),
+        # values that would end up in a subject or a key the agent publishes to
+        ("bad_header", b'{"text": "x"}', {h.ID: "i" * 10_000}),
+        ("bad_header", b'{"text": "x"}', {h.ROUTE: "r" * 10_000}),
+        ("bad_header", b'{"text": "x"}', {h.ROUTE: "price,Not An Agent"}),
+        ("bad_header", b'{"text": "x"}', {h.ROUTE: ",".join(["a"] * 40)}),
+        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.reply." + "t" * 10_000}),
+        ("bad_header", b'{"text": "x"}', {h.JOIN: "strict.*/0"}),
+        ("bad_header", b'{"text": "x"}', {h.CAUSATION: "c" * 10_000}),
+        ("bad_header", b'{"text": "x"}', {h.SENT_AT: "9" * 5_000}),
+        ("bad_header", b'{"text": "x"}', {h.TYPE: "test." + "p" * 200}),
     ],
 )
 async def test_bad_input_is_dead_lettered_with_bytes_headers_and_reason(
@@ -424,11 +434,12 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
     """nats-py decodes subjects strictly, and the error ends its read loop: one such message
     would leave every replica it reaches connected and deaf."""
     agent = Agent("victim")
-    got: list[str] = []
+    got = asyncio.Event()
 
     @agent.handler
     async def on_ping(msg: Ping, ctx: Context) -> None:
-        got.append(msg.text)
+        if msg.text == "still here":
+            got.set()
 
     dlq = await Recorder.start(client.transport, "mesh.*.dlq.victim")
     async with running_agent(agent, settings):
@@ -449,7 +460,5 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
         assert letters[0].headers[h.DLQ_KIND] == "bad_subject"
         assert letters[0].subject == "mesh._.dlq.victim"
         await client.send("victim", Ping(text="still here"), durable=False)
-        async with asyncio.timeout(10):
-            while got != ["still here"]:
-                await asyncio.sleep(0.02)
+        await asyncio.wait_for(got.wait(), 10)
     await dlq.stop()
