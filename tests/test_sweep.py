@@ -203,7 +203,8 @@ class Sweep:
                 data, kind = msgspec.json.encode(JoinTimer(join=join, due_ms=1)), "unknown_join"
             self.add(f"mesh.{conv}.timer.coordinator", data, headers, "coordinator", kind)
         elif pick == 9:  # an answer to a join that does not exist, or with a wildcard in it
-            answer = "coordinator." + r.choice(["*/0", ">/1", "NoSuchJoin/0", "NoSuchJoin/timer", "x/judge", ""])
+            tail = r.choice(["*/0", ">/1", "NoSuchJoin/0", "NoSuchJoin/timer", "x/judge", ""])
+            answer = "coordinator." + tail
             headers = self.headers(conv, "test.work_done", **{h.ANSWER: answer})
             body = b'{"text": "t", "n": 0, "answer": "a", "by": 1}'
             self.add(f"mesh.{conv}.agent.coordinator", body, headers, "coordinator", "unknown_join")
