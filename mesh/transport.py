@@ -86,6 +86,10 @@ class Transport(Protocol):
 
     async def consumer_info(self, stream: str, name: str) -> Any: ...
 
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        """The consumers of a stream by name, with their filter subjects."""
+        ...
+
     async def stored(self, stream: str, seq: int) -> Any:
         """A stored message by stream sequence (subject, data, headers, seq)."""
         ...
@@ -327,6 +331,19 @@ class NatsTransport:
 
     async def consumer_info(self, stream: str, name: str) -> Any:
         return await self._js.consumer_info(stream, name)
+
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        while True:
+            try:
+                page = await self._js.consumers_info(stream, offset=len(found))
+            except nats.js.errors.NotFoundError:
+                return found  # no such stream yet
+            for info in page:
+                config = info.config
+                found[info.name] = list(config.filter_subjects or []) or [config.filter_subject or ">"]
+            if not page:
+                return found
 
     async def stored(self, stream: str, seq: int) -> Any:
         return _with_text_headers(await self._js.get_msg(stream, seq))
