@@ -244,6 +244,9 @@ class ApprovalKeeper:
             status = "approved" if decision.approved else "denied"
         if not h.is_id_token(approval_id):  # it goes into a KV key: no wildcards, no 10 KB
             raise DeliveryError("unknown_approval", f"{h.show(approval_id)} is not an approval id")
+        # drawn first on every delivery of this message, so a redelivery finds the same id,
+        # and approval.resolved (sent next, through the same counter) gets another one
+        resume_id = ctx.next_id()
         key = approval_key(approval_id)
         while True:
             got = await self.state.get(key)
@@ -257,7 +260,7 @@ class ApprovalKeeper:
                     return "skipped"  # decided already (a second answer, or the timer after it)
                 break  # a redelivery of the deciding message: finish its work again
             st.status, st.by, st.reason, st.decided_by_msg = status, by, reason, env.id
-            st.resume_id = derive_id(env.id, self.agent.name, 1)
+            st.resume_id = resume_id
             if await self.state.update(key, _encode(st), got[1]) is not None:
                 break
         await ctx.publish(ApprovalResolved(approval=st.id, status=st.status, by=st.by, reason=st.reason))

@@ -32,10 +32,20 @@ class _Group(click.Group):
     ) -> tuple[str | None, click.Command | None, list[str]]:
         name = args[0] if args else ""
         if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            path = _command_path(ctx)
             close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
-            hint = f" Did you mean `mesh {close[0]}`?" if close else ""
-            ctx.fail(f"no command {name!r}.{hint} Run `mesh --help` to see the commands.")
+            hint = f" Did you mean `{path} {close[0]}`?" if close else ""
+            ctx.fail(f"no command {name!r}.{hint} Run `{path} --help` to see the commands.")
         return super().resolve_command(ctx, args)
+
+
+def _command_path(ctx: click.Context) -> str:
+    """`mesh agents`, whatever the program was called (`python -m mesh`, a test runner)."""
+    names: list[str] = []
+    while ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["mesh", *names])
 
 
 def _settings() -> Settings:
@@ -68,13 +78,11 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh import dlq, llmcli
+    from mesh import declare, dlq, llmcli
 
     dlq.register(cli, _settings, _run)
     llmcli.register(cli, _settings, _run)
-
-
-_register_groups()
+    declare.register(agents, _settings, _run)
 
 
 def main() -> None:
@@ -188,16 +196,20 @@ def run(spec: str) -> None:
         shutdown_tracing()
 
 
-@cli.command()
+@cli.group(cls=_Group, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per agent process.")
 @click.option("--wait", default=0.5, show_default=True, help="Seconds to gather answers.")
-def agents(as_json: bool, wait: float) -> None:
-    """List running agents, their replicas, counters and queues.
+@click.pass_context
+def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
+    """List running agents, their replicas, counters and queues; `mesh agents add` declares
+    agents before their first start.
 
     PENDING: stored messages not yet handed to a replica; REDELIVERED: messages out for a
     second (or later) delivery and not yet acknowledged (retries, crashed handlers). Both
     count the agent's inbox and event queues.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from mesh.discovery import backlog, discover
     from mesh.transport import NatsTransport
 
@@ -237,6 +249,9 @@ def agents(as_json: bool, wait: float) -> None:
             )
 
     _run(go)
+
+
+_register_groups()
 
 
 # -- messages ----------------------------------------------------------------------
@@ -295,6 +310,7 @@ async def _publish(
 
     from mesh.client import ROOT, Lineage, MeshClient
     from mesh.codec import JSON, MSGPACK
+    from mesh.reach import reach, warning
     from mesh.subjects import conversation_pattern
     from mesh.tap import TapLine, format_line, tap
     from mesh.tracing import configure_tracing, current_trace_id
@@ -324,6 +340,9 @@ async def _publish(
             f"published {message.__mesh_type__} id={sent.id} conversation={sent.conversation} "
             f"subject={sent.subject} trace={trace_id}"
         )
+        said = warning(address, await reach(client.transport, address))
+        if said:
+            click.echo(f"warning: {said}", err=True)
         if wait_for:
             try:
                 line = await asyncio.wait_for(got, timeout)

@@ -204,6 +204,19 @@ async def discover(transport: Transport, *, timeout: float = 0.5, name: str = ""
     return sorted(out, key=lambda a: (a.name, a.id))
 
 
+async def is_running(transport: Transport, name: str, *, timeout: float = 1.0) -> bool:
+    """Whether a replica of agent `name` answers discovery now (the first answer is enough)."""
+    try:
+        await transport.request(f"{PREFIX}.PING.{name}", b"", timeout)
+    except TimeoutError:
+        return False
+    except Exception as exc:
+        if type(exc).__name__ == "NoRespondersError":  # nobody subscribes: not running
+            return False
+        raise
+    return True
+
+
 async def wait_for_agents(transport: Transport, wanted: dict[str, int], *, timeout: float = 15.0) -> None:
     """Return once discovery shows at least `wanted[name]` replicas of each agent."""
     loop = asyncio.get_running_loop()

@@ -60,15 +60,10 @@ async def list_dead_letters(
     transport: NatsTransport, stream: str, *, agent: str = "", conversation: str = "", limit: int = 50
 ) -> list[DeadLetter]:
     """The newest `limit` dead letters, oldest first, optionally of one agent/conversation."""
-    js = transport.nc.jetstream()
     pattern = f"{subjects.ROOT}.{conversation or '*'}.{subjects.DEAD_LETTER}.{agent or '*'}"
     found: list[DeadLetter] = []
     seq = 1
-    while True:
-        try:
-            raw = await js.get_msg(stream, seq=seq, subject=pattern, next=True)
-        except nats.js.errors.NotFoundError:
-            break
+    while (raw := await transport.stored_next(stream, seq, pattern)) is not None:
         found.append(_read(raw))
         found = found[-limit:]
         seq = int(raw.seq or 0) + 1

@@ -100,9 +100,14 @@ registry = TypeRegistry()
 """Every message type declared in this process."""
 
 
+def is_type_name(name: str) -> bool:
+    """Lower-case dotted words with a domain first, e.g. ``support.ticket_opened``."""
+    return _TYPE_NAME.match(name) is not None
+
+
 def message(name: str, *, version: int = 1) -> Callable[[M], M]:
     """Give a `Message` subclass its stable wire name and version, and register it."""
-    if not _TYPE_NAME.match(name):
+    if not is_type_name(name):
         raise RegistrationError(
             f"message type name {name!r} is not valid: use lower-case dotted words "
             f"with a domain first, e.g. 'support.ticket_opened'"

@@ -106,7 +106,7 @@ class AgentRuntime:
         return eps
 
     def _event_types(self) -> list[str]:
-        return sorted({h.mtype.name for h in self.agent.handlers if h.events})
+        return streams.event_types(self.agent)
 
     async def start(self) -> None:
         settings, name = self.settings, self.agent.name
@@ -120,9 +120,7 @@ class AgentRuntime:
         self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
         self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
-        timers = bool(self.agent.joins) or any(t.approval for t in self.agent.tools)
-        specs = streams.consumer_specs(name, self._event_types(), settings, timers=timers)
-        for spec in specs:
+        for spec in streams.agent_consumer_specs(self.agent, settings):
             await self.transport.ensure_consumer(spec)
             self._subs.append(
                 await self.transport.subscribe(

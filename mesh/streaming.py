@@ -90,8 +90,10 @@ async def final_answer(transport: Any, conversation: str) -> LLMFinal | None:
     consumer that was not listening while it streamed). None if there is none."""
     subject = subjects.Address.event(conversation, "llm.final").subject
     try:
-        raw = await transport.nc.jetstream().get_last_msg(EVENTS, subject)
-    except Exception:  # nats.js.errors.NotFoundError, or no such stream yet
+        raw = await transport.stored_last(EVENTS, subject)
+    except Exception:  # no such stream yet
+        return None
+    if raw is None:
         return None
     headers = raw.headers or {}
     return default_codec.decode(raw.data, LLMFinal, headers.get(h.CONTENT_TYPE, "application/json"))

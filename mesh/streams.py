@@ -23,11 +23,14 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from mesh import subjects
 from mesh.envelope import is_id_token
 from mesh.settings import Settings
+
+if TYPE_CHECKING:
+    from mesh.agent import Agent
 
 INBOX: Final = "MESH_INBOX"
 EVENTS: Final = "MESH_EVENTS"
@@ -123,6 +126,18 @@ def id_key(message_id: str) -> str:
         return message_id
     digest = hashlib.blake2b(message_id.encode(errors="surrogatepass"), digest_size=18).digest()
     return "=" + base64.urlsafe_b64encode(digest).decode()
+
+
+def event_types(agent: Agent) -> list[str]:
+    """The types an agent receives as events (handlers not declared with ``events=False``)."""
+    return sorted({h.mtype.name for h in agent.handlers if h.events})
+
+
+def agent_consumer_specs(agent: Agent, settings: Settings) -> list[ConsumerSpec]:
+    """The consumers an agent pulls from: created by its first replica to start, or before
+    that by `mesh agents add`."""
+    timers = bool(agent.joins) or any(t.approval for t in agent.tools)
+    return consumer_specs(agent.name, event_types(agent), settings, timers=timers)
 
 
 def processed_key(agent: str, message_id: str) -> str:

@@ -177,6 +177,17 @@ def dead_letter_pattern() -> str:
 ALL: Final = f"{ROOT}.>"
 
 
+def matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject pattern (``*`` one token, ``>`` one or more) matches a subject."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(wanted):
+        if tok == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or tok not in ("*", tokens[i]):
+            return False
+    return len(wanted) == len(tokens)
+
+
 def check_pattern(pattern: str) -> str:
     """Validate a subscription pattern given by a user (e.g. to `mesh tap`)."""
     tokens = pattern.split(".")

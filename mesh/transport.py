@@ -7,7 +7,8 @@ client. A delivery is anything with ``subject``, ``data``, ``headers`` and ``rep
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from email.header import Header, decode_header
 from typing import Any, Final, Protocol
 
 import nats
@@ -85,8 +86,20 @@ class Transport(Protocol):
 
     async def consumer_info(self, stream: str, name: str) -> Any: ...
 
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        """The consumers of a stream by name, with their filter subjects."""
+        ...
+
     async def stored(self, stream: str, seq: int) -> Any:
-        """A stored message by stream sequence (subject, data, headers)."""
+        """A stored message by stream sequence (subject, data, headers, seq)."""
+        ...
+
+    async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
+        """The first stored message at or after `seq` on `subject` (a pattern), or None."""
+        ...
+
+    async def stored_last(self, stream: str, subject: str) -> Any | None:
+        """The last stored message on `subject`, or None."""
         ...
 
     async def delete_stored(self, stream: str, seq: int) -> None: ...
@@ -319,8 +332,33 @@ class NatsTransport:
     async def consumer_info(self, stream: str, name: str) -> Any:
         return await self._js.consumer_info(stream, name)
 
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        while True:
+            try:
+                page = await self._js.consumers_info(stream, offset=len(found))
+            except nats.js.errors.NotFoundError:
+                return found  # no such stream yet
+            for info in page:
+                config = info.config
+                found[info.name] = list(config.filter_subjects or []) or [config.filter_subject or ">"]
+            if not page:
+                return found
+
     async def stored(self, stream: str, seq: int) -> Any:
-        return await self._js.get_msg(stream, seq)
+        return _with_text_headers(await self._js.get_msg(stream, seq))
+
+    async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
+        try:
+            return _with_text_headers(await self._js.get_msg(stream, seq=seq, subject=subject, next=True))
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def stored_last(self, stream: str, subject: str) -> Any | None:
+        try:
+            return _with_text_headers(await self._js.get_last_msg(stream, subject))
+        except nats.js.errors.NotFoundError:
+            return None
 
     async def delete_stored(self, stream: str, seq: int) -> None:
         await self._js.delete_msg(stream, seq)
@@ -353,6 +391,30 @@ class NatsTransport:
         self._closing = True
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+def text_headers(raw: Mapping[str, object] | None) -> dict[str, str]:
+    """Header values as text.
+
+    nats-py parses the headers of a message fetched by the JetStream API as e-mail headers,
+    which hands a value holding non-ASCII bytes back as an `email.header.Header`. Its bytes
+    are read as UTF-8 here, undecodable ones as U+FFFD, as nats-py does on a subscription.
+    """
+    return {name: _text(value) for name, value in (raw or {}).items()}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, Header):
+        parts = decode_header(value)
+        return b"".join(
+            p if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape") for p, _ in parts
+        ).decode("utf-8", "replace")
+    return str(value)
+
+
+def _with_text_headers(msg: Any) -> Any:
+    msg.headers = text_headers(msg.headers) or None
+    return msg
 
 
 class StateStore(Protocol):

@@ -123,3 +123,22 @@ async def test_mesh_tools_lists_and_mesh_approve_and_deny_decide(
     [answer] = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]
     assert answer.calls == ["refund"]
     assert [Refund(order_id="A-9", amount_eur=20)] == REFUNDS
+
+
+async def test_every_message_of_an_approval_has_its_own_id(client: MeshClient, settings: Settings) -> None:
+    # approval.resolved and the re-sent message are both sent while handling the decision
+    conv = "approve-ids"
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, settings):
+        sent = await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        await decide(client, settings, approval, approved=True, by="ada")
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+    [resolved] = _of(msgs, "approval.resolved")
+    [resumed] = [m for m in _of(msgs, "agent.clerk") if m.headers.get(h.CAUSATION) == sent.id]
+    assert resumed.headers[h.TYPE] == "test.ask"
+    assert resolved.headers[h.ID] != resumed.headers[h.ID]
+    ids = [m.headers[h.ID] for m in msgs]
+    assert len(ids) == len(set(ids)), ids

@@ -10,12 +10,14 @@ import sys
 
 from sample_agents.echo import Ping, Pong
 
-from mesh import Agent, Context
+from mesh import Agent, Context, streams
 from mesh import envelope as h
 from mesh.client import MeshClient
+from mesh.delivery import Failures, on_max_deliveries
 from mesh.discovery import backlog
 from mesh.dlq import list_dead_letters, redrive, redrive_headers
 from mesh.settings import Settings
+from mesh.streams import bucket_specs
 from mesh.testing import Recorder, running_agent
 
 healed = False
@@ -113,3 +115,66 @@ async def test_agents_shows_what_waits_in_a_stopped_agents_queue(
     pongs = await Recorder.start(client.transport, "mesh.dlq-backlog.evt.test.pong")
     async with running_agent(moody, settings):
         await pongs.wait_count(5)
+
+
+payment_fixed = False
+payments = Agent("payments", description="fails in German until fixed")
+
+
+@payments.handler
+async def on_payment(ping: Ping, ctx: Context) -> Pong:
+    if not payment_fixed:
+        raise RuntimeError("Zahlung für Kunde 4 fehlgeschlagen")
+    return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
+
+
+async def test_the_dlq_tools_read_headers_that_are_not_ascii(settings: Settings, client: MeshClient) -> None:
+    # nats-py's JetStream message API hands such a value back as an email.header.Header
+    global payment_fixed
+    payment_fixed = False
+    reason = "on_payment raised RuntimeError: Zahlung für Kunde 4 fehlgeschlagen (delivery 3)"
+    async with running_agent(payments, settings):
+        dlq = await Recorder.start(client.transport, "mesh.dlq-umlaut.dlq.payments")
+        # an outside system's own header, not ASCII either; a dead letter keeps it
+        headers = {**client.headers("test.ping", 1, "dlq-umlaut"), "Kunde": "Müller"}
+        inbox = "mesh.dlq-umlaut.agent.payments"
+        await client.transport.store(inbox, b'{"text": "pay", "n": 4}', headers)
+        await dlq.wait_count(1)
+
+        listed = _cli(settings, "dlq", "ls", "--conversation", "dlq-umlaut")
+        assert listed.returncode == 0, listed.stderr
+        assert "Zahlung für Kunde 4" in listed.stdout
+        as_json = _cli(settings, "dlq", "ls", "--conversation", "dlq-umlaut", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        letter = json.loads(as_json.stdout)
+        assert (letter["reason"], letter["message_id"]) == (reason, headers[h.ID])
+        shown = _cli(settings, "dlq", "show", str(letter["seq"]))
+        assert shown.returncode == 0, shown.stderr
+        assert f"Mesh-Dlq-Reason: {reason}" in shown.stdout
+        assert "Kunde: Müller" in shown.stdout
+
+        payment_fixed = True
+        pongs = await Recorder.start(client.transport, "mesh.dlq-umlaut.evt.test.pong")
+        again = await Recorder.start(client.transport, inbox)
+        redriven = _cli(settings, "dlq", "redrive", str(letter["seq"]))
+        assert redriven.returncode == 0, redriven.stderr
+        [back] = await again.wait_count(1)
+        assert back.headers["Kunde"] == "Müller"
+        [pong] = await pongs.wait_count(1)
+        assert pong.headers[h.CAUSATION] == headers[h.ID]
+        assert _cli(settings, "dlq", "ls", "--conversation", "dlq-umlaut", "--json").stdout == ""
+
+
+async def test_a_message_the_server_gave_up_on_is_dead_lettered_with_its_non_ascii_headers(
+    settings: Settings, client: MeshClient
+) -> None:
+    # what an agent does on the server's max-deliveries advisory: read the message back
+    # from the stream and store it as a dead letter
+    headers = {**client.headers("test.ping", 1, "dlq-gave-up"), "Kunde": "Müller"}
+    seq = await client.transport.store("mesh.dlq-gave-up.agent.stuck", b"{}", headers)
+    state = await client.transport.state(bucket_specs(settings)[1], settings)
+    dlq = await Recorder.start(client.transport, "mesh.dlq-gave-up.dlq.stuck")
+    advisory = json.dumps({"stream": streams.INBOX, "stream_seq": seq, "deliveries": 4}).encode()
+    await on_max_deliveries(client.transport, Failures(state, "stuck", "i1"), "stuck", advisory)
+    [dead] = await dlq.wait_count(1)
+    assert (dead.headers["Kunde"], dead.headers[h.DLQ_KIND]) == ("Müller", "max_deliveries")
