@@ -18,6 +18,7 @@ import nats.js.errors
 
 from mesh import envelope as h
 from mesh import subjects
+from mesh.deadletter import CONTINUATION
 from mesh.errors import ConfigError
 from mesh.settings import Settings
 from mesh.transport import NatsTransport
@@ -36,6 +37,7 @@ class DeadLetter:
     at_ns: int
     deliveries: int
     original_subject: str
+    truncated: int = 0  # the body's full size, if the rest is in a continuation letter
 
 
 def _read(raw: Any) -> DeadLetter:
@@ -50,10 +52,19 @@ def _read(raw: Any) -> DeadLetter:
         reason=hd.get(h.DLQ_REASON, ""),
         type=hd.get(h.TYPE, ""),
         message_id=hd.get(h.ID, ""),
-        at_ns=int(hd.get(h.DLQ_AT, "0") or 0),
-        deliveries=int(hd.get(h.DLQ_DELIVERIES, "1") or 1),
+        at_ns=_int(hd.get(h.DLQ_AT)),
+        deliveries=_int(hd.get(h.DLQ_DELIVERIES)) or 1,
         original_subject=hd.get(h.DLQ_SUBJECT, ""),
+        truncated=_int(hd.get(h.DLQ_TRUNCATED)),
     )
+
+
+def _int(raw: str | None) -> int:
+    """A number from a dead letter's header; anyone can publish on a dead-letter subject."""
+    try:
+        return int(raw or 0) if len(raw or "") <= h.MAX_INT else 0
+    except ValueError:
+        return 0
 
 
 async def list_dead_letters(
@@ -91,16 +102,41 @@ def redrive_headers(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
+async def continuation(transport: NatsTransport, stream: str, raw: Any) -> Any:
+    """The continuation letter holding the rest of truncated dead letter `raw`."""
+    letter_id = (raw.headers or {}).get(h.DLQ_ID, "")
+    seq = int(raw.seq or 0) + 1
+    while (nxt := await transport.stored_next(stream, seq, raw.subject)) is not None:
+        hd = nxt.headers or {}
+        if hd.get(h.DLQ_KIND) == CONTINUATION and hd.get(h.DLQ_OF) == letter_id:
+            return nxt
+        seq = int(nxt.seq or 0) + 1
+    raise ConfigError(f"the rest of dead letter {raw.seq} ({h.DLQ_OF}: {letter_id}) is not in {stream}")
+
+
 async def redrive(transport: NatsTransport, stream: str, seq: int, *, keep: bool = False) -> str:
     """Send dead letter `seq` back to its agent's inbox; the subject it went to."""
     raw = await get_dead_letter(transport, stream, seq)
     letter = _read(raw)
-    if not letter.agent or not subjects.is_conversation_id(letter.conversation):
+    if letter.kind == CONTINUATION:
+        raise ConfigError(f"dead letter {seq} is the rest of a truncated one: re-drive that one instead")
+    if letter.kind == "bad_subject":
+        raise ConfigError(
+            f"dead letter {seq} came on a subject that is not a mesh subject ({letter.original_subject!r}); "
+            f"it has no conversation to go back to. Publish a corrected copy instead (`mesh dlq show {seq}`)"
+        )
+    if not subjects.is_agent_name(letter.agent) or not subjects.is_conversation_id(letter.conversation):
         raise ConfigError(f"dead letter {seq} does not say which agent rejected it; it cannot be re-driven")
+    data, rest = raw.data, None
+    if letter.truncated:
+        rest = await continuation(transport, stream, raw)
+        data = raw.data + rest.data
     target = subjects.Address.inbox(letter.conversation, letter.agent).subject
-    await transport.store(target, raw.data, redrive_headers(dict(raw.headers or {})))
+    await transport.store(target, data, redrive_headers(dict(raw.headers or {})))
     if not keep:
         await transport.delete_stored(stream, seq)
+        if rest is not None:
+            await transport.delete_stored(stream, int(rest.seq))
     return target
 
 
@@ -170,6 +206,13 @@ def register(cli: click.Group, settings_fn: Any, run: Any) -> None:
             click.echo(f"subject: {raw.subject}")
             for name, value in sorted((raw.headers or {}).items()):
                 click.echo(f"{name}: {value}")
+            full = _read(raw).truncated
+            if full:
+                letter_id = (raw.headers or {}).get(h.DLQ_ID)
+                click.echo(
+                    f"\n(the body below is the first {len(raw.data)} of {full} bytes; the rest is the "
+                    f"continuation letter whose {h.DLQ_OF} is {letter_id}: `mesh dlq redrive` joins them)"
+                )
             click.echo("")
             click.echo(raw.data.decode("utf-8", "replace"))
 

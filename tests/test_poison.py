@@ -14,7 +14,8 @@ from mesh import Agent, Context, streams
 from mesh import envelope as h
 from mesh.client import Lineage, MeshClient
 from mesh.codec import default_codec
-from mesh.errors import RequestFailed
+from mesh.dlq import list_dead_letters, redrive
+from mesh.errors import ConfigError, RequestFailed
 from mesh.join import JoinTimer, all_of
 from mesh.settings import Settings
 from mesh.subjects import Address
@@ -67,6 +68,10 @@ async def test_a_long_conversation_id_on_a_stored_subject_is_dead_lettered_under
         assert letter.headers[h.DLQ_KIND] == "bad_subject"
         assert letter.headers[h.DLQ_SUBJECT] == f"mesh.{conv}.agent.victim"
         await _alive(client, "c1")
+        newest = (await list_dead_letters(client.transport, settings.dead_letter_stream, conversation="_"))[-1]
+        assert newest.original_subject == f"mesh.{conv}.agent.victim"
+        with pytest.raises(ConfigError, match="not a mesh subject"):
+            await redrive(client.transport, settings.dead_letter_stream, newest.seq)
 
 
 async def test_a_body_near_max_payload_is_dead_lettered_whole_in_two_parts(
@@ -90,6 +95,16 @@ async def test_a_body_near_max_payload_is_dead_lettered_whole_in_two_parts(
         assert int(rest.headers[h.DLQ_OFFSET]) == len(letter.data)
         assert letter.data + rest.data == body
         await _alive(client, conv)
+        # `mesh dlq redrive` joins the two parts again; the continuation alone is refused
+        stream = settings.dead_letter_stream
+        letters = await list_dead_letters(client.transport, stream, conversation=conv)
+        [seq, rest_seq] = [d.seq for d in letters]
+        with pytest.raises(ConfigError, match="rest of a truncated"):
+            await redrive(client.transport, stream, rest_seq)
+        inbox = await Recorder.start(client.transport, Address.inbox(conv, "victim").subject)
+        await redrive(client.transport, stream, seq)
+        [again] = await inbox.wait_count(1, timeout=30)
+        assert again.data == body
 
 
 @pytest.mark.parametrize("odd", ["order:17", "a b", "zahlung-für-4", "x.y.z", "*", ">", "id/with/slashes"])
