@@ -68,10 +68,11 @@ async def test_a_long_conversation_id_on_a_stored_subject_is_dead_lettered_under
         assert letter.headers[h.DLQ_KIND] == "bad_subject"
         assert letter.headers[h.DLQ_SUBJECT] == f"mesh.{conv}.agent.victim"
         await _alive(client, "c1")
-        newest = (await list_dead_letters(client.transport, settings.dead_letter_stream, conversation="_"))[-1]
+        stream = settings.dead_letter_stream
+        newest = (await list_dead_letters(client.transport, stream, conversation="_"))[-1]
         assert newest.original_subject == f"mesh.{conv}.agent.victim"
         with pytest.raises(ConfigError, match="not a mesh subject"):
-            await redrive(client.transport, settings.dead_letter_stream, newest.seq)
+            await redrive(client.transport, stream, newest.seq)
 
 
 async def test_a_body_near_max_payload_is_dead_lettered_whole_in_two_parts(
