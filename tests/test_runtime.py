@@ -451,7 +451,9 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
         writer.write(
             b'CONNECT {"verbose":false,"headers":true}\r\n'
             + b"HPUB mesh.\xff\xfe.direct.victim %d %d\r\n" % (len(hdrs), len(hdrs) + len(body))
-            + hdrs + body + b"\r\nPING\r\n"
+            + hdrs
+            + body
+            + b"\r\nPING\r\n"
         )
         await writer.drain()
         await reader.readline()  # PONG: the server has routed the message

@@ -260,8 +260,13 @@ async def _raw_publish(url: str, bad: list[Bad]) -> None:
         block = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in b.headers.items()) + b"\r\n"
         reply = f" _INBOX.sweep.{i}" if b.reply else ""
         writer.write(
-            b"HPUB " + b.subject + reply.encode() + b" %d %d\r\n" % (len(block), len(block) + len(b.data))
-            + block + b.data + b"\r\n"
+            b"HPUB "
+            + b.subject
+            + reply.encode()
+            + b" %d %d\r\n" % (len(block), len(block) + len(b.data))
+            + block
+            + b.data
+            + b"\r\n"
         )
         if i % 100 == 0:
             await writer.drain()
@@ -359,4 +364,3 @@ async def _stored_letters(client: MeshClient) -> int:
         info = await js.stream_info("MESH_DLQ", subjects_filter=f"mesh.*.dlq.{agent}")
         total += sum((info.state.subjects or {}).values())
     return total
-
