@@ -8,6 +8,7 @@ import pytest
 from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping, Pong
+from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
 
 from mesh.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
@@ -41,6 +42,8 @@ SAMPLES: dict[str, Message] = {
     "test.work_done": ho.WorkDone(text="t", n=1, answer="a", by=1),
     "test.summary": ho.Summary(text="t", answers=["a"], missing=[], timed_out=False),
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
+    "test.invoice_paid": InvoicePaid(invoice="I-1"),
+    "test.invoice_booked": InvoiceBooked(invoice="I-1"),
     "mesh.delivery_failed": DeliveryFailed(kind="validation", reason="r", agent="a", message_id="m"),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
     "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),
