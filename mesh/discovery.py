@@ -7,6 +7,7 @@ Every agent process answers as a NATS micro service named after the agent, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,7 +141,8 @@ class ServiceResponder:
 
     async def stop(self) -> None:
         for sub in self._subs:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # a closed connection has no interest left
+                await sub.unsubscribe()
         self._subs.clear()
 
 

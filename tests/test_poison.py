@@ -232,3 +232,26 @@ def msgspec_json(data: bytes) -> dict[str, Any]:
     import msgspec
 
     return msgspec.json.decode(data)  # type: ignore[no-any-return]
+
+
+async def test_an_agent_whose_connection_the_server_closed_exits_with_an_error(
+    settings: Settings, client: MeshClient
+) -> None:
+    """nats-py never reconnects after the server closed the connection with -ERR: `serve`
+    must end with an error (the process exits non-zero), not idle deaf."""
+    from mesh.errors import ServerError
+    from mesh.serving import serve
+
+    doomed = Agent("doomed")
+
+    @doomed.handler
+    async def on_ping(ping: Ping, ctx: Context) -> None:
+        raw = ctx._client.transport.nc  # type: ignore[attr-defined]  # past the transport's checks
+        await raw.publish("mesh." + "x" * 5000 + ".agent.a", b"")
+
+    ready = asyncio.Event()
+    serving = asyncio.create_task(serve(doomed, settings, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    await client.send("doomed", Ping(text="x"), durable=False)
+    with pytest.raises(ServerError, match="closed"):
+        await asyncio.wait_for(serving, 20)
