@@ -36,8 +36,8 @@ def dead_letter_subject(subject: str, agent: str) -> str:
     conversation token is used only if it is a valid one: a subject built from an unchecked
     value could be too long for the server, which would close the connection."""
     address = subjects.parse(subject)
-    ok = address is not None and subjects.is_conversation_id(address.conversation)
-    return subjects.Address.dead_letter(address.conversation if ok else "_", agent).subject  # type: ignore[union-attr]
+    conv = address.conversation if address is not None else "_"
+    return subjects.Address.dead_letter(conv if subjects.is_conversation_id(conv) else "_", agent).subject
 
 
 async def answer_failure(transport: Transport, msg: Any, agent: str, kind: str, reason: str) -> None:
