@@ -301,7 +301,7 @@ class AgentRuntime:
             except DeliveryError as exc:
                 await self._reject(msg, exc.kind, exc.reason)
                 return
-            if await self._processed.get(streams.processed_key(self.agent.name, msg_id)) is not None:
+            if await self._processed.exists(streams.processed_key(self.agent.name, msg_id)):
                 stats.duplicates += 1
                 await msg.ack()
                 return

@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 
 from mesh.consumer import PullConsumer
 from mesh.errors import PublishError, ServerError
+from mesh.kvbatch import BatchedExists
 from mesh.server import resolve_url
 from mesh.settings import Settings
 from mesh.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
@@ -373,6 +374,7 @@ class NatsTransport:
                 ttl=bucket.ttl,
                 storage=StorageType.MEMORY if settings.storage == "memory" else StorageType.FILE,
                 replicas=settings.replicas,
+                direct=True,  # reads from any replica, and batched lookups (mesh.kvbatch)
             )
             try:
                 kv = await self._js.create_key_value(config)
@@ -438,6 +440,10 @@ class StateStore(Protocol):
         """Write without waiting for the store to confirm (for hints that may be lost)."""
         ...
 
+    async def exists(self, key: str) -> bool:
+        """Whether `key` holds a value. Calls made at the same time may share one request."""
+        ...
+
     async def delete(self, key: str) -> None: ...
 
 
@@ -448,6 +454,13 @@ class NatsState:
         self._nc = nc
         self._kv = kv
         self._prefix = f"$KV.{bucket}."
+        self._exists = BatchedExists(nc, bucket, self._has, direct=bool(getattr(kv, "_direct", False)))
+
+    async def exists(self, key: str) -> bool:
+        return await self._exists.exists(key)
+
+    async def _has(self, key: str) -> bool:
+        return await self.get(key) is not None
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         try:

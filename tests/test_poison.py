@@ -117,8 +117,9 @@ async def test_ids_of_any_alphabet_are_handled_once_and_retried_when_they_fail(
     async with running_agent(victim, settings) as runtime:
         dlq = await Recorder.start(client.transport, f"mesh.{conv}.dlq.victim")
         await client.send("victim", Ping(text="fine"), conversation=conv, msg_id=odd)
-        await _alive(client, conv)
-        assert odd in handled
+        async with asyncio.timeout(10):
+            while odd not in handled:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
         await client.send("victim", Ping(text="boom"), conversation=conv, msg_id=odd + "!")
         [letter] = await dlq.wait_count(1, timeout=20)
         assert letter.headers[h.DLQ_KIND] == "handler_error"

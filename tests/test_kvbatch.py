@@ -1,0 +1,49 @@
+"""Batched existence checks against a real KV bucket (the duplicate guard's lookup)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.js.api import KeyValueConfig
+
+from mesh.envelope import new_id
+from mesh.kvbatch import CHUNK
+from mesh.settings import Settings
+from mesh.streams import BucketSpec
+from mesh.transport import NatsState, NatsTransport
+
+
+async def test_lookups_made_together_share_one_request_and_see_puts_and_deletes(settings: Settings) -> None:
+    transport = await NatsTransport.connect(settings, "kvbatch")
+    try:
+        store = await transport.state(BucketSpec(f"T_{new_id()}", 60), settings)
+        assert isinstance(store, NatsState)
+        await store.put("a.present", b"1")
+        await store.put("a.deleted", b"1")
+        await store.delete("a.deleted")
+        await store.put("a.=hashedKEY", b"1")
+        keys = ["a.present", "a.deleted", "a.absent", "a.=hashedKEY"] * 10
+        got = await asyncio.gather(*(store.exists(k) for k in keys))
+        assert got == [True, False, False, True] * 10
+        assert store._exists.requests == 1
+        many = [f"b.k{i}" for i in range(CHUNK * 2 + 10)]
+        await store.put(many[-1], b"1")
+        got = await asyncio.gather(*(store.exists(k) for k in many))
+        assert got == [False] * (len(many) - 1) + [True]
+        assert store._exists.requests == 1 + 3
+    finally:
+        await transport.close()
+
+
+async def test_a_bucket_without_direct_gets_is_asked_one_key_at_a_time(settings: Settings) -> None:
+    transport = await NatsTransport.connect(settings, "kvbatch")
+    try:
+        name = f"T_{new_id()}"
+        await transport.nc.jetstream().create_key_value(KeyValueConfig(bucket=name, direct=False))
+        store = await transport.state(BucketSpec(name, 60), settings)
+        assert isinstance(store, NatsState)
+        await store.put("present", b"1")
+        assert await asyncio.gather(store.exists("present"), store.exists("absent")) == [True, False]
+        assert store._exists.requests == 0
+    finally:
+        await transport.close()
