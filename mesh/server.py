@@ -296,10 +296,15 @@ def running(settings: Settings) -> ServerInfo | None:
 
 
 def resolve_url(settings: Settings) -> str:
-    """Where to connect: MESH_NATS_URL, else the server `mesh up` recorded."""
+    """Where to connect: MESH_NATS_URL, else the server (or cluster) `mesh up` recorded."""
+    from mesh import cluster
+
     if settings.nats_url:
         return settings.nats_url
     info = running(settings)
+    members = cluster.running(settings) if info is None else None
+    if members is not None:
+        return members[0]
     if info is None:
         raise ServerError(
             f"no mesh server is running under {settings.data_dir}: start one with `mesh up` "

@@ -3,11 +3,15 @@ on loopback)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from mesh.server import _is_our_server
 from mesh.testing import nats_cluster
 
 pytestmark = pytest.mark.slow
@@ -24,3 +28,33 @@ def test_a_cluster_elects_a_meta_leader_and_its_client_url_reaches_every_server(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_mesh_up_cluster_prints_its_url_is_found_by_later_commands_and_down_stops_it(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env["MESH_DATA_DIR"] = str(tmp_path)
+
+    def mesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mesh", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    up = mesh("up", "--cluster", "3", "--detach")
+    try:
+        assert up.returncode == 0, up.stderr
+        [url] = [line.split("=", 1)[1] for line in up.stdout.splitlines() if "MESH_NATS_URL=" in line]
+        assert len(url.split(",")) == 3
+        assert "export MESH_REPLICAS=3" in up.stdout
+        state = json.loads((tmp_path / "cluster" / "cluster.json").read_text())
+        assert len(state["nodes"]) == 3
+        assert "already running" in mesh("up", "--cluster", "3", "--detach").stdout
+        agents = mesh("agents")  # no MESH_NATS_URL: the recorded cluster is found
+        assert agents.returncode == 0 and "no agents are running" in agents.stdout, agents.stderr
+    finally:
+        down = mesh("down")
+    assert "mesh server stopped" in down.stdout, down.stderr
+    # gone (or a zombie of a detached process, never reaped here): no longer a nats-server
+    assert not any(_is_our_server(node["pid"], node["directory"]) for node in state["nodes"])
+    assert "no mesh server is running" in mesh("down").stdout
