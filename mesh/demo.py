@@ -101,7 +101,9 @@ async def run_demo(
         for name, spec in AGENT_SPECS.items():
             for i in range(REPLICAS.get(name, 1)):
                 log = logs / f"{name}{i or ''}.log"
-                procs.append(spawn_agent(spec, url=url, data_dir=settings.data_dir, log=log))
+                procs.append(
+                    spawn_agent(spec, url=url, data_dir=settings.data_dir, log=log, settings=settings)
+                )
                 out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {log})")
         out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
         client = await MeshClient.connect(settings, "helpdesk", url=url)

@@ -210,6 +210,12 @@ class Settings(BaseModel):
                 problems.append(f"{PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
             raise ConfigError("invalid mesh settings: " + "; ".join(problems)) from None
 
+    def environ(self) -> dict[str, str]:
+        """The MESH_* variables that give a child process these settings: every one set here
+        (from the environment or an override); the others are defaults there as well."""
+        values = self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        return {PREFIX + name.upper(): str(value) for name, value in values.items()}
+
     @property
     def spans_path(self) -> Path:
         return self.trace_file or self.data_dir / "traces.jsonl"

@@ -3,18 +3,30 @@ on loopback)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mesh import streams
+from mesh.client import MeshClient
+from mesh.cluster import EmbeddedCluster
 from mesh.server import _is_our_server
+from mesh.settings import Settings
 from mesh.testing import nats_cluster
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
+    with nats_cluster(tmp_path / "cluster", n=3) as c:
+        yield c
 
 
 def test_a_cluster_elects_a_meta_leader_and_its_client_url_reaches_every_server(tmp_path: Path) -> None:
@@ -58,3 +70,35 @@ def test_mesh_up_cluster_prints_its_url_is_found_by_later_commands_and_down_stop
     # gone (or a zombie of a detached process, never reaped here): no longer a nats-server
     assert not any(_is_our_server(node["pid"], node["directory"]) for node in state["nodes"])
     assert "no mesh server is running" in mesh("down").stdout
+
+
+async def test_mesh_demo_with_three_replicas_creates_replicated_streams_and_buckets(
+    cluster: EmbeddedCluster, tmp_path: Path
+) -> None:
+    """`mesh demo` passes its settings to the agents it starts: with MESH_REPLICAS=3, the
+    streams and buckets they create have three replicas (they used to get one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "ANTHROPIC_", "OTEL_"))}
+    env.update({"MESH_DATA_DIR": str(tmp_path / "data"), "MESH_NATS_URL": cluster.url, "MESH_REPLICAS": "3"})
+    env["MESH_TRACE_EXPORTER"] = "none"
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mesh", "demo", "--tickets", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "reply drafted" in result.stdout
+    settings = Settings.load(environ={}, nats_url=cluster.url, data_dir=tmp_path / "data")
+    client = await MeshClient.connect(settings, "check")
+    try:
+        js = client.transport.nc.jetstream()  # type: ignore[attr-defined]
+        replicas = {
+            name: (await js.stream_info(name)).config.num_replicas
+            for name in (streams.INBOX, streams.EVENTS, "KV_MESH_PROCESSED", "KV_MESH_STATE")
+        }
+    finally:
+        await client.close()
+    print(f"\nreplicas={replicas}")
+    assert set(replicas.values()) == {3}, replicas

@@ -38,3 +38,17 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
     with pytest.raises(ConfigError) as info:
         Settings.load(environ=env)
     assert message in str(info.value)
+
+
+def test_settings_pass_to_a_child_process_as_mesh_variables(tmp_path: Path) -> None:
+    parent = Settings.load(
+        environ={"MESH_REPLICAS": "3", "MESH_DATA_DIR": str(tmp_path)}, ack_wait=2.5, trace_exporter="none"
+    )
+    env = parent.environ()
+    assert env == {
+        "MESH_REPLICAS": "3",
+        "MESH_DATA_DIR": str(tmp_path),
+        "MESH_ACK_WAIT": "2.5",
+        "MESH_TRACE_EXPORTER": "none",
+    }
+    assert Settings.load(environ=env) == parent
