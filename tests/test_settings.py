@@ -32,6 +32,11 @@ def test_settings_are_frozen() -> None:
         ({"MESH_LOG_LEVEL": "loud"}, "MESH_LOG_LEVEL='loud'"),
         ({"MESH_CONCURENCY": "4"}, "MESH_CONCURENCY (did you mean MESH_CONCURRENCY?)"),
         ({"MESH_EVENT_RETENTION": "60"}, "MESH_EVENT_RETENTION (60s) must be at least MESH_DEDUPE_WINDOW"),
+        ({"MESH_PUBLISH_RETRY_ATTEMPTS": "0"}, "MESH_PUBLISH_RETRY_ATTEMPTS='0'"),
+        (
+            {"MESH_PUBLISH_RETRY_TIMEOUT": "300"},
+            "MESH_PUBLISH_RETRY_TIMEOUT (300s) must be less than MESH_DEDUPE_WINDOW (300s)",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
