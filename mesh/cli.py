@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
-from mesh import server as srv
 from mesh import subjects
 from mesh.errors import ConfigError, MeshError
 from mesh.settings import Settings
-from mesh.transport import NatsTransport
 
 T = TypeVar("T")
 
@@ -78,8 +76,9 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh import declare, dlq, llmcli
+    from mesh import declare, dlq, llmcli, servercli
 
+    servercli.register(cli, _settings)
     dlq.register(cli, _settings, _run)
     llmcli.register(cli, _settings, _run)
     declare.register(agents, _settings, _run)
@@ -91,79 +90,6 @@ def main() -> None:
     except (ConfigError, MeshError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
-
-
-# -- server ------------------------------------------------------------------------
-
-
-async def _create_streams(settings: Settings, url: str) -> None:
-    transport = await NatsTransport.connect(settings, "mesh-up", url=url)
-    try:
-        await transport.ensure_streams()
-    finally:
-        await transport.close()
-
-
-@cli.command()
-@click.option("--detach", is_flag=True, help="Start in the background and return.")
-def up(detach: bool) -> None:
-    """Start the embedded nats-server (loopback, JetStream) under the data dir."""
-    settings = _settings()
-    if settings.nats_url:
-        raise ConfigError(
-            f"MESH_NATS_URL is set ({settings.nats_url}), so mesh commands use that server, not one "
-            f"`mesh up` would start: unset MESH_NATS_URL to use the embedded server"
-        )
-    info = srv.running(settings)
-    if info is not None:
-        click.echo(f"a mesh server is already running: {info.url} (pid {info.pid})")
-        return
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    if not detach:  # before the server starts, so a signal at any point stops it cleanly
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    server = srv.EmbeddedServer(
-        srv.server_dir(settings), tie_to_parent=not detach, sync_always=settings.fsync == "always"
-    )
-    info = server.start()
-    srv.write_state(settings, info)
-    asyncio.run(_create_streams(settings, info.url))  # publishers may come before any agent
-    click.echo(f"mesh server up: {info.url} (pid {info.pid}, store {srv.server_dir(settings)})")
-    if detach:
-        click.echo("stop it with `mesh down`")
-        return
-    click.echo("Ctrl-C to stop")
-    try:
-        while not stop:
-            if server.wait(timeout=0.5) is not None:
-                click.echo(f"nats-server exited on its own; see {server.log_path}", err=True)
-                break
-    finally:
-        server.stop()
-        srv.clear_state(settings)
-        click.echo("mesh server stopped")
-
-
-@cli.command()
-def down() -> None:
-    """Stop the server started by `mesh up`."""
-    settings = _settings()
-    info = srv.running(settings)
-    if info is None:
-        click.echo("no mesh server is running")
-        return
-    os.kill(info.pid, signal.SIGTERM)
-    for _ in range(200):
-        if srv.running(settings) is None:
-            break
-        time.sleep(0.05)
-    srv.clear_state(settings)
-    click.echo(f"mesh server stopped (pid {info.pid})")
 
 
 # -- agents ------------------------------------------------------------------------

@@ -123,6 +123,11 @@ class PullConsumer:
                 if msg.reply:
                     await self._nc.publish(msg.reply, b"")
                 return
+            if status == "503":
+                # no one took the request: the consumer has no leader (an election, a lost
+                # quorum). Nothing is outstanding; the watchdog asks again within a second.
+                self._outstanding = 0
+                return
             # 408 request expired, 409 max waiting/deleted/leadership change, 404 none
             unfilled = headers.get(_PENDING_MSGS)
             if unfilled is not None:

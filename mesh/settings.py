@@ -113,6 +113,19 @@ class Settings(BaseModel):
     dedupe_window: float = Field(
         default=300.0, gt=0, description="Seconds a Nats-Msg-Id is remembered for publish dedupe."
     )
+    publish_retry_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="Attempts of a durable publish (to an inbox, events or timers) that the stream "
+        "does not acknowledge: no answer in time, no stream leader, no quorum. Every attempt carries "
+        "the same Nats-Msg-Id, so the stream keeps one copy.",
+    )
+    publish_retry_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a durable publish may spend on its attempts before it gives up with an "
+        "error. Less than MESH_DEDUPE_WINDOW.",
+    )
     ack_wait: float = Field(
         default=30.0, gt=0, description="Seconds without an ack or progress before redelivery."
     )
@@ -175,6 +188,12 @@ class Settings(BaseModel):
                 f"MESH_EVENT_RETENTION ({self.event_retention:g}s) must be at least MESH_DEDUPE_WINDOW "
                 f"({self.dedupe_window:g}s): JetStream cannot remember ids longer than it keeps messages"
             )
+        if self.publish_retry_timeout >= self.dedupe_window:
+            raise ValueError(
+                f"MESH_PUBLISH_RETRY_TIMEOUT ({self.publish_retry_timeout:g}s) must be less than "
+                f"MESH_DEDUPE_WINDOW ({self.dedupe_window:g}s): a retry after the window could store "
+                f"a message twice"
+            )
         return self
 
     @classmethod
@@ -209,6 +228,12 @@ class Settings(BaseModel):
                 field = str(err["loc"][0])
                 problems.append(f"{PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
             raise ConfigError("invalid mesh settings: " + "; ".join(problems)) from None
+
+    def environ(self) -> dict[str, str]:
+        """The MESH_* variables that give a child process these settings: every one set here
+        (from the environment or an override); the others are defaults there as well."""
+        values = self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        return {PREFIX + name.upper(): str(value) for name, value in values.items()}
 
     @property
     def spans_path(self) -> Path:

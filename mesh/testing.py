@@ -1,5 +1,5 @@
-"""Test helpers: a real nats-server on a free port, agents in-process or as processes,
-and a recorder that waits on messages instead of sleeping.
+"""Test helpers: a real nats-server on a free port (or a cluster of them), agents in-process
+or as processes, and a recorder that waits on messages instead of sleeping.
 
     with nats_server(tmp_path) as server:
         settings = Settings.load(environ={}, nats_url=server.url, data_dir=tmp_path)
@@ -18,6 +18,7 @@ from typing import Any
 
 from mesh import launch
 from mesh.agent import Agent
+from mesh.cluster import EmbeddedCluster
 from mesh.launch import stop_process as stop_process  # re-exported for tests
 from mesh.llm import LLM
 from mesh.runtime import AgentRuntime
@@ -35,6 +36,20 @@ def nats_server(directory: Path) -> Iterator[EmbeddedServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def nats_cluster(directory: Path, n: int = 3) -> Iterator[EmbeddedCluster]:
+    """A real cluster of `n` nats-servers on loopback (routes between them, a store each,
+    JetStream on), ready once they have elected a meta leader; stopped afterwards.
+    ``cluster.url`` is the comma-separated client URL; ``cluster.node("n2").kill()`` and
+    ``.start()`` take one down and bring it back on the same ports."""
+    cluster = EmbeddedCluster(Path(directory), n)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @asynccontextmanager
@@ -55,7 +70,8 @@ async def running_agent(
 def spawn_agent(
     spec: str, settings: Settings, *, log: Path, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start `mesh run spec` as its own process, pointed at the same server, data dir and span file."""
+    """Start `mesh run spec` as its own process, pointed at the same server, data dir and span
+    file; other settings are the child's defaults unless `env` gives them (MESH_REPLICAS...)."""
     base = {"MESH_TRACE_FILE": str(settings.spans_path), **(env or {})}
     return launch.spawn_agent(
         spec, url=settings.nats_url or "", data_dir=settings.data_dir, log=log, env=base

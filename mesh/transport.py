@@ -7,6 +7,7 @@ client. A delivery is anything with ``subject``, ``data``, ``headers`` and ``rep
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from email.header import Header, decode_header
 from typing import Any, Final, Protocol
@@ -27,13 +28,57 @@ from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from mesh.consumer import PullConsumer
-from mesh.errors import PublishError, ServerError
+from mesh.envelope import NATS_MSG_ID
+from mesh.errors import PublishError, ServerError, ServerUnavailable
 from mesh.kvbatch import BatchedExists
 from mesh.server import resolve_url
 from mesh.settings import Settings
 from mesh.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 
 log = structlog.get_logger("mesh.transport")
+
+ACK_TIMEOUT = 5.0  # seconds one attempt of a durable publish waits for the stream's ack
+RETRY_DELAY = 0.1  # seconds before the first retry of a durable publish; doubles, ±20 %
+RETRY_DELAY_MAX = 2.0
+
+# JetStream API error codes (nats-server's errors.json)
+JS_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # "JetStream not enabled for account"
+# a 409: a publish with this Nats-Msg-Id is still being replicated (a leader without a quorum)
+JS_DUPLICATE_IN_PROCESS = 10158  # "duplicate message id is in process"
+
+_NO_LEADER = (
+    "The stream has no quorum or no leader: on a cluster, fewer than half of the servers "
+    "holding its replicas are up, or they are electing a leader"
+)
+_NO_JETSTREAM = (
+    "the NATS server has no JetStream, which the mesh needs for durable inboxes, events "
+    "and dead letters: start nats-server with -js (or `jetstream {}` in its config)"
+)
+
+
+def _unavailable(exc: Any, stream: str) -> ServerError:
+    """What a 503 from the JetStream API means: no JetStream at all (nobody answered; the
+    client reports the no-responders status as a 503 without an error code), none for this
+    account, or a cluster without a meta leader."""
+    code = getattr(exc, "err_code", None)
+    if code is None:
+        return ServerError(_NO_JETSTREAM)
+    if code == JS_NOT_ENABLED_FOR_ACCOUNT:
+        return ServerError(
+            "JetStream is not enabled for the NATS account this process uses: enable it for the "
+            "account (a `jetstream` block in the account's configuration, or its JWT limits)"
+        )
+    if code == JS_CLUSTER_NOT_AVAILABLE:
+        return ServerUnavailable(
+            f"the JetStream cluster has no meta leader, so stream {stream} cannot be created or "
+            f"checked: fewer than half of its servers are up (no quorum), or they are electing a "
+            f"leader. It works again once a majority of the servers is back"
+        )
+    return ServerUnavailable(
+        f"JetStream could not create or check stream {stream}: 503, error {code} "
+        f"({getattr(exc, 'description', '')})"
+    )
 
 
 class RawMessage(Protocol):
@@ -76,7 +121,8 @@ class Transport(Protocol):
         ...
 
     async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
-        """Create the stream if absent (ServerError when the server has no JetStream)."""
+        """Create the stream if absent (ServerError when the server has no JetStream,
+        ServerUnavailable when a cluster has no meta leader)."""
         ...
 
     async def ensure_streams(self) -> None: ...
@@ -164,6 +210,7 @@ class NatsTransport:
         self._streams_ready = False
         self.closed = asyncio.Event()  # set when the connection is closed for good
         self._closing = False
+        self.publish_retries = 0  # durable publishes sent again (see `store`)
 
     @property
     def max_payload(self) -> int:
@@ -263,23 +310,58 @@ class NatsTransport:
         return await self.nc.request(subject, data, timeout=timeout, headers=headers)
 
     async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish to a stream and wait for its acknowledgement, retrying while the stream
+        cannot answer (no acknowledgement in time, no leader, no quorum) within
+        MESH_PUBLISH_RETRY_ATTEMPTS and MESH_PUBLISH_RETRY_TIMEOUT. Every attempt sends the same
+        headers, so the same Nats-Msg-Id: the stream keeps one copy even if an attempt that timed
+        out was stored."""
         self.check_outgoing(subject, "", data, headers)
-        if not self._streams_ready:
-            # A publisher may be first on a new server; and without the stream, a subscriber
-            # on the subject (a tap) would swallow the store request until it timed out.
-            await self.ensure_streams()
-        for attempt in (1, 2):
+        limits = self.settings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + limits.publish_retry_timeout
+        ensured = self._streams_ready
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout = max(0.05, min(ACK_TIMEOUT, deadline - loop.time()))
             try:
-                ack = await self._js.publish(subject, data, headers=headers)
+                if not ensured:
+                    # A publisher may be first on a new server; and without the stream, a
+                    # subscriber on the subject (a tap) would swallow the store request.
+                    await asyncio.wait_for(self.ensure_streams(), timeout)
+                    ensured = True
+                ack = await self._js.publish(subject, data, timeout=timeout, headers=headers)
                 return int(ack.seq)
-            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
-                if attempt == 2:
-                    raise ServerError(
-                        f"no stream stored {subject!r}: the mesh streams could not be created "
-                        f"(does the NATS server run JetStream?)"
-                    ) from None
-                await self.ensure_streams()  # the first publisher on a new server
-        raise AssertionError("unreachable")
+            except nats.js.errors.NoStreamResponseError:
+                ensured = False  # no leader, or no stream at all: check the streams first next time
+                why = f"no stream leader answered. {_NO_LEADER}"
+            except TimeoutError:  # nats-py's, or the wait for the streams
+                why = f"no answer within {timeout:.1f}s. {_NO_LEADER}, or the server is down or overloaded"
+            except nats.js.errors.ServiceUnavailableError as exc:
+                why = f"JetStream answered 503 ({exc.description or 'unavailable'}). {_NO_LEADER}"
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != JS_DUPLICATE_IN_PROCESS:
+                    raise
+                why = f"an earlier attempt is not yet stored or refused. {_NO_LEADER}"
+            except ServerUnavailable as exc:
+                why = str(exc)
+            elapsed = loop.time() - started
+            if attempt >= limits.publish_retry_attempts or loop.time() >= deadline:
+                msg_id = (headers or {}).get(NATS_MSG_ID) or "unset"
+                raise ServerUnavailable(
+                    f"{subject!r} was not stored after {attempt} attempt(s) in {elapsed:.1f}s; the last: "
+                    f"{why}. Once the servers are back, publish it again with the same message id "
+                    f"({NATS_MSG_ID} {msg_id}) within MESH_DEDUPE_WINDOW: an attempt that timed out may "
+                    f"have been stored, and the stream keeps one copy. MESH_PUBLISH_RETRY_ATTEMPTS and "
+                    f"MESH_PUBLISH_RETRY_TIMEOUT set how long to retry"
+                ) from None
+            self.publish_retries += 1
+            (log.warning if attempt == 1 else log.info)(
+                "durable publish retried", subject=subject, attempt=attempt, reason=why
+            )
+            delay = min(RETRY_DELAY_MAX, RETRY_DELAY * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
 
     async def ensure_streams(self) -> None:
         """Create every mesh stream that is missing (agents and `mesh up` call this)."""
@@ -306,10 +388,15 @@ class NatsTransport:
                 log.debug("stream kept as configured", stream=spec.name, code=exc.err_code)
                 return
             raise
-        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
-            raise ServerError(
-                "the NATS server has no JetStream, which the mesh needs for durable inboxes, events "
-                "and dead letters: start nats-server with -js (or `jetstream {}` in its config)"
+        except nats.errors.NoRespondersError:
+            raise ServerError(_NO_JETSTREAM) from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise _unavailable(exc, spec.name) from None
+        except nats.errors.TimeoutError:
+            raise ServerUnavailable(
+                f"JetStream did not answer in time when asked to create or check stream {spec.name}: "
+                f"on a cluster, its servers may be electing a meta leader, or too few are up for a "
+                f"quorum; else the server is overloaded"
             ) from None
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:

@@ -83,21 +83,28 @@ async def apply_effect(ctx: Context, what: str) -> bool:
     """Apply an external effect once per idempotency key; True if this call applied it."""
     global _ledger, _ledger_nc
     if _ledger is None:
-        url = os.environ.get("MESH_NATS_URL", "")
-        nc = _ledger_nc = await nats.connect(url)
+        servers = os.environ.get("MESH_NATS_URL", "").split(",")  # one URL, or a cluster's
+        nc = _ledger_nc = await nats.connect(
+            servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_ledger_error
+        )
         js = nc.jetstream()
         try:
             _ledger = await js.key_value(LEDGER)
         except Exception:
             from nats.js.api import KeyValueConfig
 
-            _ledger = await js.create_key_value(KeyValueConfig(bucket=LEDGER))
+            replicas = int(os.environ.get("MESH_REPLICAS", "1"))
+            _ledger = await js.create_key_value(KeyValueConfig(bucket=LEDGER, replicas=replicas))
     key = ctx.idempotency_key.replace(":", ".")
     try:
         await _ledger.create(key, f"{what} {ctx.conversation_id}".encode())  # type: ignore[attr-defined]
         return True
     except KeyWrongLastSequenceError:
         return False
+
+
+async def _ledger_error(exc: Exception) -> None:
+    """Connection errors while a server is down: the ledger reconnects, no traceback."""
 
 
 async def close_ledger() -> None:
