@@ -39,8 +39,8 @@ from mesh.tools import ToolError
 if TYPE_CHECKING:
     from mesh.agent import Agent
     from mesh.context import Context
+    from mesh.state import StateStore
     from mesh.tools import Tool
-    from mesh.transport import StateStore
 
 Status = Literal["pending", "approved", "denied", "expired"]
 

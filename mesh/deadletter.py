@@ -15,7 +15,8 @@ import structlog
 from mesh import envelope as h
 from mesh import subjects
 from mesh.messages import Message, message
-from mesh.transport import Transport, header_bytes
+from mesh.natsclient import header_bytes
+from mesh.transport import Transport
 
 log = structlog.get_logger("mesh.deadletter")
 

@@ -18,7 +18,8 @@ from mesh import streams
 from mesh.deadletter import dead_letter
 from mesh.errors import DeliveryError
 from mesh.settings import Settings
-from mesh.transport import StateStore, Transport
+from mesh.state import StateStore
+from mesh.transport import Transport
 
 log = structlog.get_logger("mesh.delivery")
 

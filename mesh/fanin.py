@@ -41,7 +41,7 @@ from mesh.streams import join_key
 
 if TYPE_CHECKING:
     from mesh.context import Answer, Context
-    from mesh.transport import StateStore
+    from mesh.state import StateStore
 
 
 class PartRecord(msgspec.Struct):

@@ -33,8 +33,9 @@ from mesh.logs import log_context
 from mesh.messages import Message
 from mesh.middleware import chain
 from mesh.settings import Settings
+from mesh.state import StateStore
 from mesh.tracing import extract_context, tracing
-from mesh.transport import StateStore, Subscription, Transport
+from mesh.transport import Subscription, Transport
 
 
 class AgentRuntime:

@@ -1,16 +1,17 @@
 """The bus behind a Protocol, and its NATS implementation.
 
-Everything above this module talks to `Transport`; only this module imports nats-py's
-client. A delivery is anything with ``subject``, ``data``, ``headers`` and ``reply``.
+Everything above the bus talks to `Transport` (and to `mesh.state.StateStore` for shared
+state); nats-py is used only here and in the modules beside it: `natsclient` (the client
+itself), `consumer` (pulls), `state` and `kvbatch` (KV buckets). A delivery is anything
+with ``subject``, ``data``, ``headers`` and ``reply``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from email.header import Header, decode_header
-from typing import Any, Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import nats
 import structlog
@@ -25,14 +26,14 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError
-from nats.js.kv import KeyValue
 
 from mesh.consumer import PullConsumer
 from mesh.envelope import NATS_MSG_ID
 from mesh.errors import PublishError, ServerError, ServerUnavailable
-from mesh.kvbatch import BatchedExists
+from mesh.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
 from mesh.server import resolve_url
 from mesh.settings import Settings
+from mesh.state import NatsState, StateStore
 from mesh.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 
 log = structlog.get_logger("mesh.transport")
@@ -170,36 +171,6 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-MAX_CONTROL_LINE: Final = 4096  # nats-server's default; a longer PUB line closes the connection
-
-
-class _Client(NatsClient):
-    """nats-py's client, except that a subject that is not UTF-8 is read as text with its
-    bad bytes escaped (``\\xff``). nats-py decodes subjects strictly, and the error ends its
-    read loop for good: one such message would leave every replica it reaches connected
-    and deaf. Escaped, the subject is no mesh subject, and the agent dead-letters it."""
-
-    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
-        try:
-            return super()._build_message(sid, subject, reply, data, headers)
-        except UnicodeDecodeError:
-            return self.msg_class(
-                subject=subject.decode(errors="backslashreplace"),
-                reply=reply.decode(errors="backslashreplace"),
-                data=data,
-                headers=headers,
-                _client=self,
-                _sid=sid,
-            )
-
-
-def header_bytes(headers: dict[str, str] | None) -> int:
-    """The size of `headers` on the wire (the ``NATS/1.0`` block), exactly."""
-    if not headers:
-        return 0
-    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
-
-
 class NatsTransport:
     """`Transport` over nats-py."""
 
@@ -273,7 +244,7 @@ class NatsTransport:
         }
         if settings.nats_creds:
             options["user_credentials"] = str(settings.nats_creds)
-        nc = _Client()
+        nc = Client()
         try:
             await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
         except TimeoutError:
@@ -434,17 +405,17 @@ class NatsTransport:
                 return found
 
     async def stored(self, stream: str, seq: int) -> Any:
-        return _with_text_headers(await self._js.get_msg(stream, seq))
+        return with_text_headers(await self._js.get_msg(stream, seq))
 
     async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
         try:
-            return _with_text_headers(await self._js.get_msg(stream, seq=seq, subject=subject, next=True))
+            return with_text_headers(await self._js.get_msg(stream, seq=seq, subject=subject, next=True))
         except nats.js.errors.NotFoundError:
             return None
 
     async def stored_last(self, stream: str, subject: str) -> Any | None:
         try:
-            return _with_text_headers(await self._js.get_last_msg(stream, subject))
+            return with_text_headers(await self._js.get_last_msg(stream, subject))
         except nats.js.errors.NotFoundError:
             return None
 
@@ -480,99 +451,3 @@ class NatsTransport:
         self._closing = True
         if not self.nc.is_closed:
             await self.nc.drain()
-
-
-def text_headers(raw: Mapping[str, object] | None) -> dict[str, str]:
-    """Header values as text.
-
-    nats-py parses the headers of a message fetched by the JetStream API as e-mail headers,
-    which hands a value holding non-ASCII bytes back as an `email.header.Header`. Its bytes
-    are read as UTF-8 here, undecodable ones as U+FFFD, as nats-py does on a subscription.
-    """
-    return {name: _text(value) for name, value in (raw or {}).items()}
-
-
-def _text(value: object) -> str:
-    if isinstance(value, Header):
-        parts = decode_header(value)
-        return b"".join(
-            p if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape") for p, _ in parts
-        ).decode("utf-8", "replace")
-    return str(value)
-
-
-def _with_text_headers(msg: Any) -> Any:
-    msg.headers = text_headers(msg.headers) or None
-    return msg
-
-
-class StateStore(Protocol):
-    """A key-value bucket with compare-and-set: the only place shared state lives."""
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        """The value and its revision, or None."""
-        ...
-
-    async def create(self, key: str, value: bytes) -> int | None:
-        """Store if absent: the new revision, or None if the key exists."""
-        ...
-
-    async def update(self, key: str, value: bytes, revision: int) -> int | None:
-        """Compare-and-set: the new revision, or None if `revision` is no longer current."""
-        ...
-
-    async def put(self, key: str, value: bytes) -> int: ...
-
-    async def put_nowait(self, key: str, value: bytes) -> None:
-        """Write without waiting for the store to confirm (for hints that may be lost)."""
-        ...
-
-    async def exists(self, key: str) -> bool:
-        """Whether `key` holds a value. Calls made at the same time may share one request."""
-        ...
-
-    async def delete(self, key: str) -> None: ...
-
-
-class NatsState:
-    """`StateStore` over a JetStream KV bucket."""
-
-    def __init__(self, nc: NatsClient, kv: KeyValue, bucket: str) -> None:
-        self._nc = nc
-        self._kv = kv
-        self._prefix = f"$KV.{bucket}."
-        self._exists = BatchedExists(nc, bucket, self._has, direct=bool(getattr(kv, "_direct", False)))
-
-    async def exists(self, key: str) -> bool:
-        return await self._exists.exists(key)
-
-    async def _has(self, key: str) -> bool:
-        return await self.get(key) is not None
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        try:
-            entry = await self._kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return (entry.value or b""), int(entry.revision or 0)
-
-    async def create(self, key: str, value: bytes) -> int | None:
-        try:
-            return int(await self._kv.create(key, value))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-
-    async def update(self, key: str, value: bytes, revision: int) -> int | None:
-        try:
-            return int(await self._kv.update(key, value, last=revision))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-
-    async def put(self, key: str, value: bytes) -> int:
-        return int(await self._kv.put(key, value))
-
-    async def put_nowait(self, key: str, value: bytes) -> None:
-        await self._nc.publish(self._prefix + key, value)
-
-    async def delete(self, key: str) -> None:
-        await self._kv.delete(key)

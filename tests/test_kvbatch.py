@@ -9,8 +9,9 @@ from nats.js.api import KeyValueConfig
 from mesh.envelope import new_id
 from mesh.kvbatch import CHUNK
 from mesh.settings import Settings
+from mesh.state import NatsState
 from mesh.streams import BucketSpec
-from mesh.transport import NatsState, NatsTransport
+from mesh.transport import NatsTransport
 
 
 async def test_lookups_made_together_share_one_request_and_see_puts_and_deletes(settings: Settings) -> None:

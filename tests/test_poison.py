@@ -17,10 +17,10 @@ from mesh.codec import default_codec
 from mesh.dlq import list_dead_letters, redrive
 from mesh.errors import ConfigError, RequestFailed
 from mesh.join import JoinTimer, all_of
+from mesh.natsclient import header_bytes
 from mesh.settings import Settings
 from mesh.subjects import Address
 from mesh.testing import Recorder, running_agent
-from mesh.transport import header_bytes
 
 victim = Agent("victim", description="takes hostile input")
 handled: list[str] = []
