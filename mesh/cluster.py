@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mesh.errors import ServerError
-from mesh.server import DEFAULT_MAX_PAYLOAD, EmbeddedServer, Routes, ServerInfo, _is_our_server
+from mesh.server import DEFAULT_MAX_PAYLOAD, EmbeddedServer, Routes, ServerInfo, _is_our_server, write_json
 from mesh.settings import Settings
 
 CLUSTER_NAME = "mesh"
@@ -185,12 +185,8 @@ def state_path(settings: Settings) -> Path:
 
 
 def write_state(settings: Settings, cluster: EmbeddedCluster) -> None:
-    path = state_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nodes = [asdict(node.info) for node in cluster.nodes if node.info is not None]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": cluster.url, "nodes": nodes}))
-    tmp.replace(path)
+    write_json(state_path(settings), {"url": cluster.url, "nodes": nodes})
 
 
 def clear_state(settings: Settings) -> None:

@@ -273,10 +273,14 @@ def state_path(settings: Settings) -> Path:
 
 
 def write_state(settings: Settings, info: ServerInfo) -> None:
-    path = state_path(settings)
+    write_json(state_path(settings), asdict(info))
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write a state file whole or not at all (a reader never sees half of one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(info)))
+    tmp.write_text(json.dumps(value))
     tmp.replace(path)
 
 
