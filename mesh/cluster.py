@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mesh.errors import ServerError
-from mesh.server import DEFAULT_MAX_PAYLOAD, EmbeddedServer, Routes, ServerInfo, _is_our_server, write_json
+from mesh.server import DEFAULT_MAX_PAYLOAD, EmbeddedServer, Routes, ServerInfo, is_our_server, write_json
 from mesh.settings import Settings
 
 CLUSTER_NAME = "mesh"
@@ -203,7 +203,7 @@ def running(settings: Settings) -> tuple[str, list[ServerInfo]] | None:
         nodes = [ServerInfo(**node) for node in raw["nodes"]]
     except (FileNotFoundError, json.JSONDecodeError, TypeError, KeyError):
         return None
-    alive = [node for node in nodes if _is_our_server(node.pid, node.directory)]
+    alive = [node for node in nodes if is_our_server(node.pid, node.directory)]
     return (url, alive) if alive else None
 
 
@@ -218,7 +218,7 @@ def stop_recorded(settings: Settings, timeout: float = 10.0) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(node.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_is_our_server(n.pid, n.directory) for n in alive) and time.monotonic() < deadline:
+    while any(is_our_server(n.pid, n.directory) for n in alive) and time.monotonic() < deadline:
         time.sleep(0.05)
     clear_state(settings)
     return [node.pid for node in alive]

@@ -57,7 +57,7 @@ def binary() -> Path:
     )
 
 
-def _is_our_server(pid: int, directory: str) -> bool:
+def is_our_server(pid: int, directory: str) -> bool:
     """True if `pid` is alive and is the nats-server started with the config in `directory`.
 
     A recorded pid can be reused by an unrelated process after a crash or reboot.
@@ -296,7 +296,7 @@ def running(settings: Settings) -> ServerInfo | None:
         info = ServerInfo(**raw)
     except (FileNotFoundError, json.JSONDecodeError, TypeError):
         return None
-    return info if _is_our_server(info.pid, info.directory) else None
+    return info if is_our_server(info.pid, info.directory) else None
 
 
 def resolve_url(settings: Settings) -> str:

@@ -28,7 +28,7 @@ from mesh.client import MeshClient
 from mesh.cluster import EmbeddedCluster
 from mesh.discovery import wait_for_agents
 from mesh.errors import ServerUnavailable
-from mesh.server import _is_our_server
+from mesh.server import is_our_server
 from mesh.settings import Settings
 from mesh.testing import nats_cluster
 from mesh.transport import NatsTransport
@@ -124,7 +124,7 @@ def test_mesh_up_cluster_prints_its_url_is_found_by_later_commands_and_down_stop
         down = mesh("down")
     assert "mesh server stopped" in down.stdout, down.stderr
     # gone (or a zombie of a detached process, never reaped here): no longer a nats-server
-    assert not any(_is_our_server(node["pid"], node["directory"]) for node in state["nodes"])
+    assert not any(is_our_server(node["pid"], node["directory"]) for node in state["nodes"])
     assert "no mesh server is running" in mesh("down").stdout
 
 
