@@ -19,7 +19,36 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from mesh.delivery import Delivery
+
 log = structlog.get_logger("mesh.consumer")
+
+
+class Stored:
+    """A `Delivery` from a JetStream consumer."""
+
+    __slots__ = ("_msg", "attempt", "data", "headers", "origin", "subject")
+
+    stored = True
+    reply = ""  # the message's reply subject is JetStream's acknowledgement, not a requester
+
+    def __init__(self, msg: Msg) -> None:
+        meta = msg.metadata
+        self._msg = msg
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] | None = msg.headers
+        self.attempt = int(meta.num_delivered or 1)
+        self.origin = f"{meta.stream}-{meta.sequence.stream}"
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
 
 _STATUS = "Status"
 _PENDING_MSGS = "Nats-Pending-Messages"
@@ -40,7 +69,7 @@ class PullConsumer:
         nc: NatsClient,
         stream: str,
         consumer: str,
-        on_message: Callable[[Msg, PullConsumer], Awaitable[None]],
+        on_message: Callable[[Delivery, PullConsumer], Awaitable[None]],
         *,
         capacity: int,
         expires: float = 30.0,
@@ -144,7 +173,7 @@ class PullConsumer:
                 await msg.nak()
             return
         self._in_hand += 1
-        await self._on_message(msg, self)
+        await self._on_message(Stored(msg), self)
 
     async def _watchdog(self) -> None:
         """Reissue the pull after a reconnect, or when the server has gone quiet for two

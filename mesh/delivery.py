@@ -1,121 +1,71 @@
-"""Retries of stored messages: backoff, the failure history, and dead letters after the
-last delivery (including deliveries that never came back because the process died)."""
+"""A message as the transport hands it to the runtime, and what can be done with it.
+
+A stored delivery (JetStream: inboxes, events, timers) is acknowledged when its work is
+done, handed back with a delay to be delivered again, terminated, or kept alive while a
+long handler runs. A direct delivery (core NATS) is handled at most once: those calls do
+nothing. The runtime sees only this type, never a client library's message.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import random
-import time
-from collections.abc import Mapping
-from typing import Any
-
-import structlog
-
-from mesh import envelope as h
-from mesh import streams
-from mesh.deadletter import dead_letter
-from mesh.errors import DeliveryError
-from mesh.settings import Settings
-from mesh.state import StateStore
-from mesh.transport import Transport
-
-log = structlog.get_logger("mesh.delivery")
-
-MAX_HISTORY = 20
-ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+from typing import Protocol
 
 
-def backoff(settings: Settings, delivery: int) -> float:
-    """Delay before delivery ``delivery + 1``: doubling from MESH_RETRY_BACKOFF, capped,
-    with ±20% jitter so replicas retrying the same burst spread out."""
-    base = min(settings.retry_backoff_max, settings.retry_backoff * 2 ** max(0, delivery - 1))
-    return float(base * random.uniform(0.8, 1.2))
+class Delivery(Protocol):
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    reply: str  # where a requester waits for the answer ("" if none, and always on stored ones)
+
+    @property
+    def stored(self) -> bool:
+        """True for a message from a stream (acknowledged, redelivered until then)."""
+        ...
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery of the message this is: 1 the first time (always 1 for direct)."""
+        ...
+
+    @property
+    def origin(self) -> str:
+        """``<stream>-<sequence>`` of a stored message ("" for direct): the same on every
+        delivery, so it names a message that came without an id."""
+        ...
+
+    async def ack(self) -> None:
+        """The work is done: the stream forgets the message (for this consumer)."""
+        ...
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Deliver it again, after `delay` seconds (at once if None)."""
+        ...
+
+    async def in_progress(self) -> None:
+        """Still being worked on: restart the server's acknowledgement timer."""
+        ...
 
 
-class Failures:
-    """The failure history of messages, kept in the state bucket until they succeed or are
-    dead-lettered, so the dead letter says what happened on every delivery, on any replica."""
+class Direct:
+    """A core NATS delivery: at most once, so acknowledging means nothing."""
 
-    def __init__(self, state: StateStore, agent: str, instance: str) -> None:
-        self.state = state
-        self.agent = agent
-        self.instance = instance
+    __slots__ = ("data", "headers", "reply", "subject")
 
-    async def record(self, message_id: str, delivery: int, error: str) -> list[dict[str, Any]]:
-        key = streams.failures_key(self.agent, message_id)
-        got = await self.state.get(key)
-        history: list[dict[str, Any]] = json.loads(got[0]) if got else []
-        history.append(
-            {"n": delivery, "at_ns": time.time_ns(), "instance": self.instance, "error": error[:500]}
-        )
-        history = history[-MAX_HISTORY:]
-        await self.state.put(key, json.dumps(history).encode())
-        return history
+    stored = False
+    attempt = 1
+    origin = ""
 
-    async def history(self, message_id: str) -> list[dict[str, Any]]:
-        got = await self.state.get(streams.failures_key(self.agent, message_id))
-        return json.loads(got[0]) if got else []
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None, reply: str) -> None:
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+        self.reply = reply
 
-    async def forget(self, message_id: str) -> None:
-        await self.state.delete(streams.failures_key(self.agent, message_id))
+    async def ack(self) -> None:
+        return None
 
+    async def nak(self, delay: float | None = None) -> None:
+        return None
 
-async def keep_alive(working: Mapping[Any, Any], ack_wait: float) -> None:
-    """Tell the server, every third of MESH_ACK_WAIT, that the stored messages in `working`
-    (running or waiting for a slot) are still being worked on, so it does not redeliver them."""
-    every = max(0.2, ack_wait / 3)
-    while True:
-        await asyncio.sleep(every)
-        for msg in list(working.values()):
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-
-
-def history_headers(history: list[dict[str, Any]], deliveries: int) -> dict[str, str]:
-    text = json.dumps(history, separators=(",", ":"))
-    while len(text) > 16_000 and len(history) > 1:
-        history = history[1:]
-        text = json.dumps(history, separators=(",", ":"))
-    return {h.DLQ_DELIVERIES: str(deliveries), h.DLQ_HISTORY: text}
-
-
-async def on_max_deliveries(transport: Transport, failures: Failures, agent: str, advisory: bytes) -> None:
-    """The server gave up on a message (its last delivery was never acknowledged: the
-    handler crashed or hung every time). Copy it to the dead letters, then drop it from
-    the agent's work queue."""
-    try:
-        event = json.loads(advisory)
-        stream, seq, deliveries = event["stream"], int(event["stream_seq"]), int(event.get("deliveries", 0))
-    except (ValueError, KeyError, TypeError):
-        log.warning("unreadable max-deliveries advisory", data=advisory[:500])
-        return
-    try:
-        stored = await transport.stored(stream, seq)
-    except Exception as exc:  # acknowledged late, or removed meanwhile: nothing to keep
-        log.info("message of a max-deliveries advisory is gone", stream=stream, seq=seq, error=str(exc))
-        return
-    try:
-        message_id = h.message_id(dict(stored.headers or {}), f"{stream}-{seq}")
-    except DeliveryError:  # an id over the limit: its failures were never recorded under it
-        message_id = f"{stream}-{seq}"
-    history = await failures.history(message_id)
-    reason = (
-        f"delivered {deliveries} times without an acknowledgement: the handler crashed, hung "
-        f"past MESH_ACK_WAIT or its process was killed each time"
-    )
-    if await dead_letter(
-        transport,
-        agent=agent,
-        msg=stored,
-        kind="max_deliveries",
-        reason=reason,
-        extra=history_headers(history, deliveries),
-    ):
-        await failures.forget(message_id)
-        if stream == streams.INBOX:
-            try:
-                await transport.delete_stored(stream, seq)
-            except Exception as exc:
-                log.warning("could not drop a dead-lettered inbox message", seq=seq, error=str(exc))
+    async def in_progress(self) -> None:
+        return None

@@ -12,8 +12,8 @@ from typing import Any
 import structlog
 from opentelemetry import context as otel_context
 
-from mesh import delivery, streams, subjects
 from mesh import envelope as h
+from mesh import retries, streams, subjects
 from mesh.agent import Agent, Handler
 from mesh.approval import ApprovalKeeper
 from mesh.client import MeshClient
@@ -21,7 +21,7 @@ from mesh.codec import Codec, default_codec
 from mesh.consumer import PullConsumer
 from mesh.context import Answer, Context
 from mesh.deadletter import answer_failure, dead_letter
-from mesh.delivery import Failures
+from mesh.delivery import Delivery
 from mesh.discovery import Endpoint, ServiceResponder, Stats
 from mesh.envelope import Envelope, new_id, open_envelope
 from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
@@ -32,6 +32,7 @@ from mesh.llm import LLM, llm_scope, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
 from mesh.middleware import chain
+from mesh.retries import Failures
 from mesh.settings import Settings
 from mesh.state import StateStore
 from mesh.tracing import extract_context, tracing
@@ -82,7 +83,7 @@ class AgentRuntime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self._consumers: list[PullConsumer] = []
-        self._working: dict[asyncio.Task[Any], Any] = {}  # stored deliveries being handled
+        self._working: dict[asyncio.Task[Any], Delivery] = {}  # stored deliveries being handled
         middleware = [tracing, log_context, llm_scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
@@ -125,12 +126,12 @@ class AgentRuntime:
             await self.transport.ensure_consumer(spec)
             self._subs.append(
                 await self.transport.subscribe(
-                    f"{delivery.ADVISORY}.{spec.stream}.{spec.name}", self._on_advisory, queue=name
+                    f"{retries.ADVISORY}.{spec.stream}.{spec.name}", self._on_advisory, queue=name
                 )
             )
             self._consumers.append(await self.transport.consume(spec, self._on_stored, self._capacity))
         self._subs.append(
-            await self.transport.subscribe(subjects.direct_pattern(name), self._on_direct, queue=name)
+            await self.transport.listen(subjects.direct_pattern(name), self._on_direct, queue=name)
         )
         self._responder = ServiceResponder(
             self.transport,
@@ -208,14 +209,14 @@ class AgentRuntime:
 
     # ------------------------------------------------------------ direct (core NATS)
 
-    async def _on_direct(self, msg: Any) -> None:
+    async def _on_direct(self, d: Delivery) -> None:
         await self._limit.acquire()
         if self._expired:
             self._limit.release()
             self.stats.received += 1
-            await self._fail_direct(msg, "drain_timeout", "the agent stopped before handling it")
+            await self._fail_direct(d, "drain_timeout", "the agent stopped before handling it")
             return
-        task = asyncio.create_task(self._process_direct(msg))
+        task = asyncio.create_task(self._process_direct(d))
         self._tasks.add(task)
         task.add_done_callback(self._direct_done)
 
@@ -223,19 +224,19 @@ class AgentRuntime:
         self._tasks.discard(task)
         self._limit.release()
 
-    async def _process_direct(self, msg: Any) -> None:
+    async def _process_direct(self, d: Delivery) -> None:
         stats = self.stats
         stats.received += 1
         stats.in_flight += 1
         started = time.perf_counter_ns()
         try:
             try:
-                env, ctx, message, handler = self._accept(msg, msg.reply)
+                env, ctx, message, handler = self._accept(d)
             except DeliveryError as exc:
-                await self._fail_direct(msg, exc.kind, exc.reason)
+                await self._fail_direct(d, exc.kind, exc.reason)
                 return
             except Exception as exc:  # a check itself failed: keep the message, say why
-                await self._fail_direct(msg, "internal_error", f"{type(exc).__name__}: {exc}")
+                await self._fail_direct(d, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
             try:
                 await self._run(env, ctx, message, handler)
@@ -243,76 +244,74 @@ class AgentRuntime:
             except asyncio.CancelledError:
                 if not _cancelled_by_stop():
                     raise
-                await self._fail_direct(msg, "drain_timeout", "it was still running when the agent stopped")
+                await self._fail_direct(d, "drain_timeout", "it was still running when the agent stopped")
                 raise
             except DeliveryError as exc:
-                await self._fail_direct(msg, exc.kind, exc.reason)
+                await self._fail_direct(d, exc.kind, exc.reason)
             except Exception as exc:
                 stats.errors += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.exception("handler failed", message_id=env.id, conversation_id=env.conversation)
-                await self._fail_direct(msg, "handler_error", f"{_name(handler)} raised {stats.last_error}")
+                await self._fail_direct(d, "handler_error", f"{_name(handler)} raised {stats.last_error}")
         finally:
             stats.in_flight -= 1
             stats.processing_ns += time.perf_counter_ns() - started
 
     # ------------------------------------------------------------ stored (JetStream)
 
-    async def _on_stored(self, msg: Any, consumer: PullConsumer) -> None:
-        task = asyncio.create_task(self._process_stored(msg, consumer))
+    async def _on_stored(self, d: Delivery, consumer: PullConsumer) -> None:
+        task = asyncio.create_task(self._process_stored(d, consumer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process_stored(self, msg: Any, consumer: PullConsumer) -> None:
+    async def _process_stored(self, d: Delivery, consumer: PullConsumer) -> None:
         me = asyncio.current_task()
         assert me is not None
-        self._working[me] = msg  # kept alive from arrival, also while it waits for a slot
+        self._working[me] = d  # kept alive from arrival, also while it waits for a slot
         try:
             async with self._limit:
                 if self._expired:
-                    await msg.nak()
+                    await d.nak()
                     return
-                await self._handle_stored(msg)
+                await self._handle_stored(d)
         except asyncio.CancelledError:
             if _cancelled_by_stop():
                 with contextlib.suppress(Exception):
-                    await msg.nak()  # back to the stream now, not after MESH_ACK_WAIT
+                    await d.nak()  # back to the stream now, not after MESH_ACK_WAIT
             raise
         finally:
             self._working.pop(me, None)
             consumer.done()
 
-    async def _handle_stored(self, msg: Any) -> None:
+    async def _handle_stored(self, d: Delivery) -> None:
         stats, settings = self.stats, self.settings
-        meta = msg.metadata
-        delivery_no = int(meta.num_delivered or 1)
+        delivery_no = d.attempt
         stats.received += 1
         stats.in_flight += 1
         started = time.perf_counter_ns()
         if delivery_no > 1:
             stats.redelivered += 1
-        fallback_id = f"{meta.stream}-{meta.sequence.stream}"
         assert self._processed is not None and self._failures is not None
         try:
             # Finished before (its ack was lost, or the server lost it in a crash and now
             # delivers it as new)? Then only acknowledge it. Asked on every delivery: after a
             # broker crash a redelivery can arrive with a delivery count of 1.
             try:
-                msg_id = h.message_id(msg.headers or {}, fallback_id)
+                msg_id = h.message_id(d.headers or {}, d.origin)
             except DeliveryError as exc:
-                await self._reject(msg, exc.kind, exc.reason)
+                await self._reject(d, exc.kind, exc.reason)
                 return
             if await self._processed.exists(streams.processed_key(self.agent.name, msg_id)):
                 stats.duplicates += 1
-                await msg.ack()
+                await d.ack()
                 return
             try:
-                env, ctx, message, handler = self._accept(msg, "", fallback_id, delivery_no)
+                env, ctx, message, handler = self._accept(d)
             except DeliveryError as exc:
-                await self._reject(msg, exc.kind, exc.reason)
+                await self._reject(d, exc.kind, exc.reason)
                 return
             except Exception as exc:
-                await self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}")
+                await self._reject(d, "internal_error", f"{type(exc).__name__}: {exc}")
                 return
             mark = streams.processed_key(self.agent.name, env.id)
             timer = env.type_name in ("mesh.join_timer", "mesh.approval_timer")  # waits by redelivery
@@ -322,8 +321,8 @@ class AgentRuntime:
                     f"delivered {delivery_no - 1} times without an acknowledgement: the handler "
                     f"crashed, hung past MESH_ACK_WAIT or its process was killed each time"
                 )
-                extra = delivery.history_headers(history, delivery_no - 1)
-                if await self._reject(msg, "max_deliveries", reason, extra):
+                extra = retries.history_headers(history, delivery_no - 1)
+                if await self._reject(d, "max_deliveries", reason, extra):
                     await self._failures.forget(env.id)
                 return
             limit = asyncio.timeout(settings.handler_timeout)
@@ -331,7 +330,7 @@ class AgentRuntime:
                 async with limit:
                     outcome = await self._run(env, ctx, message, handler)
             except DeliveryError as exc:  # Reject, depth limit, an unknown join...
-                await self._reject(msg, exc.kind, exc.reason)
+                await self._reject(d, exc.kind, exc.reason)
                 return
             except Exception as exc:
                 error = _failure(handler, exc, limit.expired(), settings.handler_timeout)
@@ -340,19 +339,19 @@ class AgentRuntime:
                 self.log.warning("handler failed", error=error, message_id=env.id, delivery=delivery_no)
                 history = await self._failures.record(env.id, delivery_no, error)
                 if delivery_no >= settings.max_deliver:
-                    extra = delivery.history_headers(history, delivery_no)
-                    if await self._reject(msg, "handler_error", f"{error} (delivery {delivery_no})", extra):
+                    extra = retries.history_headers(history, delivery_no)
+                    if await self._reject(d, "handler_error", f"{error} (delivery {delivery_no})", extra):
                         await self._failures.forget(env.id)
                     return
                 stats.retried += 1
-                await msg.nak(delay=delivery.backoff(settings, delivery_no))
+                await d.nak(delay=retries.backoff(settings, delivery_no))
                 return
             if isinstance(outcome, Later):
-                await msg.nak(delay=outcome.delay)
+                await d.nak(delay=outcome.delay)
                 return
             stats.handled += 1
             await self._processed.put_nowait(mark, b"1")
-            await msg.ack()
+            await d.ack()
             if delivery_no > 1:
                 with contextlib.suppress(Exception):
                     await self._failures.forget(env.id)
@@ -360,38 +359,36 @@ class AgentRuntime:
             stats.in_flight -= 1
             stats.processing_ns += time.perf_counter_ns() - started
 
-    async def _reject(self, msg: Any, kind: str, reason: str, extra: dict[str, str] | None = None) -> bool:
+    async def _reject(self, d: Delivery, kind: str, reason: str, extra: dict[str, str] | None = None) -> bool:
         """Dead-letter a stored delivery and acknowledge it; if the dead letter cannot be
         stored, hand the message back instead (it is never dropped)."""
         self.stats.dead_lettered += 1
-        if await self._dead_letter(msg, kind, reason, extra):
-            await msg.ack()
+        if await self._dead_letter(d, kind, reason, extra):
+            await d.ack()
             return True
-        await msg.nak(delay=delivery.backoff(self.settings, 3))
+        await d.nak(delay=retries.backoff(self.settings, 3))
         return False
 
     async def _on_advisory(self, msg: Any) -> None:
         assert self._failures is not None
         self.stats.dead_lettered += 1
-        await delivery.on_max_deliveries(self.transport, self._failures, self.agent.name, msg.data)
+        await retries.on_max_deliveries(self.transport, self._failures, self.agent.name, msg.data)
 
     async def _keep_alive(self) -> None:
-        await delivery.keep_alive(self._working, self.settings.ack_wait)
+        await retries.keep_alive(self._working, self.settings.ack_wait)
 
     # ------------------------------------------------------------ both
 
-    def _accept(
-        self, msg: Any, reply: str, fallback_id: str = "", attempt: int = 1
-    ) -> tuple[Envelope, Context, Message | None, Handler | None]:
+    def _accept(self, d: Delivery) -> tuple[Envelope, Context, Message | None, Handler | None]:
         """Check and decode a delivery; DeliveryError says why it cannot be handled.
 
         A join's answer or timer is decoded by the join, so it has no handler here."""
         limit = self.settings.max_message_bytes
-        if len(msg.data) > limit:
+        if len(d.data) > limit:
             raise DeliveryError(
-                "oversize", f"body is {len(msg.data)} bytes; the limit is {limit} (MESH_MAX_MESSAGE_BYTES)"
+                "oversize", f"body is {len(d.data)} bytes; the limit is {limit} (MESH_MAX_MESSAGE_BYTES)"
             )
-        env = open_envelope(msg.subject, msg.data, msg.headers, reply, fallback_id)
+        env = open_envelope(d.subject, d.data, d.headers, d.reply, d.origin)
         if env.address.kind == subjects.EVENT and env.type_name != env.address.target:
             raise DeliveryError(
                 "bad_header",
@@ -403,7 +400,7 @@ class AgentRuntime:
             )
         if env.deadline_ms is not None and env.deadline_ms < time.time() * 1000:
             raise DeliveryError("deadline_expired", f"deadline {env.deadline_ms} ms passed before handling")
-        ctx = self._context(env, attempt)
+        ctx = self._context(env, d.attempt)
         if self._joins is not None and self._joins.owns(env):
             return env, ctx, None, None
         if self._approvals is not None and self._approvals.owns(env):
@@ -415,7 +412,7 @@ class AgentRuntime:
             raise UnknownTypeError(
                 "unknown_type", f"agent {self.agent.name!r} has no handler for {want} (it handles {handled})"
             )
-        message = self.codec.decode(msg.data, handler.mtype.cls, env.content_type)
+        message = self.codec.decode(d.data, handler.mtype.cls, env.content_type)
         return env, ctx, message, handler
 
     def _context(self, env: Envelope, attempt: int, answer: Answer | None = None) -> Context:
@@ -467,7 +464,7 @@ class AgentRuntime:
             self.transport, agent=self.agent.name, msg=msg, kind=kind, reason=reason, extra=extra
         )
 
-    async def _fail_direct(self, msg: Any, kind: str, reason: str) -> None:
+    async def _fail_direct(self, msg: Delivery, kind: str, reason: str) -> None:
         """Dead-letter a direct delivery and, if someone waits for an answer, tell them why."""
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)

@@ -28,6 +28,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 
 from mesh.consumer import PullConsumer
+from mesh.delivery import Delivery, Direct
 from mesh.envelope import NATS_MSG_ID
 from mesh.errors import PublishError, ServerError, ServerUnavailable
 from mesh.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
@@ -90,7 +91,8 @@ class RawMessage(Protocol):
 
 
 RawHandler = Callable[[Any], Awaitable[None]]
-StoredHandler = Callable[[Any, PullConsumer], Awaitable[None]]
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+StoredHandler = Callable[[Delivery, PullConsumer], Awaitable[None]]
 
 
 class Subscription(Protocol):
@@ -110,6 +112,10 @@ class Transport(Protocol):
     ) -> None: ...
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
+
+    async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
+        """Subscribe for deliveries (core NATS: at most once), as the runtime takes them."""
+        ...
 
     async def request(
         self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
@@ -273,6 +279,13 @@ class NatsTransport:
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription:
         sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
+        return sub
+
+    async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
+        async def deliver(msg: Any) -> None:
+            await handler(Direct(msg.subject, msg.data, msg.headers, msg.reply))
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=deliver)
         return sub
 
     async def request(

@@ -13,7 +13,7 @@ from sample_agents.echo import Ping, Pong
 from mesh import Agent, Context, streams
 from mesh import envelope as h
 from mesh.client import MeshClient
-from mesh.delivery import Failures, on_max_deliveries
+from mesh.retries import Failures, on_max_deliveries
 from mesh.discovery import backlog
 from mesh.dlq import list_dead_letters, redrive, redrive_headers
 from mesh.settings import Settings
