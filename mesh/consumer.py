@@ -50,6 +50,7 @@ class Stored:
     async def in_progress(self) -> None:
         await self._msg.in_progress()
 
+
 _STATUS = "Status"
 _PENDING_MSGS = "Nats-Pending-Messages"
 

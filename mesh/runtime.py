@@ -12,7 +12,6 @@ from typing import Any
 import structlog
 from opentelemetry import context as otel_context
 
-from mesh import envelope as h
 from mesh import retries, streams, subjects
 from mesh.agent import Agent, Handler
 from mesh.approval import ApprovalKeeper
@@ -28,6 +27,19 @@ from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
 from mesh.fanin import JoinKeeper, JoinState, Later, Outcome
 from mesh.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
+from mesh.ladder import (
+    Accept,
+    Count,
+    GiveUp,
+    Guard,
+    Run,
+    Settle,
+    SettleDirect,
+    Take,
+    TimeLimit,
+    Work,
+    cancelled_by_stop,
+)
 from mesh.llm import LLM, llm_scope, make_llm
 from mesh.logs import log_context
 from mesh.messages import Message
@@ -90,12 +102,34 @@ class AgentRuntime:
         self._responder: ServiceResponder | None = None
         self._joins: JoinKeeper | None = None
         self._approvals: ApprovalKeeper | None = None
-        self._processed: StateStore | None = None
         self._failures: Failures | None = None
+        self._stored: Take | None = None  # the ladders (mesh.ladder), built at start
+        self._direct: Take | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._expired = False
         self._hurry = asyncio.Event()
         self._mcp_attached = False
+
+    def _ladders(self, processed: StateStore, failures: Failures) -> tuple[Take, Take]:
+        """What happens to each stored and each direct delivery, top rung first."""
+        settings, stats = self.settings, self.stats
+        run = Run(self._run)
+        stored: Take = TimeLimit(run, settings.handler_timeout)
+        stored = GiveUp(stored, failures, settings.max_deliver)
+        stored = Accept(stored, self._accept)
+        stored = Guard(stored, processed, self.agent.name)
+        stored = Settle(
+            stored,
+            agent=self.agent.name,
+            settings=settings,
+            stats=stats,
+            processed=processed,
+            failures=failures,
+            dead_letter=self._dead_letter,
+            log=self.log,
+        )
+        direct: Take = SettleDirect(Accept(run, self._accept), stats, self._fail_direct, self.log)
+        return Count(stored, stats), Count(direct, stats)
 
     def endpoints(self) -> list[Endpoint]:
         name = self.agent.name
@@ -117,8 +151,8 @@ class AgentRuntime:
             self._mcp_attached = True
         await self.transport.ensure_streams()
         processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
-        self._processed = processed
         self._failures = Failures(state, name, self.instance)
+        self._stored, self._direct = self._ladders(processed, self._failures)
         self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
         self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
@@ -225,37 +259,8 @@ class AgentRuntime:
         self._limit.release()
 
     async def _process_direct(self, d: Delivery) -> None:
-        stats = self.stats
-        stats.received += 1
-        stats.in_flight += 1
-        started = time.perf_counter_ns()
-        try:
-            try:
-                env, ctx, message, handler = self._accept(d)
-            except DeliveryError as exc:
-                await self._fail_direct(d, exc.kind, exc.reason)
-                return
-            except Exception as exc:  # a check itself failed: keep the message, say why
-                await self._fail_direct(d, "internal_error", f"{type(exc).__name__}: {exc}")
-                return
-            try:
-                await self._run(env, ctx, message, handler)
-                stats.handled += 1
-            except asyncio.CancelledError:
-                if not _cancelled_by_stop():
-                    raise
-                await self._fail_direct(d, "drain_timeout", "it was still running when the agent stopped")
-                raise
-            except DeliveryError as exc:
-                await self._fail_direct(d, exc.kind, exc.reason)
-            except Exception as exc:
-                stats.errors += 1
-                stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.log.exception("handler failed", message_id=env.id, conversation_id=env.conversation)
-                await self._fail_direct(d, "handler_error", f"{_name(handler)} raised {stats.last_error}")
-        finally:
-            stats.in_flight -= 1
-            stats.processing_ns += time.perf_counter_ns() - started
+        assert self._direct is not None
+        await self._direct(Work(d))
 
     # ------------------------------------------------------------ stored (JetStream)
 
@@ -265,6 +270,7 @@ class AgentRuntime:
         task.add_done_callback(self._tasks.discard)
 
     async def _process_stored(self, d: Delivery, consumer: PullConsumer) -> None:
+        assert self._stored is not None
         me = asyncio.current_task()
         assert me is not None
         self._working[me] = d  # kept alive from arrival, also while it waits for a slot
@@ -273,101 +279,15 @@ class AgentRuntime:
                 if self._expired:
                     await d.nak()
                     return
-                await self._handle_stored(d)
+                await self._stored(Work(d))
         except asyncio.CancelledError:
-            if _cancelled_by_stop():
+            if cancelled_by_stop():
                 with contextlib.suppress(Exception):
                     await d.nak()  # back to the stream now, not after MESH_ACK_WAIT
             raise
         finally:
             self._working.pop(me, None)
             consumer.done()
-
-    async def _handle_stored(self, d: Delivery) -> None:
-        stats, settings = self.stats, self.settings
-        delivery_no = d.attempt
-        stats.received += 1
-        stats.in_flight += 1
-        started = time.perf_counter_ns()
-        if delivery_no > 1:
-            stats.redelivered += 1
-        assert self._processed is not None and self._failures is not None
-        try:
-            # Finished before (its ack was lost, or the server lost it in a crash and now
-            # delivers it as new)? Then only acknowledge it. Asked on every delivery: after a
-            # broker crash a redelivery can arrive with a delivery count of 1.
-            try:
-                msg_id = h.message_id(d.headers or {}, d.origin)
-            except DeliveryError as exc:
-                await self._reject(d, exc.kind, exc.reason)
-                return
-            if await self._processed.exists(streams.processed_key(self.agent.name, msg_id)):
-                stats.duplicates += 1
-                await d.ack()
-                return
-            try:
-                env, ctx, message, handler = self._accept(d)
-            except DeliveryError as exc:
-                await self._reject(d, exc.kind, exc.reason)
-                return
-            except Exception as exc:
-                await self._reject(d, "internal_error", f"{type(exc).__name__}: {exc}")
-                return
-            mark = streams.processed_key(self.agent.name, env.id)
-            timer = env.type_name in ("mesh.join_timer", "mesh.approval_timer")  # waits by redelivery
-            if delivery_no > settings.max_deliver and not timer:  # earlier ones died with their process
-                history = await self._failures.history(env.id)
-                reason = (
-                    f"delivered {delivery_no - 1} times without an acknowledgement: the handler "
-                    f"crashed, hung past MESH_ACK_WAIT or its process was killed each time"
-                )
-                extra = retries.history_headers(history, delivery_no - 1)
-                if await self._reject(d, "max_deliveries", reason, extra):
-                    await self._failures.forget(env.id)
-                return
-            limit = asyncio.timeout(settings.handler_timeout)
-            try:
-                async with limit:
-                    outcome = await self._run(env, ctx, message, handler)
-            except DeliveryError as exc:  # Reject, depth limit, an unknown join...
-                await self._reject(d, exc.kind, exc.reason)
-                return
-            except Exception as exc:
-                error = _failure(handler, exc, limit.expired(), settings.handler_timeout)
-                stats.errors += 1
-                stats.last_error = error
-                self.log.warning("handler failed", error=error, message_id=env.id, delivery=delivery_no)
-                history = await self._failures.record(env.id, delivery_no, error)
-                if delivery_no >= settings.max_deliver:
-                    extra = retries.history_headers(history, delivery_no)
-                    if await self._reject(d, "handler_error", f"{error} (delivery {delivery_no})", extra):
-                        await self._failures.forget(env.id)
-                    return
-                stats.retried += 1
-                await d.nak(delay=retries.backoff(settings, delivery_no))
-                return
-            if isinstance(outcome, Later):
-                await d.nak(delay=outcome.delay)
-                return
-            stats.handled += 1
-            await self._processed.put_nowait(mark, b"1")
-            await d.ack()
-            if delivery_no > 1:
-                with contextlib.suppress(Exception):
-                    await self._failures.forget(env.id)
-        finally:
-            stats.in_flight -= 1
-            stats.processing_ns += time.perf_counter_ns() - started
-
-    async def _reject(self, d: Delivery, kind: str, reason: str, extra: dict[str, str] | None = None) -> bool:
-        """Dead-letter a stored delivery and acknowledge it; if the dead letter cannot be
-        stored, hand the message back instead (it is never dropped)."""
-        self.stats.dead_lettered += 1
-        if await self._dead_letter(d, kind, reason, extra):
-            await d.ack()
-            return True
-        await d.nak(delay=retries.backoff(self.settings, 3))
-        return False
 
     async def _on_advisory(self, msg: Any) -> None:
         assert self._failures is not None
@@ -469,26 +389,6 @@ class AgentRuntime:
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
         await answer_failure(self.transport, msg, self.agent.name, kind, reason)
-
-
-def _cancelled_by_stop() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _name(handler: Handler | None) -> str:
-    return handler.name if handler is not None else "the join"
-
-
-def _failure(handler: Handler | None, exc: Exception, expired: bool, timeout: float) -> str:
-    """What went wrong, in words. A TimeoutError is the handler's own deadline only if that
-    deadline expired: a NATS request or another timeout inside the handler raises one too."""
-    if expired:
-        return f"{_name(handler)} ran past MESH_HANDLER_TIMEOUT={timeout:g}s"
-    if isinstance(exc, TimeoutError):
-        what = type(exc).__module__ + "." + type(exc).__name__
-        return f"{_name(handler)} raised {what} (a call inside it timed out): {exc}"
-    return f"{_name(handler)} raised {type(exc).__name__}: {exc}"
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:
