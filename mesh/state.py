@@ -83,3 +83,39 @@ class NatsState:
 
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
+
+
+class MemoryState:
+    """`StateStore` in this process's memory, with the same compare-and-set rules as a
+    bucket: for tests of code that keeps state, and for running without a server."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[bytes, int]] = {}
+        self._revision = 0
+
+    def _next(self, key: str, value: bytes) -> int:
+        self._revision += 1
+        self._values[key] = (value, self._revision)
+        return self._revision
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        return self._values.get(key)
+
+    async def create(self, key: str, value: bytes) -> int | None:
+        return None if key in self._values else self._next(key, value)
+
+    async def update(self, key: str, value: bytes, revision: int) -> int | None:
+        got = self._values.get(key)
+        return self._next(key, value) if got is not None and got[1] == revision else None
+
+    async def put(self, key: str, value: bytes) -> int:
+        return self._next(key, value)
+
+    async def put_nowait(self, key: str, value: bytes) -> None:
+        self._next(key, value)
+
+    async def exists(self, key: str) -> bool:
+        return key in self._values
+
+    async def delete(self, key: str) -> None:
+        self._values.pop(key, None)

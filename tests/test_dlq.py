@@ -13,9 +13,9 @@ from sample_agents.echo import Ping, Pong
 from mesh import Agent, Context, streams
 from mesh import envelope as h
 from mesh.client import MeshClient
-from mesh.retries import Failures, on_max_deliveries
 from mesh.discovery import backlog
 from mesh.dlq import list_dead_letters, redrive, redrive_headers
+from mesh.retries import Failures, on_max_deliveries
 from mesh.settings import Settings
 from mesh.streams import bucket_specs
 from mesh.testing import Recorder, running_agent
