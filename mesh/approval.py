@@ -169,9 +169,9 @@ async def park(
         content_type=env.content_type,
         data=base64.b64encode(env.data).decode(),
         hop=env.hop,
-        reply_to=ctx._answer.reply_to,
-        join=ctx._answer.join,
-        route=list(ctx._answer.route),
+        reply_to=ctx.answer.reply_to,
+        join=ctx.answer.join,
+        route=list(ctx.answer.route),
         depth=ctx.depth,
     )
     await keeper.state.create(approval_key(approval_id), _encode(state))  # None: made by an earlier run
@@ -187,11 +187,10 @@ async def park(
         )
     )
     timer = Lineage(conversation=ctx.conversation_id, causation=env.id, hop=env.hop, depth=ctx.depth)
-    await ctx._client.emit(
+    await ctx.emit(
         subjects.Address.timer(ctx.conversation_id, ctx.agent),
         ApprovalTimer(approval=approval_id, due_ms=due),
         timer,
-        msg_id=ctx.next_id(),
     )
     ctx.log.info("tool call parked for approval", tool=tool.name, approval=approval_id)
     return approval_id
@@ -234,7 +233,7 @@ class ApprovalKeeper:
                 if ctx.attempt >= max(2, self.max_deliver):  # before the server's limit, re-arm
                     lineage = Lineage(conversation=env.conversation, causation=env.causation, hop=env.hop)
                     address = subjects.Address.timer(env.conversation, self.agent.name)
-                    await ctx._client.emit(address, timer, lineage, msg_id=ctx.next_id())
+                    await ctx.emit(address, timer, lineage)
                     return "handled"
                 return Later(wait)
             approval_id, status, by, reason = timer.approval, "expired", "", "no decision before it expired"
@@ -285,7 +284,7 @@ class ApprovalKeeper:
             depth=st.depth,
         )
         address = subjects.Address.inbox(st.conversation, self.agent.name)
-        await ctx._client.emit(address, original, lineage, st.content_type, msg_id=st.resume_id)
+        await ctx.emit(address, original, lineage, st.content_type, msg_id=st.resume_id)
 
     async def _expire(self, st: ApprovalState, ctx: Context) -> None:
         parked = SimpleNamespace(
@@ -300,7 +299,7 @@ class ApprovalKeeper:
         )
         reason = f"tool {st.tool!r} waited for approval {st.id} and expired without a decision"
         if not await dead_letter(
-            ctx._client.transport, agent=self.agent.name, msg=parked, kind="approval_expired", reason=reason
+            ctx.transport, agent=self.agent.name, msg=parked, kind="approval_expired", reason=reason
         ):
             raise RuntimeError("the expired approval's message could not be dead-lettered; retrying")
 

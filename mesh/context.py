@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mesh.memory.client import Memory
     from mesh.settings import Settings
     from mesh.toolloop import ToolRun
+    from mesh.transport import Transport
 
 R = TypeVar("R", bound=Message)
 
@@ -148,6 +149,36 @@ class Context:
     @property
     def trace_id(self) -> str:
         return current_trace_id()
+
+    @property
+    def lineage(self) -> Lineage:
+        """The lineage of what this handler sends: conversation, causation, hop, deadline."""
+        return self._lineage
+
+    @property
+    def answer(self) -> Answer:
+        """Where the answer to the work in hand goes."""
+        return self._answer
+
+    @property
+    def transport(self) -> Transport:
+        return self._client.transport
+
+    async def emit(
+        self,
+        address: Address,
+        msg: Message,
+        lineage: Lineage | None = None,
+        content_type: str = JSON,
+        *,
+        msg_id: str | None = None,
+    ) -> Sent:
+        """Send `msg` to `address` with `lineage` (this handler's, if None): the building
+        block of patterns on top of the mesh (joins, approvals). The message gets the next
+        derived id unless `msg_id` is given."""
+        return await self._client.emit(
+            address, msg, lineage or self._lineage, content_type, msg_id=msg_id or self.next_id()
+        )
 
     def next_id(self) -> str:
         """The id of the next message this handler sends (stable across redeliveries)."""

@@ -142,7 +142,7 @@ class JoinKeeper:
         jid = ctx.next_id()
         due = None if deadline is None else int(time.time() * 1000 + deadline * 1000)
         branches = {str(i): subjects.agent_name(agent) for i, (agent, _) in enumerate(tasks)}
-        answer = ctx._answer
+        answer = ctx.answer
         state = JoinState(
             name=join.name,
             branches=branches,
@@ -160,8 +160,7 @@ class JoinKeeper:
         key = join_key(self.agent, jid)
         await self.state.create(key, _encode(state))  # None: a re-run of this handler made it already
         mine = subjects.Address.inbox(ctx.conversation_id, self.agent).subject
-        client = ctx._client
-        base = ctx._lineage
+        base = ctx.lineage
         for branch, (_, msg) in zip(branches, tasks, strict=True):
             lineage = Lineage(
                 conversation=base.conversation,
@@ -173,7 +172,7 @@ class JoinKeeper:
                 depth=depth,
             )
             address = subjects.Address.inbox(ctx.conversation_id, branches[branch])
-            await client.emit(address, msg, lineage, msg_id=ctx.next_id())
+            await ctx.emit(address, msg, lineage)
         if due is not None:
             timer = Lineage(
                 conversation=base.conversation,
@@ -182,11 +181,10 @@ class JoinKeeper:
                 answer=f"{self.agent}.{jid}/timer",
                 depth=ctx.depth,
             )
-            await client.emit(
+            await ctx.emit(
                 subjects.Address.timer(ctx.conversation_id, self.agent),
                 JoinTimer(join=jid, due_ms=due),
                 timer,
-                msg_id=ctx.next_id(),
             )
         return jid
 
@@ -282,7 +280,7 @@ class JoinKeeper:
             depth=env.depth,
         )
         address = subjects.Address.timer(env.conversation, self.agent)
-        await ctx._client.emit(address, timer, lineage, msg_id=ctx.next_id())
+        await ctx.emit(address, timer, lineage)
 
     async def _finish(self, key: str) -> None:
         while True:
@@ -311,7 +309,7 @@ class JoinKeeper:
             depth=st.depth + 1,
         )
         address = subjects.Address.inbox(st.conversation, join.resolve.agent)
-        await ctx._client.emit(address, request, lineage, msg_id=ctx.next_id())
+        await ctx.emit(address, request, lineage)
 
     def _gathered(self, join: Join[Any], st: JoinState, jid: str) -> Gathered[Any]:
         parts = []
