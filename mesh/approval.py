@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from mesh import envelope as h
-from mesh import subjects
+from mesh import subjects, timers
 from mesh.client import Lineage
 from mesh.codec import default_codec
 from mesh.deadletter import dead_letter
+from mesh.delivery import Later
 from mesh.envelope import derive_id
 from mesh.errors import DeliveryError
-from mesh.fanin import Later, Outcome
+from mesh.fanin import Outcome
 from mesh.llm.types import ToolCall, ToolOutput, Turn
 from mesh.messages import Message, message
 from mesh.tools import ToolError
@@ -228,14 +229,9 @@ class ApprovalKeeper:
         status: Status
         if env.type_name == "mesh.approval_timer":
             timer = default_codec.decode(env.data, ApprovalTimer, env.content_type)
-            wait = timer.due_ms / 1000 - time.time()
-            if wait > 0:
-                if ctx.attempt >= max(2, self.max_deliver):  # before the server's limit, re-arm
-                    lineage = Lineage(conversation=env.conversation, causation=env.causation, hop=env.hop)
-                    address = subjects.Address.timer(env.conversation, self.agent.name)
-                    await ctx.emit(address, timer, lineage)
-                    return "handled"
-                return Later(wait)
+            waiting = await timers.wait(env, ctx, timer, timer.due_ms, self.max_deliver)
+            if waiting is not None:
+                return "handled" if waiting == "rearmed" else waiting
             approval_id, status, by, reason = timer.approval, "expired", "", "no decision before it expired"
         else:
             decision = default_codec.decode(env.data, ApprovalDecision, env.content_type)

@@ -8,7 +8,15 @@ nothing. The runtime sees only this type, never a client library's message.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(slots=True)
+class Later:
+    """Not due yet: hand the delivery back to the server for `delay` seconds."""
+
+    delay: float
 
 
 class Delivery(Protocol):

@@ -15,15 +15,15 @@ import base64
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from mesh import envelope as h
-from mesh import subjects
+from mesh import subjects, timers
 from mesh.client import Lineage
 from mesh.codec import default_codec
+from mesh.delivery import Later
 from mesh.errors import DeliveryError, RegistrationError
 from mesh.join import (
     Gathered,
@@ -93,13 +93,6 @@ _encode = msgspec.json.Encoder().encode
 _decode_state = msgspec.json.Decoder(JoinState).decode
 
 Outcome = Literal["handled", "skipped"]
-
-
-@dataclass(slots=True)
-class Later:
-    """The delivery is not due yet: hand it back to the server for `delay` seconds."""
-
-    delay: float
 
 
 class JoinKeeper:
@@ -195,13 +188,9 @@ class JoinKeeper:
             jid, branch = timer.join, "timer"
             if not h.is_id_token(jid):  # a '*' or '>' in a key would be a KV wildcard
                 raise DeliveryError("unknown_join", f"{h.show(jid)} is not a join id")
-            wait = timer.due_ms / 1000 - time.time()
-            if wait > 0:
-                if ctx.attempt >= max(2, self.max_deliver):
-                    # each wait is a redelivery; before the server's limit, start a fresh timer
-                    await self._rearm(env, ctx, timer)
-                    return "handled"
-                return Later(wait)
+            waiting = await timers.wait(env, ctx, timer, timer.due_ms, self.max_deliver)
+            if waiting is not None:
+                return "handled" if waiting == "rearmed" else waiting
         else:
             link = h.parse_link(env.answer)
             if link is None or link[0] != self.agent or link[2] == "timer":
@@ -270,17 +259,6 @@ class JoinKeeper:
         await self.run_completion(join, gathered, ctx, st)
         await self._finish(key)
         return "handled"
-
-    async def _rearm(self, env: h.Envelope, ctx: Context, timer: JoinTimer) -> None:
-        lineage = Lineage(
-            conversation=env.conversation,
-            causation=env.causation,
-            hop=env.hop,
-            answer=env.answer,
-            depth=env.depth,
-        )
-        address = subjects.Address.timer(env.conversation, self.agent)
-        await ctx.emit(address, timer, lineage)
 
     async def _finish(self, key: str) -> None:
         while True:

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import envelope as h
 from mesh import retries, streams
-from mesh.delivery import Delivery
+from mesh.delivery import Delivery, Later
 from mesh.errors import DeliveryError
-from mesh.fanin import Later
 
 if TYPE_CHECKING:
     from mesh.agent import Handler

@@ -20,11 +20,11 @@ from mesh.codec import Codec, default_codec
 from mesh.consumer import PullConsumer
 from mesh.context import Answer, Context
 from mesh.deadletter import answer_failure, dead_letter
-from mesh.delivery import Delivery
+from mesh.delivery import Delivery, Later
 from mesh.discovery import Endpoint, ServiceResponder, Stats
 from mesh.envelope import Envelope, new_id, open_envelope
 from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
-from mesh.fanin import JoinKeeper, JoinState, Later, Outcome
+from mesh.fanin import JoinKeeper, JoinState, Outcome
 from mesh.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
 from mesh.ladder import (

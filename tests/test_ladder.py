@@ -12,9 +12,9 @@ import pytest
 
 from mesh import envelope as h
 from mesh import streams
+from mesh.delivery import Later
 from mesh.discovery import Stats
 from mesh.errors import DeliveryError, Reject
-from mesh.fanin import Later
 from mesh.ladder import (
     Accept,
     Count,
