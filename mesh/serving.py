@@ -4,6 +4,7 @@ non-zero if the connection silently stopped reading."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 
 from mesh.agent import Agent
@@ -50,6 +51,9 @@ async def serve(
     watchdog: asyncio.Task[None] | None = None
     try:
         await runtime.start()
+        # what start-up made (modules, the agent, its schemas and clients) lives as long as
+        # the process: out of the collector's way, so its passes only walk per-message garbage
+        gc.freeze()
         if ready is not None:
             ready.set()
         probe = f"{PREFIX}.PING.{agent.name}.{runtime.instance}"  # answered by this process
