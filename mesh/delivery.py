@@ -77,3 +77,16 @@ class Direct:
 
     async def in_progress(self) -> None:
         return None
+
+
+class Consumer(Protocol):
+    """A replica's pull from a durable consumer: it hands out deliveries while fewer than its
+    capacity are in hand; `done` gives one slot back."""
+
+    def done(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Take nothing more (what is in hand is finished or handed back by the runtime)."""
+        ...
+
+    async def close(self) -> None: ...

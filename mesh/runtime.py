@@ -17,10 +17,9 @@ from mesh.agent import Agent, Handler
 from mesh.approval import ApprovalKeeper
 from mesh.client import MeshClient
 from mesh.codec import Codec, default_codec
-from mesh.consumer import PullConsumer
 from mesh.context import Answer, Context
 from mesh.deadletter import answer_failure, dead_letter
-from mesh.delivery import Delivery, Later
+from mesh.delivery import Consumer, Delivery, Later
 from mesh.discovery import Endpoint, ServiceResponder, Stats
 from mesh.envelope import Envelope, new_id, open_envelope
 from mesh.errors import ConfigError, DeliveryError, UnknownTypeError
@@ -94,7 +93,7 @@ class AgentRuntime:
         self._limit = asyncio.Semaphore(self._capacity)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
-        self._consumers: list[PullConsumer] = []
+        self._consumers: list[Consumer] = []
         self._working: dict[asyncio.Task[Any], Delivery] = {}  # stored deliveries being handled
         middleware = [tracing, log_context, llm_scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
@@ -264,12 +263,12 @@ class AgentRuntime:
 
     # ------------------------------------------------------------ stored (JetStream)
 
-    async def _on_stored(self, d: Delivery, consumer: PullConsumer) -> None:
+    async def _on_stored(self, d: Delivery, consumer: Consumer) -> None:
         task = asyncio.create_task(self._process_stored(d, consumer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process_stored(self, d: Delivery, consumer: PullConsumer) -> None:
+    async def _process_stored(self, d: Delivery, consumer: Consumer) -> None:
         assert self._stored is not None
         me = asyncio.current_task()
         assert me is not None

@@ -1,5 +1,6 @@
 """Test helpers: a real nats-server on a free port (or a cluster of them), agents in-process
-or as processes, and a recorder that waits on messages instead of sleeping.
+or as processes, and a recorder that waits on messages instead of sleeping. Agents also run
+on `MemoryBus`, the bus in memory, where a test needs no server.
 
     with nats_server(tmp_path) as server:
         settings = Settings.load(environ={}, nats_url=server.url, data_dir=tmp_path)
@@ -21,6 +22,7 @@ from mesh.agent import Agent
 from mesh.cluster import EmbeddedCluster
 from mesh.launch import stop_process as stop_process  # re-exported for tests
 from mesh.llm import LLM
+from mesh.memtransport import MemoryBus as MemoryBus  # re-exported: agents on a bus in memory
 from mesh.runtime import AgentRuntime
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
@@ -54,10 +56,11 @@ def nats_cluster(directory: Path, n: int = 3) -> Iterator[EmbeddedCluster]:
 
 @asynccontextmanager
 async def running_agent(
-    agent: Agent, settings: Settings, *, llm: LLM | None = None
+    agent: Agent, settings: Settings, *, llm: LLM | None = None, transport: Transport | None = None
 ) -> AsyncIterator[AgentRuntime]:
-    """Run `agent` in this process until the block ends, then drain it."""
-    transport = await NatsTransport.connect(settings, agent.name)
+    """Run `agent` in this process until the block ends, then drain it: on the NATS server
+    of `settings`, or on `transport` (e.g. ``MemoryBus().transport()``, no server needed)."""
+    transport = transport or await NatsTransport.connect(settings, agent.name)
     runtime = AgentRuntime(agent, settings, transport, llm=llm)
     await runtime.start()
     try:

@@ -28,7 +28,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 
 from mesh.consumer import PullConsumer
-from mesh.delivery import Delivery, Direct
+from mesh.delivery import Consumer, Delivery, Direct
 from mesh.envelope import NATS_MSG_ID
 from mesh.errors import PublishError, ServerError, ServerUnavailable
 from mesh.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
@@ -92,7 +92,7 @@ class RawMessage(Protocol):
 
 RawHandler = Callable[[Any], Awaitable[None]]
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
-StoredHandler = Callable[[Delivery, PullConsumer], Awaitable[None]]
+StoredHandler = Callable[[Delivery, Consumer], Awaitable[None]]
 
 
 class Subscription(Protocol):
@@ -136,7 +136,7 @@ class Transport(Protocol):
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None: ...
 
-    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> PullConsumer: ...
+    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> Consumer: ...
 
     async def consumer_info(self, stream: str, name: str) -> Any: ...
 

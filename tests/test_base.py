@@ -1,0 +1,131 @@
+"""The same behaviour on both buses: a real nats-server, and `MemoryBus` in memory. What
+passes here is what a user may test without a server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import pytest
+from sample_agents import relay
+from sample_agents.echo import Ping, Pong
+
+from mesh import Agent, Context
+from mesh import envelope as h
+from mesh.client import MeshClient
+from mesh.codec import default_codec
+from mesh.join import Gathered
+from mesh.settings import Settings
+from mesh.testing import MemoryBus, Recorder, running_agent
+from mesh.transport import NatsTransport, Transport
+
+Connect = Callable[[str], Awaitable[Transport]]
+
+
+@pytest.fixture(params=["nats", "memory"])
+async def connect(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Connect]:
+    bus = MemoryBus(settings)
+    opened: list[Transport] = []
+
+    async def new(name: str) -> Transport:
+        t: Transport = (
+            bus.transport() if request.param == "memory" else await NatsTransport.connect(settings, name)
+        )
+        opened.append(t)
+        return t
+
+    yield new
+    for t in opened:
+        await t.close()
+
+
+echo = Agent("base-echo")
+
+
+@echo.handler
+async def on_ping(ping: Ping, ctx: Context) -> Pong:
+    if ping.text == "boom":
+        raise RuntimeError("no pong today")
+    return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
+
+
+async def test_an_event_is_handled_and_its_answer_published(settings: Settings, connect: Connect) -> None:
+    client = MeshClient(await connect("client"), "client")
+    async with running_agent(echo, settings, transport=await connect("echo")):
+        pongs = await Recorder.start(client.transport, "mesh.base1.evt.test.pong")
+        await client.publish(Ping(text="hi", n=1), conversation="base1")
+        [pong] = await pongs.wait_count(1)
+        assert default_codec.decode(pong.data, Pong).text == "hi"
+        assert pong.headers[h.CONVERSATION] == "base1"
+
+
+async def test_a_request_gets_its_typed_answer(settings: Settings, connect: Connect) -> None:
+    client = MeshClient(await connect("client"), "client")
+    async with running_agent(echo, settings, transport=await connect("echo")):
+        pong = await client.request("base-echo", Ping(text="q", n=7), Pong, timeout=10)
+        assert (pong.text, pong.n) == ("q", 7)
+
+
+async def test_a_chain_of_handoffs_answers_the_first_sender(settings: Settings, connect: Connect) -> None:
+    client = MeshClient(await connect("client"), "client")
+    async with AsyncExitStack() as stack:
+        for agent in (relay.first, relay.second, relay.third):
+            await stack.enter_async_context(
+                running_agent(agent, settings, transport=await connect(agent.name))
+            )
+        done = await Recorder.start(client.transport, "mesh.base3.evt.test.finished")
+        await client.send("first", relay.Baton(token="t1"), conversation="base3")
+        [finished] = await done.wait_count(1)
+        assert [p.split(":")[0] for p in default_codec.decode(finished.data, relay.Finished).path] == [
+            "first",
+            "second",
+            "third",
+        ]
+
+
+async def test_bad_input_is_dead_lettered_and_a_failing_handler_retried_then_dead_lettered(
+    settings: Settings, connect: Connect
+) -> None:
+    client = MeshClient(await connect("client"), "client")
+    async with running_agent(echo, settings, transport=await connect("echo")) as runtime:
+        dlq = await Recorder.start(client.transport, "mesh.base4.dlq.base-echo")
+        headers = client.headers("test.ping", 1, "base4")
+        await client.transport.store("mesh.base4.agent.base-echo", b"{not json", headers)
+        await client.send("base-echo", Ping(text="boom"), conversation="base4")
+        letters = await dlq.wait_count(2, timeout=20)
+        kinds = sorted(m.headers[h.DLQ_KIND] for m in letters)
+        assert kinds == ["decode", "handler_error"]
+        failed = next(m for m in letters if m.headers[h.DLQ_KIND] == "handler_error")
+        assert failed.headers[h.DLQ_DELIVERIES] == str(settings.max_deliver)
+        assert runtime.stats.retried == settings.max_deliver - 1
+
+
+boss = Agent("base-boss")
+gather = boss.join("pongs", Pong)
+results: list[list[str]] = []
+
+
+@boss.handler
+async def on_task(ping: Ping, ctx: Context) -> None:
+    await ctx.fan_out(gather, [("base-echo", Ping(text=f"{ping.text}-{i}", n=i)) for i in range(3)])
+
+
+@gather.complete
+async def on_pongs(got: Gathered[Pong], ctx: Context) -> None:
+    results.append(sorted(p.text for p in got.results))
+
+
+async def test_a_fan_out_is_gathered_once(settings: Settings, connect: Connect) -> None:
+    results.clear()
+    client = MeshClient(await connect("client"), "client")
+    async with (
+        running_agent(echo, settings, transport=await connect("echo")),
+        running_agent(boss, settings, transport=await connect("boss")),
+    ):
+        await client.send("base-boss", Ping(text="w"), conversation="base5")
+        async with asyncio.timeout(10):
+            while not results:  # noqa: ASYNC110 - the completion runs in the agent
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert results == [["w-0", "w-1", "w-2"]]
