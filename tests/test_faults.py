@@ -148,13 +148,19 @@ async def subject_counts(client: MeshClient, stream: str, pattern: str) -> Count
 
 async def ledger(client: MeshClient) -> Counter[str]:
     """Applied side effects, as 'stage conversation' -> how many times."""
+    from nats.js.errors import BucketNotFoundError, NoKeysError
+
     js = client.transport.nc.jetstream()  # type: ignore[attr-defined]
-    try:
-        kv = await js.key_value(ho.LEDGER)
-        keys = await kv.keys()
-    except Exception:
-        return Counter()
-    return Counter([(await kv.get(k)).value.decode() for k in keys])
+    async with asyncio.timeout(30):  # right after a cluster regains quorum, reads can time out
+        while True:
+            try:
+                kv = await js.key_value(ho.LEDGER)
+                keys = await kv.keys()
+                return Counter([(await kv.get(k)).value.decode() for k in keys])
+            except (BucketNotFoundError, NoKeysError):
+                return Counter()  # nothing was ever applied
+            except Exception:  # a timeout or no leader yet: read again, never report "no effects"
+                await asyncio.sleep(0.5)
 
 
 async def wait_until(predicate: Any, timeout: float, every: float = 0.25) -> None:
