@@ -256,3 +256,24 @@ async def test_an_agent_whose_connection_the_server_closed_exits_with_an_error(
     await client.send("doomed", Ping(text="x"), durable=False)
     with pytest.raises(ServerError, match="closed"):
         await asyncio.wait_for(serving, 20)
+
+
+async def test_a_replayed_message_is_not_handled_again(settings: Settings, client: MeshClient) -> None:
+    """A copy of a handled message sent again later (same Mesh-Id, a new Nats-Msg-Id so the
+    stream's dedupe does not catch it) is acknowledged without running the handler."""
+    conv = h.new_id()
+    async with running_agent(victim, settings) as runtime:
+        processed = await client.transport.state(streams.bucket_specs(settings)[0], settings)
+        headers = _headers(client, conv)
+        subject = Address.inbox(conv, "victim").subject
+        await client.transport.store(subject, b'{"text": "pay once"}', headers)
+        key = streams.processed_key("victim", headers[h.ID])
+        async with asyncio.timeout(10):
+            while not await processed.exists(key):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        replay = {**headers, h.NATS_MSG_ID: h.new_id()}
+        await client.transport.store(subject, b'{"text": "pay once"}', replay)
+        async with asyncio.timeout(10):
+            while runtime.stats.duplicates < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert handled.count(headers[h.ID]) == 1
