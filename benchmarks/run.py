@@ -183,6 +183,13 @@ def headline(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"columns": {k: SYSTEMS[k].label for k in HEADLINE_SYSTEMS}, "rows": rows}
 
 
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     try:
@@ -207,6 +214,8 @@ def machine() -> dict[str, Any]:
         "nats_py": metadata.version("nats-py"),
         "msgspec": metadata.version("msgspec"),
         "opentelemetry_sdk": metadata.version("opentelemetry-sdk"),
+        "pydantic": metadata.version("pydantic"),
+        "faststream": _version("faststream"),
         "load_before": os.getloadavg()[0],
     }
 
