@@ -331,15 +331,15 @@ def table(records: list[dict[str, Any]]) -> str:
         unit = next(iter(by_system.values()))["unit"]
         cells = [REGISTRY[wl].title, f"{name} ({unit})"]
         for k in systems:
-            r = by_system.get(k)
-            if r is None:
+            rec = by_system.get(k)
+            if rec is None:
                 cells.append("")
                 continue
-            cell = _fmt(r["value"])
-            if k != "raw" and r["ratio"] is not None:
-                cell += f" ({r['ratio']:.2f}x)"
-            if r["errors"]:
-                cell += f" [{r['errors']} errors]"
+            cell = _fmt(rec["value"])
+            if k != "raw" and rec["ratio"] is not None:
+                cell += f" ({rec['ratio']:.2f}x)"
+            if rec["errors"]:
+                cell += f" [{rec['errors']} errors]"
             cells.append(cell)
         lines.append(_row(cells))
     return "\n".join(lines)
