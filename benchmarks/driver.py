@@ -14,7 +14,8 @@ It reads one JSON command per line on stdin and answers each with one JSON line 
 
 A unit of work is one request and its answer (hop, fanout, join) or one event through the
 pipeline and back (pipeline). Results: n, seconds, rate, p50/p99 latency in µs and errors
-(a failed send, or an answer that never came).
+(a failed send, or an answer that never came). SIGUSR1 prints where every task waits to the
+driver's log (stderr), for a phase that never answers.
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
 _PY = (sys.executable, "-m")
 QUIET = 0.05  # of one core, over all the processes counted: a phase's work is over
-SERVICE_MODULES = {"raw": "benchmarks.raw_services", "jetstream": "benchmarks.raw_services"}
-SERVICE_MODULES["faststream"] = "benchmarks.faststream_services"
+SERVICE_MODULES = {
+    "raw": "benchmarks.raw_services",
+    "jetstream": "benchmarks.raw_services",
+    "faststream": "benchmarks.faststream_services",
+}
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -60,13 +63,16 @@ def _on_cpu_ns(pid: int) -> int | None:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    total = 0
+    total = read = 0
     for tid in tids:
         try:
             total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None  # no schedstat in this kernel, or the process is going: use ticks
-    return total
+        except OSError:
+            continue  # the thread ended in between
+        except (ValueError, IndexError):
+            return None
+        read += 1
+    return total if read else None  # none: no schedstat in this kernel, use ticks
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -88,9 +94,9 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def settle(pids: list[int], *, window: float = 0.2, limit: float = 2.0) -> float:
-    """Wait (at most `limit` s) until these processes spend at most one clock tick over one
-    `window`: work a phase left behind (span export, acks, stream writes) is then done and
-    counted. Returns their CPU seconds so far."""
+    """Wait (at most `limit` s) until these processes together spend under `QUIET` of a core
+    over one `window`: work a phase left behind (span export, acks, stream writes) is then
+    done and counted. Returns their CPU seconds so far."""
     deadline = time.monotonic() + limit
     spent = cpu_seconds(pids)
     while time.monotonic() < deadline:
