@@ -7,6 +7,7 @@ import os
 import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,95 @@ from mesh import launch
 ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
 _PY = (sys.executable, "-m")
+QUIET = 0.05  # of one core, over all the processes counted: a phase's work is over
+SERVICE_MODULES = {
+    "raw": "benchmarks.raw_services",
+    "jetstream": "benchmarks.raw_services",
+    "faststream": "benchmarks.faststream_services",
+}
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None:
+                kids.setdefault(int(fields[1]), []).append(int(entry.name))
+    return kids
+
+
+def process_tree(pids: list[int]) -> list[int]:
+    """These processes and every live descendant (a wrapper's children count too)."""
+    kids = _children()
+    seen: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.append(pid)
+            todo.extend(kids.get(pid, []))
+    return seen
+
+
+def _on_cpu_ns(pid: int) -> int | None:
+    """Nanoseconds on a CPU (user + system) of this process's live threads, from schedstat:
+    clock ticks (10 ms) are too coarse for a phase of a few thousand events."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = read = 0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except OSError:
+            continue  # the thread ended in between
+        except (ValueError, IndexError):
+            return None
+        read += 1
+    return total if read else None  # none: no schedstat in this kernel, use ticks
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes (all their threads) so far."""
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+    """CPU seconds (user + system) so far of these processes and their descendants: all their
+    threads, and children that already exited and were waited for (cutime, cstime)."""
+    total = 0.0
+    for pid in process_tree(pids):
+        fields = _stat(pid)
+        if fields is None:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / _TICK
+        ticks = sum(int(f) for f in fields[13:15])  # cutime cstime (fields 16, 17)
+        precise = _on_cpu_ns(pid)
+        if precise is None:
+            ticks += int(fields[11]) + int(fields[12])  # utime stime (fields 14, 15)
+        else:
+            total += precise / 1e9
+        total += ticks / _TICK
+    return total
+
+
+def settle(pids: list[int], *, window: float = 0.2, limit: float = 2.0) -> float:
+    """Wait (at most `limit` s) until these processes together spend under `QUIET` of a core
+    over one `window`: work a phase left behind (span export, acks, stream writes) is then
+    done and counted. Returns their CPU seconds so far."""
+    deadline = time.monotonic() + limit
+    spent = cpu_seconds(pids)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = cpu_seconds(pids)
+        if now - spent <= QUIET * window:
+            return now
+        spent = now
+    return spent
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -54,9 +131,11 @@ class Group:
             "MESH_DATA_DIR": str(work / "data"),
             "MESH_TRACE_EXPORTER": "file",
             "MESH_TRACE_FILE": str(work / f"spans-{system.key}.jsonl"),
+            # spans leave the batch queue within 0.2 s (default 5 s), so the CPU of exporting a
+            # phase's spans is spent, and counted, while the runner waits for the phase to settle
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
             "BENCH_SUFFIX": system.suffix,
             **system.env,
-            **workload.mesh_env,
         }
 
     def start(self) -> None:
@@ -79,7 +158,7 @@ class Group:
                 with log.open("ab") as fh:
                     self.services.append(
                         subprocess.Popen(
-                            [*_PY, "benchmarks.raw_services", name, *self._where],
+                            [*_PY, SERVICE_MODULES[self.system.kind], name, *self._where],
                             env=_env({}),
                             cwd=ROOT,
                             stdout=fh,
@@ -121,19 +200,23 @@ class Group:
         with selectors.DefaultSelector() as sel:
             sel.register(self.driver.stdout, selectors.EVENT_READ)
             if not sel.select(timeout):
-                raise RuntimeError(f"{self.system.key} driver of {self.workload.key}: no answer to {cmd}")
+                raise RuntimeError(
+                    f"{self.system.key} driver of {self.workload.key}: no answer to {cmd}\n{self.log_tails()}"
+                )
         line = self.driver.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.system.key} driver of {self.workload.key} exited: {self._log_tail()}")
+            raise RuntimeError(f"{self.system.key} driver of {self.workload.key} exited:\n{self.log_tails()}")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def _log_tail(self) -> str:
-        path = self.logs / f"{self.workload.key}-{self.system.key}-driver.log"
-        try:
-            return path.read_text()[-2000:]
-        except OSError:
-            return f"no log at {path}"
+    def log_tails(self, chars: int = 1500) -> str:
+        """The end of every log of this group, for an error message (the logs go with the run)."""
+        out = []
+        for path in sorted(self.logs.glob(f"{self.workload.key}-{self.system.key}-*.log")):
+            text = path.read_text(errors="replace")[-chars:].strip()
+            if text:
+                out.append(f"--- {path.name}\n{text}")
+        return "\n".join(out) or "(empty logs)"
 
     def stop(self) -> None:
         if self.driver is not None:

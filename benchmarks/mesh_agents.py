@@ -2,8 +2,8 @@
 
 ``BENCH_SUFFIX`` is appended to every agent name, so several configurations (full tracing,
 sampled tracing) run side by side on one server without sharing queue groups.
-``BENCH_DURABLE=1`` makes the pipeline stages hand off through JetStream inboxes instead of
-direct lines.
+The pipeline stages hand off through JetStream inboxes (the mesh default) unless
+``BENCH_DURABLE=0``, which makes them use direct lines (``durable=False``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mesh import Agent, Context
 from mesh.join import Gathered
 
 SUFFIX = os.environ.get("BENCH_SUFFIX", "")
-DURABLE = os.environ.get("BENCH_DURABLE") == "1"
+DURABLE = os.environ.get("BENCH_DURABLE", "1") == "1"
 WORKERS = 4
 
 

@@ -1,11 +1,11 @@
-"""W3 fan-out/fan-in: a coordinator asks 4 worker agents at once (four concurrent
-`ctx.request`s over direct lines) and answers with what they all said."""
+"""W3 fan-out/fan-in: a coordinator asks 4 workers at once (four concurrent requests; the
+mesh: `ctx.request` over direct lines) and answers with what they all said."""
 
 from __future__ import annotations
 
 from benchmarks.workloads import Metric, Mode, Phase, System, Target, Workload
 
-COUNTS = {"smoke": 20, "quick": 300, "full": 1000}
+COUNTS = {"smoke": 5, "quick": 200, "full": 600}
 
 
 def services(system: System) -> list[str]:
@@ -28,7 +28,14 @@ def phases(mode: Mode) -> list[Phase]:
     ]
 
 
-WORKLOAD = Workload("fanout", "W3 fan-out/fan-in (4 workers)", services, phases, warmup=100)
+WORKLOAD = Workload(
+    "fanout",
+    "W3 fan-out/fan-in (4 workers)",
+    services,
+    phases,
+    systems=("raw", "faststream", "mesh", "mesh-untraced", "mesh-sampled"),
+    warmup=100,
+)
 
 
 def join_services(system: System) -> list[str]:
@@ -51,7 +58,7 @@ def join_phases(mode: Mode) -> list[Phase]:
 
 
 # an extra row: ctx.fan_out through a durable join (KV state, JetStream inboxes), against the
-# same raw core-NATS fan-out floor; no target
+# same raw core-NATS fan-out; no target
 JOIN_WORKLOAD = Workload(
     "join",
     "W3 fan-out, durable join (extra)",

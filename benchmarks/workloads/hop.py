@@ -1,10 +1,11 @@
-"""W1 hop: a typed request to a responder agent and its typed reply, over the direct line."""
+"""W1 hop: a typed request to a responder and its typed reply (the mesh: over the agent's
+direct line, whatever the durable setting; requests are never stored)."""
 
 from __future__ import annotations
 
 from benchmarks.workloads import Mode, Phase, System, Target, Workload, latency, throughput
 
-COUNTS = {"smoke": (20, 40), "quick": (500, 2000), "full": (2000, 10000)}
+COUNTS = {"smoke": (5, 10), "quick": (300, 1500), "full": (1000, 4000)}
 
 
 def services(system: System) -> list[str]:
@@ -27,4 +28,10 @@ def phases(mode: Mode) -> list[Phase]:
     ]
 
 
-WORKLOAD = Workload("hop", "W1 hop (request/reply)", services, phases)
+WORKLOAD = Workload(
+    "hop",
+    "W1 hop (request/reply)",
+    services,
+    phases,
+    systems=("raw", "faststream", "mesh", "mesh-untraced", "mesh-sampled"),
+)
