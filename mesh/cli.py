@@ -395,10 +395,11 @@ def demo(tickets: int, interactive: bool) -> None:
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="Smaller counts and one round: under a minute.")
-@click.option("--only", default="", help="Comma-separated workloads (hop, pipeline, fanout, durable).")
+@click.option("--only", default="", help="Comma-separated workloads (pipeline, hop, fanout, join, memory).")
 @click.option("--rounds", type=int, default=0, help="Rounds per phase (default: 1 quick, 3 full).")
 def bench(quick: bool, only: str, rounds: int) -> None:
-    """Measure the mesh beside plain nats-py (needs a clone of the repository: benchmarks/)."""
+    """Measure the mesh at its defaults beside raw core NATS, raw JetStream and FastStream
+    (needs a clone of the repository: benchmarks/; `make bench` installs FastStream)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
