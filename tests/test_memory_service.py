@@ -30,6 +30,9 @@ def mem_settings(settings: Settings) -> Settings:
             "memory_agent": f"memory-{uuid.uuid4().hex[:12]}",  # one service per test
             "memory_tenants": "default,acme",
             "memory_turn_budget": 64,
+            # the first call opens the store and the embedder: a busy machine takes longer
+            # than the 2 s default for it, and that is not what these tests are about
+            "memory_timeout": 15.0,
         }
     )
 
