@@ -86,6 +86,8 @@ async def dead_letter(
             h.DLQ_SUBJECT: msg.subject,
             h.DLQ_AGENT: agent,
             h.DLQ_AT: str(h.now_ns()),
+            # its own id, so a store retried after a timeout keeps one copy in the stream
+            h.NATS_MSG_ID: h.new_id(),
             **(extra or {}),
         }
     )
@@ -101,6 +103,7 @@ async def dead_letter(
                 h.DLQ_OF: letter[h.DLQ_ID],
                 h.DLQ_OFFSET: str(len(body)),
                 h.DLQ_AT: str(h.now_ns()),
+                h.NATS_MSG_ID: h.new_id(),
             }
             await transport.store(subject, rest, tail)
         return True
