@@ -45,6 +45,7 @@ class Work:
     ctx: Context | None = None
     message: Message | None = None
     handler: Handler | None = None
+    processed_key: str = ""  # where the duplicate guard looked, and Settle marks it done
 
     @property
     def handler_name(self) -> str:
@@ -152,7 +153,8 @@ class Settle:
             return outcome
         assert w.env is not None
         self.stats.handled += 1
-        await self.processed.put_nowait(streams.processed_key(self.agent, w.env.id), b"1")
+        key = w.processed_key or streams.processed_key(self.agent, w.env.id)
+        await self.processed.put_nowait(key, b"1")
         await d.ack()
         if d.attempt > 1:
             try:
@@ -238,7 +240,8 @@ class Guard:
     async def __call__(self, w: Work) -> Later | None:
         d = w.delivery
         msg_id = h.message_id(d.headers or {}, d.origin)  # DeliveryError if over the limit
-        if await self.processed.exists(streams.processed_key(self.agent, msg_id)):
+        w.processed_key = streams.processed_key(self.agent, msg_id)  # the envelope's id is the same
+        if await self.processed.exists(w.processed_key):
             raise Duplicate
         return await self.below(w)
 
