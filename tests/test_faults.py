@@ -148,17 +148,21 @@ async def subject_counts(client: MeshClient, stream: str, pattern: str) -> Count
 
 async def ledger(client: MeshClient) -> Counter[str]:
     """Applied side effects, as 'stage conversation' -> how many times."""
-    from nats.js.errors import BucketNotFoundError, NoKeysError
+    from nats.js.errors import NotFoundError
 
     js = client.transport.nc.jetstream()  # type: ignore[attr-defined]
+    stream, prefix = f"KV_{ho.LEDGER}", f"$KV.{ho.LEDGER}."
     async with asyncio.timeout(30):  # right after a cluster regains quorum, reads can time out
         while True:
             try:
+                # the keys from the stream leader's own count (kv.keys() can come back empty
+                # from a consumer made while a new leader catches up)
+                info = await js.stream_info(stream, subjects_filter=prefix + ">")
                 kv = await js.key_value(ho.LEDGER)
-                keys = await kv.keys()
+                keys = [subject.removeprefix(prefix) for subject in info.state.subjects or {}]
                 return Counter([(await kv.get(k)).value.decode() for k in keys])
-            except (BucketNotFoundError, NoKeysError):
-                return Counter()  # nothing was ever applied
+            except NotFoundError:
+                return Counter()  # no ledger: nothing was ever applied
             except Exception:  # a timeout or no leader yet: read again, never report "no effects"
                 await asyncio.sleep(0.5)
 
