@@ -21,6 +21,7 @@ from mesh.codec import JSON, Codec, default_codec
 from mesh.deadletter import DeliveryFailed
 from mesh.errors import DecodeError, RequestError, RequestFailed, RequestRefused
 from mesh.messages import Message, type_of
+from mesh.outbox import Outbox
 from mesh.settings import Settings
 from mesh.subjects import Address, conversation_id
 from mesh.transport import NatsTransport, Transport
@@ -194,11 +195,13 @@ class MeshClient:
         reply_to: str = "",
         subject: str | None = None,
         msg_id: str | None = None,
+        outbox: Outbox | None = None,
     ) -> Sent:
         """Publish to an address (or a raw reply `subject`), with full headers.
 
-        Inboxes and events are stored (JetStream acknowledges before this returns); direct
-        lines and replies to requesters are plain publishes.
+        Inboxes and events are stored: JetStream acknowledges before this returns, or, given
+        an `outbox` (a handler's), by the time the outbox is flushed. Direct lines and replies
+        to requesters are plain publishes.
         """
         mtype = type_of(type(msg))
         data = self.codec.encode(msg, content_type)
@@ -212,7 +215,10 @@ class MeshClient:
             parsed = subjects.parse(subject)
             kind = parsed.kind if parsed is not None else subjects.REPLY
         if kind in (subjects.AGENT, subjects.EVENT, subjects.TIMER):
-            await self.transport.store(target, data, headers)
+            if outbox is not None:
+                await outbox.store(target, data, headers)
+            else:
+                await self.transport.store(target, data, headers)
         else:
             await self.transport.publish(target, data, headers)
         return Sent(id=headers[h.ID], conversation=address.conversation, subject=target)

@@ -33,6 +33,7 @@ from mesh import subjects
 from mesh.delivery import Delivery, Direct
 from mesh.envelope import NATS_MSG_ID
 from mesh.errors import ServerError
+from mesh.outbox import Outbox, Waiting
 from mesh.settings import Settings
 from mesh.state import MemoryState, StateStore
 from mesh.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
@@ -387,6 +388,9 @@ class MemoryTransport:
         if self.bus.stream_for(subject) is None:
             raise ServerError(f"no stream stored {subject!r}")
         return self.bus.route(_Core(subject, data, dict(headers) if headers else None))
+
+    def outbox(self) -> Outbox:
+        return Waiting(self)  # a store here is done when it returns: nothing to wait for later
 
     async def ensure_streams(self) -> None:
         for spec in stream_specs(self.settings):
