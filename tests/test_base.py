@@ -12,13 +12,13 @@ from sample_agents import relay
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
-from mesh import envelope as h
-from mesh.client import MeshClient
-from mesh.codec import default_codec
 from mesh.join import Gathered
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
-from mesh.transport import NatsTransport, Transport
+from mesh.transport.nats import NatsTransport, Transport
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
 
 Connect = Callable[[str], Awaitable[Transport]]
 
