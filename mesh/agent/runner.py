@@ -21,11 +21,12 @@ from mesh.middleware.base import chain
 from mesh.observability.logs import log_context
 from mesh.observability.tracing import extract_context, tracing
 from mesh.patterns.approval import ApprovalKeeper
-from mesh.patterns.fanin import JoinKeeper, JoinState, Outcome
+from mesh.patterns.fanin import JoinKeeper, JoinState
 from mesh.runtime import retries
 from mesh.runtime.client import Answer, MeshClient
 from mesh.runtime.deadletter import answer_failure, dead_letter
 from mesh.runtime.discovery import Endpoint, ServiceResponder, Stats
+from mesh.runtime.keepers import Keepers, Outcome
 from mesh.runtime.ladder import (
     Accept,
     Count,
@@ -105,6 +106,7 @@ class AgentRuntime:
         self._responder: ServiceResponder | None = None
         self._joins: JoinKeeper | None = None
         self._approvals: ApprovalKeeper | None = None
+        self._keepers = Keepers()  # joins and approvals, by the message types they take
         self._failures: Failures | None = None
         self._stored: Take | None = None  # the ladders (mesh.runtime.ladder), built at start
         self._direct: Take | None = None
@@ -159,6 +161,9 @@ class AgentRuntime:
         self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
         self._joins.run_completion = self._complete
         self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
+        self._keepers = Keepers()
+        self._keepers.add(self._joins)
+        self._keepers.add(self._approvals)
         for spec in streams.agent_consumer_specs(self.agent, settings):
             await self.transport.ensure_consumer(spec)
             self._subs.append(
@@ -324,9 +329,7 @@ class AgentRuntime:
         if env.deadline_ms is not None and env.deadline_ms < time.time() * 1000:
             raise DeliveryError("deadline_expired", f"deadline {env.deadline_ms} ms passed before handling")
         ctx = self._context(env, d.attempt)
-        if self._joins is not None and self._joins.owns(env):
-            return env, ctx, None, None
-        if self._approvals is not None and self._approvals.owns(env):
+        if self._keepers.find(env) is not None:
             return env, ctx, None, None
         handler = self.agent.handler_for(env.type_name, env.version)
         if handler is None:
@@ -363,10 +366,9 @@ class AgentRuntime:
             # in the trace of what it received
             token = otel_context.attach(extract_context(env.headers))
             try:
-                if self._approvals is not None and self._approvals.owns(env):
-                    return await self._approvals.receive(env, ctx)
-                assert self._joins is not None
-                return await self._joins.receive(env, ctx)
+                keeper = self._keepers.find(env)
+                assert keeper is not None
+                return await keeper.receive(env, ctx)
             finally:
                 otel_context.detach(token)
         assert message is not None

@@ -26,10 +26,10 @@ import msgspec
 
 from mesh.llm.tools import ToolError
 from mesh.llm.types import ToolCall, ToolOutput, Turn
-from mesh.patterns.fanin import Outcome
 from mesh.runtime import timers
 from mesh.runtime.client import Lineage
 from mesh.runtime.deadletter import dead_letter
+from mesh.runtime.keepers import Outcome
 from mesh.transport.delivery import Later
 from mesh.wire import envelope as h
 from mesh.wire import subjects
@@ -213,9 +213,11 @@ async def resume_point(ctx: Context) -> Resume | None:
 
 
 class ApprovalKeeper:
-    """Runs the decisions and expiry timers of one agent's parked tool calls."""
+    """Runs the decisions and expiry timers of one agent's parked tool calls. A `Keeper`
+    (mesh.runtime.keepers): it takes decisions and its timers, for an agent with tools."""
 
-    TYPES = frozenset({"approval.decision", "mesh.approval_timer"})
+    takes: tuple[type[Message], ...] = (ApprovalDecision, ApprovalTimer)
+    answers = False
 
     def __init__(self, agent: Agent, state: StateStore, timeout: float, max_deliver: int) -> None:
         self.agent = agent
@@ -224,7 +226,7 @@ class ApprovalKeeper:
         self.max_deliver = max_deliver
 
     def owns(self, env: h.Envelope) -> bool:
-        return env.type_name in self.TYPES and len(self.agent.tools) > 0
+        return len(self.agent.tools) > 0
 
     async def receive(self, env: h.Envelope, ctx: Context) -> Outcome | Later:
         status: Status

@@ -15,7 +15,7 @@ import base64
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -32,6 +32,7 @@ from mesh.join import (
 )
 from mesh.runtime import timers
 from mesh.runtime.client import Answer, Lineage
+from mesh.runtime.keepers import Outcome
 from mesh.transport.delivery import Later
 from mesh.transport.streams import join_key
 from mesh.wire import envelope as h
@@ -91,11 +92,14 @@ class JoinState(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 _decode_state = msgspec.json.Decoder(JoinState).decode
 
-Outcome = Literal["handled", "skipped"]
 
 
 class JoinKeeper:
-    """Runs the joins of one agent: starting them, recording answers, firing completions."""
+    """Runs the joins of one agent: starting them, recording answers, firing completions.
+    A `Keeper` (mesh.runtime.keepers): it takes its timers and the answers to its fan-outs."""
+
+    takes: tuple[type[Message], ...] = (JoinTimer,)
+    answers = True
 
     def __init__(
         self,
