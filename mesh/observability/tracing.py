@@ -156,12 +156,7 @@ def configure_tracing(settings: Settings, service_name: str, instance: str = "")
     if instance:
         attrs["service.instance.id"] = instance
     resource = Resource.create(attrs)
-    provider = _Provider(resource=resource, sampler=sampler(settings.trace_sample))
-    if not isinstance(exporter, JsonLinesSpanExporter):
-        exporter = _AsReadable(exporter)
-    batches = BatchSpanProcessor(exporter)
-    provider.add_span_processor(batches)
-    provider.recorder = _Recorder.of(provider, batches, settings.trace_sample)
+    provider = tracer_provider(exporter, resource, settings.trace_sample)
     trace.set_tracer_provider(provider)
     meters = _meter_provider(settings, resource)
 
@@ -171,6 +166,18 @@ def configure_tracing(settings: Settings, service_name: str, instance: str = "")
             meters.shutdown()
 
     return shutdown
+
+
+def tracer_provider(exporter: SpanExporter, resource: Resource, sample: float) -> TracerProvider:
+    """The provider `configure_tracing` installs: `sampler` (sample), one batch processor to
+    `exporter`, and handler spans recorded as `HandlerSpan`s."""
+    provider = _Provider(resource=resource, sampler=sampler(sample))
+    batches = BatchSpanProcessor(
+        exporter if isinstance(exporter, JsonLinesSpanExporter) else _AsReadable(exporter)
+    )
+    provider.add_span_processor(batches)
+    provider.recorder = _Recorder.of(provider, batches, sample)
+    return provider
 
 
 def _meter_provider(settings: Settings, resource: Resource) -> Any:
