@@ -97,6 +97,8 @@ class _SpanLine(msgspec.Struct, omit_defaults=False):
 
     @classmethod
     def of(cls, span: ReadableSpan | HandlerSpan) -> _SpanLine:
+        if isinstance(span, HandlerSpan):
+            return span.line()
         ctx = span.get_span_context()
         assert ctx is not None
         parent = span.parent
@@ -340,6 +342,7 @@ class _AsReadable(SpanExporter):
 
 
 _NOT_SET = Status(StatusCode.UNSET)
+_STATUS_NAMES = {code: code.name for code in StatusCode}
 _FLAGS = tuple(TraceFlags(i) for i in range(256))
 _SAMPLED, _RANDOM_ID = TraceFlags.SAMPLED, TraceFlags.RANDOM_TRACE_ID
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -373,7 +376,7 @@ class _Recorder:
     trace-id ratio), trace flags and trace state as `Tracer.start_span` sets them.
     """
 
-    __slots__ = ("bound", "info", "limits", "processor", "resource", "sample_all", "scope")
+    __slots__ = ("bound", "info", "limits", "processor", "resource", "sample_all", "scope", "service")
 
     def __init__(
         self,
@@ -384,6 +387,7 @@ class _Recorder:
     ) -> None:
         self.processor = processor
         self.resource = tracer.resource
+        self.service = tracer.resource.attributes.get("service.name")
         self.info = tracer.instrumentation_info
         self.scope = InstrumentationScope(TRACER_NAME, "", None, None)  # as get_tracer(TRACER_NAME) names it
         self.limits = limits
@@ -482,6 +486,7 @@ class HandlerSpan(trace.Span):
     )
 
     kind = SpanKind.CONSUMER
+    _kind_name = kind.name
 
     def __init__(
         self,
@@ -649,6 +654,24 @@ class HandlerSpan(trace.Span):
     @property
     def resource(self) -> Resource:
         return self._recorder.resource
+
+    def line(self) -> _SpanLine:
+        """This span as a line of the span file, read from its fields (what `_SpanLine.of`
+        reads from an SDK span, at about half the cost: no properties or enum names)."""
+        context, parent, attributes = self._context, self._parent, self._attributes
+        return _SpanLine(
+            f"{context.trace_id:032x}",
+            f"{context.span_id:016x}",
+            f"{parent.span_id:016x}" if parent else None,
+            self._name,
+            self._kind_name,
+            self._recorder.service,
+            self._start,
+            self._end,
+            _STATUS_NAMES[self._status.status_code],
+            attributes if type(attributes) is dict else dict(attributes),
+            [f"{link.context.span_id:016x}" for link in self._links],
+        )
 
     def readable(self) -> ReadableSpan:
         """The SDK span exporters take, with the fields the SDK's own span would have had."""
