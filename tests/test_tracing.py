@@ -24,10 +24,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sample_agents import handoffs as ho
-from sample_agents.relay import Baton, first, second, third
+from sample_agents.relay import Baton, Finished
 
 import mesh.observability.tracing
+from mesh import Context
 from mesh.agent.declaration import Agent
+from mesh.join import Gathered
 from mesh.observability.tracing import (
     HandlerSpan,
     JsonLinesSpanExporter,
@@ -274,37 +276,73 @@ async def agents(settings: Settings, *members: Agent) -> AsyncIterator[None]:
         yield
 
 
+def relay(name: str, to: str | None, *, first: bool = False) -> Agent:
+    agent = Agent(name)
+
+    @agent.handler(events=first)
+    async def on_baton(baton: Baton, ctx: Context) -> Finished | None:
+        if to is None:
+            return Finished(token=baton.token, path=[*baton.path, name])
+        await ctx.handoff(to, Baton(token=baton.token, path=[*baton.path, name]))
+        return None
+
+    return agent
+
+
+helper = Agent("tree-helper")
+
+
+@helper.handler
+async def on_work(work: ho.Work) -> ho.WorkDone:
+    return ho.WorkDone(text=work.text, n=work.n, answer=f"{work.text}!", by=0)
+
+
+lead = Agent("tree-lead")
+gather = lead.join("all", ho.WorkDone)
+
+
+@lead.handler
+async def on_task(task: ho.Task, ctx: Context) -> None:
+    await ctx.fan_out(gather, [("tree-helper", ho.Work(text=task.text, n=i)) for i in range(task.workers)])
+
+
+async def summarize(g: Gathered[ho.WorkDone], ctx: Context) -> ho.Summary:
+    answers = [w.answer for w in g.results]
+    return ho.Summary(text=g.results[0].text, answers=answers, missing=g.missing, timed_out=g.timed_out)
+
+
+gather.complete(summarize)
+RELAY = [
+    relay("tree-first", "tree-second", first=True),
+    relay("tree-second", "tree-third"),
+    relay("tree-third", None),
+]
+
+
 async def test_one_conversation_across_agents_is_one_tree(
     settings: Settings,
     client: MeshClient,
     install: Callable[[TracerProvider], None],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A relay of three agents, then a fan-out and its join: every span of the conversation
     in one trace, each handler's parent the span of the handler that sent its message, the
     join's span linked to the answers it gathered."""
-    monkeypatch.setenv("MESH_NATS_URL", settings.nats_url or "")
     spans = InMemorySpanExporter()
     provider = tracer_provider(spans, RESOURCE, 1.0)
     install(provider)
-    try:
-        async with agents(settings, first, second, third, ho.coordinator, ho.worker):
-            rec = await Recorder.start(client.transport, "mesh.tree.>")
-            with trace.get_tracer("test").start_as_current_span("client"):
-                await client.publish(Baton(token="t"), conversation="tree")
-                await client.send(
-                    "coordinator",
-                    ho.Task(text="s", workers=3),
-                    conversation="tree",
-                    reply_to=Address.reply("tree", "t").subject,
-                )
-            await rec.wait_for(
-                lambda ms: {"test.finished", "test.summary"} <= {m.headers[h.TYPE] for m in ms}
+    async with agents(settings, *RELAY, lead, helper):
+        rec = await Recorder.start(client.transport, "mesh.tree.>")
+        with trace.get_tracer("test").start_as_current_span("client"):
+            await client.publish(Baton(token="t"), conversation="tree")
+            await client.send(
+                "tree-lead",
+                ho.Task(text="s", workers=3),
+                conversation="tree",
+                reply_to=Address.reply("tree", "t").subject,
             )
-    finally:
-        await ho.close_ledger()
+        await rec.wait_for(lambda ms: {"test.finished", "test.summary"} <= {m.headers[h.TYPE] for m in ms})
     provider.force_flush()
-    everything = list(spans.get_finished_spans())  # with what earlier tests left on the server
+    everything = list(spans.get_finished_spans())
     [root] = [s for s in everything if s.name == "client"]
     conversation = [s for s in everything if (s.attributes or {}).get(CONVERSATION) == "tree"]
     assert len(conversation) == 8  # 3 relays, the task, 3 workers, the join
@@ -320,12 +358,12 @@ async def test_one_conversation_across_agents_is_one_tree(
         assert span.parent is not None
         return by_id[span.parent.span_id].name
 
-    assert parent_name("first process test.baton") == "client"
-    assert parent_name("second process test.baton") == "first process test.baton"
-    assert parent_name("third process test.baton") == "second process test.baton"
-    workers = [s for s in finished if s.name == "worker process test.work"]
-    [joined] = [s for s in finished if s.name == "coordinator join all"]
+    assert parent_name("tree-first process test.baton") == "client"
+    assert parent_name("tree-second process test.baton") == "tree-first process test.baton"
+    assert parent_name("tree-third process test.baton") == "tree-second process test.baton"
+    workers = [s for s in finished if s.name == "tree-helper process test.work"]
+    [joined] = [s for s in finished if s.name == "tree-lead join all"]
     assert len(workers) == 3
-    assert parent_name("coordinator process test.task") == "client"
-    assert {by_id[w.parent.span_id].name for w in workers if w.parent} == {"coordinator process test.task"}
+    assert parent_name("tree-lead process test.task") == "client"
+    assert {by_id[w.parent.span_id].name for w in workers if w.parent} == {"tree-lead process test.task"}
     assert sorted(link.context.span_id for link in joined.links) == sorted(w.context.span_id for w in workers)
