@@ -61,5 +61,5 @@ def test_a_keeper_can_refuse_a_message_of_its_type() -> None:
 def test_two_keepers_cannot_take_one_type() -> None:
     keepers = Keepers()
     keepers.add(Keeper((JoinTimer,), answers=True))
-    with pytest.raises(RegistrationError, match="mesh.join_timer"):
+    with pytest.raises(RegistrationError, match=r"mesh\.join_timer"):
         keepers.add(Keeper((JoinTimer,), answers=False))
