@@ -26,12 +26,12 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from sample_agents import handoffs as ho
 from sample_agents.relay import Baton, Finished
 
-import mesh.observability.tracing
+import mesh.observability.spans
 from mesh import Context
 from mesh.agent.declaration import Agent
 from mesh.join import Gathered
+from mesh.observability.spans import HandlerSpan
 from mesh.observability.tracing import (
-    HandlerSpan,
     JsonLinesSpanExporter,
     read_spans,
     sampler,
@@ -82,7 +82,7 @@ def same_ids_and_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     def reset(seed: int = 11) -> None:
         random.seed(seed)
         clock = itertools.count(1_700_000_000_000_000_000, 1000).__next__
-        monkeypatch.setattr(mesh.observability.tracing, "time_ns", clock)
+        monkeypatch.setattr(mesh.observability.spans, "time_ns", clock)
         monkeypatch.setattr(sdk_trace, "time_ns", clock)
 
     return reset

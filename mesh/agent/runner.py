@@ -91,9 +91,7 @@ class AgentRuntime:
         self.llm = llm or make_llm(settings)
         self.client = MeshClient(transport, sender=agent.name, codec=codec)
         self.stats = Stats()
-        self.log = structlog.get_logger("mesh.agent").bind(
-            agent=agent.name, instance=self.instance
-        )
+        self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency
         self._limit = asyncio.Semaphore(self._capacity)
         self._tasks: set[asyncio.Task[None]] = set()

@@ -93,7 +93,6 @@ _encode = msgspec.json.Encoder().encode
 _decode_state = msgspec.json.Decoder(JoinState).decode
 
 
-
 class JoinKeeper:
     """Runs the joins of one agent: starting them, recording answers, firing completions.
     A `Keeper` (mesh.runtime.keepers): it takes its timers and the answers to its fan-outs."""
