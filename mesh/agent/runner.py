@@ -19,7 +19,7 @@ from mesh.join import Gathered, Join
 from mesh.llm import LLM, llm_scope, make_llm
 from mesh.middleware.base import chain
 from mesh.observability.logs import log_context
-from mesh.observability.tracing import extract_context, tracing
+from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
 from mesh.patterns.fanin import JoinKeeper, JoinState
 from mesh.runtime import retries
@@ -89,7 +89,12 @@ class AgentRuntime:
         self.codec = codec
         self.instance = instance or new_id()
         self.llm = llm or make_llm(settings)
-        self.client = MeshClient(transport, sender=agent.name, codec=codec)
+        self.client = MeshClient(
+            transport,
+            sender=agent.name,
+            codec=codec,
+            publish_middleware=(inject_trace, *agent.publish_middleware),
+        )
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-STORE = "store"  # JetStream: the stream acknowledges it
-PUBLISH = "publish"  # core NATS, at most once
-REQUEST = "request"  # core NATS, and the first answer comes back
-
 Kind = Literal["store", "publish", "request"]
+
+STORE: Kind = "store"  # JetStream: the stream acknowledges it
+PUBLISH: Kind = "publish"  # core NATS, at most once
+REQUEST: Kind = "request"  # core NATS, and the first answer comes back
 
 
 @dataclass(slots=True)
