@@ -191,12 +191,12 @@ async def faststream_calls(workload: str, url: str, suffix: str) -> Calls:
 
 
 async def mesh_calls(workload: str, url: str, suffix: str) -> Calls:
-    from mesh.client import MeshClient
-    from mesh.codec import default_codec
-    from mesh.logs import configure_logging
-    from mesh.settings import Settings
-    from mesh.subjects import Address
-    from mesh.tracing import configure_tracing
+    from mesh.observability.logs import configure_logging
+    from mesh.observability.tracing import configure_tracing
+    from mesh.runtime.client import MeshClient
+    from mesh.wire.codec import default_codec
+    from mesh.wire.settings import Settings
+    from mesh.wire.subjects import Address
 
     settings = Settings.load()
     configure_logging(settings)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workloads import System, Workload
-from mesh import launch
+from mesh.agent import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")

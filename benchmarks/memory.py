@@ -8,7 +8,7 @@ builds its index, then measures, one request at a time:
 
 * direct: `MemoryStore.remember` / `recall` in this process (embedding + Qdrant engine);
 * mesh:   `Memory.remember` / `recall` from a client through a real nats-server to the
-          memory service running as its own process (`mesh run mesh.memory.service:agent`)
+          memory service running as its own process (`mesh run mesh.services.memory:agent`)
           on the same data.
 
 The mesh overhead is the difference of the medians. Prints a table and writes JSON.
@@ -28,15 +28,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.client import MeshClient
-from mesh.discovery import wait_for_agents
-from mesh.errors import MemoryRefused
-from mesh.launch import spawn_agent, stop_process
+from mesh.agent.launch import spawn_agent, stop_process
 from mesh.memory.backend import StoredPoint
 from mesh.memory.client import Memory
 from mesh.memory.store import NEVER, MemoryStore, Origin, point_id
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import nats_server
+from mesh.wire.errors import MemoryRefused
+from mesh.wire.settings import Settings
 
 TENANT = "default"
 
@@ -125,7 +125,7 @@ async def run_size(n: int, ops: int, root: Path, server_url: str, seed: int) -> 
 
     log = root / f"memory-service-{n}.log"
     proc = spawn_agent(
-        "mesh.memory.service:agent",
+        "mesh.services.memory:agent",
         url=server_url,
         data_dir=data,
         log=log,

@@ -34,7 +34,7 @@ from typing import Any
 from benchmarks import memory as memory_bench
 from benchmarks.harness import ROOT, Group, cpu_seconds, settle
 from benchmarks.workloads import REGISTRY, SYSTEMS, Mode, Target, Workload
-from mesh import server as srv
+from mesh.transport import server as srv
 
 ROUNDS: dict[Mode, int] = {"smoke": 1, "quick": 1, "full": 3}
 # the smoke run checks the harness: one workload, one system of each kind

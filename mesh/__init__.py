@@ -3,17 +3,17 @@
 The public face is small; everything else is importable but internal.
 """
 
-from mesh.agent import Agent
-from mesh.client import MeshClient, Sent
-from mesh.codec import JSON, MSGPACK
-from mesh.context import Context
-from mesh.errors import ConfigError, DeliveryError, MeshError, Reject, RequestError
-from mesh.join import Gathered, Join, Part, all_of, first, judge, majority, merge, quorum
+from mesh import join
+from mesh.agent.context import Context
+from mesh.agent.declaration import Agent
+from mesh.agent.serving import serve
 from mesh.llm import LLM
-from mesh.messages import Message, message
-from mesh.middleware import Call, Middleware
-from mesh.serving import serve
-from mesh.settings import Settings
+from mesh.middleware.base import Call, Middleware
+from mesh.runtime.client import MeshClient, Sent
+from mesh.wire.codec import JSON, MSGPACK
+from mesh.wire.errors import ConfigError, DeliveryError, MeshError, Reject, RequestError
+from mesh.wire.messages import Message, message
+from mesh.wire.settings import Settings
 
 __all__ = [
     "JSON",
@@ -24,23 +24,15 @@ __all__ = [
     "ConfigError",
     "Context",
     "DeliveryError",
-    "Gathered",
-    "Join",
     "MeshClient",
     "MeshError",
     "Message",
     "Middleware",
-    "Part",
     "Reject",
     "RequestError",
     "Sent",
     "Settings",
-    "all_of",
-    "first",
-    "judge",
-    "majority",
-    "merge",
+    "join",
     "message",
-    "quorum",
     "serve",
 ]

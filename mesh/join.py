@@ -1,16 +1,18 @@
 """Fan-out and fan-in: parallel and hierarchical handoffs whose state lives in NATS KV.
 
-    findings = agent.join("findings", Findings, policy=mesh.quorum(2), resolve=mesh.majority(key))
+    from mesh.join import Gathered, majority, quorum
+
+    findings = agent.join("findings", Findings, policy=quorum(2), resolve=majority(key))
 
     @agent.handler
     async def on_question(q: Question, ctx: mesh.Context) -> None:
         await ctx.fan_out(findings, [("research", Ask(...)), ("archive", Ask(...))], deadline=30)
 
     @findings.complete
-    async def answer(g: mesh.Gathered[Findings], ctx: mesh.Context) -> Answer:
+    async def answer(g: Gathered[Findings], ctx: mesh.Context) -> Answer:
         return Answer(text=g.resolved.text if g.resolved else "no agreement")
 
-This module declares joins; `mesh.fanin` runs them.
+This module declares joins; `mesh.patterns.fanin` runs them.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from mesh import subjects
-from mesh.errors import RegistrationError
-from mesh.messages import Message, message, type_of
+from mesh.wire import subjects
+from mesh.wire.errors import RegistrationError
+from mesh.wire.messages import Message, message, type_of
 
 T = TypeVar("T", bound=Message)
 

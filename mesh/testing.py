@@ -17,16 +17,16 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from mesh import launch
-from mesh.agent import Agent
-from mesh.cluster import EmbeddedCluster
-from mesh.launch import stop_process as stop_process  # re-exported for tests
+from mesh.agent import launch
+from mesh.agent.declaration import Agent
+from mesh.agent.launch import stop_process as stop_process  # re-exported for tests
+from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
-from mesh.memtransport import MemoryBus as MemoryBus  # re-exported: agents on a bus in memory
-from mesh.runtime import AgentRuntime
-from mesh.server import EmbeddedServer
-from mesh.settings import Settings
-from mesh.transport import NatsTransport, Subscription, Transport
+from mesh.transport.cluster import EmbeddedCluster
+from mesh.transport.memory import MemoryBus as MemoryBus  # re-exported: agents on a bus in memory
+from mesh.transport.nats import NatsTransport, Subscription, Transport
+from mesh.transport.server import EmbeddedServer
+from mesh.wire.settings import Settings
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mesh.messages import Message, message
+from mesh.wire.messages import Message, message
 
 Priority = Literal["low", "normal", "high", "urgent"]
 Category = Literal["billing", "account", "bug", "how_to", "other"]

@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mesh.client import MeshClient
-from mesh.server import EmbeddedServer
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
 from mesh.testing import nats_server
+from mesh.transport.server import EmbeddedServer
+from mesh.wire.settings import Settings
 
 HERE = Path(__file__).parent
 SAMPLES = HERE / "sample_agents"

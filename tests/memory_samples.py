@@ -5,7 +5,7 @@ from __future__ import annotations
 from mesh.schemas import memory as m
 from sample_agents.memo import Note, Noted
 
-from mesh.messages import Message
+from mesh.wire.messages import Message
 
 _prov = m.Provenance(agent="research", message_id="M1", trace_id="0" * 32, conversation="c1", at=1.5)
 _hit = m.MemoryHit(

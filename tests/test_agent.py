@@ -8,8 +8,8 @@ import pytest
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
-from mesh.errors import ConfigError, RegistrationError
-from mesh.messages import Message
+from mesh.wire.errors import ConfigError, RegistrationError
+from mesh.wire.messages import Message
 
 
 def test_handler_is_picked_by_its_parameter_type() -> None:

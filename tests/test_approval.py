@@ -7,13 +7,13 @@ from typing import Any
 
 from mesh_user_tools import REFUNDS, Answered, Ask, Refund, agent
 
-from mesh import envelope as h
-from mesh.approval import ApprovalRequest, ApprovalResolved
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.llmcli import decide
-from mesh.settings import Settings
+from mesh.cli.llm import decide
+from mesh.patterns.approval import ApprovalRequest, ApprovalResolved
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
 
 REFUND = 'Please call refund({"order_id": "A-9", "amount_eur": 20})'
 

@@ -12,13 +12,13 @@ from sample_agents import relay
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
-from mesh import envelope as h
-from mesh.client import MeshClient
-from mesh.codec import default_codec
 from mesh.join import Gathered
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
-from mesh.transport import NatsTransport, Transport
+from mesh.transport.nats import NatsTransport, Transport
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
 
 Connect = Callable[[str], Awaitable[Transport]]
 
@@ -65,6 +65,17 @@ async def test_a_request_gets_its_typed_answer(settings: Settings, connect: Conn
     async with running_agent(echo, settings, transport=await connect("echo")):
         pong = await client.request("base-echo", Ping(text="q", n=7), Pong, timeout=10)
         assert (pong.text, pong.n) == ("q", 7)
+
+
+async def test_a_request_made_while_the_replica_is_starting_is_answered(
+    settings: Settings, connect: Connect
+) -> None:
+    client = MeshClient(await connect("client"), "client")
+    asking = asyncio.create_task(client.request("base-echo", Ping(text="early", n=1), Pong, timeout=10))
+    await asyncio.sleep(0.12)  # the first ask finds nobody; the agent comes up meanwhile
+    async with running_agent(echo, settings, transport=await connect("echo")):
+        pong = await asking
+    assert pong.text == "early"
 
 
 async def test_a_chain_of_handoffs_answers_the_first_sender(settings: Settings, connect: Connect) -> None:

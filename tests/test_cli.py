@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES
 
-from mesh.cli import cli
-from mesh.settings import Settings
+from mesh.cli.main import cli
+from mesh.wire.settings import Settings
 
 
 def _run(

@@ -23,15 +23,15 @@ from sample_agents import handoffs as ho
 from sample_agents.echo import Ping
 from test_faults import Fleet, ledger, subject_counts, wait_until
 
-from mesh import streams
-from mesh.client import MeshClient
-from mesh.cluster import EmbeddedCluster
-from mesh.discovery import wait_for_agents
-from mesh.errors import ServerUnavailable
-from mesh.server import is_our_server
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import nats_cluster
-from mesh.transport import NatsTransport
+from mesh.transport import streams
+from mesh.transport.cluster import EmbeddedCluster
+from mesh.transport.nats import NatsTransport
+from mesh.transport.server import is_our_server
+from mesh.wire.errors import ServerUnavailable
+from mesh.wire.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ import click
 import pytest
 import yaml
 
-from mesh.agent import Agent
-from mesh.cli import cli
-from mesh.errors import ConfigError
-from mesh.loader import load_agent
-from mesh.settings import PREFIX, Settings
+from mesh.agent.declaration import Agent
+from mesh.agent.loader import load_agent
+from mesh.cli.main import cli
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

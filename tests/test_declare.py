@@ -11,12 +11,12 @@ import sys
 from conftest import SAMPLES
 from sample_agents.ledger import InvoiceBooked, agent
 
-from mesh import streams
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.settings import Settings
-from mesh.subjects import matches
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.transport import streams
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import matches
 
 LEDGER = str(SAMPLES / "ledger.py")
 

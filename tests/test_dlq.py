@@ -10,15 +10,16 @@ import sys
 
 from sample_agents.echo import Ping, Pong
 
-from mesh import Agent, Context, streams
-from mesh import envelope as h
-from mesh.client import MeshClient
-from mesh.discovery import backlog
-from mesh.dlq import list_dead_letters, redrive, redrive_headers
-from mesh.retries import Failures, on_max_deliveries
-from mesh.settings import Settings
-from mesh.streams import bucket_specs
+from mesh import Agent, Context
+from mesh.cli.dlq import list_dead_letters, redrive, redrive_headers
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import backlog
+from mesh.runtime.retries import Failures, on_max_deliveries
 from mesh.testing import Recorder, running_agent
+from mesh.transport import streams
+from mesh.transport.streams import bucket_specs
+from mesh.wire import envelope as h
+from mesh.wire.settings import Settings
 
 healed = False
 moody = Agent("moody", description="fails until healed")

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import random
 
-from mesh.envelope import derive_id
+from mesh.wire.envelope import derive_id
 
 
 def documented(parent: str, agent: str, n: int) -> str:

@@ -26,14 +26,14 @@ from conftest import SAMPLES
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping
 
-from mesh import envelope as h
-from mesh import streams
-from mesh.client import MeshClient
-from mesh.discovery import wait_for_agents
-from mesh.server import EmbeddedServer
-from mesh.settings import Settings
-from mesh.subjects import Address
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import Recorder, nats_server, spawn_agent, stop_process
+from mesh.transport import streams
+from mesh.transport.server import EmbeddedServer
+from mesh.wire import envelope as h
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 from mesh_user_tools import DELETED, REFUNDS, Answered, Ask, agent
 
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.settings import Settings
+from mesh.patterns.toolloop import HYGIENE, data_block
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
-from mesh.toolloop import HYGIENE, data_block
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
 
 DELETE = 'call delete_account({"user": "ada"})'
 REFUND = 'call refund({"order_id": "A-1", "amount_eur": 9999})'

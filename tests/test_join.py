@@ -12,14 +12,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sample_agents import handoffs as ho
 
 from mesh import Context
-from mesh import envelope as h
-from mesh.agent import Agent
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.errors import RegistrationError
-from mesh.settings import Settings
-from mesh.subjects import Address
+from mesh.agent.declaration import Agent
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.errors import RegistrationError
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 
 @pytest.fixture(autouse=True)

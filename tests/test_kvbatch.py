@@ -6,12 +6,12 @@ import asyncio
 
 from nats.js.api import KeyValueConfig
 
-from mesh.envelope import new_id
-from mesh.kvbatch import CHUNK
-from mesh.settings import Settings
-from mesh.state import NatsState
-from mesh.streams import BucketSpec
-from mesh.transport import NatsTransport
+from mesh.transport.kvbatch import CHUNK
+from mesh.transport.nats import NatsTransport
+from mesh.transport.state import NatsState
+from mesh.transport.streams import BucketSpec
+from mesh.wire.envelope import new_id
+from mesh.wire.settings import Settings
 
 
 async def test_lookups_made_together_share_one_request_and_see_puts_and_deletes(settings: Settings) -> None:

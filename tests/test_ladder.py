@@ -10,12 +10,8 @@ from typing import Any
 
 import pytest
 
-from mesh import envelope as h
-from mesh import streams
-from mesh.delivery import Later
-from mesh.discovery import Stats
-from mesh.errors import DeliveryError, Reject, ServerUnavailable
-from mesh.ladder import (
+from mesh.runtime.discovery import Stats
+from mesh.runtime.ladder import (
     Accept,
     Count,
     GiveUp,
@@ -27,9 +23,13 @@ from mesh.ladder import (
     TimeLimit,
     Work,
 )
-from mesh.retries import Failures
-from mesh.settings import Settings
-from mesh.state import MemoryState
+from mesh.runtime.retries import Failures
+from mesh.transport import streams
+from mesh.transport.delivery import Later
+from mesh.transport.state import MemoryState
+from mesh.wire import envelope as h
+from mesh.wire.errors import DeliveryError, Reject, ServerUnavailable
+from mesh.wire.settings import Settings
 
 SETTINGS = Settings.load(environ={}, max_deliver=3, retry_backoff=0.5, retry_backoff_max=4.0)
 

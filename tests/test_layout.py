@@ -61,3 +61,70 @@ def test_no_module_imports_itself_through_others() -> None:
         if name not in state:
             visit(name, [name])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# The layers, lowest first. A module may use (at import time or inside a function) modules
+# of its own layer and the layers below; a layer above is reachable only for annotations
+# (`if TYPE_CHECKING:`). `mesh.join` declares joins from wire types only, so it sits with
+# the wire; `mesh`, `mesh.testing` and `mesh.__main__` are the public face, on top.
+LAYERS = [
+    ("mesh.wire", "mesh.join"),
+    ("mesh.transport",),
+    ("mesh.middleware",),
+    ("mesh.observability",),
+    ("mesh.runtime",),
+    ("mesh.llm",),
+    ("mesh.patterns",),
+    ("mesh.memory",),
+    ("mesh.agent",),
+    ("mesh.services",),
+    ("mesh.cli",),
+    ("mesh", "mesh.testing", "mesh.__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    best, rank = "", -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, rank = name, i
+    assert rank >= 0, f"{module} is in no layer: add its folder to LAYERS"
+    return rank
+
+
+def _runtime_imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """Every mesh module `path` imports when it runs: at the top or inside functions, not
+    in `if TYPE_CHECKING:` blocks."""
+    found: set[str] = set()
+
+    def walk(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                if child.module.split(".")[0] == "mesh":
+                    for a in child.names:
+                        full = f"{child.module}.{a.name}"
+                        found.add(full if full in known else child.module)
+            elif isinstance(child, ast.Import):
+                found.update(a.name for a in child.names if a.name.split(".")[0] == "mesh")
+            walk(child)
+
+    walk(ast.parse(path.read_text()))
+    return found
+
+
+def test_every_module_is_in_a_layer() -> None:
+    for name in _modules():
+        _layer(name)
+
+
+def test_no_module_uses_a_layer_above_its_own() -> None:
+    known = _modules()
+    upward = []
+    for name, path in sorted(known.items()):
+        for dep in sorted(_runtime_imports(path, known)):
+            if dep in known and _layer(dep) > _layer(name):
+                upward.append(f"{name} -> {dep}")
+    assert not upward, "imports from a higher layer: " + "; ".join(upward)

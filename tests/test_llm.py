@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 from llm_servers import ChatCompletionsAPI, MessagesAPI, Script, serve
 
-from mesh.errors import ConfigError
 from mesh.llm import (
     AnthropicLLM,
     Delta,
@@ -25,7 +24,8 @@ from mesh.llm import (
     Turn,
     make_llm,
 )
-from mesh.settings import Settings
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
 
 LOOKUP = ToolSpec(
     name="lookup_order",

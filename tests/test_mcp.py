@@ -1,4 +1,4 @@
-"""Tools imported from an MCP server over stdio (mesh.mcp), against the tiny server in
+"""Tools imported from an MCP server over stdio (mesh.llm.mcp), against the tiny server in
 tests/sample_agents/mcp_server.py: listing with schemas and pages, calls through the
 toolbox and the tool loop, validation before the call, typed errors for every way a server
 can fail, and no process left behind."""
@@ -13,13 +13,13 @@ import pytest
 from conftest import SAMPLES
 
 from mesh import Agent, Context, Message, message
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.errors import MeshError, RegistrationError
-from mesh.mcp import MCPError, MCPServer, MCPTimeout, import_tools
-from mesh.settings import Settings
+from mesh.llm.mcp import MCPError, MCPServer, MCPTimeout, import_tools
+from mesh.llm.tools import Toolbox, ToolError, ToolFailed, ToolInputInvalid, ToolTimeout
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
-from mesh.tools import Toolbox, ToolError, ToolFailed, ToolInputInvalid, ToolTimeout
+from mesh.wire.codec import default_codec
+from mesh.wire.errors import MeshError, RegistrationError
+from mesh.wire.settings import Settings
 
 SERVER = [sys.executable, str(SAMPLES / "mcp_server.py")]
 

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from mesh.errors import ConfigError
 from mesh.memory.batching import Batcher
 from mesh.memory.embedding import HashEmbedder, KeywordEncoder, make_embedder
-from mesh.settings import Settings
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
 
 
 def cosine(a: list[float], b: list[float]) -> float:

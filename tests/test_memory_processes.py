@@ -12,17 +12,17 @@ from conftest import SAMPLES
 from memory_facts import FACTS, distractors
 from sample_agents.memo import Note, Noted
 
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.discovery import wait_for_agents
-from mesh.envelope import new_id
 from mesh.memory.client import Memory
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import Recorder, spawn_agent, stop_process
+from mesh.wire.codec import default_codec
+from mesh.wire.envelope import new_id
+from mesh.wire.settings import Settings
 
 pytestmark = pytest.mark.slow
 
-SERVICE = "mesh.memory.service:agent"
+SERVICE = "mesh.services.memory:agent"
 MEMO = f"{SAMPLES / 'memo.py'}:agent"
 
 

@@ -12,15 +12,15 @@ from mesh.schemas.memory import MemoryFailed, Recall, Recalled, Remember, Rememb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sample_agents.memo import Note, Noted
 
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.envelope import new_id
-from mesh.errors import MemoryRefused, MemoryUnavailable
 from mesh.memory.client import Memory
-from mesh.memory.service import MemoryService, memory_agent
 from mesh.memory.store import MemoryStore
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
+from mesh.services.memory import MemoryService, memory_agent
 from mesh.testing import Recorder, running_agent
+from mesh.wire.codec import default_codec
+from mesh.wire.envelope import new_id
+from mesh.wire.errors import MemoryRefused, MemoryUnavailable
+from mesh.wire.settings import Settings
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from memory_facts import FACTS, distractors
 
-from mesh.errors import ConfigError, MemoryRefused
 from mesh.memory.backend import MemoryBackend
 from mesh.memory.edge import EdgeBackend
 from mesh.memory.embedding import HashEmbedder
 from mesh.memory.qdrant import QdrantBackend
 from mesh.memory.store import MemoryStore, Origin
+from mesh.wire.errors import ConfigError, MemoryRefused
 
 BACKENDS: dict[str, Callable[[Path], MemoryBackend]] = {
     "edge": lambda d: EdgeBackend(d / "edge"),

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from sample_agents.echo import Ping, Pong
 
-from mesh import envelope as h
-from mesh import streams
-from mesh.client import MeshClient
-from mesh.errors import RequestError
-from mesh.memtransport import MemoryBus
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
+from mesh.transport import streams
+from mesh.transport.memory import MemoryBus
+from mesh.wire import envelope as h
+from mesh.wire.errors import RequestError
+from mesh.wire.settings import Settings
 
 SETTINGS = Settings.load(environ={})
 

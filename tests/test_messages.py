@@ -11,15 +11,15 @@ from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
 
-from mesh.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
-from mesh.client import MeshClient
-from mesh.codec import JSON, MSGPACK, default_codec
-from mesh.deadletter import DeliveryFailed
-from mesh.errors import DecodeError, RegistrationError, UnknownTypeError
 from mesh.join import JoinTimer, JudgeRequest, JudgeVerdict
-from mesh.messages import Message, message, registry, type_of
-from mesh.streaming import LLMChunk, LLMFinal
+from mesh.llm.streaming import LLMChunk, LLMFinal
+from mesh.patterns.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
+from mesh.runtime.client import MeshClient
+from mesh.runtime.deadletter import DeliveryFailed
 from mesh.testing import Recorder
+from mesh.wire.codec import JSON, MSGPACK, default_codec
+from mesh.wire.errors import DecodeError, RegistrationError, UnknownTypeError
+from mesh.wire.messages import Message, message, registry, type_of
 
 _ticket = TicketOpened(ticket_id="T-1", customer="Ada", subject="Refund", body="Charged twice")
 _request = ResearchRequest(

@@ -11,7 +11,7 @@ from nats import errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import Header
 
-from mesh.natsclient import Client, header_block, parse_header_lines
+from mesh.transport.natsclient import Client, header_block, parse_header_lines
 
 VALUES = [
     "support.ticket_opened",

@@ -11,16 +11,17 @@ from typing import Any
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping, Pong
 
-from mesh import Agent, Context, streams
-from mesh import envelope as h
-from mesh import outbox as outbox_module
-from mesh.client import MeshClient
-from mesh.codec import default_codec
+from mesh import Agent, Context
 from mesh.join import Gathered
-from mesh.outbox import Acks, Pipelined
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
-from mesh.transport import NatsTransport
+from mesh.transport import outbox as outbox_module
+from mesh.transport import streams
+from mesh.transport.nats import NatsTransport
+from mesh.transport.outbox import Acks, Pipelined
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
 
 
 async def stored_per_subject(client: MeshClient, pattern: str) -> Counter[str]:

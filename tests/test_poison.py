@@ -10,17 +10,18 @@ import nats
 import pytest
 from sample_agents.echo import Ping, Pong
 
-from mesh import Agent, Context, streams
-from mesh import envelope as h
-from mesh.client import Lineage, MeshClient
-from mesh.codec import default_codec
-from mesh.dlq import list_dead_letters, redrive
-from mesh.errors import ConfigError, RequestFailed
+from mesh import Agent, Context
+from mesh.cli.dlq import list_dead_letters, redrive
 from mesh.join import JoinTimer, all_of
-from mesh.natsclient import header_bytes
-from mesh.settings import Settings
-from mesh.subjects import Address
+from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.transport import streams
+from mesh.transport.natsclient import header_bytes
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.errors import ConfigError, RequestFailed
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 victim = Agent("victim", description="takes hostile input")
 handled: list[str] = []
@@ -240,8 +241,8 @@ async def test_an_agent_whose_connection_the_server_closed_exits_with_an_error(
 ) -> None:
     """nats-py never reconnects after the server closed the connection with -ERR: `serve`
     must end with an error (the process exits non-zero), not idle deaf."""
-    from mesh.errors import ServerError
-    from mesh.serving import serve
+    from mesh.agent.serving import serve
+    from mesh.wire.errors import ServerError
 
     doomed = Agent("doomed")
 

@@ -14,14 +14,14 @@ import pytest
 from conftest import SAMPLES
 from sample_agents.echo import Ping, Pong
 
-from mesh import envelope as h
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.discovery import discover, wait_for_agents
-from mesh.settings import Settings
-from mesh.subjects import Address
+from mesh.observability.tracing import read_spans
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import discover, wait_for_agents
 from mesh.testing import Recorder, spawn_agent, stop_process
-from mesh.tracing import read_spans
+from mesh.wire import envelope as h
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,12 @@ from sample_agents.echo import Ping, Pong
 from sample_agents.echo import agent as echo
 
 from mesh import Agent, Context
-from mesh import envelope as h
-from mesh.client import Lineage, MeshClient
-from mesh.codec import MSGPACK, default_codec
-from mesh.settings import Settings
-from mesh.subjects import Address
+from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.wire import envelope as h
+from mesh.wire.codec import MSGPACK, default_codec
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 
 async def test_event_reaches_agent_and_return_value_is_the_reply(
@@ -69,7 +69,7 @@ async def test_logs_carry_trace_span_conversation_and_agent(settings: Settings, 
     import io
     import json
 
-    from mesh.logs import configure_logging
+    from mesh.observability.logs import configure_logging
 
     log_agent = Agent("logger")
 
@@ -389,9 +389,9 @@ async def test_stored_work_cut_off_by_the_drain_goes_back_to_the_stream(
 async def test_watchdog_notices_a_connection_that_stopped_reading(settings: Settings) -> None:
     """If nats-py's read loop ends while the client still reports itself connected, the
     watchdog must turn that silence into an error instead of a deaf agent."""
-    from mesh.errors import ServerError
-    from mesh.serving import _watch_connection
-    from mesh.transport import NatsTransport
+    from mesh.agent.serving import _watch_connection
+    from mesh.transport.nats import NatsTransport
+    from mesh.wire.errors import ServerError
 
     async def answer(msg: Any) -> None:
         await victim.publish(msg.reply, b"pong")
@@ -414,8 +414,8 @@ async def test_watchdog_notices_a_connection_that_stopped_reading(settings: Sett
 async def test_watchdog_stops_at_once_when_the_server_closes_the_connection(settings: Settings) -> None:
     """nats-server answers a control line over 4 KiB with -ERR and closes the connection, and
     nats-py then never reconnects: the process must stop (and exit non-zero), not idle deaf."""
-    from mesh.serving import _watch_connection
-    from mesh.transport import NatsTransport
+    from mesh.agent.serving import _watch_connection
+    from mesh.transport.nats import NatsTransport
 
     victim = await NatsTransport.connect(settings, "victim")
     try:
@@ -470,7 +470,7 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
 def acks_lost_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first acknowledgement of each stored message is lost: the server delivers the
     message again, as after a broker crash, after the handler ran to the end."""
-    from mesh.consumer import Stored
+    from mesh.transport.consumer import Stored
 
     lost: set[str] = set()
     real = Stored.ack

@@ -8,9 +8,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from mesh import server as srv
-from mesh.errors import ServerError
-from mesh.settings import Settings
+from mesh.transport import server as srv
+from mesh.wire.errors import ServerError
+from mesh.wire.settings import Settings
 
 
 async def test_starts_on_a_free_loopback_port_with_jetstream_and_stops_cleanly(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import ConfigError
-from mesh.settings import Settings
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:

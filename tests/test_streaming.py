@@ -6,11 +6,11 @@ from __future__ import annotations
 import msgspec
 from mesh_user_streaming import Question, agent
 
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.settings import Settings
-from mesh.streaming import LLMChunk, LLMFinal, final_answer
+from mesh.llm.streaming import LLMChunk, LLMFinal, final_answer
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.wire.codec import default_codec
+from mesh.wire.settings import Settings
 
 
 async def test_a_streamed_answer_grows_on_the_conversation(client: MeshClient, settings: Settings) -> None:

@@ -24,13 +24,13 @@ from conftest import SAMPLES
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping, Pong
 
-from mesh import envelope as h
-from mesh.client import MeshClient
-from mesh.discovery import discover, wait_for_agents
 from mesh.join import JoinTimer
-from mesh.server import EmbeddedServer
-from mesh.settings import Settings
+from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import discover, wait_for_agents
 from mesh.testing import Recorder, nats_server, spawn_agent, stop_process
+from mesh.transport.server import EmbeddedServer
+from mesh.wire import envelope as h
+from mesh.wire.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -352,7 +352,7 @@ async def test_thousands_of_bad_messages_silence_no_agent_and_each_is_dead_lette
 
 
 async def _transport(settings: Settings) -> Any:
-    from mesh.transport import NatsTransport
+    from mesh.transport.nats import NatsTransport
 
     return await NatsTransport.connect(settings, "sweep")
 

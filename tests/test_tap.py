@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh import envelope as h
-from mesh.conversation import causal_tree, render_tree
-from mesh.tap import format_line, observe
+from mesh.observability.conversation import causal_tree, render_tree
+from mesh.observability.tap import format_line, observe
+from mesh.wire import envelope as h
 
 
 @dataclass

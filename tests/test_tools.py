@@ -7,13 +7,13 @@ import msgspec
 import pytest
 from mesh_user_tools import DELETED, Answered, Ask, OrderQuery, agent
 
-from mesh.client import MeshClient
-from mesh.codec import default_codec
-from mesh.errors import RegistrationError
-from mesh.llmcli import list_tools
-from mesh.settings import Settings
+from mesh.cli.llm import list_tools
+from mesh.llm.tools import Toolbox, ToolInputInvalid, ToolTimeout
+from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
-from mesh.tools import Toolbox, ToolInputInvalid, ToolTimeout
+from mesh.wire.codec import default_codec
+from mesh.wire.errors import RegistrationError
+from mesh.wire.settings import Settings
 
 
 def test_a_tool_schema_comes_from_its_msgspec_type() -> None:

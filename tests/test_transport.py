@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import ServerError, ServerUnavailable
-from mesh.server import binary
-from mesh.settings import Settings
-from mesh.transport import NatsTransport
+from mesh.transport.nats import NatsTransport
+from mesh.transport.server import binary
+from mesh.wire.errors import ServerError, ServerUnavailable
+from mesh.wire.settings import Settings
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from mesh.schemas.support import ResearchFindings, ResearchRequest
 
-from mesh import Agent, Context, Gathered, merge
-from mesh.errors import MemoryFault
+from mesh import Agent, Context
+from mesh.join import Gathered, merge
+from mesh.wire.errors import MemoryFault
 
 agent = Agent("research", description="Finds what the knowledge base and past tickets say about a ticket")
 

@@ -13,7 +13,8 @@ from mesh.schemas.support import (
     TicketOpened,
 )
 
-from mesh import Agent, Context, Gathered
+from mesh import Agent, Context
+from mesh.join import Gathered
 
 agent = Agent("triage", description="Classifies new support tickets and supervises each case")
 case = agent.join("case", ResearchFindings, PolicyNote)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-from mesh.errors import ConfigError
 from mesh.llm.claude import AnthropicLLM
 from mesh.llm.limits import CircuitBreaker, Limits, TokenBucket
 from mesh.llm.metering import Metering, Scope, current_scope, llm_scope
@@ -33,7 +32,8 @@ from mesh.llm.types import (
     Turn,
     Usage,
 )
-from mesh.settings import Settings
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
 
 __all__ = [
     "LLM",

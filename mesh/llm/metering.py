@@ -15,7 +15,7 @@ from typing import Any
 from opentelemetry import metrics, trace
 
 from mesh.llm.types import Usage
-from mesh.middleware import Call
+from mesh.middleware.base import Call
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from mesh.errors import MeshError
+from mesh.wire.errors import MeshError
 
 
 class Text(msgspec.Struct, frozen=True, tag="text"):

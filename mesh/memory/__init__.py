@@ -1,7 +1,7 @@
 """Shared semantic memory on Qdrant, reached through the mesh (docs/memory.md).
 
 Agents use `ctx.memory` (`mesh.memory.client.Memory`); the memory service
-(`mesh run mesh.memory.service:agent`) owns the Qdrant collection.
+(`mesh run mesh.services.memory:agent`) owns the Qdrant collection.
 """
 
 from mesh.memory.backend import CollectionSpec, MemoryBackend, Where

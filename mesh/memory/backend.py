@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mesh.errors import ConfigError
 from mesh.memory.embedding import Sparse
+from mesh.wire.errors import ConfigError
 
 DENSE = "dense"
 SPARSE = "bm25"

@@ -15,9 +15,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from mesh.errors import MemoryRefused, MemoryUnavailable, RequestError, RequestRefused
-from mesh.messages import Message
-from mesh.settings import Settings
+from mesh.memory.messages import (
+    AddTurn,
+    Forget,
+    Forgotten,
+    GetHistory,
+    History,
+    MemoryFailed,
+    Recall,
+    Recalled,
+    Remember,
+    Remembered,
+)
+from mesh.wire.errors import MemoryRefused, MemoryUnavailable, RequestError, RequestRefused
+from mesh.wire.messages import Message
+from mesh.wire.settings import Settings
 
 R = TypeVar("R", bound=Message)
 
@@ -47,7 +59,6 @@ class Memory:
         self.tenant = tenant or s.memory_tenant
 
     async def _ask(self, msg: Message, reply_type: type[R], timeout: float | None) -> R:
-        from mesh.schemas.memory import MemoryFailed
 
         wait = timeout or self.timeout
         try:
@@ -71,7 +82,6 @@ class Memory:
         timeout: float | None = None,
     ) -> Any:
         """Store `text`; returns `Remembered` (its id, and whether it merged into a near-duplicate)."""
-        from mesh.schemas.memory import Remember, Remembered
 
         msg = Remember(
             text=text, kind=kind, tenant=self.tenant, namespace=namespace, ttl=ttl, meta=dict(meta or {})
@@ -89,7 +99,6 @@ class Memory:
         timeout: float | None = None,
     ) -> list[Any]:
         """The `k` memories nearest to `query` (`MemoryHit`s, best first, with provenance)."""
-        from mesh.schemas.memory import Recall, Recalled
 
         msg = Recall(
             query=query, k=k, tenant=self.tenant, namespace=namespace, where=dict(where or {}), mode=mode
@@ -106,7 +115,6 @@ class Memory:
         timeout: float | None = None,
     ) -> int:
         """Delete memories by id and/or filter; how many were deleted."""
-        from mesh.schemas.memory import Forget, Forgotten
 
         msg = Forget(tenant=self.tenant, namespace=namespace, ids=list(ids), where=dict(where or {}))
         answer: Any = await self._ask(msg, Forgotten, timeout)
@@ -114,13 +122,11 @@ class Memory:
 
     async def add_turn(self, role: str, text: str, *, timeout: float | None = None) -> Any:
         """Append a turn to this conversation's working memory; returns its `History`."""
-        from mesh.schemas.memory import AddTurn, History
 
         return await self._ask(AddTurn(role=role, text=text, tenant=self.tenant), History, timeout)
 
     async def history(self, *, timeout: float | None = None) -> Any:
         """This conversation's working memory: summary of older turns, then recent turns."""
-        from mesh.schemas.memory import GetHistory, History
 
         return await self._ask(GetHistory(tenant=self.tenant), History, timeout)
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import qdrant_edge as qe
 
-from mesh.errors import ConfigError
 from mesh.memory.backend import (
     DENSE,
     FLOAT_FIELDS,
@@ -28,6 +27,7 @@ from mesh.memory.backend import (
     Where,
 )
 from mesh.memory.embedding import Sparse
+from mesh.wire.errors import ConfigError
 
 SPEC_FILE = "mesh-memory.json"
 RRF_K = 60

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mesh.errors import ConfigError
-from mesh.settings import Settings
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(

@@ -14,7 +14,6 @@ from typing import Any
 
 from qdrant_client import QdrantClient, models
 
-from mesh.errors import ConfigError
 from mesh.memory.backend import (
     DENSE,
     FLOAT_FIELDS,
@@ -26,6 +25,7 @@ from mesh.memory.backend import (
     Where,
 )
 from mesh.memory.embedding import Sparse
+from mesh.wire.errors import ConfigError
 
 RRF_K = 60
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mesh.errors import ConfigError, MemoryRefused
 from mesh.memory.backend import CollectionSpec, Found, MemoryBackend, StoredPoint, Where
 from mesh.memory.batching import Batcher
 from mesh.memory.embedding import Embedder, KeywordEncoder, make_embedder
-from mesh.settings import Settings
+from mesh.wire.errors import ConfigError, MemoryRefused
+from mesh.wire.settings import Settings
 
 T = TypeVar("T")
 NEVER = 1e15  # expires_at of a memory without TTL (a range index needs a number)

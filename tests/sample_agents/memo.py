@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from mesh import Agent, Context, Message, message
-from mesh.errors import MemoryFault
+from mesh.wire.errors import MemoryFault
 
 
 @message("memtest.note", version=1)

@@ -1,0 +1,118 @@
+"""`mesh tools`, `mesh approve` and `mesh deny`: the tools agents offer, and decisions on
+tool calls that wait for a person (docs/llm-and-tools.md)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import click
+
+from mesh.patterns.approval import ApprovalDecision, ApprovalState, approval_key, decision_subject, decoded
+from mesh.runtime.client import Lineage, MeshClient
+from mesh.runtime.discovery import discover
+from mesh.transport import streams
+from mesh.transport.nats import NatsTransport
+from mesh.wire.errors import MeshError
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
+
+
+async def list_tools(transport: NatsTransport, *, wait: float = 0.5) -> list[dict[str, Any]]:
+    """Every tool offered by a running agent, with its agent, from discovery metadata."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for inst in await discover(transport, timeout=wait):
+        for tool in json.loads(inst.metadata.get("mesh.tools") or "[]"):
+            seen.setdefault((inst.name, tool["name"]), {"agent": inst.name, **tool})
+    return [seen[k] for k in sorted(seen)]
+
+
+async def decide(
+    client: MeshClient,
+    settings: Settings,
+    approval: str,
+    *,
+    approved: bool,
+    by: str,
+    reason: str = "",
+    causation: str = "",
+) -> ApprovalState:
+    """Send a decision to the agent whose tool call waits under `approval` (`causation`: the
+    id of the approval request it answers, when known, so the conversation's tree shows it)."""
+    transport = client.transport
+    store = await transport.state(streams.bucket_specs(settings)[1], settings)
+    got = await store.get(approval_key(approval))
+    if got is None:
+        raise MeshError(f"no approval {approval!r} is waiting (wrong id, or it expired and was cleaned up)")
+    st = decoded(got[0])
+    if st.status != "pending":
+        raise MeshError(f"approval {approval} is already {st.status}" + (f" by {st.by}" if st.by else ""))
+    decision = ApprovalDecision(approval=approval, approved=approved, by=by, reason=reason)
+    address = Address.inbox(st.conversation, st.agent)
+    assert address.subject == decision_subject(st.conversation, st.agent)
+    await client.emit(address, decision, Lineage(conversation=st.conversation, causation=causation))
+    return st
+
+
+def register(
+    cli: click.Group,
+    settings_fn: Callable[[], Settings],
+    run: Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any],
+) -> None:
+    @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per tool.")
+    @click.option("--wait", default=0.5, show_default=True, help="Seconds to gather answers.")
+    def tools(as_json: bool, wait: float) -> None:
+        """List the tools running agents offer, with their JSON Schemas."""
+        settings = settings_fn()
+
+        async def go() -> None:
+            transport = await NatsTransport.connect(settings, "mesh-cli")
+            try:
+                found = await list_tools(transport, wait=wait)
+            finally:
+                await transport.close()
+            if as_json:
+                for t in found:
+                    click.echo(json.dumps(t))
+                return
+            if not found:
+                click.echo("no running agent offers tools")
+            for t in found:
+                flags = [f"needs {', '.join(t['permissions'])}"] if t["permissions"] else []
+                flags += ["approval required"] if t["approval"] else []
+                click.echo(f"{t['agent']}.{t['name']}  {t['description'].splitlines()[0]}")
+                if flags:
+                    click.echo(f"    ({'; '.join(flags)})")
+                click.echo(f"    input: {json.dumps(t['input_schema'])}")
+
+        run(go)
+
+    def _decide(approval: str, approved: bool, by: str, reason: str) -> None:
+        settings = settings_fn()
+
+        async def go() -> None:
+            async with await MeshClient.connect(settings, "mesh-cli") as client:
+                st = await decide(client, settings, approval, approved=approved, by=by, reason=reason)
+            verb = "approved" if approved else "denied"
+            click.echo(f"{verb} {approval}: {st.agent} may{'' if approved else ' not'} run {st.tool}")
+
+        run(go)
+
+    @cli.command()
+    @click.argument("approval")
+    @click.option("--by", default=None, help="Who decides (default: the current user).")
+    @click.option("--reason", default="", help="Why (kept with the decision).")
+    def approve(approval: str, by: str | None, reason: str) -> None:
+        """Approve the tool call waiting under APPROVAL (from the approval.request event)."""
+        _decide(approval, True, by or getpass.getuser(), reason)
+
+    @cli.command()
+    @click.argument("approval")
+    @click.option("--reason", required=True, help="Why; the agent's model is told.")
+    @click.option("--by", default=None, help="Who decides (default: the current user).")
+    def deny(approval: str, reason: str, by: str | None) -> None:
+        """Deny the tool call waiting under APPROVAL."""
+        _decide(approval, False, by or getpass.getuser(), reason)

@@ -1,0 +1,148 @@
+"""`mesh up` and `mesh down`: the embedded nats-server, or a local cluster of them
+(`mesh up --cluster N`), started under the data dir and found again by later commands."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import click
+
+from mesh.transport import cluster as cl
+from mesh.transport import server as srv
+from mesh.transport.nats import NatsTransport
+from mesh.transport.streams import bucket_specs
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
+
+
+async def _create_streams(settings: Settings, url: str, *, buckets: bool) -> None:
+    transport = await NatsTransport.connect(settings, "mesh-up", url=url)
+    try:
+        await transport.ensure_streams()
+        for bucket in bucket_specs(settings) if buckets else []:
+            await transport.state(bucket, settings)
+    finally:
+        await transport.close()
+
+
+def _cluster_replicas(settings: Settings, nodes: int) -> int:
+    """MESH_REPLICAS if given, else as many as survive a lost server (3), at most `nodes`."""
+    replicas = settings.replicas if "replicas" in settings.model_fields_set else min(nodes, 3)
+    if replicas > nodes:
+        raise ConfigError(
+            f"MESH_REPLICAS={replicas} needs at least {replicas} servers: start `mesh up --cluster "
+            f"{replicas}` or more, or lower MESH_REPLICAS"
+        )
+    return replicas
+
+
+def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
+    @cli.command()
+    @click.option("--detach", is_flag=True, help="Start in the background and return.")
+    @click.option(
+        "--cluster",
+        "nodes",
+        type=click.IntRange(2, 9),
+        metavar="N",
+        help="Start a cluster of N nats-servers on loopback instead of one; prints its MESH_NATS_URL.",
+    )
+    def up(detach: bool, nodes: int | None) -> None:
+        """Start the embedded nats-server (loopback, JetStream) under the data dir."""
+        settings = settings_fn()
+        if settings.nats_url:
+            raise ConfigError(
+                f"MESH_NATS_URL is set ({settings.nats_url}), so mesh commands use that server, not one "
+                f"`mesh up` would start: unset MESH_NATS_URL to use the embedded server"
+            )
+        info, members = srv.running(settings), cl.running(settings)
+        if info is not None:
+            click.echo(f"a mesh server is already running: {info.url} (pid {info.pid})")
+            return
+        if members is not None:
+            click.echo(f"a mesh cluster is already running: {members[0]}")
+            return
+        if nodes:
+            settings = settings.model_copy(update={"replicas": _cluster_replicas(settings, nodes)})
+        stop = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        if not detach:  # before the servers start, so a signal at any point stops them cleanly
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+        sync_always = settings.fsync == "always"
+        servers: list[srv.EmbeddedServer] = []
+        try:
+            if nodes:
+                cluster = cl.EmbeddedCluster(
+                    cl.cluster_dir(settings), nodes, tie_to_parent=not detach, sync_always=sync_always
+                )
+                cluster.start()
+                servers, url, clear = cluster.nodes, cluster.url, cl.clear_state
+                cl.write_state(settings, cluster)
+                click.echo(
+                    f"mesh cluster up: {nodes} nats-servers, JetStream meta leader {cluster.meta_leader()}, "
+                    f"stores under {cl.cluster_dir(settings)}. In the shell of each agent and command:\n"
+                    f"export MESH_NATS_URL={url}\nexport MESH_REPLICAS={settings.replicas}"
+                )
+            else:
+                server = srv.EmbeddedServer(
+                    srv.server_dir(settings), tie_to_parent=not detach, sync_always=sync_always
+                )
+                info = server.start()
+                servers, url, clear = [server], info.url, srv.clear_state
+                srv.write_state(settings, info)
+                click.echo(f"mesh server up: {info.url} (pid {info.pid}, store {srv.server_dir(settings)})")
+            # publishers may come before any agent; on a cluster the buckets too, with its replicas
+            asyncio.run(_create_streams(settings, url, buckets=bool(nodes)))
+        except BaseException:
+            _stop(servers)
+            (cl.clear_state if nodes else srv.clear_state)(settings)
+            raise
+        if detach:
+            click.echo("stop it with `mesh down`")
+            return
+        click.echo("Ctrl-C to stop")
+        try:
+            exited: set[str] = set()
+            while not stop and len(exited) < len(servers):
+                for s in servers:
+                    if s.name not in exited and s.wait(timeout=0.5 / len(servers)) is not None:
+                        exited.add(s.name)
+                        click.echo(f"nats-server {s.name} exited on its own; see {s.log_path}", err=True)
+        finally:
+            _stop(servers)
+            clear(settings)
+            click.echo("mesh server stopped")
+
+    @cli.command()
+    def down() -> None:
+        """Stop the server (or cluster) started by `mesh up`."""
+        settings = settings_fn()
+        info = srv.running(settings)
+        stopped = cl.stop_recorded(settings)
+        if info is not None:
+            os.kill(info.pid, signal.SIGTERM)
+            for _ in range(200):
+                if srv.running(settings) is None:
+                    break
+                time.sleep(0.05)
+            srv.clear_state(settings)
+            stopped.append(info.pid)
+        if not stopped:
+            click.echo("no mesh server is running")
+            return
+        click.echo(f"mesh server stopped (pid {', '.join(map(str, stopped))})")
+
+
+def _stop(servers: list[srv.EmbeddedServer]) -> None:
+    for s in servers:
+        s.terminate()  # all at once: each flushes its store meanwhile
+    for s in servers:
+        s.stop()

@@ -1,0 +1,141 @@
+"""Shared-memory messages: what agents ask the memory service, and what it answers.
+
+Every request is answered on the requester's reply subject with the matching answer
+type, or with `MemoryFailed` (a typed error) when the input cannot be stored or run.
+Filters (`where`) are plain JSON objects so that a malformed one is answered with
+`MemoryFailed(kind="bad_filter")` instead of failing to decode; their keys are
+``agent``, ``conversation``, ``kind`` (each a string or a list of strings), ``after``
+and ``before`` (Unix seconds, on the time the memory was written).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from mesh.wire.messages import Message, message
+
+
+class Provenance(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a memory came from: the writing agent, the message and trace that caused the
+    write, its conversation and the time (Unix seconds)."""
+
+    agent: str
+    message_id: str
+    trace_id: str
+    conversation: str
+    at: float
+
+
+class MemoryHit(msgspec.Struct, frozen=True, kw_only=True):
+    """One recalled memory with its score and provenance."""
+
+    id: str
+    text: str
+    score: float
+    kind: str
+    namespace: str
+    provenance: Provenance  # the first write
+    seen: int = 1  # writes merged into this memory (near-duplicates)
+    sources: list[Provenance] = []  # the latest merged writes, newest last
+    expires_at: float | None = None
+    meta: dict[str, str] = {}
+
+
+class Turn(msgspec.Struct, frozen=True, kw_only=True):
+    """One turn of a conversation's working memory."""
+
+    role: str
+    text: str
+    agent: str = ""
+    at: float = 0.0
+
+
+@message("memory.remember", version=1)
+class Remember(Message, frozen=True):
+    """Store `text` as a memory of `kind` (``fact``, ``episode``, ``entity``...)."""
+
+    text: str
+    kind: str = "fact"
+    tenant: str = "default"
+    namespace: str = "default"
+    ttl: float | None = None  # seconds; None keeps it until forgotten
+    meta: dict[str, str] = {}
+    vector: list[float] | None = None  # precomputed with the service's embedder (rare)
+
+
+@message("memory.remembered", version=1)
+class Remembered(Message, frozen=True):
+    id: str
+    merged: bool = False  # a near-duplicate was there: this write was merged into it
+    seen: int = 1
+
+
+@message("memory.recall", version=1)
+class Recall(Message, frozen=True):
+    """Find the `k` memories closest to `query` in the tenant and namespace."""
+
+    query: str
+    k: int = 5
+    tenant: str = "default"
+    namespace: str = "default"
+    where: dict[str, Any] = {}
+    mode: str = "hybrid"  # hybrid | dense | keyword
+    vector: list[float] | None = None
+
+
+@message("memory.recalled", version=1)
+class Recalled(Message, frozen=True):
+    hits: list[MemoryHit]
+    mode: str = "hybrid"  # what actually ran
+
+
+@message("memory.forget", version=1)
+class Forget(Message, frozen=True):
+    """Delete memories by id and/or filter (an empty request forgets nothing)."""
+
+    tenant: str = "default"
+    namespace: str = "default"
+    ids: list[str] = []
+    where: dict[str, Any] = {}
+
+
+@message("memory.forgotten", version=1)
+class Forgotten(Message, frozen=True):
+    count: int
+
+
+@message("memory.add_turn", version=1)
+class AddTurn(Message, frozen=True):
+    """Append a turn to a conversation's working memory (the request's conversation)."""
+
+    role: str
+    text: str
+    tenant: str = "default"
+
+
+@message("memory.get_history", version=1)
+class GetHistory(Message, frozen=True):
+    tenant: str = "default"
+
+
+@message("memory.history", version=1)
+class History(Message, frozen=True):
+    """A conversation's working memory: a summary of older turns and the recent ones,
+    within the service's token budget."""
+
+    conversation: str
+    summary: str
+    turns: list[Turn]
+    tokens: int
+    compressed: int = 0  # turns folded into the summary so far
+
+
+@message("memory.failed", version=1)
+class MemoryFailed(Message, frozen=True):
+    """The typed error answer: `kind` is ``oversize``, ``dimension``, ``unknown_tenant``,
+    ``bad_filter``, ``invalid`` or ``internal``; `reason` says what and how to fix it."""
+
+    kind: str
+    reason: str

@@ -1,0 +1,1 @@
+"""The handler middleware chain."""

@@ -1,0 +1,1 @@
+"""Traces, logs and taps: seeing what the mesh does."""

@@ -1,0 +1,317 @@
+"""Sending typed messages onto the mesh, with every header the protocol asks for.
+
+`MeshClient` is what the CLI, external Python programs and the handler `Context` use to
+publish. It stamps ids, conversation, causation, hop count, deadline, sender and the
+current trace context on each message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import msgspec
+from msgspec.structs import replace
+
+from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMiddleware, chain_publish
+from mesh.observability.tracing import inject_trace
+from mesh.runtime.deadletter import DeliveryFailed
+from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.outbox import Outbox
+from mesh.wire import envelope as h
+from mesh.wire import subjects
+from mesh.wire.codec import JSON, Codec, default_codec
+from mesh.wire.errors import DecodeError, RequestError, RequestFailed, RequestRefused
+from mesh.wire.messages import Message, type_of
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address, conversation_id
+
+R = TypeVar("R", bound=Message)
+
+
+NO_RESPONDERS_WAIT = 1.0  # seconds a request asks again while nobody answers its subject
+NO_RESPONDERS_PAUSE = 0.05
+
+
+class Sent(msgspec.Struct, frozen=True):
+    """What was published: its id, conversation and subject."""
+
+    id: str
+    conversation: str
+    subject: str
+
+
+class Lineage(msgspec.Struct, frozen=True):
+    """Where a new message comes from: the message being handled, if any."""
+
+    conversation: str | None = None
+    causation: str = ""
+    hop: int = 0
+    deadline_ms: int | None = None
+    reply_to: str = ""
+    join: str = ""  # the fan-out branch whose answer this work owes (Mesh-Join)
+    answer: str = ""  # the fan-out branch this message answers (Mesh-Answer)
+    route: tuple[str, ...] = ()  # agents still to visit after the receiver
+    depth: int = 0
+    gathers: tuple[str, ...] = ()  # a join's output: the ids of the answers it gathered
+
+
+ROOT = Lineage()
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """Where the answer to the work in hand goes: a reply target, the fan-out branch it
+    belongs to, and the agents still on its route."""
+
+    reply_to: str = ""
+    join: str = ""
+    route: tuple[str, ...] = ()
+    depth: int = 0
+    deadline_ms: int | None = None
+
+
+class MeshClient:
+    """Publishes typed messages as `sender`.
+
+    Every message it sends goes through `publish_middleware` (mesh.middleware.publish) on
+    its way to the transport; the default stamps the current trace context on it.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        sender: str,
+        codec: Codec = default_codec,
+        *,
+        publish_middleware: Sequence[PublishMiddleware] = (inject_trace,),
+    ) -> None:
+        self.transport = transport
+        self.sender = sender
+        self.codec = codec
+        self._send = chain_publish(self._deliver, publish_middleware)
+
+    async def _deliver(self, out: Outgoing) -> Any:
+        """The end of the publish chain: the transport (for a store in a handler, its run's
+        outbox, which the runtime flushes before acknowledging what the handler handled)."""
+        if out.kind == STORE:
+            if out.outbox is not None:
+                return await out.outbox.store(out.subject, out.data, out.headers)
+            return await self.transport.store(out.subject, out.data, out.headers)
+        if out.kind == REQUEST:
+            return await self.transport.request(out.subject, out.data, out.timeout, headers=out.headers)
+        await self.transport.publish(out.subject, out.data, out.headers)
+        return None
+
+    @classmethod
+    async def connect(cls, settings: Settings, sender: str, *, url: str | None = None) -> MeshClient:
+        return cls(await NatsTransport.connect(settings, sender, url=url), sender)
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def publish(
+        self,
+        msg: Message,
+        *,
+        lineage: Lineage = ROOT,
+        conversation: str | None = None,
+        content_type: str = JSON,
+        reply_to: str = "",
+        deadline: float | None = None,
+        msg_id: str | None = None,
+    ) -> Sent:
+        """Publish `msg` as an event of its type: every agent handling the type gets it.
+
+        `deadline` (seconds from now) travels downstream; work past it is dead-lettered.
+        `msg_id`: give the same id when retrying a publish that may have been stored (after
+        a timeout), so the stream drops the second copy.
+        """
+        conv = _conversation(conversation or lineage.conversation)
+        lineage = _with_deadline(lineage, deadline)
+        address = Address.event(conv, type_of(type(msg)).name)
+        return await self.emit(address, msg, lineage, content_type, reply_to, msg_id=msg_id)
+
+    async def send(
+        self,
+        agent: str,
+        msg: Message,
+        *,
+        lineage: Lineage = ROOT,
+        conversation: str | None = None,
+        content_type: str = JSON,
+        reply_to: str = "",
+        deadline: float | None = None,
+        durable: bool = True,
+        route: Sequence[str] = (),
+        msg_id: str | None = None,
+    ) -> Sent:
+        """Send `msg` to one agent (one replica of it handles it).
+
+        Durable sends go to its JetStream inbox: stored before this returns, redelivered
+        until handled. ``durable=False`` uses its direct line: core NATS, at most once,
+        lower latency. ``route`` names the agents that handle the result after it, in
+        order (a pipeline); the last one's result goes to ``reply_to``. ``msg_id`` as in
+        `publish`.
+        """
+        conv = _conversation(conversation or lineage.conversation)
+        lineage = _with_deadline(lineage, deadline)
+        if route:
+            lineage = replace(lineage, route=tuple(subjects.agent_name(a) for a in route))
+        address = Address.inbox(conv, agent) if durable else Address.direct(conv, agent)
+        return await self.emit(address, msg, lineage, content_type, reply_to, msg_id=msg_id)
+
+    async def request(
+        self,
+        agent: str,
+        msg: Message,
+        reply_type: type[R],
+        *,
+        timeout: float = 5.0,
+        lineage: Lineage = ROOT,
+        conversation: str | None = None,
+        content_type: str = JSON,
+        errors: tuple[type[Message], ...] = (),
+    ) -> R:
+        """Ask an agent over its direct line and wait for its typed answer.
+
+        Raises `RequestError` if nobody answers in time or the answer is not a `reply_type`;
+        `RequestRefused` (carrying the decoded answer) if it is one of the `errors` types.
+        """
+        conv = _conversation(conversation or lineage.conversation)
+        if lineage.deadline_ms is None:
+            lineage = _with_deadline(lineage, timeout)
+        mtype = type_of(type(msg))
+        headers = self.headers(mtype.name, mtype.version, conv, lineage, content_type)
+        subject = Address.direct(conv, agent).subject
+        data = self.codec.encode(msg, content_type)
+        loop = asyncio.get_running_loop()
+        started, pause = loop.time(), NO_RESPONDERS_PAUSE
+        while True:
+            try:
+                answer = await self._send(Outgoing(subject, data, dict(headers), REQUEST, timeout))
+                break
+            except TimeoutError:
+                late = f"no answer from agent {agent!r} within {timeout:g}s ({subject})"
+                raise RequestError(late) from None
+            except Exception as exc:
+                if type(exc).__name__ != "NoRespondersError":
+                    raise
+                # a replica restarting, or one whose subscription the server has not yet
+                # matched: ask again for a moment before saying nobody is there
+                waited = loop.time() - started
+                if waited + pause > min(timeout, NO_RESPONDERS_WAIT):
+                    raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
+                await asyncio.sleep(pause)
+                pause *= 2
+        got = (answer.headers or {}).get(h.TYPE, "")
+        if got == "mesh.delivery_failed":
+            try:
+                failed = self.codec.decode(answer.data, DeliveryFailed, JSON)
+            except DecodeError:
+                raise RequestError(f"agent {agent!r} could not handle the request") from None
+            raise RequestFailed(agent, failed.kind, failed.reason)
+        want = type_of(reply_type).name
+        refusal = next((e for e in errors if got and type_of(e).name == got), None)
+        if refusal is not None:
+            ct = (answer.headers or {}).get(h.CONTENT_TYPE) or JSON
+            try:
+                refused = self.codec.decode(answer.data, refusal, ct)
+            except DecodeError as exc:
+                raise RequestError(f"agent {agent!r} answered with an invalid {got}: {exc.reason}") from None
+            raise RequestRefused(agent, refused)
+        if got and got != want:
+            raise RequestError(f"agent {agent!r} answered with {got}, not {want}")
+        try:
+            return self.codec.decode(
+                answer.data, reply_type, (answer.headers or {}).get(h.CONTENT_TYPE) or JSON
+            )
+        except DecodeError as exc:
+            raise RequestError(f"agent {agent!r} answered with an invalid {want}: {exc.reason}") from None
+
+    async def emit(
+        self,
+        address: Address,
+        msg: Message,
+        lineage: Lineage = ROOT,
+        content_type: str = JSON,
+        reply_to: str = "",
+        subject: str | None = None,
+        msg_id: str | None = None,
+        outbox: Outbox | None = None,
+    ) -> Sent:
+        """Publish to an address (or a raw reply `subject`), with full headers.
+
+        Inboxes and events are stored: JetStream acknowledges before this returns, or, given
+        an `outbox` (a handler's), by the time the outbox is flushed. Direct lines and replies
+        to requesters are plain publishes.
+        """
+        mtype = type_of(type(msg))
+        data = self.codec.encode(msg, content_type)
+        headers = self.headers(mtype.name, mtype.version, address.conversation, lineage, content_type, msg_id)
+        if reply_to or lineage.reply_to:
+            headers[h.REPLY_TO] = reply_to or lineage.reply_to
+        target = subject or address.subject
+        if subject is None:
+            kind = address.kind
+        else:
+            parsed = subjects.parse(subject)
+            kind = parsed.kind if parsed is not None else subjects.REPLY
+        stored = kind in (subjects.AGENT, subjects.EVENT, subjects.TIMER)
+        await self._send(Outgoing(target, data, headers, STORE if stored else PUBLISH, outbox=outbox))
+        return Sent(id=headers[h.ID], conversation=address.conversation, subject=target)
+
+    def headers(
+        self,
+        type_name: str,
+        version: int,
+        conversation: str,
+        lineage: Lineage = ROOT,
+        content_type: str = JSON,
+        msg_id: str | None = None,
+    ) -> dict[str, str]:
+        msg_id = msg_id or h.new_id()
+        headers = {
+            h.TYPE: type_name,
+            h.VERSION: str(version),
+            h.ID: msg_id,
+            h.NATS_MSG_ID: msg_id,
+            h.CONVERSATION: conversation,
+            h.SENDER: self.sender,
+            h.SENT_AT: str(h.now_ns()),
+            h.HOP: str(lineage.hop),
+        }
+        if lineage.causation:
+            headers[h.CAUSATION] = lineage.causation
+        if lineage.deadline_ms is not None:
+            headers[h.DEADLINE] = str(lineage.deadline_ms)
+        if content_type != JSON:
+            headers[h.CONTENT_TYPE] = content_type
+        if lineage.join:
+            headers[h.JOIN] = lineage.join
+        if lineage.answer:
+            headers[h.ANSWER] = lineage.answer
+        if lineage.route:
+            headers[h.ROUTE] = ",".join(lineage.route)
+        if lineage.depth:
+            headers[h.DEPTH] = str(lineage.depth)
+        if lineage.gathers:
+            headers[h.GATHERS] = ",".join(lineage.gathers)
+        return headers
+
+
+def _with_deadline(lineage: Lineage, seconds: float | None) -> Lineage:
+    if seconds is None:
+        return lineage
+    return replace(lineage, deadline_ms=int(time.time() * 1000 + seconds * 1000))
+
+
+def _conversation(value: str | None) -> str:
+    return conversation_id(value) if value else h.new_id()

@@ -1,0 +1,473 @@
+"""The mesh's bus in this process's memory, behind the same `Transport` interface as NATS.
+
+`MemoryBus` plays the server: core publish and subscribe (wildcards, queue groups,
+requests), the mesh's streams (work queues, retention, `Nats-Msg-Id` dedupe), durable pull
+consumers shared by replicas (acknowledgements, `nak` with a delay, redelivery after the
+ack wait, MaxDeliver and its advisory) and KV buckets. Each `bus.transport()` is one
+connection to it. Agents run on it unchanged, so their tests need no server:
+
+    bus = MemoryBus()
+    async with running_agent(agent, settings, transport=bus.transport()) as runtime:
+        ...
+
+It keeps the rules the mesh relies on; it is not a NATS server: one process, nothing kept
+on disk, no cluster, no limits beyond the message size. Test what depends on the server
+itself (crashes, restarts, clusters) against a real one (`mesh.testing.nats_server`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+
+from mesh.transport.delivery import Delivery, Direct
+from mesh.transport.outbox import Outbox, Waiting
+from mesh.transport.state import MemoryState, StateStore
+from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
+from mesh.wire import subjects
+from mesh.wire.envelope import NATS_MSG_ID
+from mesh.wire.errors import ServerError
+from mesh.wire.settings import Settings
+
+log = structlog.get_logger("mesh.transport.memory")
+
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+class NoRespondersError(ServerError):
+    """A request found nobody subscribed to its subject (as NATS says "no responders")."""
+
+
+@dataclass(slots=True)
+class Stored:
+    """A message kept by a stream, as `Transport.stored` returns it."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    seq: int
+    at: float
+
+
+@dataclass(slots=True)
+class _Core:
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    reply: str = ""
+
+
+class _Sub:
+    """A subscription: messages are handed to its handler one at a time, in order."""
+
+    def __init__(self, bus: MemoryBus, pattern: str, queue: str, handler: Callable[[Any], Awaitable[None]]):
+        self.bus, self.pattern, self.queue, self.handler = bus, pattern, queue, handler
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run())
+
+    def put(self, msg: Any) -> None:
+        self._inbox.put_nowait(msg)
+
+    async def _run(self) -> None:
+        while True:
+            msg = await self._inbox.get()
+            try:
+                await self.handler(msg)
+            except Exception as exc:  # as nats-py: a failing callback does not end the subscription
+                log.warning("subscription callback failed", subject=msg.subject, error=repr(exc))
+            finally:
+                self._inbox.task_done()
+
+    async def drain(self) -> None:
+        self.bus.unsubscribe(self)
+        await self._inbox.join()
+        self._task.cancel()
+
+    async def unsubscribe(self, limit: int = 0) -> None:
+        self.bus.unsubscribe(self)
+        self._task.cancel()
+
+
+@dataclass
+class _Stream:
+    spec: StreamSpec
+    messages: dict[int, Stored] = field(default_factory=dict)
+    last: int = 0
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # Nats-Msg-Id -> seq, when
+
+
+@dataclass
+class _ConsumerState:
+    """A durable consumer: what it has handed out, and when each may be handed out again."""
+
+    stream: _Stream
+    spec: ConsumerSpec
+    floor: int  # the last sequence considered for a first delivery
+    deliveries: dict[int, int] = field(default_factory=dict)  # seq -> times handed out
+    due: dict[int, float] = field(default_factory=dict)  # unacknowledged seq -> when it may go again
+    redelivered: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def matches(self, subject: str) -> bool:
+        return any(subjects.matches(f, subject) for f in self.spec.filters) or not self.spec.filters
+
+    def take(self, now: float) -> tuple[int, float] | None:
+        """The next message to hand out (its seq), or when to look again."""
+        soonest = float("inf")
+        for seq, when in sorted(self.due.items()):
+            if seq not in self.stream.messages:
+                self.forget(seq)
+                continue
+            if when > now:
+                soonest = min(soonest, when)
+                continue
+            return seq, 0.0
+        for seq in range(self.floor + 1, self.stream.last + 1):
+            self.floor = seq
+            msg = self.stream.messages.get(seq)
+            if msg is not None and self.matches(msg.subject):
+                return seq, 0.0
+        return None if soonest == float("inf") else (0, soonest)
+
+    def forget(self, seq: int) -> None:
+        self.due.pop(seq, None)
+        self.deliveries.pop(seq, None)
+
+
+class _Delivery:
+    """A stored delivery from a memory consumer."""
+
+    __slots__ = ("_bus", "_state", "attempt", "data", "headers", "origin", "seq", "subject")
+
+    stored = True
+    reply = ""
+
+    def __init__(self, bus: MemoryBus, state: _ConsumerState, msg: Stored, attempt: int) -> None:
+        self._bus, self._state = bus, state
+        self.subject, self.data, self.headers, self.seq = msg.subject, msg.data, msg.headers, msg.seq
+        self.attempt = attempt
+        self.origin = f"{state.stream.spec.name}-{msg.seq}"
+
+    async def ack(self) -> None:
+        st = self._state
+        st.forget(self.seq)
+        if st.stream.spec.work_queue:
+            st.stream.messages.pop(self.seq, None)
+        st.changed.set()
+
+    async def nak(self, delay: float | None = None) -> None:
+        st = self._state
+        if self.seq in st.due:
+            st.due[self.seq] = time.monotonic() + (delay or 0.0)
+            st.changed.set()
+
+    async def in_progress(self) -> None:
+        st = self._state
+        if self.seq in st.due:
+            st.due[self.seq] = time.monotonic() + st.spec.ack_wait
+
+
+class MemoryConsumer:
+    """One replica's pull from a durable consumer, at most `capacity` messages in hand."""
+
+    def __init__(
+        self,
+        bus: MemoryBus,
+        state: _ConsumerState,
+        handler: Callable[[Delivery, Any], Awaitable[None]],
+        capacity: int,
+    ) -> None:
+        self._bus, self._state, self._handler, self.capacity = bus, state, handler, capacity
+        self.in_hand = 0
+        self._stopping = False
+        self._room = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    def done(self) -> None:
+        self.in_hand -= 1
+        self._room.set()
+
+    async def _run(self) -> None:
+        st = self._state
+        while not self._stopping:
+            if self.in_hand >= self.capacity:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            now = time.monotonic()
+            self._expire(now)
+            got = st.take(now)
+            if got is None or got[0] == 0:
+                st.changed.clear()
+                wait = None if got is None else max(0.0, got[1] - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(st.changed.wait(), wait)
+                continue
+            seq = got[0]
+            count = st.deliveries.get(seq, 0) + 1
+            st.deliveries[seq] = count
+            if count > 1:
+                st.redelivered += 1
+            st.due[seq] = now + st.spec.ack_wait  # handed back unless acknowledged or kept alive
+            self.in_hand += 1
+            await self._handler(_Delivery(self._bus, st, st.stream.messages[seq], count), self)
+
+    def _expire(self, now: float) -> None:
+        """Past MaxDeliver: stop handing it out and say so, as the server's advisory."""
+        st = self._state
+        for seq, count in list(st.deliveries.items()):
+            if count >= st.spec.max_deliver and st.due.get(seq, 0) <= now:
+                st.forget(seq)
+                event = {"stream": st.stream.spec.name, "stream_seq": seq, "deliveries": count}
+                subject = f"{ADVISORY}.{st.stream.spec.name}.{st.spec.name}"
+                self._bus.route(_Core(subject, json.dumps(event).encode(), None))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._state.changed.set()
+        self._room.set()
+
+    async def close(self) -> None:
+        await self.stop()
+        self._task.cancel()
+
+
+class MemoryBus:
+    """The server side, shared by every `transport()` made from it."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.load(environ={})
+        self._subs: list[_Sub] = []
+        self._turns: dict[tuple[str, str], int] = {}
+        self.streams: dict[str, _Stream] = {}
+        self.consumers: dict[tuple[str, str], _ConsumerState] = {}
+        self.buckets: dict[str, MemoryState] = {}
+        self._inboxes = itertools.count(1)
+
+    def transport(self) -> MemoryTransport:
+        return MemoryTransport(self)
+
+    def subscribe(self, pattern: str, queue: str, handler: Callable[[Any], Awaitable[None]]) -> _Sub:
+        sub = _Sub(self, pattern, queue, handler)
+        self._subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Sub) -> None:
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+
+    def interested(self, subject: str) -> list[_Sub]:
+        """Who gets a core message: every plain subscriber, one member of each queue group."""
+        plain = [s for s in self._subs if not s.queue and subjects.matches(s.pattern, subject)]
+        groups: dict[str, list[_Sub]] = {}
+        for s in self._subs:
+            if s.queue and subjects.matches(s.pattern, subject):
+                groups.setdefault(s.queue, []).append(s)
+        for name, members in groups.items():
+            turn = self._turns.get((name, subject), 0)
+            self._turns[(name, subject)] = turn + 1
+            plain.append(members[turn % len(members)])
+        return plain
+
+    def route(self, msg: _Core) -> int:
+        for sub in self.interested(msg.subject):
+            sub.put(msg)
+        stream = self.stream_for(msg.subject)
+        return self.keep(stream, msg) if stream is not None else 0
+
+    def stream_for(self, subject: str) -> _Stream | None:
+        return next(
+            (
+                st
+                for st in self.streams.values()
+                if any(subjects.matches(p, subject) for p in st.spec.subjects)
+            ),
+            None,
+        )
+
+    def keep(self, stream: _Stream, msg: _Core) -> int:
+        now = time.monotonic()
+        msg_id = (msg.headers or {}).get(NATS_MSG_ID)
+        if msg_id:
+            seen = stream.seen.get(msg_id)
+            if seen is not None and now - seen[1] < stream.spec.dedupe_window:
+                return seen[0]
+        stream.last += 1
+        stream.messages[stream.last] = Stored(msg.subject, msg.data, msg.headers, stream.last, time.time())
+        if msg_id:
+            stream.seen[msg_id] = (stream.last, now)
+        for state in self.consumers.values():
+            if state.stream is stream:
+                state.changed.set()
+        return stream.last
+
+    def new_inbox(self) -> str:
+        return f"_INBOX.memory.{next(self._inboxes)}"
+
+
+class MemoryTransport:
+    """One connection to a `MemoryBus`: the `Transport` the runtime and clients use."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+        self.settings = bus.settings
+        self.closed = asyncio.Event()
+        self._subs: list[_Sub] = []
+        self._consumers: list[MemoryConsumer] = []
+
+    @property
+    def connected_url(self) -> str:
+        return "memory://"
+
+    @property
+    def is_connected(self) -> bool:
+        return not self.closed.is_set()
+
+    @property
+    def max_payload(self) -> int:
+        return MAX_PAYLOAD
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
+    ) -> None:
+        self.bus.route(_Core(subject, data, dict(headers) if headers else None, reply))
+
+    async def subscribe(
+        self, subject: str, handler: Callable[[Any], Awaitable[None]], queue: str = ""
+    ) -> _Sub:
+        sub = self.bus.subscribe(subject, queue, handler)
+        self._subs.append(sub)
+        return sub
+
+    async def listen(
+        self, subject: str, handler: Callable[[Delivery], Awaitable[None]], queue: str = ""
+    ) -> _Sub:
+        async def deliver(msg: Any) -> None:
+            await handler(Direct(msg.subject, msg.data, msg.headers, msg.reply))
+
+        return await self.subscribe(subject, deliver, queue)
+
+    async def request(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
+        if not self.bus.interested(subject) and self.bus.stream_for(subject) is None:
+            raise NoRespondersError(f"nobody listens on {subject!r}")
+        inbox = self.bus.new_inbox()
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def first(msg: Any) -> None:
+            if not answer.done():
+                answer.set_result(msg)
+
+        sub = self.bus.subscribe(inbox, "", first)
+        try:
+            stream = self.bus.stream_for(subject)
+            seq = self.bus.route(_Core(subject, data, dict(headers) if headers else None, inbox))
+            if stream is not None:  # a stored subject answers with the stream's acknowledgement
+                ack = json.dumps({"stream": stream.spec.name, "seq": seq}).encode()
+                return _Core(inbox, ack, None)
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            await sub.unsubscribe()
+
+    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        if len(data) > MAX_PAYLOAD:
+            raise ServerError(f"message to {subject!r} is larger than max_payload ({MAX_PAYLOAD})")
+        if not self.bus.streams:
+            await self.ensure_streams()
+        if self.bus.stream_for(subject) is None:
+            raise ServerError(f"no stream stored {subject!r}")
+        return self.bus.route(_Core(subject, data, dict(headers) if headers else None))
+
+    def outbox(self) -> Outbox:
+        return Waiting(self)  # a store here is done when it returns: nothing to wait for later
+
+    async def ensure_streams(self) -> None:
+        for spec in stream_specs(self.settings):
+            await self.ensure_stream(spec, self.settings)
+
+    async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
+        self.bus.streams.setdefault(spec.name, _Stream(spec))
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        stream = self.bus.streams.get(spec.stream)
+        if stream is None:
+            raise ServerError(f"no stream {spec.stream}")
+        key = (spec.stream, spec.name)
+        if key in self.bus.consumers:
+            self.bus.consumers[key].spec = spec
+            return
+        floor = stream.last if spec.deliver_new else 0
+        self.bus.consumers[key] = _ConsumerState(stream, spec, floor)
+
+    async def consume(
+        self, spec: ConsumerSpec, handler: Callable[[Delivery, Any], Awaitable[None]], capacity: int
+    ) -> MemoryConsumer:
+        await self.ensure_consumer(spec)
+        consumer = MemoryConsumer(self.bus, self.bus.consumers[(spec.stream, spec.name)], handler, capacity)
+        self._consumers.append(consumer)
+        return consumer
+
+    async def consumer_info(self, stream: str, name: str) -> Any:
+        st = self.bus.consumers.get((stream, name))
+        if st is None:
+            raise ServerError(f"no consumer {name} on {stream}")
+        waiting = [
+            s for s in range(st.floor + 1, st.stream.last + 1)
+            if s in st.stream.messages and st.matches(st.stream.messages[s].subject)
+        ]  # fmt: skip
+        return SimpleNamespace(
+            num_pending=len(waiting), num_ack_pending=len(st.due), num_redelivered=st.redelivered
+        )
+
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        return {name: list(st.spec.filters) for (s, name), st in self.bus.consumers.items() if s == stream}
+
+    def _stream(self, name: str) -> _Stream:
+        stream = self.bus.streams.get(name)
+        if stream is None:
+            raise ServerError(f"no stream {name}")
+        return stream
+
+    async def stored(self, stream: str, seq: int) -> Any:
+        msg = self._stream(stream).messages.get(seq)
+        if msg is None:
+            raise ServerError(f"no message {seq} in {stream}")
+        return msg
+
+    async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
+        st = self._stream(stream)
+        return next(
+            (m for s, m in sorted(st.messages.items()) if s >= seq and subjects.matches(subject, m.subject)),
+            None,
+        )
+
+    async def stored_last(self, stream: str, subject: str) -> Any | None:
+        st = self._stream(stream)
+        return next((m for _, m in sorted(st.messages.items(), reverse=True) if m.subject == subject), None)
+
+    async def delete_stored(self, stream: str, seq: int) -> None:
+        self._stream(stream).messages.pop(seq, None)
+
+    async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
+        return self.bus.buckets.setdefault(bucket.name, MemoryState())
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        for consumer in self._consumers:
+            await consumer.close()
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self.closed.set()

@@ -1,0 +1,481 @@
+"""The bus behind a Protocol, and its NATS implementation.
+
+Everything above the bus talks to `Transport` (and to `mesh.transport.state.StateStore` for
+shared state); nats-py is used only here and in the modules beside it: `natsclient` (the
+client itself), `consumer` (pulls), `outbox` (stores acknowledged together), `state` and
+`kvbatch` (KV buckets). A delivery is anything with ``subject``, ``data``, ``headers`` and
+``reply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import nats
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from mesh.transport.consumer import PullConsumer
+from mesh.transport.delivery import Consumer, Delivery, Direct
+from mesh.transport.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
+from mesh.transport.outbox import Acks, Outbox, Pipelined
+from mesh.transport.server import resolve_url
+from mesh.transport.state import NatsState, StateStore
+from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
+from mesh.wire.envelope import NATS_MSG_ID
+from mesh.wire.errors import PublishError, ServerError, ServerUnavailable
+from mesh.wire.settings import Settings
+
+log = structlog.get_logger("mesh.transport.nats")
+
+ACK_TIMEOUT = 5.0  # seconds one attempt of a durable publish waits for the stream's ack
+RETRY_DELAY = 0.1  # seconds before the first retry of a durable publish; doubles, ±20 %
+RETRY_DELAY_MAX = 2.0
+
+# JetStream API error codes (nats-server's errors.json)
+JS_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # "JetStream not enabled for account"
+# a 409: a publish with this Nats-Msg-Id is still being replicated (a leader without a quorum)
+JS_DUPLICATE_IN_PROCESS = 10158  # "duplicate message id is in process"
+
+_NO_LEADER = (
+    "The stream has no quorum or no leader: on a cluster, fewer than half of the servers "
+    "holding its replicas are up, or they are electing a leader"
+)
+_NO_JETSTREAM = (
+    "the NATS server has no JetStream, which the mesh needs for durable inboxes, events "
+    "and dead letters: start nats-server with -js (or `jetstream {}` in its config)"
+)
+
+
+def _unavailable(exc: Any, stream: str) -> ServerError:
+    """What a 503 from the JetStream API means: no JetStream at all (nobody answered; the
+    client reports the no-responders status as a 503 without an error code), none for this
+    account, or a cluster without a meta leader."""
+    code = getattr(exc, "err_code", None)
+    if code is None:
+        return ServerError(_NO_JETSTREAM)
+    if code == JS_NOT_ENABLED_FOR_ACCOUNT:
+        return ServerError(
+            "JetStream is not enabled for the NATS account this process uses: enable it for the "
+            "account (a `jetstream` block in the account's configuration, or its JWT limits)"
+        )
+    if code == JS_CLUSTER_NOT_AVAILABLE:
+        return ServerUnavailable(
+            f"the JetStream cluster has no meta leader, so stream {stream} cannot be created or "
+            f"checked: fewer than half of its servers are up (no quorum), or they are electing a "
+            f"leader. It works again once a majority of the servers is back"
+        )
+    return ServerUnavailable(
+        f"JetStream could not create or check stream {stream}: 503, error {code} "
+        f"({getattr(exc, 'description', '')})"
+    )
+
+
+class RawMessage(Protocol):
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    reply: str
+
+
+RawHandler = Callable[[Any], Awaitable[None]]
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+StoredHandler = Callable[[Delivery, Consumer], Awaitable[None]]
+
+
+class Subscription(Protocol):
+    async def drain(self) -> None: ...
+
+    async def unsubscribe(self, limit: int = 0) -> None: ...
+
+
+class Transport(Protocol):
+    """What the mesh needs from a message bus."""
+
+    @property
+    def connected_url(self) -> str: ...
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
+    ) -> None: ...
+
+    async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
+
+    async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
+        """Subscribe for deliveries (core NATS: at most once), as the runtime takes them."""
+        ...
+
+    async def request(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
+        """Publish with a reply subject and wait for the first answer."""
+        ...
+
+    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish and wait until a stream has stored the message; its stream sequence."""
+        ...
+
+    def outbox(self) -> Outbox:
+        """Stores for one handler run: published at once, acknowledged together (`flush`)."""
+        ...
+
+    async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
+        """Create the stream if absent (ServerError when the server has no JetStream,
+        ServerUnavailable when a cluster has no meta leader)."""
+        ...
+
+    async def ensure_streams(self) -> None: ...
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None: ...
+
+    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> Consumer: ...
+
+    async def consumer_info(self, stream: str, name: str) -> Any: ...
+
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        """The consumers of a stream by name, with their filter subjects."""
+        ...
+
+    async def stored(self, stream: str, seq: int) -> Any:
+        """A stored message by stream sequence (subject, data, headers, seq)."""
+        ...
+
+    async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
+        """The first stored message at or after `seq` on `subject` (a pattern), or None."""
+        ...
+
+    async def stored_last(self, stream: str, subject: str) -> Any | None:
+        """The last stored message on `subject`, or None."""
+        ...
+
+    async def delete_stored(self, stream: str, seq: int) -> None: ...
+
+    async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
+        """A key-value bucket (created if absent)."""
+        ...
+
+    async def flush(self, timeout: float = 5.0) -> None: ...
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers and body) the bus takes."""
+        ...
+
+    closed: asyncio.Event  # set when the connection has closed for good
+
+    async def close(self) -> None: ...
+
+
+class NatsTransport:
+    """`Transport` over nats-py."""
+
+    def __init__(self, nc: NatsClient, settings: Settings | None = None) -> None:
+        self.nc = nc
+        self.settings = settings or Settings.load(environ={})
+        self._js = nc.jetstream()
+        self._streams_ready = False
+        self.closed = asyncio.Event()  # set when the connection is closed for good
+        self._closing = False
+        self.publish_retries = 0  # durable publishes sent again (see `store`)
+        self._acks = Acks(nc)  # acknowledgements of stores no one waits for yet (outbox)
+
+    @property
+    def max_payload(self) -> int:
+        """The most the server takes in one message, headers and body together."""
+        return int(self.nc.max_payload)
+
+    def check_outgoing(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Refuse, with a PublishError, what the server would answer by closing the
+        connection: a control line over 4 KiB or a message over its max_payload."""
+        room = self.nc.max_payload
+        rough = len(data) + (0 if not headers else sum(map(len, headers)) + sum(map(len, headers.values())))
+        if len(subject) + len(reply) < 1024 and rough < room - 4096:
+            return  # the common case, without encoding anything
+        line = len(subject.encode()) + len(reply.encode()) + 200  # HPUB, sizes, a JetStream reply inbox
+        if line > MAX_CONTROL_LINE:
+            raise PublishError(
+                f"subject {subject[:80]!r}... is {len(subject.encode())} bytes: with its reply subject "
+                f"it would not fit the server's {MAX_CONTROL_LINE}-byte control line"
+            )
+        size = len(data) + header_bytes(headers)
+        if size > room:
+            raise PublishError(
+                f"message to {subject[:120]!r} is {size} bytes with its headers; the server takes "
+                f"at most {room} (max_payload)"
+            )
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str, *, url: str | None = None) -> NatsTransport:
+        servers = [s.strip() for s in (url or resolve_url(settings)).split(",") if s.strip()]
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc))
+
+        async def on_disconnect() -> None:
+            if not (nc.is_closed or nc.is_draining):
+                log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
+
+        transport: NatsTransport | None = None
+
+        async def on_closed() -> None:
+            if transport is not None:
+                transport.closed.set()
+                if not transport._closing:
+                    log.error("nats connection closed", error=str(nc.last_error or ""))
+
+        options: dict[str, Any] = {
+            "servers": servers,
+            "name": name,
+            "connect_timeout": settings.connect_timeout,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "allow_reconnect": True,
+            "error_cb": on_error,
+            "disconnected_cb": on_disconnect,
+            "reconnected_cb": on_reconnect,
+            "closed_cb": on_closed,
+        }
+        if settings.nats_creds:
+            options["user_credentials"] = str(settings.nats_creds)
+        nc = Client()
+        try:
+            await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
+        except TimeoutError:
+            raise ServerError(
+                f"no answer from NATS at {', '.join(servers)} within {settings.connect_timeout * 2:.0f}s. "
+                f"Is the server up? Start one with `mesh up`, or fix MESH_NATS_URL"
+            ) from None
+        except (OSError, ValueError, nats.errors.Error) as exc:
+            raise ServerError(
+                f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
+                f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
+            ) from None
+        transport = cls(nc, settings)
+        return transport
+
+    @property
+    def connected_url(self) -> str:
+        u = self.nc.connected_url
+        return f"nats://{u.netloc}" if u else ""
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
+    ) -> None:
+        self.check_outgoing(subject, reply, data, headers)
+        await self.nc.publish(subject, data, reply=reply, headers=headers)
+
+    async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription:
+        sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
+        return sub
+
+    async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
+        async def deliver(msg: Any) -> None:
+            await handler(Direct(msg.subject, msg.data, msg.headers, msg.reply))
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=deliver)
+        return sub
+
+    async def request(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
+        return await self.nc.request(subject, data, timeout=timeout, headers=headers)
+
+    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish to a stream and wait for its acknowledgement, retrying while the stream
+        cannot answer (no acknowledgement in time, no leader, no quorum) within
+        MESH_PUBLISH_RETRY_ATTEMPTS and MESH_PUBLISH_RETRY_TIMEOUT. Every attempt sends the same
+        headers, so the same Nats-Msg-Id: the stream keeps one copy even if an attempt that timed
+        out was stored."""
+        self.check_outgoing(subject, "", data, headers)
+        limits = self.settings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + limits.publish_retry_timeout
+        ensured = self._streams_ready
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout = max(0.05, min(ACK_TIMEOUT, deadline - loop.time()))
+            try:
+                if not ensured:
+                    # A publisher may be first on a new server; and without the stream, a
+                    # subscriber on the subject (a tap) would swallow the store request.
+                    await asyncio.wait_for(self.ensure_streams(), timeout)
+                    ensured = True
+                ack = await self._js.publish(subject, data, timeout=timeout, headers=headers)
+                return int(ack.seq)
+            except nats.js.errors.NoStreamResponseError:
+                ensured = False  # no leader, or no stream at all: check the streams first next time
+                why = f"no stream leader answered. {_NO_LEADER}"
+            except TimeoutError:  # nats-py's, or the wait for the streams
+                why = f"no answer within {timeout:.1f}s. {_NO_LEADER}, or the server is down or overloaded"
+            except nats.js.errors.ServiceUnavailableError as exc:
+                why = f"JetStream answered 503 ({exc.description or 'unavailable'}). {_NO_LEADER}"
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != JS_DUPLICATE_IN_PROCESS:
+                    raise
+                why = f"an earlier attempt is not yet stored or refused. {_NO_LEADER}"
+            except ServerUnavailable as exc:
+                why = str(exc)
+            elapsed = loop.time() - started
+            if attempt >= limits.publish_retry_attempts or loop.time() >= deadline:
+                msg_id = (headers or {}).get(NATS_MSG_ID) or "unset"
+                raise ServerUnavailable(
+                    f"{subject!r} was not stored after {attempt} attempt(s) in {elapsed:.1f}s; the last: "
+                    f"{why}. Once the servers are back, publish it again with the same message id "
+                    f"({NATS_MSG_ID} {msg_id}) within MESH_DEDUPE_WINDOW: an attempt that timed out may "
+                    f"have been stored, and the stream keeps one copy. MESH_PUBLISH_RETRY_ATTEMPTS and "
+                    f"MESH_PUBLISH_RETRY_TIMEOUT set how long to retry"
+                ) from None
+            self.publish_retries += 1
+            (log.warning if attempt == 1 else log.info)(
+                "durable publish retried", subject=subject, attempt=attempt, reason=why
+            )
+            delay = min(RETRY_DELAY_MAX, RETRY_DELAY * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+
+    def outbox(self) -> Outbox:
+        return Pipelined(self, self._acks)
+
+    @property
+    def streams_ready(self) -> bool:
+        """Whether this connection made sure the mesh's streams exist (`ensure_streams`)."""
+        return self._streams_ready
+
+    async def ensure_streams(self) -> None:
+        """Create every mesh stream that is missing (agents and `mesh up` call this)."""
+        for spec in stream_specs(self.settings):
+            await self.ensure_stream(spec, self.settings)
+        self._streams_ready = True
+
+    async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=spec.subjects,
+            retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY if settings.storage == "memory" else StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=spec.max_age,
+            duplicate_window=spec.dedupe_window,
+        )
+        try:
+            await self._js.add_stream(config)
+        except BadRequestError as exc:
+            # 10058: the stream exists with another config (an operator's choice: keep it);
+            # 10065: another stream already captures these subjects, so they are stored.
+            if exc.err_code in (10058, 10065):
+                log.debug("stream kept as configured", stream=spec.name, code=exc.err_code)
+                return
+            raise
+        except nats.errors.NoRespondersError:
+            raise ServerError(_NO_JETSTREAM) from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise _unavailable(exc, spec.name) from None
+        except nats.errors.TimeoutError:
+            raise ServerUnavailable(
+                f"JetStream did not answer in time when asked to create or check stream {spec.name}: "
+                f"on a cluster, its servers may be electing a meta leader, or too few are up for a "
+                f"quorum; else the server is overloaded"
+            ) from None
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        config = ConsumerConfig(
+            durable_name=spec.name,
+            filter_subjects=spec.filters,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
+            ack_wait=spec.ack_wait,
+            max_deliver=spec.max_deliver,
+            max_ack_pending=spec.max_ack_pending,
+            max_waiting=512,
+        )
+        await self._js.add_consumer(spec.stream, config)
+
+    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> PullConsumer:
+        consumer = PullConsumer(self.nc, spec.stream, spec.name, handler, capacity=capacity)
+        await consumer.start()
+        return consumer
+
+    async def consumer_info(self, stream: str, name: str) -> Any:
+        return await self._js.consumer_info(stream, name)
+
+    async def consumers(self, stream: str) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        while True:
+            try:
+                page = await self._js.consumers_info(stream, offset=len(found))
+            except nats.js.errors.NotFoundError:
+                return found  # no such stream yet
+            for info in page:
+                config = info.config
+                found[info.name] = list(config.filter_subjects or []) or [config.filter_subject or ">"]
+            if not page:
+                return found
+
+    async def stored(self, stream: str, seq: int) -> Any:
+        return with_text_headers(await self._js.get_msg(stream, seq))
+
+    async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
+        try:
+            return with_text_headers(await self._js.get_msg(stream, seq=seq, subject=subject, next=True))
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def stored_last(self, stream: str, subject: str) -> Any | None:
+        try:
+            return with_text_headers(await self._js.get_last_msg(stream, subject))
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def delete_stored(self, stream: str, seq: int) -> None:
+        await self._js.delete_msg(stream, seq)
+
+    async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
+        try:
+            kv = await self._js.key_value(bucket.name)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(
+                bucket=bucket.name,
+                history=1,
+                ttl=bucket.ttl,
+                storage=StorageType.MEMORY if settings.storage == "memory" else StorageType.FILE,
+                replicas=settings.replicas,
+                direct=True,  # reads from any replica, and batched lookups (mesh.transport.kvbatch)
+            )
+            try:
+                kv = await self._js.create_key_value(config)
+            except BadRequestError:
+                kv = await self._js.key_value(bucket.name)  # a replica created it meanwhile
+        return NatsState(self.nc, kv, bucket.name)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        await self.nc.flush(timeout)  # type: ignore[arg-type]
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def close(self) -> None:
+        self._closing = True
+        if not self.nc.is_closed:
+            await self.nc.drain()

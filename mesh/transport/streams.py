@@ -1,0 +1,152 @@
+"""What the mesh keeps in JetStream, and with which durability settings.
+
+=====================  ==========================  ==========================================
+name                   holds                       retention
+=====================  ==========================  ==========================================
+``MESH_INBOX``         ``mesh.*.agent.>``          work queue: gone once its agent acks it
+``MESH_EVENTS``        ``mesh.*.evt.>``            ``MESH_EVENT_RETENTION`` (7 days)
+``MESH_TIMERS``        ``mesh.*.timer.*``          work queue: a join's deadline, until it fires
+``MESH_DLQ``           ``mesh.*.dlq.>``            14 days
+KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
+KV ``MESH_STATE``      joins, failure histories    7 days
+=====================  ==========================  ==========================================
+
+Each agent has one durable pull consumer on ``MESH_INBOX`` (its inbox), one on
+``MESH_EVENTS`` filtered to the types it handles (if any) and one on ``MESH_TIMERS`` (if
+it declares joins). Timers wait by redelivery, so they have a queue of their own: open
+fan-outs never take unacknowledged slots from the agent's inbox. Both are named after the agent, so
+every replica shares them and the server balances work across replicas.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from mesh.wire import subjects
+from mesh.wire.envelope import is_id_token
+from mesh.wire.settings import Settings
+
+if TYPE_CHECKING:
+    from mesh.agent.declaration import Agent
+
+INBOX: Final = "MESH_INBOX"
+EVENTS: Final = "MESH_EVENTS"
+TIMERS: Final = "MESH_TIMERS"
+MAX_OPEN_TIMERS: Final = 100_000  # a timer's consumer: deadlines waiting at once, per agent
+PROCESSED: Final = "MESH_PROCESSED"
+STATE: Final = "MESH_STATE"
+DLQ_MAX_AGE: Final = 14 * 86400.0
+STATE_MAX_AGE: Final = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    max_age: float  # seconds, 0 = forever
+    work_queue: bool = False
+    dedupe_window: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    name: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """A durable pull consumer for one agent on one stream."""
+
+    stream: str
+    name: str
+    filters: list[str] = field(default_factory=list)
+    deliver_new: bool = False  # events: start from now, not from the retained history
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+
+
+def stream_specs(settings: Settings) -> list[StreamSpec]:
+    window = settings.dedupe_window
+    return [
+        StreamSpec(
+            INBOX, [f"{subjects.ROOT}.*.{subjects.AGENT}.*"], 0, work_queue=True, dedupe_window=window
+        ),
+        StreamSpec(
+            EVENTS, [f"{subjects.ROOT}.*.{subjects.EVENT}.>"], settings.event_retention, dedupe_window=window
+        ),
+        StreamSpec(
+            TIMERS, [f"{subjects.ROOT}.*.{subjects.TIMER}.*"], 0, work_queue=True, dedupe_window=window
+        ),
+        StreamSpec(settings.dead_letter_stream, [subjects.dead_letter_pattern()], DLQ_MAX_AGE),
+    ]
+
+
+def bucket_specs(settings: Settings) -> list[BucketSpec]:
+    return [BucketSpec(PROCESSED, settings.processed_ttl), BucketSpec(STATE, STATE_MAX_AGE)]
+
+
+def consumer_specs(
+    agent: str, event_types: list[str], settings: Settings, *, timers: bool = False
+) -> list[ConsumerSpec]:
+    common = {
+        "ack_wait": settings.ack_wait,
+        # one more than allowed: that extra delivery is dead-lettered by the agent without
+        # running the handler, so even a message that kills every process that takes it
+        # ends in the dead letters (the server's own give-up is only an advisory)
+        "max_deliver": settings.max_deliver + 1,
+        "max_ack_pending": settings.max_ack_pending,
+    }
+    specs = [ConsumerSpec(INBOX, agent, [subjects.inbox_pattern(agent)], **common)]  # type: ignore[arg-type]
+    if event_types:
+        specs.append(
+            ConsumerSpec(
+                EVENTS,
+                agent,
+                [subjects.event_pattern(t) for t in sorted(event_types)],
+                deliver_new=True,
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    if timers:
+        timer_common = {**common, "max_ack_pending": MAX_OPEN_TIMERS}
+        specs.append(ConsumerSpec(TIMERS, agent, [subjects.timer_pattern(agent)], **timer_common))  # type: ignore[arg-type]
+    return specs
+
+
+def id_key(message_id: str) -> str:
+    """A message id as one KV key token. Ids are any string (docs/protocol.md): one that is
+    already a safe token (what the mesh makes) is kept readable; any other, with a colon, a
+    space, a dot or unicode, becomes ``=`` and its hash, which no safe token can equal."""
+    if is_id_token(message_id):
+        return message_id
+    digest = hashlib.blake2b(message_id.encode(errors="surrogatepass"), digest_size=18).digest()
+    return "=" + base64.urlsafe_b64encode(digest).decode()
+
+
+def event_types(agent: Agent) -> list[str]:
+    """The types an agent receives as events (handlers not declared with ``events=False``)."""
+    return sorted({h.mtype.name for h in agent.handlers if h.events})
+
+
+def agent_consumer_specs(agent: Agent, settings: Settings) -> list[ConsumerSpec]:
+    """The consumers an agent pulls from: created by its first replica to start, or before
+    that by `mesh agents add`."""
+    timers = bool(agent.joins) or any(t.approval for t in agent.tools)
+    return consumer_specs(agent.name, event_types(agent), settings, timers=timers)
+
+
+def processed_key(agent: str, message_id: str) -> str:
+    return f"{agent}.{id_key(message_id)}"
+
+
+def failures_key(agent: str, message_id: str) -> str:
+    return f"failures.{agent}.{id_key(message_id)}"
+
+
+def join_key(agent: str, join_id: str) -> str:
+    return f"joins.{agent}.{join_id}"

@@ -1,0 +1,240 @@
+"""Process settings, read once from ``MESH_*`` environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mesh.wire.errors import ConfigError
+
+PREFIX = "MESH_"
+
+
+def _default_data_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "mesh"
+
+
+class Settings(BaseModel):
+    """Everything a mesh process can be configured with. Build it with `Settings.load()`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS server URL(s), comma-separated for a cluster. Unset: use the server "
+        "that `mesh up` started under the data dir.",
+    )
+    nats_creds: Path | None = Field(default=None, description="NATS credentials file.")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the embedded server keeps its store, state file, logs and traces.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    trace_exporter: Literal["auto", "otlp", "file", "console", "none"] = Field(
+        default="auto",
+        description="auto: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else a JSON-lines file.",
+    )
+    trace_sample: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of new traces recorded (parent-based: a message whose trace was sampled "
+        "upstream is recorded, one that was not is not). 1.0 records every trace; 0.1 is the "
+        "recommendation for production traffic.",
+    )
+    trace_file: Path | None = Field(
+        default=None, description="Span file for the file exporter (default: <data_dir>/traces.jsonl)."
+    )
+    max_message_bytes: int = Field(default=1 << 20, gt=0, description="Bigger bodies are dead-lettered.")
+    max_hops: int = Field(default=32, gt=0, description="Messages past this hop count are dead-lettered.")
+    concurrency: int = Field(default=64, gt=0, description="Handlers running at once per agent process.")
+    drain_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds to finish in-flight work on SIGTERM."
+    )
+    connect_timeout: float = Field(default=5.0, gt=0)
+    llm: Literal["auto", "offline", "anthropic", "openai"] = Field(
+        default="auto",
+        description="auto: Anthropic when ANTHROPIC_API_KEY is set, else an OpenAI-compatible server "
+        "when MESH_OPENAI_BASE_URL is set, else offline.",
+    )
+    anthropic_model: str = "claude-sonnet-4-5"
+    # model providers, routing and limits: see docs/llm-and-tools.md
+    llm_fallback: str = Field(
+        default="",
+        description="Providers tried in order after MESH_LLM fails, comma-separated "
+        "(anthropic, openai, offline).",
+    )
+    openai_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama)."
+    )
+    openai_model: str = Field(default="llama3.1", description="Model name sent to the OpenAI-compatible API.")
+    llm_timeout: float = Field(default=60.0, gt=0, description="Seconds one model call may take.")
+    llm_retries: int = Field(default=2, ge=0, description="Retries per provider on 429, 5xx, 529, timeouts.")
+    llm_rate: float = Field(default=50.0, gt=0, description="Model calls a second, per tenant and per agent.")
+    llm_burst: float = Field(default=20.0, ge=1, description="Model calls that may start at once.")
+    llm_concurrency: int = Field(default=8, gt=0, description="Model calls at once per tenant and per agent.")
+    llm_breaker_failures: int = Field(
+        default=5, gt=0, description="Failures in a row that open a provider's circuit breaker."
+    )
+    llm_breaker_reset: float = Field(
+        default=30.0, gt=0, description="Seconds an open breaker waits before it lets a probe call through."
+    )
+    tenant: str = Field(default="default", description="Tenant this process works for (model limits, costs).")
+    tool_timeout: float = Field(default=30.0, gt=0, description="Default seconds a tool may run.")
+    approval_timeout: float = Field(
+        default=3600.0, gt=0, description="Seconds an approval request waits for a decision, then expires."
+    )
+    types: str = Field(
+        default="",
+        description="Extra modules or .py files declaring message types, comma-separated; the CLI "
+        "imports them to validate `mesh publish` and list them in `mesh schema`.",
+    )
+    dead_letter_stream: str = Field(default="MESH_DLQ", pattern=r"^[A-Za-z0-9_-]+$")
+    # durability: see docs/handoffs.md and docs/operations.md
+    storage: Literal["file", "memory"] = Field(
+        default="file", description="Where JetStream keeps inboxes, events, dead letters and state."
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=5, description="Stream and bucket replicas (3 on a cluster survives a lost node)."
+    )
+    fsync: Literal["interval", "always"] = Field(
+        default="interval",
+        description="Embedded server only: 'always' fsyncs before every ack (slower, survives a machine "
+        "crash); 'interval' fsyncs every 2 minutes (survives a process crash).",
+    )
+    event_retention: float = Field(default=7 * 86400.0, gt=0, description="Seconds events are kept.")
+    dedupe_window: float = Field(
+        default=300.0, gt=0, description="Seconds a Nats-Msg-Id is remembered for publish dedupe."
+    )
+    publish_retry_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="Attempts of a durable publish (to an inbox, events or timers) that the stream "
+        "does not acknowledge: no answer in time, no stream leader, no quorum. Every attempt carries "
+        "the same Nats-Msg-Id, so the stream keeps one copy.",
+    )
+    publish_retry_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a durable publish may spend on its attempts before it gives up with an "
+        "error. Less than MESH_DEDUPE_WINDOW.",
+    )
+    ack_wait: float = Field(
+        default=30.0, gt=0, description="Seconds without an ack or progress before redelivery."
+    )
+    max_deliver: int = Field(default=5, ge=2, description="Deliveries before a message is dead-lettered.")
+    retry_backoff: float = Field(default=1.0, gt=0, description="First retry delay in seconds; doubles.")
+    retry_backoff_max: float = Field(default=60.0, gt=0, description="Longest retry delay in seconds.")
+    max_ack_pending: int = Field(
+        default=1000, gt=0, description="Unacknowledged messages per agent, over all its replicas."
+    )
+    handler_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds a handler may run before it is cancelled and retried."
+    )
+    max_depth: int = Field(default=8, gt=0, description="Nesting limit of delegations (fan-outs).")
+    processed_ttl: float = Field(
+        default=86400.0, gt=0, description="Seconds a processed message id is remembered."
+    )
+    # shared memory (docs/memory.md): the agent side, then the memory service's side
+    memory_agent: str = Field(default="memory", description="Name of the memory service agent.")
+    memory_tenant: str = Field(
+        default="default", description="Tenant whose memories this process's `ctx.memory` reads and writes."
+    )
+    memory_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds `ctx.memory` waits for the memory service."
+    )
+    memory_tenants: str = Field(
+        default="default", description="Memory service: tenants it serves, comma-separated; '*' for any."
+    )
+    memory_backend: Literal["auto", "edge", "qdrant", "qdrant-local"] = Field(
+        default="auto",
+        description="auto: a Qdrant server when MESH_QDRANT_URL is set, else the embedded engine "
+        "(edge) under <data_dir>/memory; qdrant-local: qdrant-client's local mode under the data dir.",
+    )
+    qdrant_url: str | None = Field(default=None, description="Qdrant server URL for the memory service.")
+    qdrant_api_key: str | None = Field(default=None, description="Qdrant server API key.")
+    qdrant_collection: str = Field(default="mesh_memory", pattern=r"^[A-Za-z0-9_-]+$")
+    qdrant_shards: int = Field(default=1, ge=1, description="Qdrant server: shards of a new collection.")
+    qdrant_replicas: int = Field(default=1, ge=1, description="Qdrant server: replicas of each shard.")
+    qdrant_write_consistency: int = Field(
+        default=1, ge=1, description="Qdrant server: replicas that must ack a write."
+    )
+    memory_embedder: Literal["hash", "minilm"] = Field(
+        default="hash",
+        description="hash: offline, deterministic, no download; minilm: all-MiniLM-L6-v2 from the "
+        "optional `memory-minilm` extra.",
+    )
+    memory_dim: int = Field(default=384, ge=16, le=4096, description="Dimension of the hash embedder.")
+    memory_max_text: int = Field(default=8192, gt=0, description="Longest memory text, in characters.")
+    memory_dedupe: float = Field(
+        default=0.92, gt=0, le=1.0, description="Cosine similarity at or above which a new memory merges."
+    )
+    memory_turn_budget: int = Field(
+        default=1024, ge=64, description="Tokens of working memory kept per conversation before compressing."
+    )
+    memory_sweep: float = Field(default=60.0, gt=0, description="Seconds between sweeps of expired memories.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.event_retention < self.dedupe_window:
+            raise ValueError(
+                f"MESH_EVENT_RETENTION ({self.event_retention:g}s) must be at least MESH_DEDUPE_WINDOW "
+                f"({self.dedupe_window:g}s): JetStream cannot remember ids longer than it keeps messages"
+            )
+        if self.publish_retry_timeout >= self.dedupe_window:
+            raise ValueError(
+                f"MESH_PUBLISH_RETRY_TIMEOUT ({self.publish_retry_timeout:g}s) must be less than "
+                f"MESH_DEDUPE_WINDOW ({self.dedupe_window:g}s): a retry after the window could store "
+                f"a message twice"
+            )
+        return self
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read and validate settings; a `ConfigError` names each bad variable and the fix."""
+        env = os.environ if environ is None else environ
+        known = {PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+            raise ConfigError(
+                "unknown mesh setting(s): "
+                + ", ".join(hints)
+                + ". Known settings: "
+                + ", ".join(sorted(known))
+            )
+        values: dict[str, object] = {
+            name: env[PREFIX + name.upper()] for name in cls.model_fields if PREFIX + name.upper() in env
+        }
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                if not err["loc"]:  # a rule across settings
+                    problems.append(err["msg"].removeprefix("Value error, "))
+                    continue
+                field = str(err["loc"][0])
+                problems.append(f"{PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
+            raise ConfigError("invalid mesh settings: " + "; ".join(problems)) from None
+
+    def environ(self) -> dict[str, str]:
+        """The MESH_* variables that give a child process these settings: every one set here
+        (from the environment or an override); the others are defaults there as well."""
+        values = self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        return {PREFIX + name.upper(): str(value) for name, value in values.items()}
+
+    @property
+    def spans_path(self) -> Path:
+        return self.trace_file or self.data_dir / "traces.jsonl"
