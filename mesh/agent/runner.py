@@ -44,6 +44,7 @@ from mesh.runtime.retries import Failures
 from mesh.transport import streams
 from mesh.transport.delivery import Consumer, Delivery, Later
 from mesh.transport.nats import Subscription, Transport
+from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
 from mesh.wire import subjects
 from mesh.wire.codec import Codec, default_codec
@@ -344,7 +345,11 @@ class AgentRuntime:
         message = self.codec.decode(d.data, handler.mtype.cls, env.content_type)
         return env, ctx, message, handler
 
-    def _context(self, env: Envelope, attempt: int, answer: Answer | None = None) -> Context:
+    def _context(
+        self, env: Envelope, attempt: int, answer: Answer | None = None, outbox: Outbox | None = None
+    ) -> Context:
+        """The context of one run; its stored sends go through one outbox (a join's completion
+        shares the outbox of the answer that completes it)."""
         return Context(
             env,
             self.client,
@@ -359,6 +364,7 @@ class AgentRuntime:
             tools=self.agent.tools,
             permissions=self.agent.permissions,
             approvals=self._approvals,
+            outbox=outbox if outbox is not None else self.transport.outbox(),
         )
 
     async def _run(
@@ -380,7 +386,7 @@ class AgentRuntime:
 
     async def _complete(self, join: Join[Any], gathered: Gathered[Any], ctx: Context, st: JoinState) -> None:
         """Run a join's completion handler; its answer goes where the fan-out's message wanted."""
-        done = self._context(ctx.envelope, ctx.attempt, st.answer())
+        done = self._context(ctx.envelope, ctx.attempt, st.answer(), ctx.outbox)
         parts = [st.parts[b] for b in st.order]
         done.completing(join.name, tuple(p.message_id for p in parts), tuple(p.traceparent for p in parts))
         await self._join_calls[join.name](done, gathered)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMi
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
 from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import JSON, Codec, default_codec
@@ -92,8 +93,11 @@ class MeshClient:
         self._send = chain_publish(self._deliver, publish_middleware)
 
     async def _deliver(self, out: Outgoing) -> Any:
-        """The end of the publish chain: the transport."""
+        """The end of the publish chain: the transport (for a store in a handler, its run's
+        outbox, which the runtime flushes before acknowledging what the handler handled)."""
         if out.kind == STORE:
+            if out.outbox is not None:
+                return await out.outbox.store(out.subject, out.data, out.headers)
             return await self.transport.store(out.subject, out.data, out.headers)
         if out.kind == REQUEST:
             return await self.transport.request(out.subject, out.data, out.timeout, headers=out.headers)
@@ -241,11 +245,13 @@ class MeshClient:
         reply_to: str = "",
         subject: str | None = None,
         msg_id: str | None = None,
+        outbox: Outbox | None = None,
     ) -> Sent:
         """Publish to an address (or a raw reply `subject`), with full headers.
 
-        Inboxes and events are stored (JetStream acknowledges before this returns); direct
-        lines and replies to requesters are plain publishes.
+        Inboxes and events are stored: JetStream acknowledges before this returns, or, given
+        an `outbox` (a handler's), by the time the outbox is flushed. Direct lines and replies
+        to requesters are plain publishes.
         """
         mtype = type_of(type(msg))
         data = self.codec.encode(msg, content_type)
@@ -259,7 +265,7 @@ class MeshClient:
             parsed = subjects.parse(subject)
             kind = parsed.kind if parsed is not None else subjects.REPLY
         stored = kind in (subjects.AGENT, subjects.EVENT, subjects.TIMER)
-        await self._send(Outgoing(target, data, headers, STORE if stored else PUBLISH))
+        await self._send(Outgoing(target, data, headers, STORE if stored else PUBLISH, outbox=outbox))
         return Sent(id=headers[h.ID], conversation=address.conversation, subject=target)
 
     def headers(
