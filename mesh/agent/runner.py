@@ -298,7 +298,13 @@ class AgentRuntime:
     async def _on_advisory(self, msg: Any) -> None:
         assert self._failures is not None
         self.stats.dead_lettered += 1
-        await retries.on_max_deliveries(self.transport, self._failures, self.agent.name, msg.data)
+        await retries.on_max_deliveries(
+            self.transport,
+            self._failures,
+            self.agent.name,
+            msg.data,
+            secret_headers=self.settings.secret_header_names,
+        )
 
     async def _keep_alive(self) -> None:
         await retries.keep_alive(self._working, self.settings.ack_wait)
@@ -384,7 +390,13 @@ class AgentRuntime:
         self, msg: Any, kind: str, reason: str, extra: dict[str, str] | None = None
     ) -> bool:
         return await dead_letter(
-            self.transport, agent=self.agent.name, msg=msg, kind=kind, reason=reason, extra=extra
+            self.transport,
+            agent=self.agent.name,
+            msg=msg,
+            kind=kind,
+            reason=reason,
+            extra=extra,
+            secret_headers=self.settings.secret_header_names,
         )
 
     async def _fail_direct(self, msg: Delivery, kind: str, reason: str) -> None:
