@@ -35,6 +35,7 @@ from mesh.transport.state import NatsState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 from mesh.wire.envelope import NATS_MSG_ID
 from mesh.wire.errors import PublishError, ServerError, ServerUnavailable
+from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 
 log = structlog.get_logger("mesh.transport.nats")
@@ -217,6 +218,7 @@ class NatsTransport:
     @classmethod
     async def connect(cls, settings: Settings, name: str, *, url: str | None = None) -> NatsTransport:
         servers = [s.strip() for s in (url or resolve_url(settings)).split(",") if s.strip()]
+        shown = redact_url(", ".join(servers))  # what errors say: no password
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
@@ -226,7 +228,7 @@ class NatsTransport:
                 log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
+            log.info("nats reconnected", url=transport.connected_url if transport is not None else "")
 
         transport: NatsTransport | None = None
 
@@ -255,12 +257,12 @@ class NatsTransport:
             await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
         except TimeoutError:
             raise ServerError(
-                f"no answer from NATS at {', '.join(servers)} within {settings.connect_timeout * 2:.0f}s. "
+                f"no answer from NATS at {shown} within {settings.connect_timeout * 2:.0f}s. "
                 f"Is the server up? Start one with `mesh up`, or fix MESH_NATS_URL"
             ) from None
         except (OSError, ValueError, nats.errors.Error) as exc:
             raise ServerError(
-                f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
+                f"cannot connect to NATS at {shown}: {redact_url(str(exc)) or type(exc).__name__}. "
                 f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
             ) from None
         transport = cls(nc, settings)
@@ -268,8 +270,9 @@ class NatsTransport:
 
     @property
     def connected_url(self) -> str:
+        """The server this connection uses, to show: without a password or token."""
         u = self.nc.connected_url
-        return f"nats://{u.netloc}" if u else ""
+        return redact_url(f"nats://{u.netloc}") if u else ""
 
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
