@@ -8,17 +8,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import pytest
+from msgspec.structs import replace
 from sample_agents import relay
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
 from mesh.join import Gathered
-from mesh.runtime.client import MeshClient
+from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
 from mesh.transport.nats import NatsTransport, Transport
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
 from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 Connect = Callable[[str], Awaitable[Transport]]
 
@@ -129,3 +131,32 @@ async def test_a_fan_out_is_gathered_once(settings: Settings, connect: Connect) 
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
         assert results == [["w-0", "w-1", "w-2"]]
+
+
+hopper = Agent("base-hopper")
+hops: list[tuple[int, int]] = []
+
+
+@hopper.handler
+async def on_hop(ping: Ping, ctx: Context) -> None:
+    hops.append((ctx.hop, ctx.depth))
+    if ping.n == 0:  # tries to hide how far the work has come, and how deeply it was delegated
+        reset = replace(ctx.lineage, hop=0, depth=0)
+        await ctx.emit(Address.inbox(ctx.conversation_id, hopper.name), Ping(text=ping.text, n=1), reset)
+    elif ping.n == 1:
+        await ctx.send(hopper.name, Ping(text=ping.text, n=2))
+
+
+async def test_a_handler_cannot_count_hops_back_and_work_past_the_limit_is_dead_lettered(
+    settings: Settings, connect: Connect
+) -> None:
+    hops.clear()
+    limited = settings.model_copy(update={"max_hops": 2})
+    client = MeshClient(await connect("client"), "client")
+    async with running_agent(hopper, limited, transport=await connect("hopper")):
+        dlq = await Recorder.start(client.transport, "mesh.base6.dlq.base-hopper")
+        far = Lineage(hop=2, depth=1)  # two hops and one delegation from where it started
+        await client.send("base-hopper", Ping(text="h"), conversation="base6", lineage=far)
+        [dead] = await dlq.wait_count(1)
+        assert (dead.headers[h.DLQ_KIND], dead.headers[h.HOP]) == ("hop_limit", "3")
+        assert hops == [(2, 1), (2, 1)]  # the reset lineage was raised to what it received
