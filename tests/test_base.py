@@ -19,6 +19,7 @@ from mesh.testing import MemoryBus, Recorder, running_agent
 from mesh.transport.nats import NatsTransport, Transport
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
+from mesh.wire.errors import RequestFailed
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
 
@@ -160,3 +161,36 @@ async def test_a_handler_cannot_count_hops_back_and_work_past_the_limit_is_dead_
         [dead] = await dlq.wait_count(1)
         assert (dead.headers[h.DLQ_KIND], dead.headers[h.HOP]) == ("hop_limit", "3")
         assert hops == [(2, 1), (2, 1)]  # the reset lineage was raised to what it received
+
+
+counter = Agent("base-counter")
+counted: list[str] = []
+
+
+@counter.handler
+async def on_count(ping: Ping, ctx: Context) -> Pong:
+    counted.append(f"{ctx.sender}:{ping.n}")
+    return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
+
+
+async def test_a_sender_over_its_quota_is_dead_lettered_and_others_are_not_affected(
+    settings: Settings, connect: Connect
+) -> None:
+    counted.clear()
+    # three at once, and then next to nothing: no token comes back while the test runs
+    quota = settings.model_copy(update={"sender_rate": 0.001, "sender_burst": 3})
+    flood = MeshClient(await connect("flood"), "flood")
+    calm = MeshClient(await connect("calm"), "calm")
+    async with running_agent(counter, quota, transport=await connect("counter")):
+        dlq = await Recorder.start(flood.transport, "mesh.base7.dlq.base-counter")
+        for n in range(5):
+            await flood.send("base-counter", Ping(text="f", n=n), conversation="base7")
+        letters = await dlq.wait_count(2)
+        assert {m.headers[h.DLQ_KIND] for m in letters} == {"rate_limited"}
+        assert {m.headers[h.SENDER] for m in letters} == {"flood"}
+        with pytest.raises(RequestFailed) as refused:  # a direct request counts as well
+            await flood.request("base-counter", Ping(text="q"), Pong, timeout=10, conversation="base7")
+        assert refused.value.kind == "rate_limited"
+        pong = await calm.request("base-counter", Ping(text="c", n=9), Pong, timeout=10, conversation="base7")
+        assert pong.n == 9
+    assert sorted(c.split(":")[0] for c in counted) == ["calm", "flood", "flood", "flood"]

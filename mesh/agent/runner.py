@@ -32,6 +32,7 @@ from mesh.runtime.ladder import (
     Count,
     GiveUp,
     Guard,
+    Quota,
     Run,
     Settle,
     SettleDirect,
@@ -40,6 +41,7 @@ from mesh.runtime.ladder import (
     Work,
     cancelled_by_stop,
 )
+from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.transport import streams
 from mesh.transport.delivery import Consumer, Delivery, Later
@@ -121,6 +123,10 @@ class AgentRuntime:
         stored = GiveUp(stored, failures, settings.max_deliver)
         stored = Accept(stored, self._accept)
         stored = Guard(stored, processed, self.agent.name)
+        direct: Take = Accept(run, self._accept)
+        if settings.sender_rate:  # one table for both: a sender's quota is per process
+            quotas = Quotas(settings.sender_rate, settings.sender_burst)
+            stored, direct = Quota(stored, quotas), Quota(direct, quotas)
         stored = Settle(
             stored,
             agent=self.agent.name,
@@ -131,7 +137,7 @@ class AgentRuntime:
             dead_letter=self._dead_letter,
             log=self.log,
         )
-        direct: Take = SettleDirect(Accept(run, self._accept), stats, self._fail_direct, self.log)
+        direct = SettleDirect(direct, stats, self._fail_direct, self.log)
         return Count(stored, stats), Count(direct, stats)
 
     def endpoints(self) -> list[Endpoint]:
