@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from nats.js.api import StreamConfig
-from structlog.testing import capture_logs
 
 from mesh.testing import MemoryBus, nats_server
+from mesh.transport import nats as nats_transport
 from mesh.transport import streams
 from mesh.transport.nats import NatsTransport, Transport, edit_command
 from mesh.wire import envelope as h
@@ -109,7 +109,21 @@ def test_the_streams_get_their_limits_from_the_settings() -> None:
     assert default[streams.INBOX].max_msgs_per_subject == 100_000
 
 
-async def test_a_stream_made_with_other_limits_is_kept_and_reported(tmp_path: Path) -> None:
+class Logged:
+    """Stands in for a module's structlog logger (whose configuration other tests change)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda event, **fields: self.events.append({"event": event, "level": level, **fields})
+
+
+async def test_a_stream_made_with_other_limits_is_kept_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged = Logged()
+    monkeypatch.setattr(nats_transport, "log", logged)
     with nats_server(tmp_path) as server:
         settings = Settings.load(environ={}, nats_url=server.url, data_dir=tmp_path)
         t = await NatsTransport.connect(settings, "upgrade")
@@ -117,15 +131,18 @@ async def test_a_stream_made_with_other_limits_is_kept_and_reported(tmp_path: Pa
             # as an older version made it: no size limits
             old = StreamConfig(name=streams.INBOX, subjects=["mesh.*.agent.*"], retention="workqueue")
             await t._js.add_stream(old)
-            with capture_logs() as logs:
-                await t.ensure_streams()
-            [warning] = [e for e in logs if e["event"].startswith("stream limits differ")]
+            await t.ensure_streams()
+            logs = logged.events
+            [warning] = [e for e in logs if str(e["event"]).startswith("stream limits differ")]
+            assert warning["level"] == "warning"
             assert warning["stream"] == streams.INBOX
-            assert warning["differ"]["max_bytes"] == f"has no limit, settings ask for {1 << 30}"
-            assert warning["differ"]["discard"] == "has old, settings ask for new"
+            differ = warning["differ"]
+            assert isinstance(differ, dict)
+            assert differ["max_bytes"] == f"has no limit, settings ask for {1 << 30}"
+            assert differ["discard"] == "has old, settings ask for new"
             inbox = next(s for s in streams.stream_specs(settings) if s.name == streams.INBOX)
             assert warning["fix"] == edit_command(inbox)
-            assert "--max-bytes=1073741824" in warning["fix"]
+            assert "--max-bytes=1073741824" in str(warning["fix"])
             info = await t._js.stream_info(streams.INBOX)
             assert info.config.max_bytes == -1  # kept as it was
             assert not [e for e in logs if e.get("stream") == streams.EVENTS]  # made now, as asked
