@@ -9,13 +9,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from mesh.observability.logs import Redact, secret_values
+from mesh.runtime import deadletter
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
-from mesh.testing import spawn_agent, stop_process
+from mesh.testing import MemoryBus, spawn_agent, stop_process
 from mesh.transport.nats import NatsTransport
 from mesh.transport.server import EmbeddedServer
 from mesh.wire.errors import ConfigError, ServerError
@@ -144,3 +146,26 @@ async def test_connect_errors_show_the_url_without_its_password(locked: str, tmp
         await NatsTransport.connect(settings, "probe")
     assert PASSWORD not in str(raised.value)
     assert "nats://app:***@" in str(raised.value)
+
+
+async def test_a_dead_letter_that_cannot_be_stored_is_logged_without_its_secret_headers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logged: list[dict[str, object]] = []
+    monkeypatch.setattr(deadletter.log, "error", lambda event, **fields: logged.append(fields), raising=False)
+    monkeypatch.setattr(deadletter.log, "warning", lambda event, **fields: None, raising=False)
+    transport = MemoryBus().transport()
+
+    async def refuse(subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        raise ServerError("the server is gone")
+
+    monkeypatch.setattr(transport, "store", refuse)
+    msg = SimpleNamespace(
+        subject="mesh.c1.agent.billing",
+        data=b"{}",
+        headers={"Mesh-Type": "test.ping", "Authorization": "Bearer sk-live-1", "Kunde": "Müller"},
+    )
+    assert not await deadletter.dead_letter(transport, agent="billing", msg=msg, kind="decode", reason="x")
+    [fields] = logged
+    assert fields["headers"] == {"Mesh-Type": "test.ping", "Kunde": "Müller"}
+    assert fields["masked"] == ["Authorization"]
