@@ -14,7 +14,7 @@ from nats.js.api import StreamConfig
 from mesh.testing import MemoryBus, nats_server
 from mesh.transport import nats as nats_transport
 from mesh.transport import streams
-from mesh.transport.nats import NatsTransport, Transport, edit_command
+from mesh.transport.nats import NatsTransport, Transport, edit_command, limits_differ
 from mesh.wire import envelope as h
 from mesh.wire.errors import StreamFull
 from mesh.wire.settings import Settings
@@ -146,5 +146,7 @@ async def test_a_stream_made_with_other_limits_is_kept_and_reported(
             info = await t._js.stream_info(streams.INBOX)
             assert info.config.max_bytes == -1  # kept as it was
             assert not [e for e in logs if e.get("stream") == streams.EVENTS]  # made now, as asked
+            for spec in streams.stream_specs(settings)[1:]:  # read back, the same limits
+                assert limits_differ(spec, (await t._js.stream_info(spec.name)).config) == {}
         finally:
             await t.close()

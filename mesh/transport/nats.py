@@ -507,23 +507,24 @@ class NatsTransport:
 def limits_differ(spec: StreamSpec, config: Any) -> dict[str, str]:
     """The limits of an existing stream (`config`, a StreamConfig) that are not the ones
     `spec` asks for: {limit: "has X, settings ask for Y"}."""
-    has = {
+    age = float(config.max_age or 0)  # the server keeps nanoseconds: within a second is the same
+    has: dict[str, object] = {
         "max_bytes": max(0, int(config.max_bytes or 0)),
-        "max_age": float(config.max_age or 0),
+        "max_age": spec.max_age if abs(age - spec.max_age) < 1 else age,
         "max_msgs_per_subject": max(0, int(config.max_msgs_per_subject or 0)),
         "discard": str(getattr(config.discard, "value", config.discard) or "old"),
     }
-    differ = {}
-    for name, want in spec.limits().items():
-        got = has[name]
-        same = abs(float(got) - float(want)) < 1 if name == "max_age" else got == want  # type: ignore[arg-type]
-        if not same:
-            differ[name] = f"has {_limit(got)}, settings ask for {_limit(want)}"
-    return differ
+    return {
+        name: f"has {_limit(has[name])}, settings ask for {_limit(want)}"
+        for name, want in spec.limits().items()
+        if has[name] != want
+    }
 
 
 def _limit(value: object) -> str:
-    return "no limit" if value in (0, 0.0) else f"{value:g}" if isinstance(value, float) else str(value)
+    if value in (0, 0.0):
+        return "no limit"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def edit_command(spec: StreamSpec) -> str:
