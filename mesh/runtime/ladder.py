@@ -258,12 +258,13 @@ class Quota:
     would come again and again, each time taking a slot from the other senders, and a direct
     message cannot be handed back at all; the letter keeps it, to be re-driven."""
 
-    def __init__(self, below: Take, quotas: Quotas) -> None:
+    def __init__(self, below: Take, quotas: Quotas, sender: Callable[[Delivery], str] | None = None) -> None:
         self.below = below
         self.quotas = quotas
+        self.sender = sender or claimed_sender  # an authenticated identity, once there is one
 
     async def __call__(self, w: Work) -> Later | None:
-        sender = (w.delivery.headers or {}).get(h.SENDER, "")[: h.MAX_NAME]
+        sender = self.sender(w.delivery)
         if not self.quotas.take(sender):
             q = self.quotas
             raise DeliveryError(
@@ -272,6 +273,11 @@ class Quota:
                 f"second, {q.burst:g} at once (MESH_SENDER_RATE, MESH_SENDER_BURST)",
             )
         return await self.below(w)
+
+
+def claimed_sender(d: Delivery) -> str:
+    """Who a delivery says it is from (Mesh-Sender), as a quota's key."""
+    return (d.headers or {}).get(h.SENDER, "")[: h.MAX_NAME]
 
 
 Check = Callable[[Delivery], "tuple[Envelope, Context, Message | None, Handler | None]"]
