@@ -8,17 +8,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import pytest
+from msgspec.structs import replace
 from sample_agents import relay
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
 from mesh.join import Gathered
-from mesh.runtime.client import MeshClient
+from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
 from mesh.transport.nats import NatsTransport, Transport
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
+from mesh.wire.errors import RequestFailed
 from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
 
 Connect = Callable[[str], Awaitable[Transport]]
 
@@ -140,3 +143,65 @@ async def test_a_fan_out_is_gathered_once(settings: Settings, connect: Connect) 
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
         assert results == [["w-0", "w-1", "w-2"]]
+
+
+hopper = Agent("base-hopper")
+hops: list[tuple[int, int]] = []
+
+
+@hopper.handler
+async def on_hop(ping: Ping, ctx: Context) -> None:
+    hops.append((ctx.hop, ctx.depth))
+    if ping.n == 0:  # tries to hide how far the work has come, and how deeply it was delegated
+        reset = replace(ctx.lineage, hop=0, depth=0)
+        await ctx.emit(Address.inbox(ctx.conversation_id, hopper.name), Ping(text=ping.text, n=1), reset)
+    elif ping.n == 1:
+        await ctx.send(hopper.name, Ping(text=ping.text, n=2))
+
+
+async def test_a_handler_cannot_count_hops_back_and_work_past_the_limit_is_dead_lettered(
+    settings: Settings, connect: Connect
+) -> None:
+    hops.clear()
+    limited = settings.model_copy(update={"max_hops": 2})
+    client = MeshClient(await connect("client"), "client")
+    async with running_agent(hopper, limited, transport=await connect("hopper")):
+        dlq = await Recorder.start(client.transport, "mesh.base6.dlq.base-hopper")
+        far = Lineage(hop=2, depth=1)  # two hops and one delegation from where it started
+        await client.send("base-hopper", Ping(text="h"), conversation="base6", lineage=far)
+        [dead] = await dlq.wait_count(1)
+        assert (dead.headers[h.DLQ_KIND], dead.headers[h.HOP]) == ("hop_limit", "3")
+        assert hops == [(2, 1), (2, 1)]  # the reset lineage was raised to what it received
+
+
+counter = Agent("base-counter")
+counted: list[str] = []
+
+
+@counter.handler
+async def on_count(ping: Ping, ctx: Context) -> Pong:
+    counted.append(f"{ctx.sender}:{ping.n}")
+    return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
+
+
+async def test_a_sender_over_its_quota_is_dead_lettered_and_others_are_not_affected(
+    settings: Settings, connect: Connect
+) -> None:
+    counted.clear()
+    # three at once, and then next to nothing: no token comes back while the test runs
+    quota = settings.model_copy(update={"sender_rate": 0.001, "sender_burst": 3})
+    flood = MeshClient(await connect("flood"), "flood")
+    calm = MeshClient(await connect("calm"), "calm")
+    async with running_agent(counter, quota, transport=await connect("counter")):
+        dlq = await Recorder.start(flood.transport, "mesh.base7.dlq.base-counter")
+        for n in range(5):
+            await flood.send("base-counter", Ping(text="f", n=n), conversation="base7")
+        letters = await dlq.wait_count(2)
+        assert {m.headers[h.DLQ_KIND] for m in letters} == {"rate_limited"}
+        assert {m.headers[h.SENDER] for m in letters} == {"flood"}
+        with pytest.raises(RequestFailed) as refused:  # a direct request counts as well
+            await flood.request("base-counter", Ping(text="q"), Pong, timeout=10, conversation="base7")
+        assert refused.value.kind == "rate_limited"
+        pong = await calm.request("base-counter", Ping(text="c", n=9), Pong, timeout=10, conversation="base7")
+        assert pong.n == 9
+    assert sorted(c.split(":")[0] for c in counted) == ["calm", "flood", "flood", "flood"]

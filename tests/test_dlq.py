@@ -11,7 +11,7 @@ import sys
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
-from mesh.cli.dlq import list_dead_letters, redrive, redrive_headers
+from mesh.cli.dlq import left_out, list_dead_letters, redrive, redrive_headers
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import backlog
 from mesh.runtime.retries import Failures, on_max_deliveries
@@ -66,8 +66,8 @@ async def test_a_dead_letter_is_listed_and_redriven_once_the_cause_is_fixed(
 
         healed = True
         pongs = await Recorder.start(client.transport, "mesh.dlq-redrive.evt.test.pong")
-        target = await redrive(client.transport, settings.dead_letter_stream, letter.seq)  # type: ignore[arg-type]
-        assert target == "mesh.dlq-redrive.agent.moody"
+        done = await redrive(client.transport, settings.dead_letter_stream, letter.seq)  # type: ignore[arg-type]
+        assert (done.subject, done.without) == ("mesh.dlq-redrive.agent.moody", ())
         [pong] = await pongs.wait_count(1)
         assert pong.headers[h.CAUSATION] == sent.id  # the same message, handled now
         remaining = await list_dead_letters(
@@ -179,3 +179,82 @@ async def test_a_message_the_server_gave_up_on_is_dead_lettered_with_its_non_asc
     await on_max_deliveries(client.transport, Failures(state, "stuck", "i1"), "stuck", advisory)
     [dead] = await dlq.wait_count(1)
     assert (dead.headers["Kunde"], dead.headers[h.DLQ_KIND]) == ("Müller", "max_deliveries")
+
+
+SECRETS = {
+    "Authorization": "Bearer sk-live-123",
+    "Cookie": "session=abc",
+    "X-Api-Key": "key-456",
+    "X-Refresh-Token": "tok-789",
+    "X-Tenant-Pin": "4321",  # secret only because MESH_SECRET_HEADERS names it
+}
+
+
+async def test_a_dead_letter_keeps_no_secret_header_and_a_redrive_does_not_bring_one_back(
+    settings: Settings, client: MeshClient
+) -> None:
+    mine = settings.model_copy(update={"secret_headers": "X-Tenant-Pin"})
+    async with running_agent(moody, mine):
+        dlq = await Recorder.start(client.transport, "mesh.dlq-secret.dlq.moody")
+        inbox = "mesh.dlq-secret.agent.moody"
+        headers = {**client.headers("test.ping", 1, "dlq-secret"), **SECRETS, "Kunde": "Müller"}
+        await client.transport.store(inbox, b"{not json", headers)
+        [dead] = await dlq.wait_count(1)
+        assert dead.headers[h.DLQ_KIND] == "decode"
+        assert dead.headers[h.DLQ_MASKED] == "Authorization,Cookie,X-Api-Key,X-Refresh-Token,X-Tenant-Pin"
+        assert not set(SECRETS) & set(dead.headers)
+        assert dead.headers["Kunde"] == "Müller"  # other headers are kept
+
+        [letter] = await list_dead_letters(
+            client.transport,  # type: ignore[arg-type]
+            settings.dead_letter_stream,
+            conversation="dlq-secret",
+        )
+        shown = _cli(settings, "dlq", "show", str(letter.seq))
+        assert shown.returncode == 0, shown.stderr
+        assert not any(value in shown.stdout for value in SECRETS.values())
+
+        again = await Recorder.start(client.transport, inbox)
+        redriven = _cli(settings, "dlq", "redrive", str(letter.seq))
+        assert redriven.returncode == 0, redriven.stderr
+        assert "without its secret headers Authorization, Cookie, X-Api-Key" in redriven.stdout
+        [back] = await again.wait_count(1)
+        assert not set(SECRETS) & set(back.headers)
+        assert h.DLQ_MASKED not in back.headers
+        second = (await dlq.wait_count(2))[1]  # still not JSON: dead-lettered again, nothing to mask
+        assert h.DLQ_MASKED not in second.headers
+
+
+async def test_a_letter_published_by_hand_is_redriven_without_its_secret_headers(
+    settings: Settings, client: MeshClient
+) -> None:
+    # anyone who may publish on a dead-letter subject can forge a letter for an operator to re-drive
+    forged = {
+        **client.headers("test.ping", 1, "dlq-forged"),
+        h.DLQ_KIND: "handler_error",
+        h.DLQ_AGENT: "forged-target",
+        **SECRETS,
+    }
+    seq = await client.transport.store("mesh.dlq-forged.dlq.forged-target", b"{}", forged)
+    inbox = await Recorder.start(client.transport, "mesh.dlq-forged.agent.forged-target")
+    env = {"MESH_SECRET_HEADERS": "X-Tenant-Pin"}
+    redriven = _cli_env(settings, env, "dlq", "redrive", str(seq))
+    assert redriven.returncode == 0, redriven.stderr
+    [back] = await inbox.wait_count(1)
+    assert not set(SECRETS) & set(back.headers)
+    assert "X-Tenant-Pin" in redriven.stdout
+
+
+def test_redrive_leaves_out_secret_headers_and_says_which() -> None:
+    letter = {h.ID: "m1", h.DLQ_MASKED: "Authorization", "X-Session-Key": "v", "Kunde": "x"}
+    out = redrive_headers(letter, frozenset({"x-session-key"}))
+    assert set(out) == {h.ID, "Kunde", h.NATS_MSG_ID}
+    assert left_out(letter, frozenset({"x-session-key"})) == ("Authorization", "X-Session-Key")
+
+
+def _cli_env(settings: Settings, more: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir), **more})
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *args], env=env, capture_output=True, text=True, timeout=60
+    )

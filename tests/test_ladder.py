@@ -17,12 +17,14 @@ from mesh.runtime.ladder import (
     GiveUp,
     Guard,
     HandlerFailed,
+    Quota,
     Run,
     Settle,
     SettleDirect,
     TimeLimit,
     Work,
 )
+from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.transport import streams
 from mesh.transport.delivery import Later
@@ -257,3 +259,24 @@ async def test_a_direct_failure_is_dead_lettered_and_the_requester_told() -> Non
     await ladder(Work(Told()))
     assert failed == [("internal_error", "ValueError: the check broke")]
     assert (stats.received, stats.in_flight, stats.handled) == (1, 0, 0)
+
+
+async def test_the_quota_lets_a_sender_s_burst_through_then_dead_letters_the_rest() -> None:
+    quota = Quota(returning(None), Quotas(rate=0.001, burst=2))
+    rung, stats, _, _, letters = settle(quota)
+    flood = [Told(headers={h.SENDER: "flood", h.ID: f"f{n}"}) for n in range(3)]
+    for d in flood:
+        await rung(work(d))
+    calm = Told(headers={h.SENDER: "calm", h.ID: "c1"})
+    await rung(work(calm))
+    assert [d.said for d in (*flood, calm)] == [[("ack", None)]] * 4  # handled, or kept as a letter
+    [(kind, reason, _)] = letters.sent
+    assert kind == "rate_limited" and "'flood'" in reason and "MESH_SENDER_RATE" in reason
+    assert (stats.handled, stats.dead_lettered) == (3, 1)
+
+
+async def test_the_quota_counts_whoever_its_key_function_names() -> None:
+    by_subject = Quota(returning(None), Quotas(rate=0.001, burst=1), sender=lambda d: d.subject)
+    await by_subject(work(Told(headers={h.SENDER: "a"})))
+    with pytest.raises(DeliveryError, match="over its quota"):
+        await by_subject(work(Told(headers={h.SENDER: "b"})))  # another claim, the same key

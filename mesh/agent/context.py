@@ -180,15 +180,25 @@ class Context:
     ) -> Sent:
         """Send `msg` to `address` with `lineage` (this handler's, if None): the building
         block of patterns on top of the mesh (joins, approvals). The message gets the next
-        derived id unless `msg_id` is given."""
+        derived id unless `msg_id` is given. Its hop and depth are never below those of the
+        message in hand (`floor`), whatever `lineage` says."""
         return await self._client.emit(
             address,
             msg,
-            lineage or self._lineage,
+            self.floor(lineage or self._lineage),
             content_type,
             msg_id=msg_id or self.next_id(),
             outbox=self._outbox,
         )
+
+    def floor(self, lineage: Lineage) -> Lineage:
+        """`lineage` with its hop and depth raised to at least what this handler received:
+        they count how far work has travelled and how deeply it was delegated, and limit
+        both (MESH_MAX_HOPS, MESH_MAX_DEPTH), so nothing an agent sends may count them back."""
+        hop, depth = self.envelope.hop, self._answer.depth
+        if lineage.hop >= hop and lineage.depth >= depth:
+            return lineage
+        return replace(lineage, hop=max(lineage.hop, hop), depth=max(lineage.depth, depth))
 
     def next_id(self) -> str:
         """The id of the next message this handler sends (stable across redeliveries)."""
@@ -239,7 +249,7 @@ class Context:
         return await self._client.emit(
             address,
             msg,
-            lineage,
+            self.floor(lineage),
             content_type,
             subject=answer.reply_to,
             msg_id=self.next_id(),
@@ -333,7 +343,7 @@ class Context:
 
     async def _emit(self, address: Address, msg: Message, lineage: Lineage, content_type: str) -> Sent:
         return await self._client.emit(
-            address, msg, lineage, content_type, msg_id=self.next_id(), outbox=self._outbox
+            address, msg, self.floor(lineage), content_type, msg_id=self.next_id(), outbox=self._outbox
         )
 
 

@@ -32,6 +32,7 @@ from mesh.runtime.ladder import (
     Count,
     GiveUp,
     Guard,
+    Quota,
     Run,
     Settle,
     SettleDirect,
@@ -40,6 +41,7 @@ from mesh.runtime.ladder import (
     Work,
     cancelled_by_stop,
 )
+from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.transport import streams
 from mesh.transport.delivery import Consumer, Delivery, Later
@@ -127,6 +129,10 @@ class AgentRuntime:
         stored = GiveUp(stored, failures, settings.max_deliver)
         stored = Accept(stored, self._accept)
         stored = Guard(stored, processed, self.agent.name)
+        direct: Take = Accept(run, self._accept)
+        if settings.sender_rate:  # one table for both: a sender's quota is per process
+            quotas = Quotas(settings.sender_rate, settings.sender_burst)
+            stored, direct = Quota(stored, quotas), Quota(direct, quotas)
         stored = Settle(
             stored,
             agent=self.agent.name,
@@ -137,7 +143,7 @@ class AgentRuntime:
             dead_letter=self._dead_letter,
             log=self.log,
         )
-        direct: Take = SettleDirect(Accept(run, self._accept), stats, self._fail_direct, self.log)
+        direct = SettleDirect(direct, stats, self._fail_direct, self.log)
         return Count(stored, stats), Count(direct, stats)
 
     def endpoints(self) -> list[Endpoint]:
@@ -304,7 +310,13 @@ class AgentRuntime:
     async def _on_advisory(self, msg: Any) -> None:
         assert self._failures is not None
         self.stats.dead_lettered += 1
-        await retries.on_max_deliveries(self.transport, self._failures, self.agent.name, msg.data)
+        await retries.on_max_deliveries(
+            self.transport,
+            self._failures,
+            self.agent.name,
+            msg.data,
+            secret_headers=self.settings.secret_header_names,
+        )
 
     async def _keep_alive(self) -> None:
         await retries.keep_alive(self._working, self.settings.ack_wait)
@@ -395,7 +407,13 @@ class AgentRuntime:
         self, msg: Any, kind: str, reason: str, extra: dict[str, str] | None = None
     ) -> bool:
         return await dead_letter(
-            self.transport, agent=self.agent.name, msg=msg, kind=kind, reason=reason, extra=extra
+            self.transport,
+            agent=self.agent.name,
+            msg=msg,
+            kind=kind,
+            reason=reason,
+            extra=extra,
+            secret_headers=self.settings.secret_header_names,
         )
 
     async def _fail_direct(self, msg: Delivery, kind: str, reason: str) -> None:

@@ -28,6 +28,7 @@ from mesh.runtime.discovery import wait_for_agents
 from mesh.transport import cluster
 from mesh.transport import server as srv
 from mesh.wire.errors import MeshError
+from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 
 TICKETS = [
@@ -81,19 +82,19 @@ async def run_demo(
     members = cluster.running(settings) if not settings.nats_url and info is None else None
     if settings.nats_url:
         url = settings.nats_url
-        out(f"using the NATS server at {url}")
+        out(f"using the NATS server at {redact_url(url)}")
     elif info is not None:
         url = info.url
-        out(f"using the running mesh server {url}")
+        out(f"using the running mesh server {redact_url(url)}")
     elif members is not None:
         url = members[0]
-        out(f"using the running mesh cluster {url}")
+        out(f"using the running mesh cluster {redact_url(url)}")
     else:
         owned = srv.EmbeddedServer(srv.server_dir(settings))
         info = owned.start()
         srv.write_state(settings, info)
         url = info.url
-        out(f"started nats-server {url} (JetStream store under {srv.server_dir(settings)})")
+        out(f"started nats-server {redact_url(url)} (JetStream store under {srv.server_dir(settings)})")
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []

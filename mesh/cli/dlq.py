@@ -4,7 +4,9 @@ A dead letter is stored in the dead-letter stream with the original bytes and he
 ``Mesh-Dlq-*`` headers. Re-driving one republishes the original message to the inbox of the
 agent that gave up on it, with a new ``Nats-Msg-Id`` (so stream dedupe lets it in) and
 without its deadline (a person decided it is still worth doing), then removes the dead
-letter.
+letter. Secret headers were left out when the letter was stored (``Mesh-Dlq-Masked`` names
+them); re-driving never brings them back, and drops any a letter carries all the same (one
+published by hand).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mesh.transport.nats import NatsTransport
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError
+from mesh.wire.secrets import is_secret_header
 from mesh.wire.settings import Settings
 
 
@@ -88,10 +91,19 @@ async def get_dead_letter(transport: NatsTransport, stream: str, seq: int) -> An
         raise ConfigError(f"no dead letter {seq} in {stream}: `mesh dlq ls` lists them") from None
 
 
-def redrive_headers(headers: dict[str, str]) -> dict[str, str]:
-    """The original headers back, minus dead-letter bookkeeping and the deadline."""
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    subject: str  # the inbox it went to
+    without: tuple[str, ...]  # secret headers it went without (masked, or dropped now)
+
+
+def redrive_headers(headers: dict[str, str], secret_headers: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The original headers back, minus dead-letter bookkeeping, the deadline and any
+    secret header (`secret_headers`: more names, lower-case, from MESH_SECRET_HEADERS)."""
     out: dict[str, str] = {}
     for name, value in headers.items():
+        if is_secret_header(name, secret_headers):
+            continue
         if name.startswith(h.DLQ_ORIGINAL_PREFIX):
             original = name[len(h.DLQ_ORIGINAL_PREFIX) :]
             if original.lower() != h.NATS_MSG_ID.lower():
@@ -100,6 +112,14 @@ def redrive_headers(headers: dict[str, str]) -> dict[str, str]:
             out[name] = value
     out[h.NATS_MSG_ID] = h.new_id()
     return out
+
+
+def left_out(headers: dict[str, str], secret_headers: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """The secret headers a re-driven letter goes without: those masked when it was stored,
+    and any it carries all the same."""
+    masked = {n.strip() for n in headers.get(h.DLQ_MASKED, "").split(",") if n.strip()}
+    masked.update(n for n in headers if is_secret_header(n, secret_headers))
+    return tuple(sorted(masked))
 
 
 async def continuation(transport: NatsTransport, stream: str, raw: Any) -> Any:
@@ -114,8 +134,16 @@ async def continuation(transport: NatsTransport, stream: str, raw: Any) -> Any:
     raise ConfigError(f"the rest of dead letter {raw.seq} ({h.DLQ_OF}: {letter_id}) is not in {stream}")
 
 
-async def redrive(transport: NatsTransport, stream: str, seq: int, *, keep: bool = False) -> str:
-    """Send dead letter `seq` back to its agent's inbox; the subject it went to."""
+async def redrive(
+    transport: NatsTransport,
+    stream: str,
+    seq: int,
+    *,
+    keep: bool = False,
+    secret_headers: frozenset[str] = frozenset(),
+) -> Redriven:
+    """Send dead letter `seq` back to its agent's inbox, without secret headers: where it
+    went, and which it went without."""
     raw = await get_dead_letter(transport, stream, seq)
     letter = _read(raw)
     if letter.kind == CONTINUATION:
@@ -132,12 +160,13 @@ async def redrive(transport: NatsTransport, stream: str, seq: int, *, keep: bool
         rest = await continuation(transport, stream, raw)
         data = raw.data + rest.data
     target = subjects.Address.inbox(letter.conversation, letter.agent).subject
-    await transport.store(target, data, redrive_headers(dict(raw.headers or {})))
+    headers = dict(raw.headers or {})
+    await transport.store(target, data, redrive_headers(headers, secret_headers))
     if not keep:
         await transport.delete_stored(stream, seq)
         if rest is not None:
             await transport.delete_stored(stream, int(rest.seq))
-    return target
+    return Redriven(target, left_out(headers, secret_headers))
 
 
 # ------------------------------------------------------------------ CLI
@@ -227,9 +256,20 @@ def register(cli: click.Group, settings_fn: Any, run: Any) -> None:
         async def go() -> None:
             transport, settings = await connect()
             try:
-                target = await redrive(transport, settings.dead_letter_stream, seq, keep=keep)
+                done = await redrive(
+                    transport,
+                    settings.dead_letter_stream,
+                    seq,
+                    keep=keep,
+                    secret_headers=settings.secret_header_names,
+                )
             finally:
                 await transport.close()
-            click.echo(f"re-drove dead letter {seq} to {target}")
+            click.echo(f"re-drove dead letter {seq} to {done.subject}")
+            if done.without:
+                click.echo(
+                    f"without its secret headers {', '.join(done.without)}: their values were not kept "
+                    f"in the dead letter; the agent gets the message without them"
+                )
 
         run(go)

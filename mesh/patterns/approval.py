@@ -297,8 +297,14 @@ class ApprovalKeeper:
             },
         )
         reason = f"tool {st.tool!r} waited for approval {st.id} and expired without a decision"
+        secret = ctx.settings.secret_header_names if ctx.settings is not None else frozenset()
         if not await dead_letter(
-            ctx.transport, agent=self.agent.name, msg=parked, kind="approval_expired", reason=reason
+            ctx.transport,
+            agent=self.agent.name,
+            msg=parked,
+            kind="approval_expired",
+            reason=reason,
+            secret_headers=secret,
         ):
             raise RuntimeError("the expired approval's message could not be dead-lettered; retrying")
 

@@ -2,11 +2,14 @@
 
 It is republished on ``mesh.<conversation>.dlq.<agent>`` with its original bytes and
 headers, plus ``Mesh-Dlq-*`` headers giving the reason. The ``MESH_DLQ`` stream stores
-every dead letter; `mesh dlq` lists them and re-drives one to its agent.
+every dead letter; `mesh dlq` lists them and re-drives one to its agent. Secret headers
+(credentials, `MESH_SECRET_HEADERS`: see `mesh.wire.secrets`) are left out, and the letter
+names them in ``Mesh-Dlq-Masked``: whoever reads dead letters does not get credentials.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -17,6 +20,7 @@ from mesh.transport.natsclient import header_bytes
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.messages import Message, message
+from mesh.wire.secrets import without_secrets
 
 log = structlog.get_logger("mesh.runtime.deadletter")
 
@@ -68,11 +72,17 @@ async def dead_letter(
     kind: str,
     reason: str,
     extra: dict[str, str] | None = None,
+    secret_headers: Collection[str] = (),
 ) -> bool:
     """Store `msg` (a delivery: subject, data, headers) on the dead-letter subject with the
-    reason. False if even that failed (the caller must then not acknowledge `msg`)."""
+    reason, without its secret headers (`secret_headers`: more names, lower-case, from
+    MESH_SECRET_HEADERS). False if even that failed (the caller must then not acknowledge
+    `msg`)."""
+    original, masked = without_secrets(msg.headers or {}, secret_headers)
     headers: dict[str, str] = {}
-    for name, value in (msg.headers or {}).items():
+    if masked:
+        headers[h.DLQ_MASKED] = ",".join(masked)
+    for name, value in original.items():
         # Nats-* headers steer JetStream (dedupe, expected stream/sequence, rollup, TTL) and
         # could make the store refuse or drop the dead letter: keep them under another name.
         if name.lower().startswith("nats-"):
@@ -112,7 +122,8 @@ async def dead_letter(
             "dead letter could not be published",
             error=str(exc),
             subject=msg.subject[:200],
-            headers={k: v[:200] for k, v in (msg.headers or {}).items()},
+            headers={k: v[:200] for k, v in original.items()},
+            masked=masked,
             data=msg.data[:4096].hex(),
         )
         return False

@@ -3,8 +3,10 @@
 A rung takes a `Work` (the delivery, and what the rungs below learn about it) and the rung
 below it. The runtime builds two ladders, top rung first:
 
-    stored:  Count > Settle > Guard > Accept > GiveUp > TimeLimit > Run
-    direct:  Count > SettleDirect > Accept > Run
+    stored:  Count > Settle > Quota > Guard > Accept > GiveUp > TimeLimit > Run
+    direct:  Count > SettleDirect > Quota > Accept > Run
+
+(`Quota` only when MESH_SENDER_RATE is not 0.)
 
 `Run` calls the handler (or a join or an approval). The rungs between turn what happened
 into one of a few signals, and `Settle` turns each signal into what the stream is told:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from mesh.agent.context import Context
     from mesh.agent.declaration import Handler
     from mesh.runtime.discovery import Stats
+    from mesh.runtime.quota import Quotas
     from mesh.runtime.retries import Failures
     from mesh.transport.state import StateStore
     from mesh.wire.envelope import Envelope
@@ -245,6 +248,36 @@ class Guard:
         if await self.processed.exists(w.processed_key):
             raise Duplicate
         return await self.below(w)
+
+
+class Quota:
+    """A sender past its quota (MESH_SENDER_RATE, MESH_SENDER_BURST) is dead-lettered as
+    ``rate_limited``, before its message is decoded or looked up. Every delivery counts,
+    redeliveries too: one handed back because its dead letter could not be stored must not
+    get through on its next delivery. Dead-lettered rather than handed back: a hand-back
+    would come again and again, each time taking a slot from the other senders, and a direct
+    message cannot be handed back at all; the letter keeps it, to be re-driven."""
+
+    def __init__(self, below: Take, quotas: Quotas, sender: Callable[[Delivery], str] | None = None) -> None:
+        self.below = below
+        self.quotas = quotas
+        self.sender = sender or claimed_sender  # an authenticated identity, once there is one
+
+    async def __call__(self, w: Work) -> Later | None:
+        sender = self.sender(w.delivery)
+        if not self.quotas.take(sender):
+            q = self.quotas
+            raise DeliveryError(
+                "rate_limited",
+                f"sender {sender or '(none)'!r} is over its quota at this agent: {q.rate:g} messages a "
+                f"second, {q.burst:g} at once (MESH_SENDER_RATE, MESH_SENDER_BURST)",
+            )
+        return await self.below(w)
+
+
+def claimed_sender(d: Delivery) -> str:
+    """Who a delivery says it is from (Mesh-Sender), as a quota's key."""
+    return (d.headers or {}).get(h.SENDER, "")[: h.MAX_NAME]
 
 
 Check = Callable[[Delivery], "tuple[Envelope, Context, Message | None, Handler | None]"]

@@ -8,7 +8,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import structlog
@@ -81,7 +81,14 @@ def history_headers(history: list[dict[str, Any]], deliveries: int) -> dict[str,
     return {h.DLQ_DELIVERIES: str(deliveries), h.DLQ_HISTORY: text}
 
 
-async def on_max_deliveries(transport: Transport, failures: Failures, agent: str, advisory: bytes) -> None:
+async def on_max_deliveries(
+    transport: Transport,
+    failures: Failures,
+    agent: str,
+    advisory: bytes,
+    *,
+    secret_headers: Collection[str] = (),
+) -> None:
     """The server gave up on a message (its last delivery was never acknowledged: the
     handler crashed or hung every time). Copy it to the dead letters, then drop it from
     the agent's work queue."""
@@ -112,6 +119,7 @@ async def on_max_deliveries(transport: Transport, failures: Failures, agent: str
         kind="max_deliveries",
         reason=reason,
         extra=history_headers(history, deliveries),
+        secret_headers=secret_headers,
     ):
         await failures.forget(message_id)
         if stream == streams.INBOX:

@@ -11,7 +11,9 @@ connection to it. Agents run on it unchanged, so their tests need no server:
         ...
 
 It keeps the rules the mesh relies on; it is not a NATS server: one process, nothing kept
-on disk, no cluster, no limits beyond the message size. Test what depends on the server
+on disk, no cluster. A stream's limits (bytes, messages per subject, age) hold as on the
+server, with the sizes counted roughly (subject, headers and body), and ages checked when
+a message is stored. Test what depends on the server
 itself (crashes, restarts, clusters) against a real one (`mesh.testing.nats_server`).
 """
 
@@ -35,7 +37,7 @@ from mesh.transport.state import MemoryState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 from mesh.wire import subjects
 from mesh.wire.envelope import NATS_MSG_ID
-from mesh.wire.errors import ServerError
+from mesh.wire.errors import ServerError, StreamFull
 from mesh.wire.settings import Settings
 
 log = structlog.get_logger("mesh.transport.memory")
@@ -104,6 +106,52 @@ class _Stream:
     messages: dict[int, Stored] = field(default_factory=dict)
     last: int = 0
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # Nats-Msg-Id -> seq, when
+    size: int = 0  # bytes held, counted as `_size` does
+    per_subject: dict[str, int] = field(default_factory=dict)  # messages held per subject
+
+    def add(self, msg: Stored) -> None:
+        self.messages[msg.seq] = msg
+        self.size += _size(msg)
+        self.per_subject[msg.subject] = self.per_subject.get(msg.subject, 0) + 1
+
+    def remove(self, seq: int) -> None:
+        msg = self.messages.pop(seq, None)
+        if msg is None:
+            return
+        self.size -= _size(msg)
+        left = self.per_subject.get(msg.subject, 1) - 1
+        if left:
+            self.per_subject[msg.subject] = left
+        else:
+            self.per_subject.pop(msg.subject, None)
+
+    def make_room(self, subject: str, size: int, now: float) -> None:
+        """Apply the stream's limits before a message of `size` bytes on `subject` is
+        stored: drop what is past its age; then refuse it (StreamFull) or drop the oldest,
+        as the stream's discard policy says."""
+        spec = self.spec
+        if spec.max_age:
+            for seq, msg in list(self.messages.items()):
+                if msg.at >= now - spec.max_age:
+                    break  # in order of arrival
+                self.remove(seq)
+        over_subject = bool(spec.max_msgs_per_subject) and (
+            self.per_subject.get(subject, 0) >= spec.max_msgs_per_subject
+        )
+        over_bytes = bool(spec.max_bytes) and self.size + size > spec.max_bytes
+        if spec.discard_new and (over_subject or over_bytes):
+            what = "messages per subject" if over_subject else "bytes"
+            raise StreamFull(f"{subject!r} was not stored: the stream is full (maximum {what} exceeded)")
+        if over_subject:
+            oldest = next(seq for seq, m in self.messages.items() if m.subject == subject)
+            self.remove(oldest)
+        while spec.max_bytes and self.messages and self.size + size > spec.max_bytes:
+            self.remove(next(iter(self.messages)))
+
+
+def _size(msg: Stored | _Core) -> int:
+    headers = msg.headers or {}
+    return len(msg.subject) + len(msg.data) + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 @dataclass
@@ -162,7 +210,7 @@ class _Delivery:
         st = self._state
         st.forget(self.seq)
         if st.stream.spec.work_queue:
-            st.stream.messages.pop(self.seq, None)
+            st.stream.remove(self.seq)
         st.changed.set()
 
     async def nak(self, delay: float | None = None) -> None:
@@ -279,11 +327,21 @@ class MemoryBus:
             plain.append(members[turn % len(members)])
         return plain
 
-    def route(self, msg: _Core) -> int:
+    def route(self, msg: _Core, *, stored: bool = False) -> int:
+        """Hand `msg` to its subscribers and store it if a stream takes its subject: its
+        sequence, or 0. A full stream raises StreamFull when `stored` (a publish that waits
+        for the stream's answer), else the message is just not kept, as on the server."""
         for sub in self.interested(msg.subject):
             sub.put(msg)
         stream = self.stream_for(msg.subject)
-        return self.keep(stream, msg) if stream is not None else 0
+        if stream is None:
+            return 0
+        try:
+            return self.keep(stream, msg)
+        except StreamFull:
+            if stored:
+                raise
+            return 0
 
     def stream_for(self, subject: str) -> _Stream | None:
         return next(
@@ -302,8 +360,10 @@ class MemoryBus:
             seen = stream.seen.get(msg_id)
             if seen is not None and now - seen[1] < stream.spec.dedupe_window:
                 return seen[0]
+        at = time.time()
+        stream.make_room(msg.subject, _size(msg), at)
         stream.last += 1
-        stream.messages[stream.last] = Stored(msg.subject, msg.data, msg.headers, stream.last, time.time())
+        stream.add(Stored(msg.subject, msg.data, msg.headers, stream.last, at))
         if msg_id:
             stream.seen[msg_id] = (stream.last, now)
         for state in self.consumers.values():
@@ -374,7 +434,11 @@ class MemoryTransport:
             stream = self.bus.stream_for(subject)
             seq = self.bus.route(_Core(subject, data, dict(headers) if headers else None, inbox))
             if stream is not None:  # a stored subject answers with the stream's acknowledgement
-                ack = json.dumps({"stream": stream.spec.name, "seq": seq}).encode()
+                ack = json.dumps(
+                    {"stream": stream.spec.name, "seq": seq}
+                    if seq
+                    else {"error": {"code": 503, "err_code": 10077, "description": "the stream is full"}}
+                ).encode()
                 return _Core(inbox, ack, None)
             return await asyncio.wait_for(answer, timeout)
         finally:
@@ -387,7 +451,7 @@ class MemoryTransport:
             await self.ensure_streams()
         if self.bus.stream_for(subject) is None:
             raise ServerError(f"no stream stored {subject!r}")
-        return self.bus.route(_Core(subject, data, dict(headers) if headers else None))
+        return self.bus.route(_Core(subject, data, dict(headers) if headers else None), stored=True)
 
     def outbox(self) -> Outbox:
         return Waiting(self)  # a store here is done when it returns: nothing to wait for later
@@ -457,7 +521,7 @@ class MemoryTransport:
         return next((m for _, m in sorted(st.messages.items(), reverse=True) if m.subject == subject), None)
 
     async def delete_stored(self, stream: str, seq: int) -> None:
-        self._stream(stream).messages.pop(seq, None)
+        self._stream(stream).remove(seq)
 
     async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
         return self.bus.buckets.setdefault(bucket.name, MemoryState())

@@ -21,6 +21,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -36,7 +37,8 @@ from mesh.transport.server import resolve_url
 from mesh.transport.state import NatsState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 from mesh.wire.envelope import NATS_MSG_ID
-from mesh.wire.errors import PublishError, ServerError, ServerUnavailable
+from mesh.wire.errors import PublishError, ServerError, ServerUnavailable, StreamFull
+from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 
 log = structlog.get_logger("mesh.transport.nats")
@@ -50,6 +52,8 @@ JS_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": 
 JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # "JetStream not enabled for account"
 # a 409: a publish with this Nats-Msg-Id is still being replicated (a leader without a quorum)
 JS_DUPLICATE_IN_PROCESS = 10158  # "duplicate message id is in process"
+JS_STORE_FAILED = 10077  # a 503 "maximum bytes exceeded", "maximum messages per subject exceeded"
+JS_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 
 _NO_LEADER = (
     "The stream has no quorum or no leader: on a cluster, fewer than half of the servers "
@@ -224,6 +228,7 @@ class NatsTransport:
     @classmethod
     async def connect(cls, settings: Settings, name: str, *, url: str | None = None) -> NatsTransport:
         servers = [s.strip() for s in (url or resolve_url(settings)).split(",") if s.strip()]
+        shown = redact_url(", ".join(servers))  # what errors say: no password
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
@@ -233,7 +238,7 @@ class NatsTransport:
                 log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
+            log.info("nats reconnected", url=transport.connected_url if transport is not None else "")
 
         transport: NatsTransport | None = None
 
@@ -262,12 +267,12 @@ class NatsTransport:
             await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
         except TimeoutError:
             raise ServerError(
-                f"no answer from NATS at {', '.join(servers)} within {settings.connect_timeout * 2:.0f}s. "
+                f"no answer from NATS at {shown} within {settings.connect_timeout * 2:.0f}s. "
                 f"Is the server up? Start one with `mesh up`, or fix MESH_NATS_URL"
             ) from None
         except (OSError, ValueError, nats.errors.Error) as exc:
             raise ServerError(
-                f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
+                f"cannot connect to NATS at {shown}: {redact_url(str(exc)) or type(exc).__name__}. "
                 f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
             ) from None
         transport = cls(nc, settings)
@@ -275,8 +280,9 @@ class NatsTransport:
 
     @property
     def connected_url(self) -> str:
+        """The server this connection uses, to show: without a password or token."""
         u = self.nc.connected_url
-        return f"nats://{u.netloc}" if u else ""
+        return redact_url(f"nats://{u.netloc}") if u else ""
 
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
@@ -330,6 +336,13 @@ class NatsTransport:
             except TimeoutError:  # nats-py's, or the wait for the streams
                 why = f"no answer within {timeout:.1f}s. {_NO_LEADER}, or the server is down or overloaded"
             except nats.js.errors.ServiceUnavailableError as exc:
+                if exc.err_code == JS_STORE_FAILED and "maximum" in (exc.description or ""):
+                    raise StreamFull(
+                        f"{subject!r} was not stored: the stream is full ({exc.description}). It holds "
+                        f"what agents have not handled yet, within MESH_STREAM_MAX_BYTES and, per agent "
+                        f"and conversation, MESH_STREAM_MAX_MSGS_PER_SUBJECT: start or scale the agent "
+                        f"it is for, or raise the stream's limits (docs/operations.md#limits)"
+                    ) from None
                 why = f"JetStream answered 503 ({exc.description or 'unavailable'}). {_NO_LEADER}"
             except nats.js.errors.APIError as exc:
                 if exc.err_code != JS_DUPLICATE_IN_PROCESS:
@@ -377,14 +390,20 @@ class NatsTransport:
             num_replicas=settings.replicas,
             max_age=spec.max_age,
             duplicate_window=spec.dedupe_window,
+            max_bytes=spec.max_bytes or -1,
+            max_msgs_per_subject=spec.max_msgs_per_subject or -1,
+            discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
+            discard_new_per_subject=spec.discard_new and spec.max_msgs_per_subject > 0,
         )
         try:
             await self._js.add_stream(config)
         except BadRequestError as exc:
             # 10058: the stream exists with another config (an operator's choice: keep it);
             # 10065: another stream already captures these subjects, so they are stored.
-            if exc.err_code in (10058, 10065):
+            if exc.err_code in (JS_STREAM_NAME_IN_USE, 10065):
                 log.debug("stream kept as configured", stream=spec.name, code=exc.err_code)
+                if exc.err_code == JS_STREAM_NAME_IN_USE:
+                    await self._check_limits(spec)
                 return
             raise
         except nats.errors.NoRespondersError:
@@ -397,6 +416,25 @@ class NatsTransport:
                 f"on a cluster, its servers may be electing a meta leader, or too few are up for a "
                 f"quorum; else the server is overloaded"
             ) from None
+
+    async def _check_limits(self, spec: StreamSpec) -> None:
+        """Say so when a stream that exists has other limits than these settings ask for: it
+        was made by an older version, with other settings, or edited by an operator. It is
+        kept as it is (changing it here could drop stored work, and replicas with different
+        settings would undo each other's changes); the warning says how to change it."""
+        try:
+            info = await self._js.stream_info(spec.name)
+        except Exception as exc:  # only a warning is at stake
+            log.debug("stream limits not checked", stream=spec.name, error=str(exc))
+            return
+        differ = limits_differ(spec, info.config)
+        if differ:
+            log.warning(
+                "stream limits differ from the settings; the stream is kept as it is",
+                stream=spec.name,
+                differ=differ,
+                fix=edit_command(spec),
+            )
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         config = ConsumerConfig(
@@ -479,3 +517,40 @@ class NatsTransport:
         self._closing = True
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+def limits_differ(spec: StreamSpec, config: Any) -> dict[str, str]:
+    """The limits of an existing stream (`config`, a StreamConfig) that are not the ones
+    `spec` asks for: {limit: "has X, settings ask for Y"}."""
+    age = float(config.max_age or 0)  # the server keeps nanoseconds: within a second is the same
+    has: dict[str, object] = {
+        "max_bytes": max(0, int(config.max_bytes or 0)),
+        "max_age": spec.max_age if abs(age - spec.max_age) < 1 else age,
+        "max_msgs_per_subject": max(0, int(config.max_msgs_per_subject or 0)),
+        "discard": str(getattr(config.discard, "value", config.discard) or "old"),
+    }
+    return {
+        name: f"has {_limit(has[name])}, settings ask for {_limit(want)}"
+        for name, want in spec.limits().items()
+        if has[name] != want
+    }
+
+
+def _limit(value: object) -> str:
+    if value in (0, 0.0):
+        return "no limit"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def edit_command(spec: StreamSpec) -> str:
+    """The `nats` CLI command that gives a stream the limits of `spec`."""
+    parts = [
+        f"nats stream edit {spec.name}",
+        f"--max-bytes={spec.max_bytes or -1}",
+        f"--max-age={int(spec.max_age)}s" if spec.max_age else "--max-age=0",
+        f"--max-msgs-per-subject={spec.max_msgs_per_subject or -1}",
+        f"--discard={'new' if spec.discard_new else 'old'}",
+    ]
+    if spec.discard_new and spec.max_msgs_per_subject:
+        parts.append("--discard-per-subject")
+    return " ".join(parts)

@@ -6,10 +6,17 @@ name                   holds                       retention
 ``MESH_INBOX``         ``mesh.*.agent.>``          work queue: gone once its agent acks it
 ``MESH_EVENTS``        ``mesh.*.evt.>``            ``MESH_EVENT_RETENTION`` (7 days)
 ``MESH_TIMERS``        ``mesh.*.timer.*``          work queue: a join's deadline, until it fires
-``MESH_DLQ``           ``mesh.*.dlq.>``            14 days
+``MESH_DLQ``           ``mesh.*.dlq.>``            ``MESH_DLQ_RETENTION`` (14 days)
 KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
 KV ``MESH_STATE``      joins, failure histories    7 days
 =====================  ==========================  ==========================================
+
+Each stream holds at most ``MESH_STREAM_MAX_BYTES``. The work queues (inbox, timers) refuse
+what does not fit, and at most ``MESH_STREAM_MAX_MSGS_PER_SUBJECT`` messages per subject (one
+agent in one conversation): what waits there is work nobody has done yet, so a sender is told
+"full" rather than older work dropped. The history streams (events, dead letters) drop their
+oldest instead: what they keep is mostly handled already, and refusing would stop the mesh's
+events until the oldest aged out.
 
 Each agent has one durable pull consumer on ``MESH_INBOX`` (its inbox), one on
 ``MESH_EVENTS`` filtered to the types it handles (if any) and one on ``MESH_TIMERS`` (if
@@ -38,7 +45,6 @@ TIMERS: Final = "MESH_TIMERS"
 MAX_OPEN_TIMERS: Final = 100_000  # a timer's consumer: deadlines waiting at once, per agent
 PROCESSED: Final = "MESH_PROCESSED"
 STATE: Final = "MESH_STATE"
-DLQ_MAX_AGE: Final = 14 * 86400.0
 STATE_MAX_AGE: Final = 7 * 86400.0
 
 
@@ -49,6 +55,18 @@ class StreamSpec:
     max_age: float  # seconds, 0 = forever
     work_queue: bool = False
     dedupe_window: float = 120.0
+    max_bytes: int = 0  # 0 = no limit
+    max_msgs_per_subject: int = 0  # 0 = no limit
+    discard_new: bool = False  # when full: refuse new messages (True) or drop the oldest
+
+    def limits(self) -> dict[str, object]:
+        """The limits an existing stream is compared on (see `ensure_stream`)."""
+        return {
+            "max_bytes": self.max_bytes,
+            "max_age": self.max_age,
+            "max_msgs_per_subject": self.max_msgs_per_subject,
+            "discard": "new" if self.discard_new else "old",
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +89,29 @@ class ConsumerSpec:
 
 
 def stream_specs(settings: Settings) -> list[StreamSpec]:
-    window = settings.dedupe_window
+    window, size = settings.dedupe_window, settings.stream_max_bytes
+    per_subject = settings.stream_max_msgs_per_subject
+
+    def work_queue(name: str, kind: str) -> StreamSpec:
+        pattern = f"{subjects.ROOT}.*.{kind}.*"
+        return StreamSpec(name, [pattern], 0, True, window, size, per_subject, discard_new=True)
+
     return [
+        work_queue(INBOX, subjects.AGENT),
         StreamSpec(
-            INBOX, [f"{subjects.ROOT}.*.{subjects.AGENT}.*"], 0, work_queue=True, dedupe_window=window
+            EVENTS,
+            [f"{subjects.ROOT}.*.{subjects.EVENT}.>"],
+            settings.event_retention,
+            dedupe_window=window,
+            max_bytes=size,
         ),
+        work_queue(TIMERS, subjects.TIMER),
         StreamSpec(
-            EVENTS, [f"{subjects.ROOT}.*.{subjects.EVENT}.>"], settings.event_retention, dedupe_window=window
+            settings.dead_letter_stream,
+            [subjects.dead_letter_pattern()],
+            settings.dlq_retention,
+            max_bytes=size,
         ),
-        StreamSpec(
-            TIMERS, [f"{subjects.ROOT}.*.{subjects.TIMER}.*"], 0, work_queue=True, dedupe_window=window
-        ),
-        StreamSpec(settings.dead_letter_stream, [subjects.dead_letter_pattern()], DLQ_MAX_AGE),
     ]
 
 

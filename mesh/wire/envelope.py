@@ -51,6 +51,7 @@ DLQ_ID: Final = "Mesh-Dlq-Id"  # a truncated letter's id, which its continuation
 DLQ_OF: Final = "Mesh-Dlq-Of"  # on a continuation: the Mesh-Dlq-Id of its letter
 DLQ_OFFSET: Final = "Mesh-Dlq-Offset"  # on a continuation: where its bytes start in the body
 DLQ_CUT_HEADERS: Final = "Mesh-Dlq-Cut-Headers"  # original headers cut short to make it fit
+DLQ_MASKED: Final = "Mesh-Dlq-Masked"  # secret headers left out of the letter: their names only
 
 _nuid = NUID()
 

@@ -24,6 +24,11 @@ class ServerUnavailable(ServerError):
     answer in time. Trying again later (with the same message id) can succeed."""
 
 
+class StreamFull(ServerError):
+    """A stream refused a message because it reached one of its limits (MESH_STREAM_MAX_BYTES,
+    MESH_STREAM_MAX_MSGS_PER_SUBJECT): not retried, since only its agent taking work frees room."""
+
+
 class PublishError(MeshError):
     """A message was refused before it was sent: the server would not take it (a subject or
     message too large), and sending it would have cost the connection."""

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mesh.wire.errors import ConfigError
+from mesh.wire.secrets import MASK, redact_url
 
 PREFIX = "MESH_"
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an HTTP/NATS header name token
+_SECRET_FIELDS = frozenset({"qdrant_api_key"})  # never echoed in an error
 
 
 def _default_data_dir() -> Path:
@@ -27,6 +31,7 @@ class Settings(BaseModel):
 
     nats_url: str | None = Field(
         default=None,
+        repr=False,  # may carry a password (nats://user:password@host)
         description="NATS server URL(s), comma-separated for a cluster. Unset: use the server "
         "that `mesh up` started under the data dir.",
     )
@@ -142,6 +147,35 @@ class Settings(BaseModel):
     processed_ttl: float = Field(
         default=86400.0, gt=0, description="Seconds a processed message id is remembered."
     )
+    # limits: see docs/operations.md#limits
+    stream_max_bytes: int = Field(
+        default=1 << 30,
+        ge=0,
+        description="Bytes each of MESH_INBOX, MESH_EVENTS, MESH_TIMERS and the dead-letter stream "
+        "may hold (0: no limit). A full inbox or timer stream refuses new messages; a full event or "
+        "dead-letter stream drops its oldest.",
+    )
+    stream_max_msgs_per_subject: int = Field(
+        default=100_000,
+        ge=0,
+        description="Messages waiting on one subject of MESH_INBOX or MESH_TIMERS (one agent, one "
+        "conversation) before the stream refuses more (0: no limit).",
+    )
+    dlq_retention: float = Field(default=14 * 86400.0, gt=0, description="Seconds dead letters are kept.")
+    sender_rate: float = Field(
+        default=1000.0,
+        ge=0,
+        description="Messages a second one agent process takes from one sender (Mesh-Sender); more "
+        "are dead-lettered as rate_limited. 0: no quota.",
+    )
+    sender_burst: int = Field(
+        default=10_000, ge=1, description="Messages one sender may send at once, above the rate."
+    )
+    secret_headers: str = Field(
+        default="",
+        description="Header names, comma-separated, whose values are never stored in a dead letter, "
+        "besides Authorization, cookies and names with token, secret, password or api-key.",
+    )
     # shared memory (docs/memory.md): the agent side, then the memory service's side
     memory_agent: str = Field(default="memory", description="Name of the memory service agent.")
     memory_tenant: str = Field(
@@ -159,7 +193,7 @@ class Settings(BaseModel):
         "(edge) under <data_dir>/memory; qdrant-local: qdrant-client's local mode under the data dir.",
     )
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL for the memory service.")
-    qdrant_api_key: str | None = Field(default=None, description="Qdrant server API key.")
+    qdrant_api_key: str | None = Field(default=None, repr=False, description="Qdrant server API key.")
     qdrant_collection: str = Field(default="mesh_memory", pattern=r"^[A-Za-z0-9_-]+$")
     qdrant_shards: int = Field(default=1, ge=1, description="Qdrant server: shards of a new collection.")
     qdrant_replicas: int = Field(default=1, ge=1, description="Qdrant server: replicas of each shard.")
@@ -180,6 +214,26 @@ class Settings(BaseModel):
         default=1024, ge=64, description="Tokens of working memory kept per conversation before compressing."
     )
     memory_sweep: float = Field(default=60.0, gt=0, description="Seconds between sweeps of expired memories.")
+
+    @field_validator("secret_headers")
+    @classmethod
+    def _header_names(cls, value: str) -> str:
+        for name in (n.strip() for n in value.split(",") if n.strip()):
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a header name: give names such as X-Session-Key, comma-separated"
+                )
+            if name.lower().startswith(("mesh-", "nats-")):
+                raise ValueError(
+                    f"{name!r} is one of the mesh's own headers, which a dead letter needs; "
+                    f"only other headers can be secret"
+                )
+        return value
+
+    @property
+    def secret_header_names(self) -> frozenset[str]:
+        """MESH_SECRET_HEADERS, lower-case."""
+        return frozenset(n.strip().lower() for n in self.secret_headers.split(",") if n.strip())
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -226,7 +280,8 @@ class Settings(BaseModel):
                     problems.append(err["msg"].removeprefix("Value error, "))
                     continue
                 field = str(err["loc"][0])
-                problems.append(f"{PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
+                shown = MASK if field in _SECRET_FIELDS else redact_url(repr(err.get("input")))
+                problems.append(f"{PREFIX}{field.upper()}={shown}: {err['msg']}")
             raise ConfigError("invalid mesh settings: " + "; ".join(problems)) from None
 
     def environ(self) -> dict[str, str]:
