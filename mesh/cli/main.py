@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
+from mesh.transport.auth import Role
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError, MeshError
 from mesh.wire.settings import Settings
@@ -46,13 +47,18 @@ def _command_path(ctx: click.Context) -> str:
     return " ".join(["mesh", *names])
 
 
-def _settings() -> Settings:
-    """Read settings; CLI logs (e.g. connection warnings) go to stderr, never into output."""
+def _settings(role: Role | None = "operator") -> Settings:
+    """Read settings; CLI logs (e.g. connection warnings) go to stderr, never into output.
+
+    On the machine that runs the mesh (`mesh up` under the same data dir), a command without
+    MESH_NATS_CREDS acts with the identity of `role` from the data dir (docs/security.md).
+    """
     from mesh.observability.logs import configure_logging
+    from mesh.transport.identities import with_role
 
     settings = Settings.load()
     configure_logging(settings)
-    return settings
+    return with_role(settings, role) if role is not None else settings
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -108,7 +114,7 @@ def run(spec: str) -> None:
     from mesh.observability.tracing import configure_tracing
     from mesh.wire.envelope import new_id
 
-    settings = _settings()
+    settings = _settings(role=None)  # the agent's own identity: mesh.agent.identity
     agent = load_agent(spec)
     instance = new_id()
     configure_logging(settings, agent=agent.name)

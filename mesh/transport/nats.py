@@ -9,6 +9,7 @@ with ``subject``, ``data``, ``headers`` and ``reply``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
+from mesh.transport.auth import connect_options, redact_url
 from mesh.transport.consumer import PullConsumer
 from mesh.transport.delivery import Consumer, Delivery, Direct
 from mesh.transport.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
@@ -81,6 +83,35 @@ def _unavailable(exc: Any, stream: str) -> ServerError:
         f"JetStream could not create or check stream {stream}: 503, error {code} "
         f"({getattr(exc, 'description', '')})"
     )
+
+
+class _Refused(Exception):
+    """The server refused the connection's credentials (or their absence)."""
+
+
+async def _connect(
+    nc: NatsClient, options: dict[str, Any], refused: asyncio.Future[str], timeout: float
+) -> None:
+    """Connect, failing at once when the server refuses the credentials: nats-py would
+    otherwise try again until the timeout."""
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**options))
+    await asyncio.wait([connecting, refused], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        connecting.result()
+        return
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    if not refused.done():
+        raise TimeoutError
+    with contextlib.suppress(Exception):
+        await nc.close()
+    raise _Refused(refused.result())
+
+
+def _is_refusal(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 class RawMessage(Protocol):
@@ -218,7 +249,13 @@ class NatsTransport:
     async def connect(cls, settings: Settings, name: str, *, url: str | None = None) -> NatsTransport:
         servers = [s.strip() for s in (url or resolve_url(settings)).split(",") if s.strip()]
 
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
         async def on_error(exc: Exception) -> None:
+            if transport is None and _is_refusal(exc):
+                if not refused.done():
+                    refused.set_result(str(exc))
+                return
             log.warning("nats error", error=str(exc))
 
         async def on_disconnect() -> None:
@@ -226,7 +263,7 @@ class NatsTransport:
                 log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
+            log.info("nats reconnected", url=transport.connected_url if transport is not None else "")
 
         transport: NatsTransport | None = None
 
@@ -249,18 +286,28 @@ class NatsTransport:
             "closed_cb": on_closed,
         }
         if settings.nats_creds:
-            options["user_credentials"] = str(settings.nats_creds)
+            options.update(connect_options(settings.nats_creds))
         nc = Client()
+        shown = redact_url(", ".join(servers))
         try:
-            await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
+            await _connect(nc, options, refused, settings.connect_timeout * 2)
+        except _Refused as exc:
+            who = (
+                f"the credentials in {settings.nats_creds}" if settings.nats_creds else "a client without any"
+            )
+            raise ServerError(
+                f"NATS at {shown} refused {who} ({exc}): the server requires authentication. Set "
+                f"MESH_NATS_CREDS to this process's credentials (`mesh creds`), or, on the machine that "
+                f"ran `mesh up`, use the same MESH_DATA_DIR"
+            ) from None
         except TimeoutError:
             raise ServerError(
-                f"no answer from NATS at {', '.join(servers)} within {settings.connect_timeout * 2:.0f}s. "
+                f"no answer from NATS at {shown} within {settings.connect_timeout * 2:.0f}s. "
                 f"Is the server up? Start one with `mesh up`, or fix MESH_NATS_URL"
             ) from None
         except (OSError, ValueError, nats.errors.Error) as exc:
             raise ServerError(
-                f"cannot connect to NATS at {', '.join(servers)}: {str(exc) or type(exc).__name__}. "
+                f"cannot connect to NATS at {shown}: {str(exc) or type(exc).__name__}. "
                 f"Check MESH_NATS_URL (nats://host:port[,nats://host:port]) and MESH_NATS_CREDS"
             ) from None
         transport = cls(nc, settings)
@@ -269,7 +316,7 @@ class NatsTransport:
     @property
     def connected_url(self) -> str:
         u = self.nc.connected_url
-        return f"nats://{u.netloc}" if u else ""
+        return f"nats://{u.hostname}:{u.port}" if u else ""  # never the user part: it may hold a password
 
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
@@ -364,6 +411,23 @@ class NatsTransport:
             duplicate_window=spec.dedupe_window,
         )
         try:
+            # look first: an identity that may not create streams (an agent under auth,
+            # docs/security.md) only checks that they exist
+            await self._js.stream_info(spec.name)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.errors.NoRespondersError:
+            raise ServerError(_NO_JETSTREAM) from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise _unavailable(exc, spec.name) from None
+        except nats.errors.TimeoutError:
+            raise ServerUnavailable(
+                f"JetStream did not answer in time when asked about stream {spec.name}: on a cluster, "
+                f"its servers may be electing a meta leader, or too few are up for a quorum; else the "
+                f"server is overloaded, or this identity may not read it (MESH_NATS_CREDS)"
+            ) from None
+        try:
             await self._js.add_stream(config)
         except BadRequestError as exc:
             # 10058: the stream exists with another config (an operator's choice: keep it);
@@ -384,9 +448,16 @@ class NatsTransport:
             ) from None
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        # One filter goes in the API subject (CONSUMER.CREATE.<stream>.<name>.<filter>), which
+        # the server checks against the request: an agent may create its own consumers only
+        # with its own filter (mesh.transport.auth). Several cannot; an agent under auth finds
+        # that consumer made for it when its identity was issued (`mesh creds`).
+        single = spec.filters[0] if len(spec.filters) == 1 else None
         config = ConsumerConfig(
+            name=spec.name,
             durable_name=spec.name,
-            filter_subjects=spec.filters,
+            filter_subject=single,
+            filter_subjects=None if single else spec.filters,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
             ack_wait=spec.ack_wait,
@@ -394,7 +465,22 @@ class NatsTransport:
             max_ack_pending=spec.max_ack_pending,
             max_waiting=512,
         )
+        if single is None and await self._consumer_is(spec):
+            return
         await self._js.add_consumer(spec.stream, config)
+
+    async def _consumer_is(self, spec: ConsumerSpec) -> bool:
+        """Whether the consumer exists as `spec` describes it."""
+        try:
+            c = (await self._js.consumer_info(spec.stream, spec.name)).config
+        except nats.js.errors.NotFoundError:
+            return False
+        return (
+            sorted(c.filter_subjects or [c.filter_subject or ">"]) == sorted(spec.filters)
+            and c.ack_wait == spec.ack_wait
+            and c.max_deliver == spec.max_deliver
+            and c.max_ack_pending == spec.max_ack_pending
+        )
 
     async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> PullConsumer:
         consumer = PullConsumer(self.nc, spec.stream, spec.name, handler, capacity=capacity)
