@@ -161,8 +161,8 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
     """A person's or a tool's permissions:
 
     - ``operator``: everything (streams, dead letters, approvals, `mesh up`, `mesh dlq`);
-    - ``publisher``: start work (`mesh publish`, your programs): send to inboxes, direct
-      lines and events, ask discovery and read consumer state; no timers (approval
+    - ``publisher``: start work and watch it (`mesh publish`, your programs): send to
+      inboxes, direct lines and events, and what an observer may; no timers (approval
       decisions and join deadlines), no dead letters, no state;
     - ``observer``: watch (`mesh tap`, `mesh agents`): every mesh subject but dead letters,
       discovery, consumer state; publishes nothing on the mesh.
@@ -179,7 +179,10 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
             f"{_MESH}.*.{subjects.DIRECT}.*",
             f"{_MESH}.*.{subjects.EVENT}.>",
         ]
-        return Permissions(tuple(publish), (replies,))
+        # and watch what it started (`mesh publish --wait-for`), as an observer does
+        return Permissions(
+            tuple(publish), (replies, f"{_MESH}.>"), subscribe_deny=(subjects.dead_letter_pattern(),)
+        )
     if role == "observer":
         return Permissions(
             (*_reads(settings), *consumer_reads),
