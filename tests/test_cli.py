@@ -167,3 +167,40 @@ def test_up_refuses_when_a_nats_url_is_configured(tmp_path: Path) -> None:
     result = _run("up", env={"MESH_DATA_DIR": str(tmp_path), "MESH_NATS_URL": "nats://127.0.0.1:1"})
     assert result.returncode == 2
     assert "unset MESH_NATS_URL" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_requires_authentication_by_default_and_insecure_says_it_does_not(tmp_path: Path) -> None:
+    """`mesh up` starts the server with authentication on: a client without credentials is
+    refused, while commands on this data dir act with the operator role. `--insecure` turns
+    it off and prints a warning."""
+    import asyncio
+
+    from mesh.transport.nats import NatsTransport
+    from mesh.transport.server import running
+    from mesh.wire.errors import ServerError
+
+    env = {"MESH_DATA_DIR": str(tmp_path / "secure")}
+    up = _run("up", "--detach", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "authentication on" in up.stdout and "WARNING" not in up.stderr
+        info = running(Settings.load(environ=env))
+        assert info is not None and info.auth
+        anonymous = Settings.load(environ={}, nats_url=info.url, connect_timeout=1.0)
+        with pytest.raises(ServerError, match="refused a client without any"):
+            asyncio.run(NatsTransport.connect(anonymous, "anonymous"))
+        agents = _run("agents", env=env)  # the operator role, from the data dir
+        assert agents.returncode == 0, agents.stderr
+    finally:
+        _run("down", env=env)
+
+    env = {"MESH_DATA_DIR": str(tmp_path / "insecure")}
+    up = _run("up", "--insecure", "--detach", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "WARNING: --insecure: the server requires no authentication" in up.stderr
+        info = running(Settings.load(environ=env))
+        assert info is not None and not info.auth
+    finally:
+        _run("down", env=env)

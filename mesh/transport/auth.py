@@ -365,10 +365,14 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?::[^@/\s]*)?@", re.IGNORECASE)
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?P<password>:[^@/\s]*)?@", re.I)
 
 
 def redact_url(url: str) -> str:
-    """A URL (or comma-separated URLs) as it may be logged or shown: a password or token in
-    the user part becomes ``***``; the user name is kept."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}{':***' if m['user'] else '***'}@", url)
+    """A URL (or comma-separated URLs) as it may be logged or shown: a password becomes
+    ``***`` (the user name is kept), and so does a token (a user part without a password)."""
+
+    def hide(m: re.Match[str]) -> str:
+        return f"{m['scheme']}{m['user']}:***@" if m["password"] else f"{m['scheme']}***@"
+
+    return _USERINFO.sub(hide, url)
