@@ -438,3 +438,41 @@ def test_the_connected_url_never_shows_the_user_part() -> None:
     fake = SimpleNamespace(connected_url=urlparse("nats://ada:s3cret@10.0.0.7:4222"), jetstream=lambda: None)
     transport = NatsTransport(fake, Settings.load(environ={}))  # type: ignore[arg-type]
     assert transport.connected_url == "nats://10.0.0.7:4222"
+
+
+async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: Secure) -> None:
+    """Rotation: revoking an identity and reloading closes its open connections, and its
+    key is refused from then on."""
+    ghost = Agent("ghost")
+
+    @ghost.handler
+    async def on_ping(ping: Ping) -> None:
+        return None
+
+    with secure.keyring.locked():
+        secure.keyring.issue_agent(grant_of(ghost), secure.base)
+    assert secure.server.info is not None
+    reload(secure.server.info)
+    creds = secure.as_identity("agent:ghost")
+    saved = creds.nats_creds.read_bytes()  # type: ignore[union-attr]
+    cut = asyncio.Event()
+
+    async def on_closed() -> None:
+        cut.set()
+
+    nc = NatsClient()
+    await nc.connect(
+        secure.server.url, allow_reconnect=False, closed_cb=on_closed, **connect_options(creds.nats_creds)
+    )  # type: ignore[arg-type]
+    try:
+        with secure.keyring.locked():
+            assert secure.keyring.revoke("agent:ghost")
+        reload(secure.server.info)
+        async with asyncio.timeout(10):
+            await cut.wait()  # the server closed the connection at the reload
+    finally:
+        await nc.close()
+    creds.nats_creds.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+    creds.nats_creds.write_bytes(saved)  # type: ignore[union-attr]
+    with pytest.raises(ServerError, match="refused the credentials"):
+        await NatsTransport.connect(creds, "ghost")

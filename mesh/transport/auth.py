@@ -248,9 +248,9 @@ class User:
 
 @dataclass
 class Keyring:
-    """Seeds and users under one directory: ``agents/<name>.creds``, ``roles/<role>.creds``
-    (mode 0600), ``users.json`` (who the server admits, with what) and ``auth.conf`` (the
-    same, as the server reads it)."""
+    """Seeds and users under one directory: ``agents/<name>/<name>.creds`` and
+    ``roles/<role>/<role>.creds`` (mode 0600), ``users.json`` (who the server admits, with
+    what) and ``auth.conf`` (the same, as the server reads it)."""
 
     directory: Path
     _users: dict[str, User] = field(default_factory=dict)
@@ -261,7 +261,8 @@ class Keyring:
 
     def creds_path(self, identity: str) -> Path:
         kind, name = identity.split(":", 1)
-        return self.directory / ("agents" if kind == "agent" else "roles") / f"{name}.creds"
+        # a directory each, so a container can be given its own and no other (a volume subpath)
+        return self.directory / ("agents" if kind == "agent" else "roles") / name / f"{name}.creds"
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Keyring]:

@@ -411,10 +411,13 @@ class NatsTransport:
             duplicate_window=spec.dedupe_window,
         )
         try:
-            # look first: an identity that may not create streams (an agent under auth,
-            # docs/security.md) only checks that they exist
-            await self._js.stream_info(spec.name)
-            return
+            # With credentials, look first: an identity that may not create streams (an agent
+            # under auth, docs/security.md) only checks that they exist. Without, create at
+            # once: on a cluster without a meta leader that is refused quickly and says so,
+            # where a look would wait for its timeout.
+            if settings.nats_creds is not None:
+                await self._js.stream_info(spec.name)
+                return
         except nats.js.errors.NotFoundError:
             pass
         except nats.errors.NoRespondersError:
@@ -548,5 +551,7 @@ class NatsTransport:
 
     async def close(self) -> None:
         self._closing = True
-        if not self.nc.is_closed:
+        if self.nc.is_reconnecting or self.nc.is_connecting:
+            await self.nc.close()  # nothing to drain while the server is gone
+        elif not self.nc.is_closed:
             await self.nc.drain()
