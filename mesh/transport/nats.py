@@ -144,6 +144,11 @@ class Transport(Protocol):
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
 
+    def new_inbox(self) -> str:
+        """A fresh reply subject in this connection's own inbox space (an identity may
+        subscribe only under its own prefix: mesh.transport.auth)."""
+        ...
+
     async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
         """Subscribe for deliveries (core NATS: at most once), as the runtime takes them."""
         ...
@@ -327,6 +332,9 @@ class NatsTransport:
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription:
         sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
         return sub
+
+    def new_inbox(self) -> str:
+        return str(self.nc.new_inbox())
 
     async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
         async def deliver(msg: Any) -> None:
