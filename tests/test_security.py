@@ -476,3 +476,17 @@ async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: Secure) -> No
     creds.nats_creds.write_bytes(saved)  # type: ignore[union-attr]
     with pytest.raises(ServerError, match="refused the credentials"):
         await NatsTransport.connect(creds, "ghost")
+
+
+async def test_a_refused_durable_send_fails_at_once_with_the_reason(secure: Secure) -> None:
+    """An agent that sends where it may not (another agent's timers) is told why, after the
+    first attempt, instead of retrying as if the stream were down."""
+    from mesh.wire.errors import PublishError
+
+    transport = await NatsTransport.connect(secure.as_identity("agent:mallory"), "mallory")
+    try:
+        with pytest.raises(PublishError, match="permissions violation"):
+            await transport.store("mesh.c1.timer.vault", b"{}")
+        assert transport.publish_retries == 0
+    finally:
+        await transport.close()

@@ -146,7 +146,7 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
     from mesh.runtime.discovery import backlog, discover
     from mesh.transport.nats import NatsTransport
 
-    settings = _settings()
+    settings = _settings("observer")
 
     async def go() -> None:
         transport = await NatsTransport.connect(settings, "mesh-cli")
@@ -222,7 +222,7 @@ def publish(
     from mesh.agent.loader import import_types
     from mesh.wire.targets import parse_target, validate_body
 
-    settings = _settings()
+    settings = _settings("publisher")
     import_types(",".join(filter(None, [settings.types, types_])))
     address, mtype = parse_target(target, type_name, conversation)
     message = validate_body(body, mtype)
@@ -308,7 +308,7 @@ def tap_cmd(
     from mesh.transport.nats import NatsTransport
     from mesh.wire.subjects import check_pattern, conversation_pattern
 
-    settings = _settings()
+    settings = _settings("observer")
     subject = conversation_pattern(conversation) if conversation else check_pattern(pattern)
 
     async def go() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -107,6 +108,9 @@ async def _connect(
     with contextlib.suppress(Exception):
         await nc.close()
     raise _Refused(refused.result())
+
+
+_DENIED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
 
 
 def _is_refusal(exc: Exception) -> bool:
@@ -224,6 +228,7 @@ class NatsTransport:
         self.closed = asyncio.Event()  # set when the connection is closed for good
         self._closing = False
         self.publish_retries = 0  # durable publishes sent again (see `store`)
+        self.refused: set[str] = set()  # subjects the server refused this identity (lower case)
 
     @property
     def max_payload(self) -> int:
@@ -261,6 +266,9 @@ class NatsTransport:
                 if not refused.done():
                     refused.set_result(str(exc))
                 return
+            denied = _DENIED_PUBLISH.search(str(exc))
+            if transport is not None and denied:
+                transport.refused.add(denied.group(1).lower())
             log.warning("nats error", error=str(exc))
 
         async def on_disconnect() -> None:
@@ -376,6 +384,12 @@ class NatsTransport:
                 ensured = False  # no leader, or no stream at all: check the streams first next time
                 why = f"no stream leader answered. {_NO_LEADER}"
             except TimeoutError:  # nats-py's, or the wait for the streams
+                if subject.lower() in self.refused:
+                    raise PublishError(
+                        f"the server refused to let this identity publish to {subject!r} (permissions "
+                        f"violation): agents and the publisher role may send to inboxes, direct lines and "
+                        f"events, approval decisions need the operator; see docs/security.md"
+                    ) from None
                 why = f"no answer within {timeout:.1f}s. {_NO_LEADER}, or the server is down or overloaded"
             except nats.js.errors.ServiceUnavailableError as exc:
                 why = f"JetStream answered 503 ({exc.description or 'unavailable'}). {_NO_LEADER}"
