@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -22,16 +21,14 @@ from nats.aio.client import Client as NatsClient
 
 from mesh import Agent, Context, Message, message
 from mesh.agent.identity import grant_of
-from mesh.cli.server import create_streams
 from mesh.join import all_of
 from mesh.patterns.approval import ApprovalDecision
 from mesh.runtime.client import MeshClient
-from mesh.testing import Recorder, running_agent
+from mesh.testing import Recorder, SecureServer, running_agent, secure_nats_server
 from mesh.transport import streams
-from mesh.transport.auth import Keyring, connect_options, creds_text, new_seed, redact_url
-from mesh.transport.identities import as_role, embedded_server, reload
+from mesh.transport.auth import connect_options, creds_text, new_seed, redact_url
+from mesh.transport.identities import reload
 from mesh.transport.nats import NatsTransport
-from mesh.transport.server import EmbeddedServer
 from mesh.wire import subjects
 from mesh.wire.errors import ServerError
 from mesh.wire.settings import Settings
@@ -72,47 +69,19 @@ async def on_pong(pong: Pong) -> None:
     return None
 
 
-@dataclass
-class Secure:
-    server: EmbeddedServer
-    keyring: Keyring
-    base: Settings
-
-    def as_identity(self, identity: str) -> Settings:
-        return self.base.model_copy(update={"nats_creds": self.keyring.creds_path(identity)})
-
-
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
-    root = tmp_path_factory.mktemp("secure")
-    base = Settings.load(
-        environ={}, data_dir=root / "data", trace_exporter="none", log_level="warning", connect_timeout=2.0
-    )
-    server = embedded_server(base)  # as `mesh up` starts it: authentication on
-    server.start()
-    try:
-        assert server.auth is not None and server.info is not None
-        keyring = Keyring(server.auth)
-        with keyring.locked():
-            keyring.issue_agent(grant_of(vault), base)
-            keyring.issue_agent(grant_of(mallory), base)
-        reload(server.info)
-        base = base.model_copy(update={"nats_url": server.url})
-        operator = as_role(base, server, "operator")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServer]:
+    """A server as `mesh up` starts it (authentication on), with vault and mallory issued
+    from their declarations and vault's consumers made, as a deployment does."""
+    settings = Settings.load(environ={}, trace_exporter="none", log_level="warning", connect_timeout=2.0)
+    with secure_nats_server(tmp_path_factory.mktemp("secure"), settings) as mesh:
 
         async def prepare() -> None:
-            await create_streams(operator, server.url, buckets=True)
-            transport = await NatsTransport.connect(operator, "setup")
-            try:  # the victim's consumers, as its first start makes them
-                for spec in streams.agent_consumer_specs(vault, operator):
-                    await transport.ensure_consumer(spec)
-            finally:
-                await transport.close()
+            await mesh.agent(vault)
+            await mesh.agent(mallory)
 
         asyncio.run(prepare())
-        yield Secure(server, keyring, base)
-    finally:
-        server.stop()
+        yield mesh
 
 
 class Probe:
@@ -164,12 +133,12 @@ async def _count_refusals(
 
 
 async def test_a_client_without_credentials_or_with_an_unknown_key_cannot_connect(
-    secure: Secure, tmp_path: Path
+    secure: SecureServer, tmp_path: Path
 ) -> None:
     stranger = tmp_path / "stranger.creds"
     stranger.write_text(creds_text(new_seed()))
     connected = 0
-    for settings in (secure.base, secure.base.model_copy(update={"nats_creds": stranger})):
+    for settings in (secure.settings, secure.settings.model_copy(update={"nats_creds": stranger})):
         try:
             transport = await NatsTransport.connect(settings, "intruder")
         except ServerError as exc:
@@ -180,23 +149,25 @@ async def test_a_client_without_credentials_or_with_an_unknown_key_cannot_connec
     nc = NatsClient()  # a plain client is refused the same way
     try:
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-            await nc.connect(secure.server.url, allow_reconnect=False, max_reconnect_attempts=0)
+            await nc.connect(secure.url, allow_reconnect=False, max_reconnect_attempts=0)
     finally:
         if nc._transport is not None:  # nats-py leaves the refused socket open
             nc._transport.close()
     assert connected == 0
 
 
-async def test_a_compromised_agent_is_refused_everything_outside_its_declaration(secure: Secure) -> None:
+async def test_a_compromised_agent_is_refused_everything_outside_its_declaration(
+    secure: SecureServer,
+) -> None:
     """mallory holds valid credentials. Each attempt is refused by the server; then the
     operator checks that nothing changed: vault's queued work is still there, the streams,
     consumers and state are intact."""
     conv = "sec-attack"
-    publisher = await MeshClient.connect(secure.as_identity("role:publisher"), "helpdesk")
+    publisher = await MeshClient.connect(secure.identity("role:publisher"), "helpdesk")
     await publisher.send("vault", Ping(text="for vault only"), conversation=conv)  # vault is not running
     await publisher.close()
 
-    probe = await Probe.connect(secure.server.url, secure.keyring.creds_path("agent:mallory"))
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
     nc = probe.nc
     pull = json.dumps({"batch": 10, "expires": 1_000_000_000}).encode()
     mine = nc.new_inbox()
@@ -321,25 +292,27 @@ async def test_a_compromised_agent_is_refused_everything_outside_its_declaration
     assert succeeded == []
 
     # nothing changed: checked by the operator
-    operator = await NatsTransport.connect(secure.as_identity("role:operator"), "auditor")
+    operator = await NatsTransport.connect(secure.identity("role:operator"), "auditor")
     try:
         info = await operator.consumer_info(streams.INBOX, "vault")
         assert info.num_pending >= 1  # vault's work is still waiting for vault
         assert info.config.filter_subject == subjects.inbox_pattern("vault")
-        state = await operator.state(streams.bucket_specs(secure.base)[1], secure.base)
+        state = await operator.state(streams.bucket_specs(secure.settings)[1], secure.settings)
         assert await state.get("joins.vault.j1") is None
         assert await state.get("failures.vault.m1") is None
-        for spec in streams.stream_specs(secure.base):
+        for spec in streams.stream_specs(secure.settings):
             await operator._js.stream_info(spec.name)  # still there
-        assert "mallory" not in await operator.consumers(streams.INBOX)
-        dlq = await operator._js.stream_info(secure.base.dead_letter_stream)
+        inbox = await operator.consumers(streams.INBOX)
+        assert inbox["mallory"] == [subjects.inbox_pattern("mallory")]  # its own, unchanged
+        assert inbox["vault"] == [subjects.inbox_pattern("vault")]
+        dlq = await operator._js.stream_info(secure.settings.dead_letter_stream)
         assert dlq.state.messages == 0  # no forged dead letter
     finally:
         await operator.close()
 
 
-async def test_the_publisher_role_cannot_decide_approvals_nor_read_dead_letters(secure: Secure) -> None:
-    probe = await Probe.connect(secure.server.url, secure.keyring.creds_path("role:publisher"))
+async def test_the_publisher_role_cannot_decide_approvals_nor_read_dead_letters(secure: SecureServer) -> None:
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("role:publisher"))
     nc = probe.nc
     mine = nc.new_inbox()
     decision = json.dumps({"approval": "a1", "approved": True, "by": "someone"}).encode()
@@ -400,11 +373,11 @@ async def test_an_approval_decision_sent_to_an_inbox_is_refused_by_the_agent() -
     assert ApprovalDecision in keeper.takes  # taken, but only from the timer subject
 
 
-async def test_a_declared_flow_works_with_every_party_on_its_own_identity(secure: Secure) -> None:
+async def test_a_declared_flow_works_with_every_party_on_its_own_identity(secure: SecureServer) -> None:
     """The publisher asks vault over its direct line and sends to its inbox; vault, on its own
     identity, answers both: the reply to the requester's own inbox, the other as an event."""
-    async with running_agent(vault, secure.as_identity("agent:vault")):
-        publisher = await MeshClient.connect(secure.as_identity("role:publisher"), "helpdesk")
+    async with running_agent(vault, secure.identity("agent:vault")):
+        publisher = await MeshClient.connect(secure.identity("role:publisher"), "helpdesk")
         try:
             pong = await publisher.request("vault", Ping(text="hello"), Pong, timeout=10)
             assert pong == Pong(text="hello", by="vault")
@@ -440,7 +413,7 @@ def test_the_connected_url_never_shows_the_user_part() -> None:
     assert transport.connected_url == "nats://10.0.0.7:4222"
 
 
-async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: Secure) -> None:
+async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: SecureServer) -> None:
     """Rotation: revoking an identity and reloading closes its open connections, and its
     key is refused from then on."""
     ghost = Agent("ghost")
@@ -450,10 +423,10 @@ async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: Secure) -> No
         return None
 
     with secure.keyring.locked():
-        secure.keyring.issue_agent(grant_of(ghost), secure.base)
+        secure.keyring.issue_agent(grant_of(ghost), secure.settings)
     assert secure.server.info is not None
     reload(secure.server.info)
-    creds = secure.as_identity("agent:ghost")
+    creds = secure.identity("agent:ghost")
     saved = creds.nats_creds.read_bytes()  # type: ignore[union-attr]
     cut = asyncio.Event()
 
@@ -462,7 +435,7 @@ async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: Secure) -> No
 
     nc = NatsClient()
     await nc.connect(
-        secure.server.url, allow_reconnect=False, closed_cb=on_closed, **connect_options(creds.nats_creds)
+        secure.url, allow_reconnect=False, closed_cb=on_closed, **connect_options(creds.nats_creds)
     )  # type: ignore[arg-type]
     try:
         with secure.keyring.locked():
@@ -478,12 +451,12 @@ async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: Secure) -> No
         await NatsTransport.connect(creds, "ghost")
 
 
-async def test_a_refused_durable_send_fails_at_once_with_the_reason(secure: Secure) -> None:
+async def test_a_refused_durable_send_fails_at_once_with_the_reason(secure: SecureServer) -> None:
     """An agent that sends where it may not (another agent's timers) is told why, after the
     first attempt, instead of retrying as if the stream were down."""
     from mesh.wire.errors import PublishError
 
-    transport = await NatsTransport.connect(secure.as_identity("agent:mallory"), "mallory")
+    transport = await NatsTransport.connect(secure.identity("agent:mallory"), "mallory")
     try:
         with pytest.raises(PublishError, match="permissions violation"):
             await transport.store("mesh.c1.timer.vault", b"{}")
