@@ -463,3 +463,14 @@ async def test_a_refused_durable_send_fails_at_once_with_the_reason(secure: Secu
         assert transport.publish_retries == 0
     finally:
         await transport.close()
+
+
+def test_a_password_in_the_url_is_not_shown_by_mesh_up(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mesh.cli.main import cli
+
+    env = {"MESH_DATA_DIR": str(tmp_path), "MESH_NATS_URL": "nats://ada:s3cret@127.0.0.1:1"}
+    result = CliRunner().invoke(cli, ["up"], env=env)
+    said = result.output + str(result.exception)  # main() prints a ConfigError; here it is raised
+    assert "nats://ada:***@127.0.0.1:1" in said and "s3cret" not in said

@@ -28,6 +28,7 @@ from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
 from mesh.transport import cluster
 from mesh.transport import server as srv
+from mesh.transport.auth import redact_url
 from mesh.transport.identities import as_role, embedded_server, with_role
 from mesh.wire.errors import MeshError
 from mesh.wire.settings import Settings
@@ -83,7 +84,7 @@ async def run_demo(
     members = cluster.running(settings) if not settings.nats_url and info is None else None
     if settings.nats_url:
         url = settings.nats_url
-        out(f"using the NATS server at {url}")
+        out(f"using the NATS server at {redact_url(url)}")
     elif info is not None:
         url = info.url
         out(f"using the running mesh server {url}")

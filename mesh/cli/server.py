@@ -13,6 +13,7 @@ import click
 
 from mesh.transport import cluster as cl
 from mesh.transport import server as srv
+from mesh.transport.auth import redact_url
 from mesh.transport.identities import as_role, embedded_server
 from mesh.transport.nats import NatsTransport
 from mesh.transport.streams import bucket_specs
@@ -79,8 +80,8 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
             )
         if settings.nats_url:
             raise ConfigError(
-                f"MESH_NATS_URL is set ({settings.nats_url}), so mesh commands use that server, not one "
-                f"`mesh up` would start: unset MESH_NATS_URL to use the embedded server"
+                f"MESH_NATS_URL is set ({redact_url(settings.nats_url)}), so mesh commands use that server, "
+                f"not one `mesh up` would start: unset MESH_NATS_URL to use the embedded server"
             )
         info, members = srv.running(settings), cl.running(settings)
         if info is not None:
