@@ -474,3 +474,32 @@ def test_a_password_in_the_url_is_not_shown_by_mesh_up(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["up"], env=env)
     said = result.output + str(result.exception)  # main() prints a ConfigError; here it is raised
     assert "nats://ada:***@127.0.0.1:1" in said and "s3cret" not in said
+
+
+async def test_an_agent_cannot_widen_its_events_consumer_and_is_told_how_to_fix_it(
+    secure: SecureServer,
+) -> None:
+    """An events consumer with several filters cannot be named in the API subject, so an
+    agent may not create or change it: the operator makes it from the declaration, and an
+    agent started with other consumer settings is told what to do."""
+    multi = Agent("multi")
+
+    @multi.handler
+    async def both(msg: Ping | Pong) -> None:
+        return None
+
+    mine = await secure.agent(multi)  # the operator made its consumers
+    transport = await NatsTransport.connect(mine, "multi")
+    try:
+        (events,) = [s for s in streams.agent_consumer_specs(multi, mine) if s.stream == streams.EVENTS]
+        await transport.ensure_consumer(events)  # as made: nothing to change
+        other = streams.consumer_specs(
+            "multi", ["sec.ping", "sec.pong"], mine.model_copy(update={"ack_wait": 7.0})
+        )
+        with pytest.raises(ServerError, match="may not create or change consumer multi on MESH_EVENTS"):
+            await transport.ensure_consumer(other[1])
+        wider = streams.ConsumerSpec(streams.EVENTS, "multi", ["mesh.*.evt.>"])
+        with pytest.raises(ServerError, match="may not create or change"):
+            await transport.ensure_consumer(wider)
+    finally:
+        await transport.close()

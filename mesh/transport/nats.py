@@ -492,7 +492,17 @@ class NatsTransport:
         )
         if single is None and await self._consumer_is(spec):
             return
-        await self._js.add_consumer(spec.stream, config)
+        try:
+            await self._js.add_consumer(spec.stream, config)
+        except nats.errors.TimeoutError:
+            if not any(s.startswith(f"$js.api.consumer.create.{spec.stream.lower()}.") for s in self.refused):
+                raise
+            raise ServerError(
+                f"this identity may not create or change consumer {spec.name} on {spec.stream} with filters "
+                f"{', '.join(spec.filters)}: an agent creates only consumers with its own single filter. "
+                f"Give the agent the MESH_ACK_WAIT, MESH_MAX_DELIVER and MESH_MAX_ACK_PENDING the consumer "
+                f"has, or have the operator make it (remove it, then `mesh agents add`)"
+            ) from None
 
     async def _consumer_is(self, spec: ConsumerSpec) -> bool:
         """Whether the consumer exists as `spec` describes it."""
