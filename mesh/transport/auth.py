@@ -327,8 +327,13 @@ class Keyring:
         return gone
 
     def _put(self, user: User) -> bool:
-        if self._users.get(user.identity) == user:
-            return False
+        known = self._users.get(user.identity)
+        if (
+            known is not None
+            and known.nkey == user.nkey
+            and known.permissions.config() == user.permissions.config()
+        ):
+            return False  # the same (compared as written: sorted, without repeats)
         self._users[user.identity] = user
         self._write()
         return True

@@ -45,6 +45,8 @@ log = structlog.get_logger("mesh.transport.nats")
 ACK_TIMEOUT = 5.0  # seconds one attempt of a durable publish waits for the stream's ack
 RETRY_DELAY = 0.1  # seconds before the first retry of a durable publish; doubles, ±20 %
 RETRY_DELAY_MAX = 2.0
+REFUSED_ATTEMPTS = 3  # connects refused for the credentials before giving up (a reload may race)
+REFUSED_DELAY = 0.25
 
 # JetStream API error codes (nats-server's errors.json)
 JS_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
@@ -303,7 +305,18 @@ class NatsTransport:
         nc = Client()
         shown = redact_url(", ".join(servers))
         try:
-            await _connect(nc, options, refused, settings.connect_timeout * 2)
+            for attempt in range(REFUSED_ATTEMPTS):
+                try:
+                    await _connect(nc, options, refused, settings.connect_timeout * 2)
+                    break
+                except _Refused:
+                    # a connection that arrives while the server reloads its users can be
+                    # refused though its key is valid: try again shortly, a few times
+                    if attempt == REFUSED_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(REFUSED_DELAY)
+                    nc = Client()
+                    refused = asyncio.get_running_loop().create_future()
         except _Refused as exc:
             who = (
                 f"the credentials in {settings.nats_creds}" if settings.nats_creds else "a client without any"
