@@ -503,3 +503,24 @@ async def test_an_agent_cannot_widen_its_events_consumer_and_is_told_how_to_fix_
             await transport.ensure_consumer(wider)
     finally:
         await transport.close()
+
+
+def test_permissions_come_from_the_declaration_and_an_unchanged_one_needs_no_reload(tmp_path: Path) -> None:
+    from mesh.transport.auth import Keyring
+
+    grant = grant_of(vault)
+    assert grant.name == "vault" and grant.events == ("sec.ping",) and grant.joins and not grant.approvals
+    settings = Settings.load(environ={}, data_dir=tmp_path)
+    ring = Keyring(tmp_path / "auth")
+    with ring.locked():
+        assert ring.issue_agent(grant, settings)
+    with ring.locked():  # read back from users.json, as another process would
+        assert not ring.issue_agent(grant, settings)
+        (user,) = ring.users
+    perms = user.permissions
+    assert ">" not in perms.publish and ">" not in perms.subscribe
+    assert set(perms.subscribe) >= {"mesh.*.direct.vault", f"_INBOX.{user.nkey}.>"}
+    assert not any("mesh.*.agent" in s or s.startswith("mesh.>") for s in perms.subscribe)
+    assert "$JS.API.CONSUMER.CREATE.MESH_EVENTS.vault.mesh.*.evt.sec.ping" in perms.publish
+    assert "mesh.*.timer.vault" in perms.publish and "mesh.*.timer.*" not in perms.publish
+    assert (tmp_path / "auth" / "agents" / "vault" / "vault.creds").stat().st_mode & 0o077 == 0
