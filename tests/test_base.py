@@ -67,6 +67,17 @@ async def test_a_request_gets_its_typed_answer(settings: Settings, connect: Conn
         assert (pong.text, pong.n) == ("q", 7)
 
 
+async def test_a_request_made_while_the_replica_is_starting_is_answered(
+    settings: Settings, connect: Connect
+) -> None:
+    client = MeshClient(await connect("client"), "client")
+    asking = asyncio.create_task(client.request("base-echo", Ping(text="early", n=1), Pong, timeout=10))
+    await asyncio.sleep(0.12)  # the first ask finds nobody; the agent comes up meanwhile
+    async with running_agent(echo, settings, transport=await connect("echo")):
+        pong = await asking
+    assert pong.text == "early"
+
+
 async def test_a_chain_of_handoffs_answers_the_first_sender(settings: Settings, connect: Connect) -> None:
     client = MeshClient(await connect("client"), "client")
     async with AsyncExitStack() as stack:

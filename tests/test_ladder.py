@@ -28,7 +28,7 @@ from mesh.transport import streams
 from mesh.transport.delivery import Later
 from mesh.transport.state import MemoryState
 from mesh.wire import envelope as h
-from mesh.wire.errors import DeliveryError, Reject
+from mesh.wire.errors import DeliveryError, Reject, ServerUnavailable
 from mesh.wire.settings import Settings
 
 SETTINGS = Settings.load(environ={}, max_deliver=3, retry_backoff=0.5, retry_backoff_max=4.0)
@@ -114,6 +114,42 @@ async def test_handled_work_is_marked_processed_then_acknowledged() -> None:
     assert d.said == [("ack", None)]
     assert await processed.exists(streams.processed_key("a", "m1"))
     assert (stats.handled, letters.sent) == (1, [])
+
+
+class Unstorable:
+    """An outbox whose sends the stream never acknowledges."""
+
+    unstored = False
+    closed = False
+
+    async def flush(self) -> None:
+        raise ServerUnavailable("'mesh.c1.agent.b' was not stored after 3 attempt(s)")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Sending:
+    def __init__(self) -> None:
+        self.outbox = Unstorable()
+
+    async def flush(self) -> None:
+        await self.outbox.flush()
+
+
+async def test_a_run_whose_sends_cannot_be_stored_fails_and_is_retried_unacknowledged() -> None:
+    async def handler(*args: Any) -> None:
+        return None
+
+    rung, stats, processed, _, _ = settle(TimeLimit(Run(handler), 5))
+    d = Told()
+    w = work(d)
+    w.ctx = ctx = Sending()  # type: ignore[assignment]
+    await rung(w)
+    [(what, _)] = d.said
+    assert what == "nak" and (stats.handled, stats.retried) == (0, 1)
+    assert "was not stored" in stats.last_error and ctx.outbox.closed
+    assert not await processed.exists(streams.processed_key("a", "m1"))
 
 
 async def test_work_not_due_yet_is_handed_back_for_its_delay() -> None:

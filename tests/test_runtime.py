@@ -464,3 +464,45 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
         await client.send("victim", Ping(text="still here"), durable=False)
         await asyncio.wait_for(got.wait(), 10)
     await dlq.stop()
+
+
+@pytest.fixture
+def acks_lost_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first acknowledgement of each stored message is lost: the server delivers the
+    message again, as after a broker crash, after the handler ran to the end."""
+    from mesh.transport.consumer import Stored
+
+    lost: set[str] = set()
+    real = Stored.ack
+
+    async def ack(self: Stored) -> None:
+        if self.origin not in lost:
+            lost.add(self.origin)
+            await self.nak()
+            return
+        await real(self)
+
+    monkeypatch.setattr(Stored, "ack", ack)
+
+
+async def test_a_handled_message_delivered_again_is_acknowledged_without_running_it(
+    settings: Settings, client: MeshClient, acks_lost_once: None
+) -> None:
+    """Whatever it sent (an event here, stored; an answer to a requester, not stored), its
+    processed record stops a second run; and what it sent was stored before the record."""
+    reply_to = Address.reply("again-2", "t").subject
+    async with running_agent(echo, settings) as runtime:
+        tap = await Recorder.start(client.transport, "mesh.*.>")
+        acks = await Recorder.start(client.transport, "$JS.ACK.MESH_INBOX.echo.>")
+        await client.send("echo", Ping(text="again", n=1), conversation="again-1")
+        await client.send("echo", Ping(text="again", n=2), conversation="again-2", reply_to=reply_to)
+        await acks.wait_count(4)  # each: the lost acknowledgement, then the one that counts
+        stats = runtime.stats
+    js = client.transport.nc.jetstream()  # type: ignore[attr-defined]
+    info = await js.stream_info("MESH_EVENTS", subjects_filter="mesh.again-1.evt.test.pong")
+    assert info.state.subjects == {"mesh.again-1.evt.test.pong": 1}
+    answers = [
+        m.subject for m in tap.messages if m.subject.startswith("mesh.again-") and ".agent." not in m.subject
+    ]
+    assert sorted(answers) == ["mesh.again-1.evt.test.pong", reply_to]  # one run each
+    assert (stats.handled, stats.duplicates) == (2, 2)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mesh.patterns.fanin import JoinKeeper
     from mesh.patterns.toolloop import ToolRun
     from mesh.transport.nats import Transport
+    from mesh.transport.outbox import Outbox
     from mesh.wire.settings import Settings
 
 R = TypeVar("R", bound=Message)
@@ -42,6 +43,7 @@ class Context:
         "_client",
         "_joins",
         "_lineage",
+        "_outbox",
         "_sent",
         "agent",
         "approvals",
@@ -73,6 +75,7 @@ class Context:
         tools: Toolbox | None = None,
         permissions: frozenset[str] = frozenset(),
         approvals: ApprovalKeeper | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.envelope = envelope
         self.tools = tools if tools is not None else Toolbox()  # what this agent's model may call
@@ -88,6 +91,7 @@ class Context:
         self.gathered: tuple[str, ...] = ()  # traceparents of what a join gathered
         self._client = client
         self._joins = joins
+        self._outbox = outbox  # the runtime's: stored sends acknowledged together (flush)
         self._answer = answer or Answer(
             reply_to=envelope.reply_to,
             join=envelope.join,
@@ -152,6 +156,19 @@ class Context:
     def transport(self) -> Transport:
         return self._client.transport
 
+    @property
+    def outbox(self) -> Outbox | None:
+        """Where this handler's stored sends wait for their acknowledgements (None: each
+        send waits for its own)."""
+        return self._outbox
+
+    async def flush(self) -> None:
+        """Wait until everything this handler has sent so far is stored. The runtime does
+        this when the handler returns, before it acknowledges the message; call it where
+        the handler must know earlier (before an external effect that relies on it)."""
+        if self._outbox is not None:
+            await self._outbox.flush()
+
     async def emit(
         self,
         address: Address,
@@ -165,7 +182,12 @@ class Context:
         block of patterns on top of the mesh (joins, approvals). The message gets the next
         derived id unless `msg_id` is given."""
         return await self._client.emit(
-            address, msg, lineage or self._lineage, content_type, msg_id=msg_id or self.next_id()
+            address,
+            msg,
+            lineage or self._lineage,
+            content_type,
+            msg_id=msg_id or self.next_id(),
+            outbox=self._outbox,
         )
 
     def next_id(self) -> str:
@@ -215,7 +237,13 @@ class Context:
         # an answer owes nothing further: no reply target, no join obligation
         lineage = replace(self._onward(()), reply_to="", join="", answer=answer.join)
         return await self._client.emit(
-            address, msg, lineage, content_type, subject=answer.reply_to, msg_id=self.next_id()
+            address,
+            msg,
+            lineage,
+            content_type,
+            subject=answer.reply_to,
+            msg_id=self.next_id(),
+            outbox=self._outbox,
         )
 
     async def request(
@@ -304,7 +332,9 @@ class Context:
         self._lineage = replace(self._lineage, gathers=ids)
 
     async def _emit(self, address: Address, msg: Message, lineage: Lineage, content_type: str) -> Sent:
-        return await self._client.emit(address, msg, lineage, content_type, msg_id=self.next_id())
+        return await self._client.emit(
+            address, msg, lineage, content_type, msg_id=self.next_id(), outbox=self._outbox
+        )
 
 
 def _address(conversation: str, agent: str, durable: bool) -> Address:

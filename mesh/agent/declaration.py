@@ -29,6 +29,7 @@ from mesh.wire.messages import Message, MessageType, type_of
 
 if TYPE_CHECKING:
     from mesh.middleware.base import Middleware
+    from mesh.middleware.publish import PublishMiddleware
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 T = TypeVar("T", bound=Message)
@@ -59,6 +60,7 @@ class Agent:
         version: str = "0.1.0",
         concurrency: int | None = None,
         middleware: Sequence[Middleware] = (),
+        publish_middleware: Sequence[PublishMiddleware] = (),
         permissions: Sequence[str] = (),
     ) -> None:
         self.name = subjects.agent_name(name)
@@ -68,7 +70,8 @@ class Agent:
         self.description = description
         self.version = version
         self.concurrency = concurrency
-        self.middleware = tuple(middleware)
+        self.middleware = tuple(middleware)  # around each handler, after the mesh's own
+        self.publish_middleware = tuple(publish_middleware)  # on each send, after the mesh's own
         self._handlers: dict[tuple[str, int], Handler] = {}
         self._latest: dict[str, Handler] = {}
         self.joins: dict[str, Join[Any]] = {}

@@ -19,7 +19,7 @@ from mesh.join import Gathered, Join
 from mesh.llm import LLM, llm_scope, make_llm
 from mesh.middleware.base import chain
 from mesh.observability.logs import log_context
-from mesh.observability.tracing import extract_context, tracing
+from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
 from mesh.patterns.fanin import JoinKeeper, JoinState
 from mesh.runtime import retries
@@ -44,6 +44,7 @@ from mesh.runtime.retries import Failures
 from mesh.transport import streams
 from mesh.transport.delivery import Consumer, Delivery, Later
 from mesh.transport.nats import Subscription, Transport
+from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
 from mesh.wire import subjects
 from mesh.wire.codec import Codec, default_codec
@@ -89,7 +90,12 @@ class AgentRuntime:
         self.codec = codec
         self.instance = instance or new_id()
         self.llm = llm or make_llm(settings)
-        self.client = MeshClient(transport, sender=agent.name, codec=codec)
+        self.client = MeshClient(
+            transport,
+            sender=agent.name,
+            codec=codec,
+            publish_middleware=(inject_trace, *agent.publish_middleware),
+        )
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency
@@ -339,7 +345,11 @@ class AgentRuntime:
         message = self.codec.decode(d.data, handler.mtype.cls, env.content_type)
         return env, ctx, message, handler
 
-    def _context(self, env: Envelope, attempt: int, answer: Answer | None = None) -> Context:
+    def _context(
+        self, env: Envelope, attempt: int, answer: Answer | None = None, outbox: Outbox | None = None
+    ) -> Context:
+        """The context of one run; its stored sends go through one outbox (a join's completion
+        shares the outbox of the answer that completes it)."""
         return Context(
             env,
             self.client,
@@ -354,6 +364,7 @@ class AgentRuntime:
             tools=self.agent.tools,
             permissions=self.agent.permissions,
             approvals=self._approvals,
+            outbox=outbox if outbox is not None else self.transport.outbox(),
         )
 
     async def _run(
@@ -375,7 +386,7 @@ class AgentRuntime:
 
     async def _complete(self, join: Join[Any], gathered: Gathered[Any], ctx: Context, st: JoinState) -> None:
         """Run a join's completion handler; its answer goes where the fan-out's message wanted."""
-        done = self._context(ctx.envelope, ctx.attempt, st.answer())
+        done = self._context(ctx.envelope, ctx.attempt, st.answer(), ctx.outbox)
         parts = [st.parts[b] for b in st.order]
         done.completing(join.name, tuple(p.message_id for p in parts), tuple(p.traceparent for p in parts))
         await self._join_calls[join.name](done, gathered)  # type: ignore[arg-type]

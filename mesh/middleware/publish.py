@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-STORE = "store"  # JetStream: the stream acknowledges it
-PUBLISH = "publish"  # core NATS, at most once
-REQUEST = "request"  # core NATS, and the first answer comes back
+if TYPE_CHECKING:
+    from mesh.transport.outbox import Outbox
 
 Kind = Literal["store", "publish", "request"]
+
+STORE: Kind = "store"  # JetStream: the stream acknowledges it
+PUBLISH: Kind = "publish"  # core NATS, at most once
+REQUEST: Kind = "request"  # core NATS, and the first answer comes back
 
 
 @dataclass(slots=True)
@@ -38,6 +41,9 @@ class Outgoing:
     headers: dict[str, str]
     kind: Kind
     timeout: float = 0.0  # a request's
+    # a store made by a handler: published at once, acknowledged when the runtime flushes
+    # the run's outbox (mesh.transport.outbox); None: acknowledged before the send returns
+    outbox: Outbox | None = None
 
 
 Send = Callable[[Outgoing], Awaitable[Any]]

@@ -37,6 +37,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh.middleware.base import Call
+from mesh.middleware.publish import Outgoing, Send
 from mesh.observability.spans import (
     TRACER_NAME,
     AsReadable,
@@ -271,6 +272,17 @@ def tracing(call_next: Call) -> Call:
             span.end()
 
     return call
+
+
+def inject_trace(call_next: Send) -> Send:
+    """Publish middleware: the current span's context goes out in the W3C ``traceparent``
+    (and ``tracestate``) headers, so whoever handles the message continues the trace."""
+
+    async def send(out: Outgoing) -> Any:
+        _propagator.inject(out.headers)
+        return await call_next(out)
+
+    return send
 
 
 def render_spans(spans: list[dict[str, Any]]) -> str:

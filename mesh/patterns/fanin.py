@@ -259,6 +259,9 @@ class JoinKeeper:
             return "handled"
         gathered = self._gathered(join, st, jid)
         await self.run_completion(join, gathered, ctx, st)
+        # the completion's sends must be stored before the join is marked done: a redelivery
+        # of this message after a crash finds a done join and would not send them again
+        await ctx.flush()
         await self._finish(key)
         return "handled"
 

@@ -7,16 +7,19 @@ current trace context on each message.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec.structs import replace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMiddleware, chain_publish
+from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
 from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import JSON, Codec, default_codec
@@ -25,8 +28,11 @@ from mesh.wire.messages import Message, type_of
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address, conversation_id
 
-_propagator = TraceContextTextMapPropagator()
 R = TypeVar("R", bound=Message)
+
+
+NO_RESPONDERS_WAIT = 1.0  # seconds a request asks again while nobody answers its subject
+NO_RESPONDERS_PAUSE = 0.05
 
 
 class Sent(msgspec.Struct, frozen=True):
@@ -67,12 +73,36 @@ class Answer(msgspec.Struct, frozen=True):
 
 
 class MeshClient:
-    """Publishes typed messages as `sender`."""
+    """Publishes typed messages as `sender`.
 
-    def __init__(self, transport: Transport, sender: str, codec: Codec = default_codec) -> None:
+    Every message it sends goes through `publish_middleware` (mesh.middleware.publish) on
+    its way to the transport; the default stamps the current trace context on it.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        sender: str,
+        codec: Codec = default_codec,
+        *,
+        publish_middleware: Sequence[PublishMiddleware] = (inject_trace,),
+    ) -> None:
         self.transport = transport
         self.sender = sender
         self.codec = codec
+        self._send = chain_publish(self._deliver, publish_middleware)
+
+    async def _deliver(self, out: Outgoing) -> Any:
+        """The end of the publish chain: the transport (for a store in a handler, its run's
+        outbox, which the runtime flushes before acknowledging what the handler handled)."""
+        if out.kind == STORE:
+            if out.outbox is not None:
+                return await out.outbox.store(out.subject, out.data, out.headers)
+            return await self.transport.store(out.subject, out.data, out.headers)
+        if out.kind == REQUEST:
+            return await self.transport.request(out.subject, out.data, out.timeout, headers=out.headers)
+        await self.transport.publish(out.subject, out.data, out.headers)
+        return None
 
     @classmethod
     async def connect(cls, settings: Settings, sender: str, *, url: str | None = None) -> MeshClient:
@@ -161,16 +191,26 @@ class MeshClient:
         mtype = type_of(type(msg))
         headers = self.headers(mtype.name, mtype.version, conv, lineage, content_type)
         subject = Address.direct(conv, agent).subject
-        try:
-            answer = await self.transport.request(
-                subject, self.codec.encode(msg, content_type), timeout, headers=headers
-            )
-        except TimeoutError:
-            raise RequestError(f"no answer from agent {agent!r} within {timeout:g}s ({subject})") from None
-        except Exception as exc:
-            if type(exc).__name__ == "NoRespondersError":
-                raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
-            raise
+        data = self.codec.encode(msg, content_type)
+        loop = asyncio.get_running_loop()
+        started, pause = loop.time(), NO_RESPONDERS_PAUSE
+        while True:
+            try:
+                answer = await self._send(Outgoing(subject, data, dict(headers), REQUEST, timeout))
+                break
+            except TimeoutError:
+                late = f"no answer from agent {agent!r} within {timeout:g}s ({subject})"
+                raise RequestError(late) from None
+            except Exception as exc:
+                if type(exc).__name__ != "NoRespondersError":
+                    raise
+                # a replica restarting, or one whose subscription the server has not yet
+                # matched: ask again for a moment before saying nobody is there
+                waited = loop.time() - started
+                if waited + pause > min(timeout, NO_RESPONDERS_WAIT):
+                    raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
+                await asyncio.sleep(pause)
+                pause *= 2
         got = (answer.headers or {}).get(h.TYPE, "")
         if got == "mesh.delivery_failed":
             try:
@@ -205,11 +245,13 @@ class MeshClient:
         reply_to: str = "",
         subject: str | None = None,
         msg_id: str | None = None,
+        outbox: Outbox | None = None,
     ) -> Sent:
         """Publish to an address (or a raw reply `subject`), with full headers.
 
-        Inboxes and events are stored (JetStream acknowledges before this returns); direct
-        lines and replies to requesters are plain publishes.
+        Inboxes and events are stored: JetStream acknowledges before this returns, or, given
+        an `outbox` (a handler's), by the time the outbox is flushed. Direct lines and replies
+        to requesters are plain publishes.
         """
         mtype = type_of(type(msg))
         data = self.codec.encode(msg, content_type)
@@ -222,10 +264,8 @@ class MeshClient:
         else:
             parsed = subjects.parse(subject)
             kind = parsed.kind if parsed is not None else subjects.REPLY
-        if kind in (subjects.AGENT, subjects.EVENT, subjects.TIMER):
-            await self.transport.store(target, data, headers)
-        else:
-            await self.transport.publish(target, data, headers)
+        stored = kind in (subjects.AGENT, subjects.EVENT, subjects.TIMER)
+        await self._send(Outgoing(target, data, headers, STORE if stored else PUBLISH, outbox=outbox))
         return Sent(id=headers[h.ID], conversation=address.conversation, subject=target)
 
     def headers(
@@ -264,7 +304,6 @@ class MeshClient:
             headers[h.DEPTH] = str(lineage.depth)
         if lineage.gathers:
             headers[h.GATHERS] = ",".join(lineage.gathers)
-        _propagator.inject(headers)
         return headers
 
 

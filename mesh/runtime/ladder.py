@@ -315,14 +315,28 @@ RunFn = Callable[["Envelope", "Context", "Message | None", "Handler | None"], Aw
 
 
 class Run:
-    """The bottom rung: the handler, a join or an approval."""
+    """The bottom rung: the handler, a join or an approval; then the wait for everything
+    it stored (its sends are published without waiting for each acknowledgement), so the
+    rungs above settle the delivery only once what it sent is safe. If that wait fails, the
+    run fails: the delivery is retried and the re-run's sends, with the same derived ids,
+    are dropped where the first run's were stored."""
 
     def __init__(self, run: RunFn) -> None:
         self.run = run
 
     async def __call__(self, w: Work) -> Later | None:
-        assert w.env is not None and w.ctx is not None
-        outcome = await self.run(w.env, w.ctx, w.message, w.handler)
+        ctx = w.ctx
+        assert w.env is not None and ctx is not None
+        try:
+            try:
+                outcome = await self.run(w.env, ctx, w.message, w.handler)
+            except DeliveryError:
+                await ctx.flush()  # what it sent before it gave up, before the dead letter's ack
+                raise
+            await ctx.flush()
+        finally:
+            if ctx.outbox is not None:
+                ctx.outbox.close()  # a failed run's sends are not waited for
         return outcome if isinstance(outcome, Later) else None
 
 

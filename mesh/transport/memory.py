@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from mesh.transport.delivery import Delivery, Direct
+from mesh.transport.outbox import Outbox, Waiting
 from mesh.transport.state import MemoryState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
 from mesh.wire import subjects
@@ -390,6 +391,9 @@ class MemoryTransport:
         if self.bus.stream_for(subject) is None:
             raise ServerError(f"no stream stored {subject!r}")
         return self.bus.route(_Core(subject, data, dict(headers) if headers else None))
+
+    def outbox(self) -> Outbox:
+        return Waiting(self)  # a store here is done when it returns: nothing to wait for later
 
     async def ensure_streams(self) -> None:
         for spec in stream_specs(self.settings):

@@ -1,9 +1,10 @@
 """The bus behind a Protocol, and its NATS implementation.
 
-Everything above the bus talks to `Transport` (and to `mesh.transport.state.StateStore` for shared
-state); nats-py is used only here and in the modules beside it: `natsclient` (the client
-itself), `consumer` (pulls), `state` and `kvbatch` (KV buckets). A delivery is anything
-with ``subject``, ``data``, ``headers`` and ``reply``.
+Everything above the bus talks to `Transport` (and to `mesh.transport.state.StateStore` for
+shared state); nats-py is used only here and in the modules beside it: `natsclient` (the
+client itself), `consumer` (pulls), `outbox` (stores acknowledged together), `state` and
+`kvbatch` (KV buckets). A delivery is anything with ``subject``, ``data``, ``headers`` and
+``reply``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mesh.transport.auth import connect_options, redact_url
 from mesh.transport.consumer import PullConsumer
 from mesh.transport.delivery import Consumer, Delivery, Direct
 from mesh.transport.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
+from mesh.transport.outbox import Acks, Outbox, Pipelined
 from mesh.transport.server import resolve_url
 from mesh.transport.state import NatsState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
@@ -169,6 +171,10 @@ class Transport(Protocol):
         """Publish and wait until a stream has stored the message; its stream sequence."""
         ...
 
+    def outbox(self) -> Outbox:
+        """Stores for one handler run: published at once, acknowledged together (`flush`)."""
+        ...
+
     async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
         """Create the stream if absent (ServerError when the server has no JetStream,
         ServerUnavailable when a cluster has no meta leader)."""
@@ -231,6 +237,7 @@ class NatsTransport:
         self._closing = False
         self.publish_retries = 0  # durable publishes sent again (see `store`)
         self.refused: set[str] = set()  # subjects the server refused this identity (lower case)
+        self._acks = Acks(nc)  # acknowledgements of stores no one waits for yet (outbox)
 
     @property
     def max_payload(self) -> int:
@@ -428,6 +435,14 @@ class NatsTransport:
             )
             delay = min(RETRY_DELAY_MAX, RETRY_DELAY * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
             await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+
+    def outbox(self) -> Outbox:
+        return Pipelined(self, self._acks)
+
+    @property
+    def streams_ready(self) -> bool:
+        """Whether this connection made sure the mesh's streams exist (`ensure_streams`)."""
+        return self._streams_ready
 
     async def ensure_streams(self) -> None:
         """Create every mesh stream that is missing (agents and `mesh up` call this)."""

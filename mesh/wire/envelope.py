@@ -5,7 +5,6 @@ See docs/protocol.md for the contract other languages follow.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 import time
@@ -234,13 +233,35 @@ def _int(h: dict[str, str], name: str) -> int | None:
         raise DeliveryError("bad_header", f"header {name}: {show(raw)} is not an integer") from None
 
 
+_B32: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_B32_PAIRS: Final = tuple(a + b for a in _B32 for b in _B32)  # 10 bits -> two characters
+
+
 def derive_id(parent: str, agent: str, n: int) -> str:
     """The id of the n-th message `agent` sends while handling `parent`: the same on every
     redelivery, so a re-run handler's messages are dropped by the stream's dedupe."""
     digest = hashlib.blake2b(f"{parent}/{agent}/{n}".encode(errors="surrogatepass"), digest_size=16).digest()
-    # base32: 26 characters of A-Z and 2-7, so an id never starts with '-' (which a command
-    # line would take for an option) and is one token of a subject or a KV key
-    return base64.b32encode(digest)[:26].decode()
+    # base32 (RFC 4648, unpadded: 26 characters of A-Z and 2-7), so an id never starts with
+    # '-' (which a command line would take for an option) and is one token of a subject or a
+    # KV key. The 128 bits and two zero bits, ten at a time: base64.b32encode's loop in
+    # Python took 5 µs of every send, this 1.5
+    b = int.from_bytes(digest, "big") << 2
+    t = _B32_PAIRS
+    return (
+        t[b >> 120]
+        + t[(b >> 110) & 1023]
+        + t[(b >> 100) & 1023]
+        + t[(b >> 90) & 1023]
+        + t[(b >> 80) & 1023]
+        + t[(b >> 70) & 1023]
+        + t[(b >> 60) & 1023]
+        + t[(b >> 50) & 1023]
+        + t[(b >> 40) & 1023]
+        + t[(b >> 30) & 1023]
+        + t[(b >> 20) & 1023]
+        + t[(b >> 10) & 1023]
+        + t[b & 1023]
+    )
 
 
 def now_ns() -> int:
