@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 mesh \
     && useradd --system --uid 10001 --gid mesh --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin mesh \
-    && install -d -o mesh -g mesh -m 0750 /data
+    && install -d -o mesh -g mesh -m 0750 /data \
+    && install -d -o mesh -g mesh -m 0700 /auth
 
 # Only what the package build needs (README.md is the package's long description).
 WORKDIR /src

@@ -6,6 +6,9 @@ on `MemoryBus`, the bus in memory, where a test needs no server.
         settings = Settings.load(environ={}, nats_url=server.url, data_dir=tmp_path)
         async with running_agent(agent, settings) as runtime:
             ...
+
+`secure_nats_server` starts one that requires authentication, as `mesh up` does, to test an
+agent on its own identity and permissions.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from typing import Any
 
 from mesh.agent import launch
 from mesh.agent.declaration import Agent
+from mesh.agent.identity import grant_of
 from mesh.agent.launch import stop_process as stop_process  # re-exported for tests
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
+from mesh.transport.auth import Keyring, Role
 from mesh.transport.cluster import EmbeddedCluster
+from mesh.transport.identities import embedded_server, reload
 from mesh.transport.memory import MemoryBus as MemoryBus  # re-exported: agents on a bus in memory
 from mesh.transport.nats import NatsTransport, Subscription, Transport
 from mesh.transport.server import EmbeddedServer
+from mesh.transport.streams import agent_consumer_specs, bucket_specs
 from mesh.wire.settings import Settings
 
 
@@ -36,6 +43,72 @@ def nats_server(directory: Path) -> Iterator[EmbeddedServer]:
     server.start()
     try:
         yield server
+    finally:
+        server.stop()
+
+
+class SecureServer:
+    """A nats-server that requires authentication, as `mesh up` starts it, with its keyring:
+    `agent` issues an agent's identity from its declaration, `role` a role's; both give the
+    settings to connect with. See `secure_nats_server`."""
+
+    def __init__(self, server: EmbeddedServer, settings: Settings) -> None:
+        assert server.auth is not None and server.info is not None
+        self.server = server
+        self.keyring = Keyring(server.auth)
+        self.settings = settings.model_copy(update={"nats_url": server.url})  # no credentials
+        self._prepared = False
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def role(self, role: Role) -> Settings:
+        """Settings that connect as `role` (operator, publisher, observer)."""
+        return self.settings.model_copy(update={"nats_creds": self.keyring.creds_path(f"role:{role}")})
+
+    def identity(self, identity: str) -> Settings:
+        """Settings that connect as an identity already issued (``agent:NAME``, ``role:ROLE``)."""
+        return self.settings.model_copy(update={"nats_creds": self.keyring.creds_path(identity)})
+
+    async def agent(self, agent: Agent) -> Settings:
+        """Issue `agent`'s identity from its declaration (the server reloads), create the
+        streams, buckets and its consumers as the operator, as a deployment does; the
+        settings it connects with."""
+        with self.keyring.locked():
+            changed = self.keyring.issue_agent(grant_of(agent), self.settings)
+        if changed:
+            reload(self.server.info)  # type: ignore[arg-type]
+        operator = self.role("operator")
+        transport = await NatsTransport.connect(operator, "mesh-testing")
+        try:
+            if not self._prepared:
+                await transport.ensure_streams()
+                for bucket in bucket_specs(operator):
+                    await transport.state(bucket, operator)
+                self._prepared = True
+            for spec in agent_consumer_specs(agent, operator):
+                await transport.ensure_consumer(spec)
+        finally:
+            await transport.close()
+        return self.identity(f"agent:{agent.name}")
+
+
+@contextmanager
+def secure_nats_server(directory: Path, settings: Settings | None = None) -> Iterator[SecureServer]:
+    """A real nats-server on a free loopback port that admits only the identities of its
+    keyring (under ``directory``), with the roles issued; stopped afterwards.
+
+        with secure_nats_server(tmp_path) as mesh:
+            async with running_agent(agent, await mesh.agent(agent)):
+                client = await MeshClient.connect(mesh.role("publisher"), "test")
+    """
+    base = settings or Settings.load(environ={}, trace_exporter="none", connect_timeout=2.0)
+    base = base.model_copy(update={"data_dir": Path(directory)})
+    server = embedded_server(base)
+    server.start()
+    try:
+        yield SecureServer(server, base)
     finally:
         server.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -167,3 +168,88 @@ def test_up_refuses_when_a_nats_url_is_configured(tmp_path: Path) -> None:
     result = _run("up", env={"MESH_DATA_DIR": str(tmp_path), "MESH_NATS_URL": "nats://127.0.0.1:1"})
     assert result.returncode == 2
     assert "unset MESH_NATS_URL" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_requires_authentication_by_default_and_insecure_says_it_does_not(tmp_path: Path) -> None:
+    """`mesh up` starts the server with authentication on: a client without credentials is
+    refused, while commands on this data dir act with the operator role. `--insecure` turns
+    it off and prints a warning."""
+    import asyncio
+
+    from mesh.transport.nats import NatsTransport
+    from mesh.transport.server import running
+    from mesh.wire.errors import ServerError
+
+    env = {"MESH_DATA_DIR": str(tmp_path / "secure")}
+    up = _run("up", "--detach", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "authentication on" in up.stdout and "WARNING" not in up.stderr
+        info = running(Settings.load(environ=env))
+        assert info is not None and info.auth
+        anonymous = Settings.load(environ={}, nats_url=info.url, connect_timeout=1.0)
+        with pytest.raises(ServerError, match="refused a client without any"):
+            asyncio.run(NatsTransport.connect(anonymous, "anonymous"))
+        agents = _run("agents", env=env)  # the operator role, from the data dir
+        assert agents.returncode == 0, agents.stderr
+    finally:
+        _run("down", env=env)
+
+    env = {"MESH_DATA_DIR": str(tmp_path / "insecure")}
+    up = _run("up", "--insecure", "--detach", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "WARNING: --insecure: the server requires no authentication" in up.stderr
+        info = running(Settings.load(environ=env))
+        assert info is not None and not info.auth
+    finally:
+        _run("down", env=env)
+
+
+async def _wait_for_agent(settings: Settings, name: str) -> None:
+    from mesh.runtime.discovery import wait_for_agents
+    from mesh.transport.identities import with_role
+    from mesh.transport.nats import NatsTransport
+
+    transport = await NatsTransport.connect(with_role(settings, "observer"), "test")
+    try:
+        await wait_for_agents(transport, {name: 1}, timeout=30)
+    finally:
+        await transport.close()
+
+
+@pytest.mark.slow
+def test_an_agent_run_on_the_secure_server_gets_its_own_identity(tmp_path: Path) -> None:
+    """`mesh run` on the data dir of `mesh up`: the agent's identity is issued from its
+    declaration, the server reloads, and the agent works on it; `mesh publish` acts as the
+    operator."""
+    from mesh.agent.launch import spawn_agent, stop_process
+    from mesh.transport.server import running
+
+    env = {"MESH_DATA_DIR": str(tmp_path)}
+    assert _run("up", "--detach", env=env).returncode == 0
+    try:
+        info = running(Settings.load(environ=env))
+        assert info is not None
+        proc = spawn_agent(
+            f"{SAMPLES / 'echo.py'}:agent", url=info.url, data_dir=tmp_path, log=tmp_path / "echo.log"
+        )
+        try:
+            asyncio.run(_wait_for_agent(Settings.load(environ=env), "echo"))
+            pub = _run(
+                "publish", "--types", str(SAMPLES / "echo.py"), "test.ping", '{"text": "hi"}',
+                "--wait-for", "test.pong", "--timeout", "30", env=env,
+            )  # fmt: skip
+            assert pub.returncode == 0, pub.stderr + (tmp_path / "echo.log").read_text()
+            assert '"text": "hi"' in pub.stdout
+        finally:
+            assert stop_process(proc) == 0
+        users = json.loads((tmp_path / "auth" / "users.json").read_text())
+        echo = next(u for u in users if u["identity"] == "agent:echo")
+        assert "mesh.*.direct.echo" in echo["permissions"]["subscribe"]["allow"]
+        assert ">" not in echo["permissions"]["publish"]["allow"]
+        assert (tmp_path / "auth" / "agents" / "echo" / "echo.creds").stat().st_mode & 0o077 == 0
+        assert "Violation" not in (tmp_path / "server" / "nats-server.log").read_text()
+    finally:
+        _run("down", env=env)

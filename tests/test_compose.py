@@ -353,7 +353,26 @@ def test_compose_runs_each_demo_agent_as_the_service_of_its_name() -> None:
     for spec in AGENTS:
         name = load_agent(spec).name
         assert services[name]["command"] == ["run", spec]
-        assert set(_depends_on(services[name])) == {"nats", "jaeger"}
+        assert set(_depends_on(services[name])) - {"qdrant"} == {"nats", "jaeger", "setup"}
+
+
+def test_compose_gives_each_agent_its_own_credentials_and_no_other() -> None:
+    """Authentication is on: nats-server reads the users `creds` issued, and each agent
+    mounts only its own identity's directory of the `auth` volume (a subpath)."""
+    from mesh.agents.support import AGENTS
+
+    services = load_compose()["services"]
+    assert "/auth/nats.conf" in services["nats"]["command"]
+    assert set(_depends_on(services["nats"])) == {"creds"}
+    issued = services["creds"]["command"][services["creds"]["command"].index("--agents") + 1].split(",")
+    for spec in AGENTS:
+        name = load_agent(spec).name
+        assert spec in issued
+        env = _environment(services[name])
+        assert env["MESH_NATS_CREDS"] == f"/creds/{name}.creds"
+        (mount,) = services[name]["volumes"]
+        assert mount["source"] == "auth" and mount["read_only"] is True
+        assert mount["volume"]["subpath"] == f"agents/{name}"
 
 
 def test_image_pin_problem() -> None:

@@ -8,6 +8,7 @@ import gc
 import signal
 
 from mesh.agent.declaration import Agent
+from mesh.agent.identity import provision
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
 from mesh.runtime.discovery import PREFIX
@@ -31,6 +32,7 @@ async def serve(
     A second signal during the drain ends it at once (running work is dead-lettered).
     Raises `ServerError` if the connection stops reading, so a supervisor restarts us.
     """
+    settings = await provision(agent, settings)  # its own identity, when the server needs one
     transport = await NatsTransport.connect(settings, f"{agent.name}", url=url)
     runtime = AgentRuntime(agent, settings, transport, llm=llm, instance=instance)
     stop = stop or asyncio.Event()

@@ -111,6 +111,8 @@ def register(
             transport = await NatsTransport.connect(settings, "mesh-agents")
             try:
                 declared = await declare(transport, specs)
+                for bucket in streams.bucket_specs(settings):  # agents under auth may not create them
+                    await transport.state(bucket, settings)
             finally:
                 await transport.close()
             click.echo(f"{'AGENT':<16}{'STREAM':<13}{'CONSUMER':<10}FILTERS")

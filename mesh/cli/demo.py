@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from mesh.agent.launch import spawn_agent, stop_process
+from mesh.cli.server import create_streams
 from mesh.observability.conversation import render_tree
 from mesh.observability.tap import TapLine, format_line
 from mesh.observability.tracing import configure_tracing, exporter_kind, read_spans, render_spans
@@ -27,6 +28,7 @@ from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
 from mesh.transport import cluster
 from mesh.transport import server as srv
+from mesh.transport.identities import as_role, embedded_server, with_role
 from mesh.wire.errors import MeshError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
@@ -90,11 +92,13 @@ async def run_demo(
         url = members[0]
         out(f"using the running mesh cluster {redact_url(url)}")
     else:
-        owned = srv.EmbeddedServer(srv.server_dir(settings))
+        owned = embedded_server(settings)  # secure by default, as `mesh up`
         info = owned.start()
         srv.write_state(settings, info)
         url = info.url
         out(f"started nats-server {redact_url(url)} (JetStream store under {srv.server_dir(settings)})")
+        # agents may not create streams and buckets: the operator makes them first, as `mesh up`
+        await create_streams(as_role(settings, owned, "operator"), url, buckets=True)
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -107,7 +111,8 @@ async def run_demo(
                 )
                 out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {log})")
         out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
-        client = await MeshClient.connect(settings, "helpdesk", url=url)
+        # the helpdesk starts tickets and, in the demo, approves refunds: the operator role
+        client = await MeshClient.connect(with_role(settings, "operator"), "helpdesk", url=url)
         try:
             wanted = {n: REPLICAS.get(n, 1) for n in AGENT_SPECS}
             await wait_for_agents(client.transport, wanted, timeout=30)

@@ -50,7 +50,7 @@ async def decide(
     if st.status != "pending":
         raise MeshError(f"approval {approval} is already {st.status}" + (f" by {st.by}" if st.by else ""))
     decision = ApprovalDecision(approval=approval, approved=approved, by=by, reason=reason)
-    address = Address.inbox(st.conversation, st.agent)
+    address = Address.timer(st.conversation, st.agent)
     assert address.subject == decision_subject(st.conversation, st.agent)
     await client.emit(address, decision, Lineage(conversation=st.conversation, causation=causation))
     return st

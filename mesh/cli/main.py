@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
+from mesh.transport.auth import Role
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError, MeshError
 from mesh.wire.settings import Settings
@@ -46,13 +47,18 @@ def _command_path(ctx: click.Context) -> str:
     return " ".join(["mesh", *names])
 
 
-def _settings() -> Settings:
-    """Read settings; CLI logs (e.g. connection warnings) go to stderr, never into output."""
+def _settings(role: Role | None = "operator") -> Settings:
+    """Read settings; CLI logs (e.g. connection warnings) go to stderr, never into output.
+
+    On the machine that runs the mesh (`mesh up` under the same data dir), a command without
+    MESH_NATS_CREDS acts with the identity of `role` from the data dir (docs/security.md).
+    """
     from mesh.observability.logs import configure_logging
+    from mesh.transport.identities import with_role
 
     settings = Settings.load()
     configure_logging(settings)
-    return settings
+    return with_role(settings, role) if role is not None else settings
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -76,9 +82,10 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh.cli import declare, dlq, llm, server
+    from mesh.cli import creds, declare, dlq, llm, server
 
     server.register(cli, _settings)
+    creds.register(cli, lambda: _settings(role=None))
     dlq.register(cli, _settings, _run)
     llm.register(cli, _settings, _run)
     declare.register(agents, _settings, _run)
@@ -108,7 +115,7 @@ def run(spec: str) -> None:
     from mesh.observability.tracing import configure_tracing
     from mesh.wire.envelope import new_id
 
-    settings = _settings()
+    settings = _settings(role=None)  # the agent's own identity: mesh.agent.identity
     agent = load_agent(spec)
     instance = new_id()
     configure_logging(settings, agent=agent.name)
@@ -139,7 +146,7 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
     from mesh.runtime.discovery import backlog, discover
     from mesh.transport.nats import NatsTransport
 
-    settings = _settings()
+    settings = _settings("observer")
 
     async def go() -> None:
         transport = await NatsTransport.connect(settings, "mesh-cli")
@@ -215,7 +222,7 @@ def publish(
     from mesh.agent.loader import import_types
     from mesh.wire.targets import parse_target, validate_body
 
-    settings = _settings()
+    settings = _settings("publisher")
     import_types(",".join(filter(None, [settings.types, types_])))
     address, mtype = parse_target(target, type_name, conversation)
     message = validate_body(body, mtype)
@@ -301,7 +308,7 @@ def tap_cmd(
     from mesh.transport.nats import NatsTransport
     from mesh.wire.subjects import check_pattern, conversation_pattern
 
-    settings = _settings()
+    settings = _settings("observer")
     subject = conversation_pattern(conversation) if conversation else check_pattern(pattern)
 
     async def go() -> None:

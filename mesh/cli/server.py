@@ -13,13 +13,21 @@ import click
 
 from mesh.transport import cluster as cl
 from mesh.transport import server as srv
+from mesh.transport.identities import as_role, embedded_server
 from mesh.transport.nats import NatsTransport
 from mesh.transport.streams import bucket_specs
 from mesh.wire.errors import ConfigError
+from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 
+INSECURE_WARNING = (
+    "WARNING: --insecure: the server requires no authentication. Any process that reaches its port "
+    "can read every message, act as any agent, approve tool calls and delete streams. Use it only "
+    "for experiments on a machine you alone use."
+)
 
-async def _create_streams(settings: Settings, url: str, *, buckets: bool) -> None:
+
+async def create_streams(settings: Settings, url: str, *, buckets: bool) -> None:
     transport = await NatsTransport.connect(settings, "mesh-up", url=url)
     try:
         await transport.ensure_streams()
@@ -50,13 +58,30 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
         metavar="N",
         help="Start a cluster of N nats-servers on loopback instead of one; prints its MESH_NATS_URL.",
     )
-    def up(detach: bool, nodes: int | None) -> None:
-        """Start the embedded nats-server (loopback, JetStream) under the data dir."""
+    @click.option(
+        "--insecure",
+        is_flag=True,
+        help="Let any client connect and do anything (no identities, no permissions). For experiments only.",
+    )
+    def up(detach: bool, nodes: int | None, insecure: bool) -> None:
+        """Start the embedded nats-server (loopback, JetStream) under the data dir.
+
+        Clients must authenticate: each agent gets its own identity and permissions from its
+        declaration, commands act with a role (docs/security.md). `--insecure` turns that off.
+        """
         settings = settings_fn()
+        if insecure:
+            click.echo(INSECURE_WARNING, err=True)
+        elif nodes:
+            click.echo(
+                "warning: a local cluster (`mesh up --cluster`) does not require authentication in "
+                "this release: any client that reaches its ports may do anything",
+                err=True,
+            )
         if settings.nats_url:
             raise ConfigError(
-                f"MESH_NATS_URL is set ({settings.nats_url}), so mesh commands use that server, not one "
-                f"`mesh up` would start: unset MESH_NATS_URL to use the embedded server"
+                f"MESH_NATS_URL is set ({redact_url(settings.nats_url)}), so mesh commands use that server, "
+                f"not one `mesh up` would start: unset MESH_NATS_URL to use the embedded server"
             )
         info, members = srv.running(settings), cl.running(settings)
         if info is not None:
@@ -92,15 +117,22 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
                     f"export MESH_NATS_URL={url}\nexport MESH_REPLICAS={settings.replicas}"
                 )
             else:
-                server = srv.EmbeddedServer(
-                    srv.server_dir(settings), tie_to_parent=not detach, sync_always=sync_always
+                server = embedded_server(
+                    settings, insecure=insecure, tie_to_parent=not detach, sync_always=sync_always
                 )
                 info = server.start()
                 servers, url, clear = [server], info.url, srv.clear_state
                 srv.write_state(settings, info)
                 click.echo(f"mesh server up: {info.url} (pid {info.pid}, store {srv.server_dir(settings)})")
-            # publishers may come before any agent; on a cluster the buckets too, with its replicas
-            asyncio.run(_create_streams(settings, url, buckets=bool(nodes)))
+                if server.auth is not None:
+                    click.echo(
+                        f"authentication on: identities and credentials under {server.auth} "
+                        f"(`mesh creds` exports them for deployment)"
+                    )
+                settings = as_role(settings, server, "operator")
+            # publishers may come before any agent, and agents may not create streams or
+            # buckets: all of them now, on a cluster with its replicas
+            asyncio.run(create_streams(settings, url, buckets=True))
         except BaseException:
             _stop(servers)
             (cl.clear_state if nodes else srv.clear_state)(settings)

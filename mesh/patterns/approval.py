@@ -121,7 +121,9 @@ def approval_key(approval_id: str) -> str:
 
 
 def decision_subject(conversation: str, agent: str) -> str:
-    return subjects.Address.inbox(conversation, agent).subject
+    """Where a decision goes: the agent's timer subject, which only the agent itself and the
+    operator role may publish to (docs/security.md), not its inbox, where anyone may send."""
+    return subjects.Address.timer(conversation, agent).subject
 
 
 class ApprovalDenied(ToolError):
@@ -237,6 +239,13 @@ class ApprovalKeeper:
                 return "handled" if waiting == "rearmed" else waiting
             approval_id, status, by, reason = timer.approval, "expired", "", "no decision before it expired"
         else:
+            if env.address.kind != subjects.TIMER:
+                raise DeliveryError(
+                    "unauthorized",
+                    f"an approval decision came on {h.show(env.subject)}: decisions are taken only on the "
+                    f"agent's timer subject ({decision_subject(env.conversation, self.agent.name)}), which "
+                    f"only the operator role may publish to",
+                )
             decision = default_codec.decode(env.data, ApprovalDecision, env.content_type)
             approval_id, by, reason = decision.approval, decision.by, decision.reason
             status = "approved" if decision.approved else "denied"

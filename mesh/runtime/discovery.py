@@ -164,7 +164,7 @@ async def discover(transport: Transport, *, timeout: float = 0.5, name: str = ""
     """Ask every mesh agent process for its INFO and STATS; gather answers for `timeout` s."""
     infos: dict[str, dict[str, Any]] = {}
     stats: dict[str, dict[str, Any]] = {}
-    inbox = f"_INBOX.mesh.{new_id()}"
+    inbox = transport.new_inbox()
 
     async def collect(msg: Any) -> None:
         try:

@@ -402,6 +402,9 @@ class MemoryTransport:
     ) -> None:
         self.bus.route(_Core(subject, data, dict(headers) if headers else None, reply))
 
+    def new_inbox(self) -> str:
+        return self.bus.new_inbox()
+
     async def subscribe(
         self, subject: str, handler: Callable[[Any], Awaitable[None]], queue: str = ""
     ) -> _Sub:

@@ -10,7 +10,9 @@ client itself), `consumer` (pulls), `outbox` (stores acknowledged together), `st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -29,6 +31,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
+from mesh.transport.auth import connect_options
 from mesh.transport.consumer import PullConsumer
 from mesh.transport.delivery import Consumer, Delivery, Direct
 from mesh.transport.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
@@ -46,6 +49,8 @@ log = structlog.get_logger("mesh.transport.nats")
 ACK_TIMEOUT = 5.0  # seconds one attempt of a durable publish waits for the stream's ack
 RETRY_DELAY = 0.1  # seconds before the first retry of a durable publish; doubles, ±20 %
 RETRY_DELAY_MAX = 2.0
+REFUSED_ATTEMPTS = 3  # connects refused for the credentials before giving up (a reload may race)
+REFUSED_DELAY = 0.25
 
 # JetStream API error codes (nats-server's errors.json)
 JS_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
@@ -89,6 +94,38 @@ def _unavailable(exc: Any, stream: str) -> ServerError:
     )
 
 
+class _Refused(Exception):
+    """The server refused the connection's credentials (or their absence)."""
+
+
+async def _connect(
+    nc: NatsClient, options: dict[str, Any], refused: asyncio.Future[str], timeout: float
+) -> None:
+    """Connect, failing at once when the server refuses the credentials: nats-py would
+    otherwise try again until the timeout."""
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**options))
+    await asyncio.wait([connecting, refused], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        connecting.result()
+        return
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    if not refused.done():
+        raise TimeoutError
+    with contextlib.suppress(Exception):
+        await nc.close()
+    raise _Refused(refused.result())
+
+
+_DENIED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+
+def _is_refusal(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
 class RawMessage(Protocol):
     subject: str
     data: bytes
@@ -118,6 +155,11 @@ class Transport(Protocol):
     ) -> None: ...
 
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
+
+    def new_inbox(self) -> str:
+        """A fresh reply subject in this connection's own inbox space (an identity may
+        subscribe only under its own prefix: mesh.transport.auth)."""
+        ...
 
     async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
         """Subscribe for deliveries (core NATS: at most once), as the runtime takes them."""
@@ -198,6 +240,7 @@ class NatsTransport:
         self.closed = asyncio.Event()  # set when the connection is closed for good
         self._closing = False
         self.publish_retries = 0  # durable publishes sent again (see `store`)
+        self.refused: set[str] = set()  # subjects the server refused this identity (lower case)
         self._acks = Acks(nc)  # acknowledgements of stores no one waits for yet (outbox)
 
     @property
@@ -230,7 +273,16 @@ class NatsTransport:
         servers = [s.strip() for s in (url or resolve_url(settings)).split(",") if s.strip()]
         shown = redact_url(", ".join(servers))  # what errors say: no password
 
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
         async def on_error(exc: Exception) -> None:
+            if transport is None and _is_refusal(exc):
+                if not refused.done():
+                    refused.set_result(str(exc))
+                return
+            denied = _DENIED_PUBLISH.search(str(exc))
+            if transport is not None and denied:
+                transport.refused.add(denied.group(1).lower())
             log.warning("nats error", error=str(exc))
 
         async def on_disconnect() -> None:
@@ -261,10 +313,31 @@ class NatsTransport:
             "closed_cb": on_closed,
         }
         if settings.nats_creds:
-            options["user_credentials"] = str(settings.nats_creds)
+            options.update(connect_options(settings.nats_creds))
         nc = Client()
+        shown = redact_url(", ".join(servers))
         try:
-            await asyncio.wait_for(nc.connect(**options), settings.connect_timeout * 2)
+            for attempt in range(REFUSED_ATTEMPTS):
+                try:
+                    await _connect(nc, options, refused, settings.connect_timeout * 2)
+                    break
+                except _Refused:
+                    # a connection that arrives while the server reloads its users can be
+                    # refused though its key is valid: try again shortly, a few times
+                    if attempt == REFUSED_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(REFUSED_DELAY)
+                    nc = Client()
+                    refused = asyncio.get_running_loop().create_future()
+        except _Refused as exc:
+            who = (
+                f"the credentials in {settings.nats_creds}" if settings.nats_creds else "a client without any"
+            )
+            raise ServerError(
+                f"NATS at {shown} refused {who} ({exc}): the server requires authentication. Set "
+                f"MESH_NATS_CREDS to this process's credentials (`mesh creds`), or, on the machine that "
+                f"ran `mesh up`, use the same MESH_DATA_DIR"
+            ) from None
         except TimeoutError:
             raise ServerError(
                 f"no answer from NATS at {shown} within {settings.connect_timeout * 2:.0f}s. "
@@ -282,7 +355,7 @@ class NatsTransport:
     def connected_url(self) -> str:
         """The server this connection uses, to show: without a password or token."""
         u = self.nc.connected_url
-        return redact_url(f"nats://{u.netloc}") if u else ""
+        return f"nats://{u.hostname}:{u.port}" if u else ""  # never the user part: it may hold a password
 
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
@@ -293,6 +366,9 @@ class NatsTransport:
     async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription:
         sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
         return sub
+
+    def new_inbox(self) -> str:
+        return str(self.nc.new_inbox())
 
     async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
         async def deliver(msg: Any) -> None:
@@ -334,6 +410,12 @@ class NatsTransport:
                 ensured = False  # no leader, or no stream at all: check the streams first next time
                 why = f"no stream leader answered. {_NO_LEADER}"
             except TimeoutError:  # nats-py's, or the wait for the streams
+                if subject.lower() in self.refused:
+                    raise PublishError(
+                        f"the server refused to let this identity publish to {subject!r} (permissions "
+                        f"violation): agents and the publisher role may send to inboxes, direct lines and "
+                        f"events, approval decisions need the operator; see docs/security.md"
+                    ) from None
                 why = f"no answer within {timeout:.1f}s. {_NO_LEADER}, or the server is down or overloaded"
             except nats.js.errors.ServiceUnavailableError as exc:
                 if exc.err_code == JS_STORE_FAILED and "maximum" in (exc.description or ""):
@@ -396,6 +478,26 @@ class NatsTransport:
             discard_new_per_subject=spec.discard_new and spec.max_msgs_per_subject > 0,
         )
         try:
+            # With credentials, look first: an identity that may not create streams (an agent
+            # under auth, docs/security.md) only checks that they exist. Without, create at
+            # once: on a cluster without a meta leader that is refused quickly and says so,
+            # where a look would wait for its timeout.
+            if settings.nats_creds is not None:
+                await self._js.stream_info(spec.name)
+                return
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.errors.NoRespondersError:
+            raise ServerError(_NO_JETSTREAM) from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise _unavailable(exc, spec.name) from None
+        except nats.errors.TimeoutError:
+            raise ServerUnavailable(
+                f"JetStream did not answer in time when asked about stream {spec.name}: on a cluster, "
+                f"its servers may be electing a meta leader, or too few are up for a quorum; else the "
+                f"server is overloaded, or this identity may not read it (MESH_NATS_CREDS)"
+            ) from None
+        try:
             await self._js.add_stream(config)
         except BadRequestError as exc:
             # 10058: the stream exists with another config (an operator's choice: keep it);
@@ -437,9 +539,16 @@ class NatsTransport:
             )
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        # One filter goes in the API subject (CONSUMER.CREATE.<stream>.<name>.<filter>), which
+        # the server checks against the request: an agent may create its own consumers only
+        # with its own filter (mesh.transport.auth). Several cannot; an agent under auth finds
+        # that consumer made for it when its identity was issued (`mesh creds`).
+        single = spec.filters[0] if len(spec.filters) == 1 else None
         config = ConsumerConfig(
+            name=spec.name,
             durable_name=spec.name,
-            filter_subjects=spec.filters,
+            filter_subject=single,
+            filter_subjects=None if single else spec.filters,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.NEW if spec.deliver_new else DeliverPolicy.ALL,
             ack_wait=spec.ack_wait,
@@ -447,7 +556,32 @@ class NatsTransport:
             max_ack_pending=spec.max_ack_pending,
             max_waiting=512,
         )
-        await self._js.add_consumer(spec.stream, config)
+        if single is None and await self._consumer_is(spec):
+            return
+        try:
+            await self._js.add_consumer(spec.stream, config)
+        except nats.errors.TimeoutError:
+            if not any(s.startswith(f"$js.api.consumer.create.{spec.stream.lower()}.") for s in self.refused):
+                raise
+            raise ServerError(
+                f"this identity may not create or change consumer {spec.name} on {spec.stream} with filters "
+                f"{', '.join(spec.filters)}: an agent creates only consumers with its own single filter. "
+                f"Give the agent the MESH_ACK_WAIT, MESH_MAX_DELIVER and MESH_MAX_ACK_PENDING the consumer "
+                f"has, or have the operator make it (remove it, then `mesh agents add`)"
+            ) from None
+
+    async def _consumer_is(self, spec: ConsumerSpec) -> bool:
+        """Whether the consumer exists as `spec` describes it."""
+        try:
+            c = (await self._js.consumer_info(spec.stream, spec.name)).config
+        except nats.js.errors.NotFoundError:
+            return False
+        return (
+            sorted(c.filter_subjects or [c.filter_subject or ">"]) == sorted(spec.filters)
+            and c.ack_wait == spec.ack_wait
+            and c.max_deliver == spec.max_deliver
+            and c.max_ack_pending == spec.max_ack_pending
+        )
 
     async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> PullConsumer:
         consumer = PullConsumer(self.nc, spec.stream, spec.name, handler, capacity=capacity)
@@ -515,7 +649,9 @@ class NatsTransport:
 
     async def close(self) -> None:
         self._closing = True
-        if not self.nc.is_closed:
+        if self.nc.is_reconnecting or self.nc.is_connecting:
+            await self.nc.close()  # nothing to drain while the server is gone
+        elif not self.nc.is_closed:
             await self.nc.drain()
 
 

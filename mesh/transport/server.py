@@ -31,6 +31,7 @@ class ServerInfo:
     monitor_url: str
     pid: int
     directory: str
+    auth: str = ""  # the keyring directory when clients must authenticate (mesh.transport.auth)
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,10 @@ class EmbeddedServer:
         port: int | None = None,
         name: str = "mesh-embedded",
         routes: Routes | None = None,
+        auth: Path | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.auth = auth  # a keyring directory: its auth.conf is included, clients authenticate
         self.max_payload = max_payload
         self.sync_always = sync_always
         self.port = port  # None: a free port, kept for later starts so clients find it again
@@ -130,7 +133,7 @@ class EmbeddedServer:
             for stale in ports_dir.glob("*.ports"):
                 stale.unlink()
             conf = self.directory / "nats.conf"
-            conf.write_text(json.dumps(self._config(ports_dir), indent=2))
+            conf.write_text(self._config_text(ports_dir))
             log = self.log_path.open("ab")
             try:
                 self._terminated = False
@@ -170,9 +173,20 @@ class EmbeddedServer:
             monitor_url=(ports.get("monitoring") or [""])[0],
             pid=self._proc.pid,
             directory=str(self.directory),
+            auth=str(self.auth or ""),
         )
         self.port = int(self.info.url.rsplit(":", 1)[1])
         return self.info
+
+    def _config_text(self, ports_dir: Path) -> str:
+        """The config in nats-server's format: one ``key: <JSON value>`` line each, and the
+        keyring's users included, so that changing them needs a reload and no rewrite."""
+        lines = [f"{key}: {json.dumps(value)}" for key, value in self._config(ports_dir).items()]
+        if self.auth is not None:
+            # nats-server resolves an include against the including file's directory
+            conf = os.path.relpath(Path(self.auth).resolve() / "auth.conf", self.directory.resolve())
+            lines.append(f"include {json.dumps(conf)}")
+        return "\n".join(lines) + "\n"
 
     def _config(self, ports_dir: Path) -> dict[str, object]:
         config: dict[str, object] = {

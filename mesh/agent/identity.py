@@ -1,0 +1,49 @@
+"""An agent's identity on the bus, from its declaration: what it may receive, keep and send
+(`mesh.transport.auth.AgentGrant`), and its credentials on the machine that runs the mesh."""
+
+from __future__ import annotations
+
+from mesh.agent.declaration import Agent
+from mesh.transport import streams
+from mesh.transport.auth import AgentGrant
+from mesh.transport.identities import with_agent, with_role
+from mesh.transport.nats import NatsTransport
+from mesh.wire.settings import Settings
+
+
+def grant_of(agent: Agent) -> AgentGrant:
+    """What `agent` declares: the event types it handles, its joins, its parked tool calls
+    (tools declared with ``approval=True``, and MCP servers with tools needing approval)."""
+    approvals = any(t.approval for t in agent.tools) or any(s.approval for s in agent.mcp_servers.specs)
+    return AgentGrant(
+        name=agent.name,
+        events=tuple(streams.event_types(agent)),
+        joins=bool(agent.joins),
+        approvals=approvals,
+    )
+
+
+async def provision(agent: Agent, settings: Settings) -> Settings:
+    """The settings `agent` connects with: unchanged when the process was given credentials
+    (MESH_NATS_CREDS) or the server needs none; else its own identity from the data dir's
+    keyring, issued or updated from its declaration, with the consumers it may not create
+    itself (an events consumer with several filters) made as the operator."""
+    mine, issued = with_agent(settings, grant_of(agent))
+    if issued:
+        await make_consumers(agent, with_role(settings, "operator"))
+    return mine
+
+
+async def make_consumers(agent: Agent, operator: Settings, *, url: str | None = None) -> list[str]:
+    """Create `agent`'s consumers with the operator's identity (only one with several
+    filters needs it: an agent creates the others itself); their names."""
+    made = []
+    transport = await NatsTransport.connect(operator, "mesh-creds", url=url)
+    try:
+        for spec in streams.agent_consumer_specs(agent, operator):
+            if len(spec.filters) > 1:
+                await transport.ensure_consumer(spec)
+                made.append(f"{spec.stream}/{spec.name}")
+    finally:
+        await transport.close()
+    return made

@@ -1,0 +1,527 @@
+"""Zero trust on the bus: a real nats-server with authentication on, real connections.
+
+An anonymous client, a client with a key the server does not know, a compromised agent with
+valid credentials of its own ("mallory") and the publisher role try what they must not do;
+each attempt must be refused by the server (a permissions violation, or no connection at
+all) and leave nothing changed. The refusals are counted: 0 successes. A declared flow
+(a publisher asks an agent, the agent answers) still works with every party on its own
+identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from mesh import Agent, Context, Message, message
+from mesh.agent.identity import grant_of
+from mesh.join import all_of
+from mesh.patterns.approval import ApprovalDecision
+from mesh.runtime.client import MeshClient
+from mesh.testing import Recorder, SecureServer, running_agent, secure_nats_server
+from mesh.transport import streams
+from mesh.transport.auth import connect_options, creds_text, new_seed
+from mesh.transport.identities import reload
+from mesh.transport.nats import NatsTransport
+from mesh.wire import subjects
+from mesh.wire.errors import ServerError
+from mesh.wire.secrets import redact_url
+from mesh.wire.settings import Settings
+
+
+@message("sec.ping", version=1)
+class Ping(Message):
+    text: str
+
+
+@message("sec.pong", version=1)
+class Pong(Message):
+    text: str
+    by: str
+
+
+vault = Agent("vault", description="The victim: holds work others must not take")
+
+
+@vault.handler
+async def on_ping(ping: Ping, ctx: Context) -> Pong:
+    return Pong(text=ping.text, by=ctx.agent)
+
+
+vault_join = vault.join("gather", Pong, policy=all_of())  # so vault has timers and join state
+
+
+@vault_join.complete
+async def gathered(result: object, ctx: Context) -> None:
+    return None
+
+
+mallory = Agent("mallory", description="A compromised agent with valid credentials of its own")
+
+
+@mallory.handler
+async def on_pong(pong: Pong) -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServer]:
+    """A server as `mesh up` starts it (authentication on), with vault and mallory issued
+    from their declarations and vault's consumers made, as a deployment does."""
+    settings = Settings.load(environ={}, trace_exporter="none", log_level="warning", connect_timeout=2.0)
+    with secure_nats_server(tmp_path_factory.mktemp("secure"), settings) as mesh:
+
+        async def prepare() -> None:
+            await mesh.agent(vault)
+            await mesh.agent(mallory)
+
+        asyncio.run(prepare())
+        yield mesh
+
+
+class Probe:
+    """A raw nats-py connection that records the errors the server sends it."""
+
+    def __init__(self) -> None:
+        self.nc = NatsClient()
+        self.errors: list[str] = []
+        self._changed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, url: str, creds: Path) -> Probe:
+        probe = cls()
+
+        async def on_error(exc: Exception) -> None:
+            probe.errors.append(str(exc).lower())
+            probe._changed.set()
+
+        await probe.nc.connect(url, error_cb=on_error, allow_reconnect=False, **connect_options(creds))
+        return probe
+
+    async def refused(self, subject: str, attempt: Callable[[], Awaitable[object]]) -> bool:
+        """Run `attempt`; True once the server reports a permissions violation on `subject`."""
+        self.errors.clear()
+        await attempt()
+        await self.nc.flush(timeout=5)
+        wanted = subject.lower()
+        async with asyncio.timeout(5):
+            while not any("permissions violation" in e and wanted in e for e in self.errors):
+                self._changed.clear()
+                await self._changed.wait()
+        return True
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
+async def _count_refusals(
+    probe: Probe, attacks: list[tuple[str, Callable[[], Awaitable[object]]]]
+) -> list[str]:
+    """The attacks that were NOT refused."""
+    succeeded = []
+    for subject, attempt in attacks:
+        try:
+            await probe.refused(subject, attempt)
+        except TimeoutError:
+            succeeded.append(subject)
+    return succeeded
+
+
+async def test_a_client_without_credentials_or_with_an_unknown_key_cannot_connect(
+    secure: SecureServer, tmp_path: Path
+) -> None:
+    stranger = tmp_path / "stranger.creds"
+    stranger.write_text(creds_text(new_seed()))
+    connected = 0
+    for settings in (secure.settings, secure.settings.model_copy(update={"nats_creds": stranger})):
+        try:
+            transport = await NatsTransport.connect(settings, "intruder")
+        except ServerError as exc:
+            assert "refused" in str(exc) and "Authorization Violation" in str(exc)
+        else:
+            connected += 1
+            await transport.close()
+    nc = NatsClient()  # a plain client is refused the same way
+    try:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nc.connect(secure.url, allow_reconnect=False, max_reconnect_attempts=0)
+    finally:
+        if nc._transport is not None:  # nats-py leaves the refused socket open
+            nc._transport.close()
+    assert connected == 0
+
+
+async def test_a_compromised_agent_is_refused_everything_outside_its_declaration(
+    secure: SecureServer,
+) -> None:
+    """mallory holds valid credentials. Each attempt is refused by the server; then the
+    operator checks that nothing changed: vault's queued work is still there, the streams,
+    consumers and state are intact."""
+    conv = "sec-attack"
+    publisher = await MeshClient.connect(secure.identity("role:publisher"), "helpdesk")
+    await publisher.send("vault", Ping(text="for vault only"), conversation=conv)  # vault is not running
+    await publisher.close()
+
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    nc = probe.nc
+    pull = json.dumps({"batch": 10, "expires": 1_000_000_000}).encode()
+    mine = nc.new_inbox()
+    steal = json.dumps(
+        {
+            "stream_name": streams.INBOX,
+            "config": {"durable_name": "mallory", "filter_subject": "mesh.*.agent.vault"},
+        }
+    ).encode()
+    decision = json.dumps({"approval": "a1", "approved": True, "by": "mallory"}).encode()
+    del_headers = {"KV-Operation": "DEL"}
+
+    async def sub(subject: str) -> None:
+        await nc.subscribe(subject)
+
+    attacks: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        # another agent's inbox, direct line, timers: subscribe or consume
+        ("mesh.*.agent.vault", lambda: sub("mesh.*.agent.vault")),
+        ("mesh.*.direct.vault", lambda: sub("mesh.*.direct.vault")),
+        ("mesh.*.timer.vault", lambda: sub("mesh.*.timer.vault")),
+        (
+            "$JS.API.CONSUMER.MSG.NEXT.MESH_INBOX.vault",
+            lambda: nc.publish("$JS.API.CONSUMER.MSG.NEXT.MESH_INBOX.vault", pull, reply=mine),
+        ),
+        (
+            "$JS.API.CONSUMER.INFO.MESH_INBOX.vault",
+            lambda: nc.publish("$JS.API.CONSUMER.INFO.MESH_INBOX.vault", b"", reply=mine),
+        ),
+        # a consumer of its own name that would take vault's inbox: every way of asking
+        (
+            "$JS.API.CONSUMER.CREATE.MESH_INBOX.mallory.mesh.*.agent.vault",
+            lambda: nc.publish(
+                "$JS.API.CONSUMER.CREATE.MESH_INBOX.mallory.mesh.*.agent.vault", steal, reply=mine
+            ),
+        ),
+        (
+            "$JS.API.CONSUMER.CREATE.MESH_INBOX.mallory",
+            lambda: nc.publish("$JS.API.CONSUMER.CREATE.MESH_INBOX.mallory", steal, reply=mine),
+        ),
+        (
+            "$JS.API.CONSUMER.DURABLE.CREATE.MESH_INBOX.mallory",
+            lambda: nc.publish("$JS.API.CONSUMER.DURABLE.CREATE.MESH_INBOX.mallory", steal, reply=mine),
+        ),
+        (
+            "$JS.API.CONSUMER.DELETE.MESH_INBOX.vault",
+            lambda: nc.publish("$JS.API.CONSUMER.DELETE.MESH_INBOX.vault", b"", reply=mine),
+        ),
+        # an approval decision: only on the agent's timer subject, which it may not publish to
+        (
+            f"mesh.{conv}.timer.vault",
+            lambda: nc.publish(
+                f"mesh.{conv}.timer.vault", decision, headers={"Mesh-Type": "approval.decision"}
+            ),
+        ),
+        # dead letters: read them, watch them, forge one for another agent
+        (
+            "$JS.API.STREAM.MSG.GET.MESH_DLQ",
+            lambda: nc.publish("$JS.API.STREAM.MSG.GET.MESH_DLQ", b'{"seq":1}', reply=mine),
+        ),
+        (
+            "$JS.API.DIRECT.GET.MESH_DLQ",
+            lambda: nc.publish("$JS.API.DIRECT.GET.MESH_DLQ", b'{"seq":1}', reply=mine),
+        ),
+        ("mesh.*.dlq.>", lambda: sub("mesh.*.dlq.>")),
+        (f"mesh.{conv}.dlq.vault", lambda: nc.publish(f"mesh.{conv}.dlq.vault", b"forged")),
+        # the shared state bucket outside its own keys: write, delete, read
+        (
+            "$KV.MESH_STATE.joins.vault.j1",
+            lambda: nc.publish("$KV.MESH_STATE.joins.vault.j1", b"{}", reply=mine),
+        ),
+        (
+            "$KV.MESH_STATE.joins.vault.j2",
+            lambda: nc.publish("$KV.MESH_STATE.joins.vault.j2", b"", headers=del_headers),
+        ),
+        ("$KV.MESH_STATE.failures.vault.m1", lambda: nc.publish("$KV.MESH_STATE.failures.vault.m1", b"{}")),
+        ("$KV.MESH_PROCESSED.vault.m1", lambda: nc.publish("$KV.MESH_PROCESSED.vault.m1", b"")),
+        (
+            "$JS.API.DIRECT.GET.KV_MESH_STATE.$KV.MESH_STATE.joins.vault.j1",
+            lambda: nc.publish(
+                "$JS.API.DIRECT.GET.KV_MESH_STATE.$KV.MESH_STATE.joins.vault.j1", b"", reply=mine
+            ),
+        ),
+        (
+            "$JS.API.DIRECT.GET.KV_MESH_STATE",
+            lambda: nc.publish(
+                "$JS.API.DIRECT.GET.KV_MESH_STATE", b'{"multi_last":["$KV.MESH_STATE.>"]}', reply=mine
+            ),
+        ),
+        # stream administration
+        (
+            "$JS.API.STREAM.PURGE.MESH_INBOX",
+            lambda: nc.publish("$JS.API.STREAM.PURGE.MESH_INBOX", b"", reply=mine),
+        ),
+        (
+            "$JS.API.STREAM.PURGE.MESH_DLQ",
+            lambda: nc.publish("$JS.API.STREAM.PURGE.MESH_DLQ", b"", reply=mine),
+        ),
+        (
+            "$JS.API.STREAM.DELETE.MESH_EVENTS",
+            lambda: nc.publish("$JS.API.STREAM.DELETE.MESH_EVENTS", b"", reply=mine),
+        ),
+        (
+            "$JS.API.STREAM.DELETE.KV_MESH_STATE",
+            lambda: nc.publish("$JS.API.STREAM.DELETE.KV_MESH_STATE", b"", reply=mine),
+        ),
+        (
+            "$JS.API.STREAM.UPDATE.MESH_INBOX",
+            lambda: nc.publish("$JS.API.STREAM.UPDATE.MESH_INBOX", b"{}", reply=mine),
+        ),
+        ("$JS.API.STREAM.CREATE.STEAL", lambda: nc.publish("$JS.API.STREAM.CREATE.STEAL", b"{}", reply=mine)),
+        # everything at once, and others' replies
+        (">", lambda: sub(">")),
+        ("mesh.>", lambda: sub("mesh.>")),
+        ("_INBOX.>", lambda: sub("_INBOX.>")),
+    ]
+    try:
+        succeeded = await _count_refusals(probe, attacks)
+    finally:
+        await probe.close()
+    refused = len(attacks) - len(succeeded)
+    print(f"compromised agent: {len(attacks)} attacks, {refused} refused, {len(succeeded)} succeeded")
+    assert succeeded == []
+
+    # nothing changed: checked by the operator
+    operator = await NatsTransport.connect(secure.identity("role:operator"), "auditor")
+    try:
+        info = await operator.consumer_info(streams.INBOX, "vault")
+        assert info.num_pending >= 1  # vault's work is still waiting for vault
+        assert info.config.filter_subject == subjects.inbox_pattern("vault")
+        state = await operator.state(streams.bucket_specs(secure.settings)[1], secure.settings)
+        assert await state.get("joins.vault.j1") is None
+        assert await state.get("failures.vault.m1") is None
+        for spec in streams.stream_specs(secure.settings):
+            await operator._js.stream_info(spec.name)  # still there
+        inbox = await operator.consumers(streams.INBOX)
+        assert inbox["mallory"] == [subjects.inbox_pattern("mallory")]  # its own, unchanged
+        assert inbox["vault"] == [subjects.inbox_pattern("vault")]
+        dlq = await operator._js.stream_info(secure.settings.dead_letter_stream)
+        assert dlq.state.messages == 0  # no forged dead letter
+    finally:
+        await operator.close()
+
+
+async def test_the_publisher_role_cannot_decide_approvals_nor_read_dead_letters(secure: SecureServer) -> None:
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("role:publisher"))
+    nc = probe.nc
+    mine = nc.new_inbox()
+    decision = json.dumps({"approval": "a1", "approved": True, "by": "someone"}).encode()
+    attacks: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        (
+            "mesh.c1.timer.vault",
+            lambda: nc.publish("mesh.c1.timer.vault", decision, headers={"Mesh-Type": "approval.decision"}),
+        ),
+        (
+            "$JS.API.STREAM.MSG.GET.MESH_DLQ",
+            lambda: nc.publish("$JS.API.STREAM.MSG.GET.MESH_DLQ", b'{"seq":1}', reply=mine),
+        ),
+        ("$KV.MESH_STATE.approvals.a1", lambda: nc.publish("$KV.MESH_STATE.approvals.a1", b"{}")),
+        (
+            "$JS.API.STREAM.PURGE.MESH_INBOX",
+            lambda: nc.publish("$JS.API.STREAM.PURGE.MESH_INBOX", b"", reply=mine),
+        ),
+        (
+            "$JS.API.CONSUMER.MSG.NEXT.MESH_INBOX.vault",
+            lambda: nc.publish("$JS.API.CONSUMER.MSG.NEXT.MESH_INBOX.vault", b"", reply=mine),
+        ),
+        (">", lambda: nc.subscribe(">")),
+    ]
+    try:
+        succeeded = await _count_refusals(probe, attacks)
+    finally:
+        await probe.close()
+    print(f"publisher role: {len(attacks)} attacks, {len(succeeded)} succeeded")
+    assert succeeded == []
+
+
+async def test_an_approval_decision_sent_to_an_inbox_is_refused_by_the_agent() -> None:
+    """Anyone may send to an agent's inbox, so a decision that arrives there is refused
+    (dead-lettered as unauthorized) whatever it says: decisions come on the timer subject."""
+    from mesh.patterns.approval import ApprovalKeeper
+    from mesh.transport.state import MemoryState
+    from mesh.wire.envelope import open_envelope
+    from mesh.wire.errors import DeliveryError
+
+    clerk = Agent("clerk")
+
+    @clerk.tool(approval=True)
+    async def refund(args: Ping) -> str:
+        """Refund."""
+        return "refunded"
+
+    keeper = ApprovalKeeper(clerk, MemoryState(), 60.0, 3)
+    body = json.dumps({"approval": "a1", "approved": True, "by": "mallory"}).encode()
+    env = open_envelope(
+        subjects.Address.inbox("c1", "clerk").subject,
+        body,
+        {"Mesh-Type": "approval.decision", "Mesh-Id": "d1"},
+        "",
+    )
+    with pytest.raises(DeliveryError) as refused:
+        await keeper.receive(env, None)  # type: ignore[arg-type]
+    assert refused.value.kind == "unauthorized"
+    assert ApprovalDecision in keeper.takes  # taken, but only from the timer subject
+
+
+async def test_a_declared_flow_works_with_every_party_on_its_own_identity(secure: SecureServer) -> None:
+    """The publisher asks vault over its direct line and sends to its inbox; vault, on its own
+    identity, answers both: the reply to the requester's own inbox, the other as an event."""
+    async with running_agent(vault, secure.identity("agent:vault")):
+        publisher = await MeshClient.connect(secure.identity("role:publisher"), "helpdesk")
+        try:
+            pong = await publisher.request("vault", Ping(text="hello"), Pong, timeout=10)
+            assert pong == Pong(text="hello", by="vault")
+            conv = "sec-flow"
+            events = await Recorder.start(publisher.transport, subjects.conversation_pattern(conv))
+            await publisher.send("vault", Ping(text="stored"), conversation=conv)
+            got = await events.wait_for(
+                lambda ms: any((m.headers or {}).get("Mesh-Type") == "sec.pong" for m in ms), timeout=15
+            )
+            pongs = [m for m in got if (m.headers or {}).get("Mesh-Type") == "sec.pong"]
+            assert json.loads(pongs[0].data) == {"text": "stored", "by": "vault"}
+            await events.stop()
+        finally:
+            await publisher.close()
+
+
+def test_urls_with_passwords_are_redacted() -> None:
+    assert redact_url("nats://ada:s3cret@host:4222") == "nats://ada:***@host:4222"
+    assert (
+        redact_url("nats://tok3n@h1:4222,nats://bob:pw@h2:4222")
+        == "nats://***@h1:4222,nats://bob:***@h2:4222"
+    )
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_the_connected_url_never_shows_the_user_part() -> None:
+    """What agents log as their server (`agent started`, `nats reconnected`)."""
+    from types import SimpleNamespace
+    from urllib.parse import urlparse
+
+    fake = SimpleNamespace(connected_url=urlparse("nats://ada:s3cret@10.0.0.7:4222"), jetstream=lambda: None)
+    transport = NatsTransport(fake, Settings.load(environ={}))  # type: ignore[arg-type]
+    assert transport.connected_url == "nats://10.0.0.7:4222"
+
+
+async def test_a_revoked_identity_is_cut_off_at_the_reload(secure: SecureServer) -> None:
+    """Rotation: revoking an identity and reloading closes its open connections, and its
+    key is refused from then on."""
+    ghost = Agent("ghost")
+
+    @ghost.handler
+    async def on_ping(ping: Ping) -> None:
+        return None
+
+    with secure.keyring.locked():
+        secure.keyring.issue_agent(grant_of(ghost), secure.settings)
+    assert secure.server.info is not None
+    reload(secure.server.info)
+    creds = secure.identity("agent:ghost")
+    saved = creds.nats_creds.read_bytes()  # type: ignore[union-attr]
+    cut = asyncio.Event()
+
+    async def on_closed() -> None:
+        cut.set()
+
+    nc = NatsClient()
+    await nc.connect(
+        secure.url, allow_reconnect=False, closed_cb=on_closed, **connect_options(creds.nats_creds)
+    )  # type: ignore[arg-type]
+    try:
+        with secure.keyring.locked():
+            assert secure.keyring.revoke("agent:ghost")
+        reload(secure.server.info)
+        async with asyncio.timeout(10):
+            await cut.wait()  # the server closed the connection at the reload
+    finally:
+        await nc.close()
+    creds.nats_creds.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+    creds.nats_creds.write_bytes(saved)  # type: ignore[union-attr]
+    with pytest.raises(ServerError, match="refused the credentials"):
+        await NatsTransport.connect(creds, "ghost")
+
+
+async def test_a_refused_durable_send_fails_at_once_with_the_reason(secure: SecureServer) -> None:
+    """An agent that sends where it may not (another agent's timers) is told why, after the
+    first attempt, instead of retrying as if the stream were down."""
+    from mesh.wire.errors import PublishError
+
+    transport = await NatsTransport.connect(secure.identity("agent:mallory"), "mallory")
+    try:
+        with pytest.raises(PublishError, match="permissions violation"):
+            await transport.store("mesh.c1.timer.vault", b"{}")
+        assert transport.publish_retries == 0
+    finally:
+        await transport.close()
+
+
+def test_a_password_in_the_url_is_not_shown_by_mesh_up(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mesh.cli.main import cli
+
+    env = {"MESH_DATA_DIR": str(tmp_path), "MESH_NATS_URL": "nats://ada:s3cret@127.0.0.1:1"}
+    result = CliRunner().invoke(cli, ["up"], env=env)
+    said = result.output + str(result.exception)  # main() prints a ConfigError; here it is raised
+    assert "nats://ada:***@127.0.0.1:1" in said and "s3cret" not in said
+
+
+async def test_an_agent_cannot_widen_its_events_consumer_and_is_told_how_to_fix_it(
+    secure: SecureServer,
+) -> None:
+    """An events consumer with several filters cannot be named in the API subject, so an
+    agent may not create or change it: the operator makes it from the declaration, and an
+    agent started with other consumer settings is told what to do."""
+    multi = Agent("multi")
+
+    @multi.handler
+    async def both(msg: Ping | Pong) -> None:
+        return None
+
+    mine = await secure.agent(multi)  # the operator made its consumers
+    transport = await NatsTransport.connect(mine, "multi")
+    try:
+        (events,) = [s for s in streams.agent_consumer_specs(multi, mine) if s.stream == streams.EVENTS]
+        await transport.ensure_consumer(events)  # as made: nothing to change
+        other = streams.consumer_specs(
+            "multi", ["sec.ping", "sec.pong"], mine.model_copy(update={"ack_wait": 7.0})
+        )
+        with pytest.raises(ServerError, match="may not create or change consumer multi on MESH_EVENTS"):
+            await transport.ensure_consumer(other[1])
+        wider = streams.ConsumerSpec(streams.EVENTS, "multi", ["mesh.*.evt.>"])
+        with pytest.raises(ServerError, match="may not create or change"):
+            await transport.ensure_consumer(wider)
+    finally:
+        await transport.close()
+
+
+def test_permissions_come_from_the_declaration_and_an_unchanged_one_needs_no_reload(tmp_path: Path) -> None:
+    from mesh.transport.auth import Keyring
+
+    grant = grant_of(vault)
+    assert grant.name == "vault" and grant.events == ("sec.ping",) and grant.joins and not grant.approvals
+    settings = Settings.load(environ={}, data_dir=tmp_path)
+    ring = Keyring(tmp_path / "auth")
+    with ring.locked():
+        assert ring.issue_agent(grant, settings)
+    with ring.locked():  # read back from users.json, as another process would
+        assert not ring.issue_agent(grant, settings)
+        (user,) = ring.users
+    perms = user.permissions
+    assert ">" not in perms.publish and ">" not in perms.subscribe
+    assert set(perms.subscribe) >= {"mesh.*.direct.vault", f"_INBOX.{user.nkey}.>"}
+    assert not any("mesh.*.agent" in s or s.startswith("mesh.>") for s in perms.subscribe)
+    assert "$JS.API.CONSUMER.CREATE.MESH_EVENTS.vault.mesh.*.evt.sec.ping" in perms.publish
+    assert "mesh.*.timer.vault" in perms.publish and "mesh.*.timer.*" not in perms.publish
+    assert (tmp_path / "auth" / "agents" / "vault" / "vault.creds").stat().st_mode & 0o077 == 0
