@@ -18,6 +18,8 @@ from mesh.agent.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
 from mesh.llm import LLM, llm_scope, make_llm
 from mesh.middleware.base import chain
+from mesh.middleware.publish import PublishMiddleware
+from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
 from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
@@ -38,13 +40,16 @@ from mesh.runtime.ladder import (
     SettleDirect,
     Take,
     TimeLimit,
+    Verify,
     Work,
     cancelled_by_stop,
 )
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
+from mesh.runtime.verify import verifier_of
 from mesh.transport import streams
 from mesh.transport.delivery import Consumer, Delivery, Later
+from mesh.transport.keys import signer_of
 from mesh.transport.nats import Subscription, Transport
 from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
@@ -96,8 +101,10 @@ class AgentRuntime:
             transport,
             sender=agent.name,
             codec=codec,
-            publish_middleware=(inject_trace, *agent.publish_middleware),
+            # signing last: it signs the headers as everything before it left them
+            publish_middleware=(inject_trace, *agent.publish_middleware, *_signing(settings)),
         )
+        self.verifier = verifier_of(settings)  # on whenever the agent has an identity
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency
@@ -130,6 +137,8 @@ class AgentRuntime:
         stored = Accept(stored, self._accept)
         stored = Guard(stored, processed, self.agent.name)
         direct: Take = Accept(run, self._accept)
+        if self.verifier is not None:
+            stored, direct = Verify(stored, self.verifier), Verify(direct, self.verifier)
         if settings.sender_rate:  # one table for both: a sender's quota is per process
             quotas = Quotas(settings.sender_rate, settings.sender_burst)
             stored, direct = Quota(stored, quotas), Quota(direct, quotas)
@@ -421,6 +430,11 @@ class AgentRuntime:
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
         await answer_failure(self.transport, msg, self.agent.name, kind, reason)
+
+
+def _signing(settings: Settings) -> tuple[PublishMiddleware, ...]:
+    signer = signer_of(settings)
+    return (signing(signer),) if signer is not None else ()
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:

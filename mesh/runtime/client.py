@@ -16,8 +16,10 @@ import msgspec
 from msgspec.structs import replace
 
 from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMiddleware, chain_publish
+from mesh.middleware.signing import signing
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
+from mesh.transport.keys import signer_of
 from mesh.transport.nats import NatsTransport, Transport
 from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
@@ -106,7 +108,11 @@ class MeshClient:
 
     @classmethod
     async def connect(cls, settings: Settings, sender: str, *, url: str | None = None) -> MeshClient:
-        return cls(await NatsTransport.connect(settings, sender, url=url), sender)
+        """A client on its own connection; with an identity (MESH_NATS_CREDS), it signs."""
+        signer = signer_of(settings)
+        middleware = (inject_trace, signing(signer)) if signer is not None else (inject_trace,)
+        transport = await NatsTransport.connect(settings, sender, url=url)
+        return cls(transport, sender, publish_middleware=middleware)
 
     async def close(self) -> None:
         await self.transport.close()
