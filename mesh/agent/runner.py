@@ -177,7 +177,14 @@ class AgentRuntime:
         processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
         self._failures = Failures(state, name, self.instance)
         self._stored, self._direct = self._ladders(processed, self._failures)
-        self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
+        self._joins = JoinKeeper(
+            name,
+            self.agent.joins,
+            state,
+            settings.max_depth,
+            settings.max_deliver,
+            authenticated=self.verifier is not None,
+        )
         self._joins.run_completion = self._complete
         self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
         self._keepers = Keepers()

@@ -57,6 +57,17 @@ class Verifier:
                 UNAUTHENTICATED, f"Mesh-Sender {sender!r} is an agent, but the signer is {identity!r}"
             )
         self._fresh(d, headers)
+        reply_to = headers.get(h.REPLY_TO, "")
+        if (
+            kind != "agent"
+            and reply_to.startswith("_INBOX.")
+            and not reply_to.startswith(f"_INBOX.{signer}.")
+        ):
+            # a person or a tool asks for answers in its own reply space only; an agent may
+            # pass on the reply target of the work it hands off
+            raise DeliveryError(
+                "unauthorized", f"Mesh-Reply-To is outside the reply space of the signer {identity!r}"
+            )
         return identity
 
     def _fresh(self, d: Delivery, headers: dict[str, str]) -> None:
