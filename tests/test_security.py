@@ -33,7 +33,7 @@ from mesh.transport.auth import connect_options, creds_text, new_seed, read_seed
 from mesh.transport.identities import reload
 from mesh.transport.nats import NatsTransport
 from mesh.wire import subjects
-from mesh.wire.errors import ServerError
+from mesh.wire.errors import RequestError, ServerError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 from mesh.wire.signature import Signer
@@ -597,8 +597,12 @@ async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(
         ):
             # legitimate: a fan-out join to vault, a handoff chain, a request/reply
             await publisher.send("chief", Job(to="vault"), conversation=conv)
-            pong = await publisher.request("chief", Ping(text="relayed"), Pong, timeout=10, conversation=conv)
+            pong = await publisher.request(
+                "chief", Ping(text="relayed"), Pong, timeout=10, conversation=conv, answered_by=("vault",)
+            )
             assert pong == Pong(text="relayed", by="vault")
+            with pytest.raises(RequestError, match="came from agent:vault, not from chief"):
+                await publisher.request("chief", Ping(text="relayed 2"), Pong, timeout=10, conversation=conv)
             assert await publisher.request("vault", Ping(text="direct"), Pong, timeout=10) == Pong(
                 text="direct", by="vault"
             )

@@ -10,11 +10,12 @@ import pytest
 
 from mesh.middleware.publish import STORE, Outgoing, chain_publish
 from mesh.middleware.signing import signing
+from mesh.runtime.client import MeshClient
 from mesh.runtime.verify import Verifier
 from mesh.transport.auth import new_seed
 from mesh.transport.keys import KeyDirectory
 from mesh.wire import envelope as h
-from mesh.wire.errors import DeliveryError
+from mesh.wire.errors import DeliveryError, RequestError
 from mesh.wire.signature import SIGNATURE, SIGNER, BadSignature, Signer, canonical, verify
 
 SUBJECT = "mesh.c1.agent.vault"
@@ -160,3 +161,22 @@ def test_signing_and_verifying_cost_microseconds(capsys: pytest.CaptureFixture[s
     t2 = time.perf_counter()
     with capsys.disabled():
         print(f"\nsign {(t1 - t0) / n * 1e6:.0f} us, verify {(t2 - t1) / n * 1e6:.0f} us per message")
+
+
+def test_a_requester_takes_an_answer_only_from_the_agent_it_asked() -> None:
+    client = MeshClient(None, "helpdesk")  # type: ignore[arg-type]
+    client.directory = directory
+    inbox = f"_INBOX.{publisher.public_key}.r1"
+    billing_says = signed(billing, headers("billing", "f1"), subject=inbox)
+    client._check_answerer(billing_says, "billing", ("billing",))
+    refused = [
+        (signed(mallory, headers("mallory", "f2"), subject=inbox), "came from agent:mallory"),
+        (signed(mallory, headers("billing", "f3"), subject=inbox), "not from billing"),
+        (signed(publisher, headers("helpdesk", "f4"), subject=inbox), "came from role:publisher"),
+        (Msg(inbox, b"{}", headers("billing", "f5")), "not signed"),
+    ]
+    for answer, why in refused:
+        with pytest.raises(RequestError, match=why):
+            client._check_answerer(answer, "billing", ("billing",))
+    # the end of a handoff chain, when the requester names it
+    client._check_answerer(signed(mallory, headers("mallory", "f6"), subject=inbox), "billing", ("mallory",))

@@ -18,7 +18,6 @@ from mesh.agent.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
 from mesh.llm import LLM, llm_scope, make_llm
 from mesh.middleware.base import chain
-from mesh.middleware.publish import PublishMiddleware
 from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
 from mesh.observability.tracing import extract_context, inject_trace, tracing
@@ -97,14 +96,21 @@ class AgentRuntime:
         self.codec = codec
         self.instance = instance or new_id()
         self.llm = llm or make_llm(settings)
+        self._signer = signer_of(settings)
         self.client = MeshClient(
             transport,
             sender=agent.name,
             codec=codec,
             # signing last: it signs the headers as everything before it left them
-            publish_middleware=(inject_trace, *agent.publish_middleware, *_signing(settings)),
+            publish_middleware=(
+                inject_trace,
+                *agent.publish_middleware,
+                *((signing(self._signer),) if self._signer is not None else ()),
+            ),
         )
         self.verifier = verifier_of(settings)  # on whenever the agent has an identity
+        if self.verifier is not None:  # and the answers to its own requests are checked too
+            self.client.directory = self.verifier.directory
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency
@@ -436,12 +442,7 @@ class AgentRuntime:
         """Dead-letter a direct delivery and, if someone waits for an answer, tell them why."""
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
-        await answer_failure(self.transport, msg, self.agent.name, kind, reason)
-
-
-def _signing(settings: Settings) -> tuple[PublishMiddleware, ...]:
-    signer = signer_of(settings)
-    return (signing(signer),) if signer is not None else ()
+        await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:
