@@ -369,5 +369,3 @@ def _write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     tmp.replace(path)
-
-
