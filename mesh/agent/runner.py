@@ -44,8 +44,8 @@ from mesh.runtime.ladder import (
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.transport import streams
+from mesh.transport.base import Subscription, Transport
 from mesh.transport.delivery import Consumer, Delivery, Later
-from mesh.transport.nats import Subscription, Transport
 from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
 from mesh.wire import subjects

@@ -18,7 +18,8 @@ from msgspec.structs import replace
 from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMiddleware, chain_publish
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
-from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.base import Transport
+from mesh.transport.nats import NatsTransport
 from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
 from mesh.wire import subjects
