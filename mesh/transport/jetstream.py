@@ -4,7 +4,13 @@ changes a stream's limits."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
 
 from mesh.transport.streams import StreamSpec
 from mesh.wire.errors import ServerError, ServerUnavailable
@@ -86,3 +92,21 @@ def edit_command(spec: StreamSpec) -> str:
     if spec.discard_new and spec.max_msgs_per_subject:
         parts.append("--discard-per-subject")
     return " ".join(parts)
+
+
+@contextlib.contextmanager
+def stream_api_errors(stream: str, asked: str, hint: str = "") -> Iterator[None]:
+    """What a failed call of the stream API means, as the mesh's errors: no JetStream, no
+    meta leader (or no JetStream for the account), or no answer in time."""
+    try:
+        yield
+    except nats.errors.NoRespondersError:
+        raise ServerError(NO_JETSTREAM) from None
+    except nats.js.errors.ServiceUnavailableError as exc:
+        raise unavailable(exc, stream) from None
+    except nats.errors.TimeoutError:
+        raise ServerUnavailable(
+            f"JetStream did not answer in time when asked {asked} stream {stream}: on a cluster, "
+            f"its servers may be electing a meta leader, or too few are up for a quorum; else the "
+            f"server is overloaded{hint}"
+        ) from None

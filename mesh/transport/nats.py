@@ -36,11 +36,10 @@ from mesh.transport.jetstream import (
     JS_DUPLICATE_IN_PROCESS,
     JS_STORE_FAILED,
     JS_STREAM_NAME_IN_USE,
-    NO_JETSTREAM,
     NO_LEADER,
     edit_command,
     limits_differ,
-    unavailable,
+    stream_api_errors,
 )
 from mesh.transport.natsclient import (
     MAX_CONTROL_LINE,
@@ -320,47 +319,30 @@ class NatsTransport:
             discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
             discard_new_per_subject=spec.discard_new and spec.max_msgs_per_subject > 0,
         )
-        try:
-            # With credentials, look first: an identity that may not create streams (an agent
-            # under auth, docs/security.md) only checks that they exist. Without, create at
-            # once: on a cluster without a meta leader that is refused quickly and says so,
-            # where a look would wait for its timeout.
-            if settings.nats_creds is not None:
-                await self._js.stream_info(spec.name)
-                return
-        except nats.js.errors.NotFoundError:
-            pass
-        except nats.errors.NoRespondersError:
-            raise ServerError(NO_JETSTREAM) from None
-        except nats.js.errors.ServiceUnavailableError as exc:
-            raise unavailable(exc, spec.name) from None
-        except nats.errors.TimeoutError:
-            raise ServerUnavailable(
-                f"JetStream did not answer in time when asked about stream {spec.name}: on a cluster, "
-                f"its servers may be electing a meta leader, or too few are up for a quorum; else the "
-                f"server is overloaded, or this identity may not read it (MESH_NATS_CREDS)"
-            ) from None
-        try:
-            await self._js.add_stream(config)
-        except BadRequestError as exc:
-            # 10058: the stream exists with another config (an operator's choice: keep it);
-            # 10065: another stream already captures these subjects, so they are stored.
-            if exc.err_code in (JS_STREAM_NAME_IN_USE, 10065):
+        # With credentials, look first: an identity that may not create streams (an agent
+        # under auth, docs/security.md) only checks that they exist. Without, create at
+        # once: on a cluster without a meta leader that is refused quickly and says so,
+        # where a look would wait for its timeout.
+        if settings.nats_creds is not None:
+            with stream_api_errors(
+                spec.name, "about", ", or this identity may not read it (MESH_NATS_CREDS)"
+            ):
+                try:
+                    await self._js.stream_info(spec.name)
+                    return
+                except nats.js.errors.NotFoundError:
+                    pass
+        with stream_api_errors(spec.name, "to create or check"):
+            try:
+                await self._js.add_stream(config)
+            except BadRequestError as exc:
+                # 10058: the stream exists with another config (an operator's choice: keep it);
+                # 10065: another stream already captures these subjects, so they are stored.
+                if exc.err_code not in (JS_STREAM_NAME_IN_USE, 10065):
+                    raise
                 log.debug("stream kept as configured", stream=spec.name, code=exc.err_code)
                 if exc.err_code == JS_STREAM_NAME_IN_USE:
                     await self._check_limits(spec)
-                return
-            raise
-        except nats.errors.NoRespondersError:
-            raise ServerError(NO_JETSTREAM) from None
-        except nats.js.errors.ServiceUnavailableError as exc:
-            raise unavailable(exc, spec.name) from None
-        except nats.errors.TimeoutError:
-            raise ServerUnavailable(
-                f"JetStream did not answer in time when asked to create or check stream {spec.name}: "
-                f"on a cluster, its servers may be electing a meta leader, or too few are up for a "
-                f"quorum; else the server is overloaded"
-            ) from None
 
     async def _check_limits(self, spec: StreamSpec) -> None:
         """Say so when a stream that exists has other limits than these settings ask for: it
