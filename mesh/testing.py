@@ -27,10 +27,11 @@ from mesh.agent.launch import stop_process as stop_process  # re-exported for te
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
 from mesh.transport.auth import Keyring, Role
+from mesh.transport.base import Subscription, Transport
 from mesh.transport.cluster import EmbeddedCluster
 from mesh.transport.identities import embedded_server, reload
 from mesh.transport.memory import MemoryBus as MemoryBus  # re-exported: agents on a bus in memory
-from mesh.transport.nats import NatsTransport, Subscription, Transport
+from mesh.transport.nats import NatsTransport
 from mesh.transport.server import EmbeddedServer
 from mesh.transport.streams import agent_consumer_specs, bucket_specs
 from mesh.wire.settings import Settings

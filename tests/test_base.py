@@ -16,7 +16,8 @@ from mesh import Agent, Context
 from mesh.join import Gathered
 from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
-from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.base import Transport
+from mesh.transport.nats import NatsTransport
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
 from mesh.wire.errors import RequestFailed

@@ -14,7 +14,9 @@ from nats.js.api import StreamConfig
 from mesh.testing import MemoryBus, nats_server
 from mesh.transport import nats as nats_transport
 from mesh.transport import streams
-from mesh.transport.nats import NatsTransport, Transport, edit_command, limits_differ
+from mesh.transport.base import Transport
+from mesh.transport.jetstream import edit_command, limits_differ
+from mesh.transport.nats import NatsTransport
 from mesh.wire import envelope as h
 from mesh.wire.errors import StreamFull
 from mesh.wire.settings import Settings

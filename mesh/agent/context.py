@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from mesh.patterns.approval import ApprovalKeeper
     from mesh.patterns.fanin import JoinKeeper
     from mesh.patterns.toolloop import ToolRun
-    from mesh.transport.nats import Transport
+    from mesh.transport.base import Transport
     from mesh.transport.outbox import Outbox
     from mesh.wire.settings import Settings
 

@@ -47,9 +47,9 @@ from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.runtime.verify import verifier_of
 from mesh.transport import streams
+from mesh.transport.base import Subscription, Transport
 from mesh.transport.delivery import Consumer, Delivery, Later
 from mesh.transport.keys import signer_of
-from mesh.transport.nats import Subscription, Transport
 from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
 from mesh.wire import subjects

@@ -12,7 +12,8 @@ from mesh.agent.identity import provision
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
 from mesh.runtime.discovery import PREFIX
-from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.base import Transport
+from mesh.transport.nats import NatsTransport
 from mesh.wire.errors import ServerError
 from mesh.wire.settings import Settings
 

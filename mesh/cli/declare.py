@@ -17,7 +17,8 @@ import click
 
 from mesh.agent.loader import load_agent
 from mesh.transport import streams
-from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.base import Transport
+from mesh.transport.nats import NatsTransport
 from mesh.transport.streams import ConsumerSpec
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mesh.runtime.discovery import is_running
 from mesh.transport import streams
-from mesh.transport.nats import Transport
+from mesh.transport.base import Transport
 from mesh.wire import subjects
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from mesh.transport.nats import Subscription, Transport
+from mesh.transport.base import Subscription, Transport
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import MSGPACK

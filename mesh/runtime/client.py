@@ -19,8 +19,9 @@ from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMi
 from mesh.middleware.signing import signing
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
+from mesh.transport.base import Transport
 from mesh.transport.keys import KeyDirectory, directory_path, signer_of
-from mesh.transport.nats import NatsTransport, Transport
+from mesh.transport.nats import NatsTransport
 from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
 from mesh.wire import subjects

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from mesh.transport.nats import Transport
+from mesh.transport.base import Transport
 from mesh.transport.natsclient import header_bytes
 from mesh.wire import envelope as h
 from mesh.wire import subjects

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mesh.transport.nats import Subscription, Transport
+from mesh.transport.base import Subscription, Transport
 from mesh.wire.envelope import new_id
 
 PREFIX = "$SRV"

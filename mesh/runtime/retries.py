@@ -15,7 +15,7 @@ import structlog
 
 from mesh.runtime.deadletter import dead_letter
 from mesh.transport import streams
-from mesh.transport.nats import Transport
+from mesh.transport.base import Transport
 from mesh.transport.state import StateStore
 from mesh.wire import envelope as h
 from mesh.wire.errors import DeliveryError

@@ -25,13 +25,21 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import structlog
 
 from mesh.transport.delivery import Delivery, Direct
+from mesh.transport.memstreams import (
+    ConsumerState,
+    Core,
+    MemoryConsumer,
+    Stored,
+    Stream,
+    Sub,
+    size_of,
+)
 from mesh.transport.outbox import Outbox, Waiting
 from mesh.transport.state import MemoryState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
@@ -42,7 +50,6 @@ from mesh.wire.settings import Settings
 
 log = structlog.get_logger("mesh.transport.memory")
 
-ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 MAX_PAYLOAD = 8 * 1024 * 1024
 
 
@@ -50,274 +57,34 @@ class NoRespondersError(ServerError):
     """A request found nobody subscribed to its subject (as NATS says "no responders")."""
 
 
-@dataclass(slots=True)
-class Stored:
-    """A message kept by a stream, as `Transport.stored` returns it."""
-
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-    seq: int
-    at: float
-
-
-@dataclass(slots=True)
-class _Core:
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-    reply: str = ""
-
-
-class _Sub:
-    """A subscription: messages are handed to its handler one at a time, in order."""
-
-    def __init__(self, bus: MemoryBus, pattern: str, queue: str, handler: Callable[[Any], Awaitable[None]]):
-        self.bus, self.pattern, self.queue, self.handler = bus, pattern, queue, handler
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._task = asyncio.ensure_future(self._run())
-
-    def put(self, msg: Any) -> None:
-        self._inbox.put_nowait(msg)
-
-    async def _run(self) -> None:
-        while True:
-            msg = await self._inbox.get()
-            try:
-                await self.handler(msg)
-            except Exception as exc:  # as nats-py: a failing callback does not end the subscription
-                log.warning("subscription callback failed", subject=msg.subject, error=repr(exc))
-            finally:
-                self._inbox.task_done()
-
-    async def drain(self) -> None:
-        self.bus.unsubscribe(self)
-        await self._inbox.join()
-        self._task.cancel()
-
-    async def unsubscribe(self, limit: int = 0) -> None:
-        self.bus.unsubscribe(self)
-        self._task.cancel()
-
-
-@dataclass
-class _Stream:
-    spec: StreamSpec
-    messages: dict[int, Stored] = field(default_factory=dict)
-    last: int = 0
-    seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # Nats-Msg-Id -> seq, when
-    size: int = 0  # bytes held, counted as `_size` does
-    per_subject: dict[str, int] = field(default_factory=dict)  # messages held per subject
-
-    def add(self, msg: Stored) -> None:
-        self.messages[msg.seq] = msg
-        self.size += _size(msg)
-        self.per_subject[msg.subject] = self.per_subject.get(msg.subject, 0) + 1
-
-    def remove(self, seq: int) -> None:
-        msg = self.messages.pop(seq, None)
-        if msg is None:
-            return
-        self.size -= _size(msg)
-        left = self.per_subject.get(msg.subject, 1) - 1
-        if left:
-            self.per_subject[msg.subject] = left
-        else:
-            self.per_subject.pop(msg.subject, None)
-
-    def make_room(self, subject: str, size: int, now: float) -> None:
-        """Apply the stream's limits before a message of `size` bytes on `subject` is
-        stored: drop what is past its age; then refuse it (StreamFull) or drop the oldest,
-        as the stream's discard policy says."""
-        spec = self.spec
-        if spec.max_age:
-            for seq, msg in list(self.messages.items()):
-                if msg.at >= now - spec.max_age:
-                    break  # in order of arrival
-                self.remove(seq)
-        over_subject = bool(spec.max_msgs_per_subject) and (
-            self.per_subject.get(subject, 0) >= spec.max_msgs_per_subject
-        )
-        over_bytes = bool(spec.max_bytes) and self.size + size > spec.max_bytes
-        if spec.discard_new and (over_subject or over_bytes):
-            what = "messages per subject" if over_subject else "bytes"
-            raise StreamFull(f"{subject!r} was not stored: the stream is full (maximum {what} exceeded)")
-        if over_subject:
-            oldest = next(seq for seq, m in self.messages.items() if m.subject == subject)
-            self.remove(oldest)
-        while spec.max_bytes and self.messages and self.size + size > spec.max_bytes:
-            self.remove(next(iter(self.messages)))
-
-
-def _size(msg: Stored | _Core) -> int:
-    headers = msg.headers or {}
-    return len(msg.subject) + len(msg.data) + sum(len(k) + len(v) + 4 for k, v in headers.items())
-
-
-@dataclass
-class _ConsumerState:
-    """A durable consumer: what it has handed out, and when each may be handed out again."""
-
-    stream: _Stream
-    spec: ConsumerSpec
-    floor: int  # the last sequence considered for a first delivery
-    deliveries: dict[int, int] = field(default_factory=dict)  # seq -> times handed out
-    due: dict[int, float] = field(default_factory=dict)  # unacknowledged seq -> when it may go again
-    redelivered: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def matches(self, subject: str) -> bool:
-        return any(subjects.matches(f, subject) for f in self.spec.filters) or not self.spec.filters
-
-    def take(self, now: float) -> tuple[int, float] | None:
-        """The next message to hand out (its seq), or when to look again."""
-        soonest = float("inf")
-        for seq, when in sorted(self.due.items()):
-            if seq not in self.stream.messages:
-                self.forget(seq)
-                continue
-            if when > now:
-                soonest = min(soonest, when)
-                continue
-            return seq, 0.0
-        for seq in range(self.floor + 1, self.stream.last + 1):
-            self.floor = seq
-            msg = self.stream.messages.get(seq)
-            if msg is not None and self.matches(msg.subject):
-                return seq, 0.0
-        return None if soonest == float("inf") else (0, soonest)
-
-    def forget(self, seq: int) -> None:
-        self.due.pop(seq, None)
-        self.deliveries.pop(seq, None)
-
-
-class _Delivery:
-    """A stored delivery from a memory consumer."""
-
-    __slots__ = ("_bus", "_state", "attempt", "data", "headers", "origin", "seq", "subject")
-
-    stored = True
-    reply = ""
-
-    def __init__(self, bus: MemoryBus, state: _ConsumerState, msg: Stored, attempt: int) -> None:
-        self._bus, self._state = bus, state
-        self.subject, self.data, self.headers, self.seq = msg.subject, msg.data, msg.headers, msg.seq
-        self.attempt = attempt
-        self.origin = f"{state.stream.spec.name}-{msg.seq}"
-
-    async def ack(self) -> None:
-        st = self._state
-        st.forget(self.seq)
-        if st.stream.spec.work_queue:
-            st.stream.remove(self.seq)
-        st.changed.set()
-
-    async def nak(self, delay: float | None = None) -> None:
-        st = self._state
-        if self.seq in st.due:
-            st.due[self.seq] = time.monotonic() + (delay or 0.0)
-            st.changed.set()
-
-    async def in_progress(self) -> None:
-        st = self._state
-        if self.seq in st.due:
-            st.due[self.seq] = time.monotonic() + st.spec.ack_wait
-
-
-class MemoryConsumer:
-    """One replica's pull from a durable consumer, at most `capacity` messages in hand."""
-
-    def __init__(
-        self,
-        bus: MemoryBus,
-        state: _ConsumerState,
-        handler: Callable[[Delivery, Any], Awaitable[None]],
-        capacity: int,
-    ) -> None:
-        self._bus, self._state, self._handler, self.capacity = bus, state, handler, capacity
-        self.in_hand = 0
-        self._stopping = False
-        self._room = asyncio.Event()
-        self._task = asyncio.ensure_future(self._run())
-
-    def done(self) -> None:
-        self.in_hand -= 1
-        self._room.set()
-
-    async def _run(self) -> None:
-        st = self._state
-        while not self._stopping:
-            if self.in_hand >= self.capacity:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            now = time.monotonic()
-            self._expire(now)
-            got = st.take(now)
-            if got is None or got[0] == 0:
-                st.changed.clear()
-                wait = None if got is None else max(0.0, got[1] - now)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(st.changed.wait(), wait)
-                continue
-            seq = got[0]
-            count = st.deliveries.get(seq, 0) + 1
-            st.deliveries[seq] = count
-            if count > 1:
-                st.redelivered += 1
-            st.due[seq] = now + st.spec.ack_wait  # handed back unless acknowledged or kept alive
-            self.in_hand += 1
-            await self._handler(_Delivery(self._bus, st, st.stream.messages[seq], count), self)
-
-    def _expire(self, now: float) -> None:
-        """Past MaxDeliver: stop handing it out and say so, as the server's advisory."""
-        st = self._state
-        for seq, count in list(st.deliveries.items()):
-            if count >= st.spec.max_deliver and st.due.get(seq, 0) <= now:
-                st.forget(seq)
-                event = {"stream": st.stream.spec.name, "stream_seq": seq, "deliveries": count}
-                subject = f"{ADVISORY}.{st.stream.spec.name}.{st.spec.name}"
-                self._bus.route(_Core(subject, json.dumps(event).encode(), None))
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._state.changed.set()
-        self._room.set()
-
-    async def close(self) -> None:
-        await self.stop()
-        self._task.cancel()
-
-
 class MemoryBus:
     """The server side, shared by every `transport()` made from it."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.load(environ={})
-        self._subs: list[_Sub] = []
+        self._subs: list[Sub] = []
         self._turns: dict[tuple[str, str], int] = {}
-        self.streams: dict[str, _Stream] = {}
-        self.consumers: dict[tuple[str, str], _ConsumerState] = {}
+        self.streams: dict[str, Stream] = {}
+        self.consumers: dict[tuple[str, str], ConsumerState] = {}
         self.buckets: dict[str, MemoryState] = {}
         self._inboxes = itertools.count(1)
 
     def transport(self) -> MemoryTransport:
         return MemoryTransport(self)
 
-    def subscribe(self, pattern: str, queue: str, handler: Callable[[Any], Awaitable[None]]) -> _Sub:
-        sub = _Sub(self, pattern, queue, handler)
+    def subscribe(self, pattern: str, queue: str, handler: Callable[[Any], Awaitable[None]]) -> Sub:
+        sub = Sub(self, pattern, queue, handler)
         self._subs.append(sub)
         return sub
 
-    def unsubscribe(self, sub: _Sub) -> None:
+    def unsubscribe(self, sub: Sub) -> None:
         with contextlib.suppress(ValueError):
             self._subs.remove(sub)
 
-    def interested(self, subject: str) -> list[_Sub]:
+    def interested(self, subject: str) -> list[Sub]:
         """Who gets a core message: every plain subscriber, one member of each queue group."""
         plain = [s for s in self._subs if not s.queue and subjects.matches(s.pattern, subject)]
-        groups: dict[str, list[_Sub]] = {}
+        groups: dict[str, list[Sub]] = {}
         for s in self._subs:
             if s.queue and subjects.matches(s.pattern, subject):
                 groups.setdefault(s.queue, []).append(s)
@@ -327,7 +94,7 @@ class MemoryBus:
             plain.append(members[turn % len(members)])
         return plain
 
-    def route(self, msg: _Core, *, stored: bool = False) -> int:
+    def route(self, msg: Core, *, stored: bool = False) -> int:
         """Hand `msg` to its subscribers and store it if a stream takes its subject: its
         sequence, or 0. A full stream raises StreamFull when `stored` (a publish that waits
         for the stream's answer), else the message is just not kept, as on the server."""
@@ -343,7 +110,7 @@ class MemoryBus:
                 raise
             return 0
 
-    def stream_for(self, subject: str) -> _Stream | None:
+    def stream_for(self, subject: str) -> Stream | None:
         return next(
             (
                 st
@@ -353,7 +120,7 @@ class MemoryBus:
             None,
         )
 
-    def keep(self, stream: _Stream, msg: _Core) -> int:
+    def keep(self, stream: Stream, msg: Core) -> int:
         now = time.monotonic()
         msg_id = (msg.headers or {}).get(NATS_MSG_ID)
         if msg_id:
@@ -361,7 +128,7 @@ class MemoryBus:
             if seen is not None and now - seen[1] < stream.spec.dedupe_window:
                 return seen[0]
         at = time.time()
-        stream.make_room(msg.subject, _size(msg), at)
+        stream.make_room(msg.subject, size_of(msg), at)
         stream.last += 1
         stream.add(Stored(msg.subject, msg.data, msg.headers, stream.last, at))
         if msg_id:
@@ -382,7 +149,7 @@ class MemoryTransport:
         self.bus = bus
         self.settings = bus.settings
         self.closed = asyncio.Event()
-        self._subs: list[_Sub] = []
+        self._subs: list[Sub] = []
         self._consumers: list[MemoryConsumer] = []
 
     @property
@@ -400,21 +167,21 @@ class MemoryTransport:
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
     ) -> None:
-        self.bus.route(_Core(subject, data, dict(headers) if headers else None, reply))
+        self.bus.route(Core(subject, data, dict(headers) if headers else None, reply))
 
     def new_inbox(self) -> str:
         return self.bus.new_inbox()
 
     async def subscribe(
         self, subject: str, handler: Callable[[Any], Awaitable[None]], queue: str = ""
-    ) -> _Sub:
+    ) -> Sub:
         sub = self.bus.subscribe(subject, queue, handler)
         self._subs.append(sub)
         return sub
 
     async def listen(
         self, subject: str, handler: Callable[[Delivery], Awaitable[None]], queue: str = ""
-    ) -> _Sub:
+    ) -> Sub:
         async def deliver(msg: Any) -> None:
             await handler(Direct(msg.subject, msg.data, msg.headers, msg.reply))
 
@@ -435,14 +202,14 @@ class MemoryTransport:
         sub = self.bus.subscribe(inbox, "", first)
         try:
             stream = self.bus.stream_for(subject)
-            seq = self.bus.route(_Core(subject, data, dict(headers) if headers else None, inbox))
+            seq = self.bus.route(Core(subject, data, dict(headers) if headers else None, inbox))
             if stream is not None:  # a stored subject answers with the stream's acknowledgement
                 ack = json.dumps(
                     {"stream": stream.spec.name, "seq": seq}
                     if seq
                     else {"error": {"code": 503, "err_code": 10077, "description": "the stream is full"}}
                 ).encode()
-                return _Core(inbox, ack, None)
+                return Core(inbox, ack, None)
             return await asyncio.wait_for(answer, timeout)
         finally:
             await sub.unsubscribe()
@@ -454,7 +221,7 @@ class MemoryTransport:
             await self.ensure_streams()
         if self.bus.stream_for(subject) is None:
             raise ServerError(f"no stream stored {subject!r}")
-        return self.bus.route(_Core(subject, data, dict(headers) if headers else None), stored=True)
+        return self.bus.route(Core(subject, data, dict(headers) if headers else None), stored=True)
 
     def outbox(self) -> Outbox:
         return Waiting(self)  # a store here is done when it returns: nothing to wait for later
@@ -464,7 +231,7 @@ class MemoryTransport:
             await self.ensure_stream(spec, self.settings)
 
     async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
-        self.bus.streams.setdefault(spec.name, _Stream(spec))
+        self.bus.streams.setdefault(spec.name, Stream(spec))
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         stream = self.bus.streams.get(spec.stream)
@@ -475,7 +242,7 @@ class MemoryTransport:
             self.bus.consumers[key].spec = spec
             return
         floor = stream.last if spec.deliver_new else 0
-        self.bus.consumers[key] = _ConsumerState(stream, spec, floor)
+        self.bus.consumers[key] = ConsumerState(stream, spec, floor)
 
     async def consume(
         self, spec: ConsumerSpec, handler: Callable[[Delivery, Any], Awaitable[None]], capacity: int
@@ -500,7 +267,7 @@ class MemoryTransport:
     async def consumers(self, stream: str) -> dict[str, list[str]]:
         return {name: list(st.spec.filters) for (s, name), st in self.bus.consumers.items() if s == stream}
 
-    def _stream(self, name: str) -> _Stream:
+    def _stream(self, name: str) -> Stream:
         stream = self.bus.streams.get(name)
         if stream is None:
             raise ServerError(f"no stream {name}")

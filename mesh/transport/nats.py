@@ -1,7 +1,6 @@
-"""The bus behind a Protocol, and its NATS implementation.
+"""The NATS implementation of `Transport` (mesh.transport.base).
 
-Everything above the bus talks to `Transport` (and to `mesh.transport.state.StateStore` for
-shared state); nats-py is used only here and in the modules beside it: `natsclient` (the
+nats-py is used only here and in the modules beside it: `natsclient` (the
 client itself), `consumer` (pulls), `outbox` (stores acknowledged together), `state` and
 `kvbatch` (KV buckets). A delivery is anything with ``subject``, ``data``, ``headers`` and
 ``reply``.
@@ -10,11 +9,9 @@ client itself), `consumer` (pulls), `outbox` (stores acknowledged together), `st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import nats
 import structlog
@@ -32,9 +29,27 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 
 from mesh.transport.auth import connect_options
+from mesh.transport.base import DeliveryHandler, RawHandler, StoredHandler, Subscription
 from mesh.transport.consumer import PullConsumer
-from mesh.transport.delivery import Consumer, Delivery, Direct
-from mesh.transport.natsclient import MAX_CONTROL_LINE, Client, header_bytes, with_text_headers
+from mesh.transport.delivery import Direct
+from mesh.transport.jetstream import (
+    JS_DUPLICATE_IN_PROCESS,
+    JS_STORE_FAILED,
+    JS_STREAM_NAME_IN_USE,
+    NO_LEADER,
+    edit_command,
+    limits_differ,
+    stream_api_errors,
+)
+from mesh.transport.natsclient import (
+    MAX_CONTROL_LINE,
+    Client,
+    Refused,
+    connect_or_refuse,
+    header_bytes,
+    is_refusal,
+    with_text_headers,
+)
 from mesh.transport.outbox import Acks, Outbox, Pipelined
 from mesh.transport.server import resolve_url
 from mesh.transport.state import NatsState, StateStore
@@ -52,181 +67,8 @@ RETRY_DELAY_MAX = 2.0
 REFUSED_ATTEMPTS = 3  # connects refused for the credentials before giving up (a reload may race)
 REFUSED_DELAY = 0.25
 
-# JetStream API error codes (nats-server's errors.json)
-JS_CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
-JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # "JetStream not enabled for account"
-# a 409: a publish with this Nats-Msg-Id is still being replicated (a leader without a quorum)
-JS_DUPLICATE_IN_PROCESS = 10158  # "duplicate message id is in process"
-JS_STORE_FAILED = 10077  # a 503 "maximum bytes exceeded", "maximum messages per subject exceeded"
-JS_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
-
-_NO_LEADER = (
-    "The stream has no quorum or no leader: on a cluster, fewer than half of the servers "
-    "holding its replicas are up, or they are electing a leader"
-)
-_NO_JETSTREAM = (
-    "the NATS server has no JetStream, which the mesh needs for durable inboxes, events "
-    "and dead letters: start nats-server with -js (or `jetstream {}` in its config)"
-)
-
-
-def _unavailable(exc: Any, stream: str) -> ServerError:
-    """What a 503 from the JetStream API means: no JetStream at all (nobody answered; the
-    client reports the no-responders status as a 503 without an error code), none for this
-    account, or a cluster without a meta leader."""
-    code = getattr(exc, "err_code", None)
-    if code is None:
-        return ServerError(_NO_JETSTREAM)
-    if code == JS_NOT_ENABLED_FOR_ACCOUNT:
-        return ServerError(
-            "JetStream is not enabled for the NATS account this process uses: enable it for the "
-            "account (a `jetstream` block in the account's configuration, or its JWT limits)"
-        )
-    if code == JS_CLUSTER_NOT_AVAILABLE:
-        return ServerUnavailable(
-            f"the JetStream cluster has no meta leader, so stream {stream} cannot be created or "
-            f"checked: fewer than half of its servers are up (no quorum), or they are electing a "
-            f"leader. It works again once a majority of the servers is back"
-        )
-    return ServerUnavailable(
-        f"JetStream could not create or check stream {stream}: 503, error {code} "
-        f"({getattr(exc, 'description', '')})"
-    )
-
-
-class _Refused(Exception):
-    """The server refused the connection's credentials (or their absence)."""
-
-
-async def _connect(
-    nc: NatsClient, options: dict[str, Any], refused: asyncio.Future[str], timeout: float
-) -> None:
-    """Connect, failing at once when the server refuses the credentials: nats-py would
-    otherwise try again until the timeout."""
-    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**options))
-    await asyncio.wait([connecting, refused], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    if connecting.done():
-        connecting.result()
-        return
-    connecting.cancel()
-    with contextlib.suppress(BaseException):
-        await connecting
-    if not refused.done():
-        raise TimeoutError
-    with contextlib.suppress(Exception):
-        await nc.close()
-    raise _Refused(refused.result())
-
 
 _DENIED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
-
-
-def _is_refusal(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "authorization violation" in text or "authentication" in text
-
-
-class RawMessage(Protocol):
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-    reply: str
-
-
-RawHandler = Callable[[Any], Awaitable[None]]
-DeliveryHandler = Callable[[Delivery], Awaitable[None]]
-StoredHandler = Callable[[Delivery, Consumer], Awaitable[None]]
-
-
-class Subscription(Protocol):
-    async def drain(self) -> None: ...
-
-    async def unsubscribe(self, limit: int = 0) -> None: ...
-
-
-class Transport(Protocol):
-    """What the mesh needs from a message bus."""
-
-    @property
-    def connected_url(self) -> str: ...
-
-    async def publish(
-        self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = ""
-    ) -> None: ...
-
-    async def subscribe(self, subject: str, handler: RawHandler, queue: str = "") -> Subscription: ...
-
-    def new_inbox(self) -> str:
-        """A fresh reply subject in this connection's own inbox space (an identity may
-        subscribe only under its own prefix: mesh.transport.auth)."""
-        ...
-
-    async def listen(self, subject: str, handler: DeliveryHandler, queue: str = "") -> Subscription:
-        """Subscribe for deliveries (core NATS: at most once), as the runtime takes them."""
-        ...
-
-    async def request(
-        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
-    ) -> Any:
-        """Publish with a reply subject and wait for the first answer."""
-        ...
-
-    async def store(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
-        """Publish and wait until a stream has stored the message; its stream sequence."""
-        ...
-
-    def outbox(self) -> Outbox:
-        """Stores for one handler run: published at once, acknowledged together (`flush`)."""
-        ...
-
-    async def ensure_stream(self, spec: StreamSpec, settings: Settings) -> None:
-        """Create the stream if absent (ServerError when the server has no JetStream,
-        ServerUnavailable when a cluster has no meta leader)."""
-        ...
-
-    async def ensure_streams(self) -> None: ...
-
-    async def ensure_consumer(self, spec: ConsumerSpec) -> None: ...
-
-    async def consume(self, spec: ConsumerSpec, handler: StoredHandler, capacity: int) -> Consumer: ...
-
-    async def consumer_info(self, stream: str, name: str) -> Any: ...
-
-    async def consumers(self, stream: str) -> dict[str, list[str]]:
-        """The consumers of a stream by name, with their filter subjects."""
-        ...
-
-    async def stored(self, stream: str, seq: int) -> Any:
-        """A stored message by stream sequence (subject, data, headers, seq)."""
-        ...
-
-    async def stored_next(self, stream: str, seq: int, subject: str) -> Any | None:
-        """The first stored message at or after `seq` on `subject` (a pattern), or None."""
-        ...
-
-    async def stored_last(self, stream: str, subject: str) -> Any | None:
-        """The last stored message on `subject`, or None."""
-        ...
-
-    async def delete_stored(self, stream: str, seq: int) -> None: ...
-
-    async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
-        """A key-value bucket (created if absent)."""
-        ...
-
-    async def flush(self, timeout: float = 5.0) -> None: ...
-
-    @property
-    def is_connected(self) -> bool: ...
-
-    @property
-    def max_payload(self) -> int:
-        """The largest message (headers and body) the bus takes."""
-        ...
-
-    closed: asyncio.Event  # set when the connection has closed for good
-
-    async def close(self) -> None: ...
 
 
 class NatsTransport:
@@ -276,7 +118,7 @@ class NatsTransport:
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
-            if transport is None and _is_refusal(exc):
+            if transport is None and is_refusal(exc):
                 if not refused.done():
                     refused.set_result(str(exc))
                 return
@@ -319,9 +161,9 @@ class NatsTransport:
         try:
             for attempt in range(REFUSED_ATTEMPTS):
                 try:
-                    await _connect(nc, options, refused, settings.connect_timeout * 2)
+                    await connect_or_refuse(nc, options, refused, settings.connect_timeout * 2)
                     break
-                except _Refused:
+                except Refused:
                     # a connection that arrives while the server reloads its users can be
                     # refused though its key is valid: try again shortly, a few times
                     if attempt == REFUSED_ATTEMPTS - 1:
@@ -329,7 +171,7 @@ class NatsTransport:
                     await asyncio.sleep(REFUSED_DELAY)
                     nc = Client()
                     refused = asyncio.get_running_loop().create_future()
-        except _Refused as exc:
+        except Refused as exc:
             who = (
                 f"the credentials in {settings.nats_creds}" if settings.nats_creds else "a client without any"
             )
@@ -408,7 +250,7 @@ class NatsTransport:
                 return int(ack.seq)
             except nats.js.errors.NoStreamResponseError:
                 ensured = False  # no leader, or no stream at all: check the streams first next time
-                why = f"no stream leader answered. {_NO_LEADER}"
+                why = f"no stream leader answered. {NO_LEADER}"
             except TimeoutError:  # nats-py's, or the wait for the streams
                 if subject.lower() in self.refused:
                     raise PublishError(
@@ -416,7 +258,7 @@ class NatsTransport:
                         f"violation): agents and the publisher role may send to inboxes, direct lines and "
                         f"events, approval decisions need the operator; see docs/security.md"
                     ) from None
-                why = f"no answer within {timeout:.1f}s. {_NO_LEADER}, or the server is down or overloaded"
+                why = f"no answer within {timeout:.1f}s. {NO_LEADER}, or the server is down or overloaded"
             except nats.js.errors.ServiceUnavailableError as exc:
                 if exc.err_code == JS_STORE_FAILED and "maximum" in (exc.description or ""):
                     raise StreamFull(
@@ -425,11 +267,11 @@ class NatsTransport:
                         f"and conversation, MESH_STREAM_MAX_MSGS_PER_SUBJECT: start or scale the agent "
                         f"it is for, or raise the stream's limits (docs/operations.md#limits)"
                     ) from None
-                why = f"JetStream answered 503 ({exc.description or 'unavailable'}). {_NO_LEADER}"
+                why = f"JetStream answered 503 ({exc.description or 'unavailable'}). {NO_LEADER}"
             except nats.js.errors.APIError as exc:
                 if exc.err_code != JS_DUPLICATE_IN_PROCESS:
                     raise
-                why = f"an earlier attempt is not yet stored or refused. {_NO_LEADER}"
+                why = f"an earlier attempt is not yet stored or refused. {NO_LEADER}"
             except ServerUnavailable as exc:
                 why = str(exc)
             elapsed = loop.time() - started
@@ -477,47 +319,30 @@ class NatsTransport:
             discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
             discard_new_per_subject=spec.discard_new and spec.max_msgs_per_subject > 0,
         )
-        try:
-            # With credentials, look first: an identity that may not create streams (an agent
-            # under auth, docs/security.md) only checks that they exist. Without, create at
-            # once: on a cluster without a meta leader that is refused quickly and says so,
-            # where a look would wait for its timeout.
-            if settings.nats_creds is not None:
-                await self._js.stream_info(spec.name)
-                return
-        except nats.js.errors.NotFoundError:
-            pass
-        except nats.errors.NoRespondersError:
-            raise ServerError(_NO_JETSTREAM) from None
-        except nats.js.errors.ServiceUnavailableError as exc:
-            raise _unavailable(exc, spec.name) from None
-        except nats.errors.TimeoutError:
-            raise ServerUnavailable(
-                f"JetStream did not answer in time when asked about stream {spec.name}: on a cluster, "
-                f"its servers may be electing a meta leader, or too few are up for a quorum; else the "
-                f"server is overloaded, or this identity may not read it (MESH_NATS_CREDS)"
-            ) from None
-        try:
-            await self._js.add_stream(config)
-        except BadRequestError as exc:
-            # 10058: the stream exists with another config (an operator's choice: keep it);
-            # 10065: another stream already captures these subjects, so they are stored.
-            if exc.err_code in (JS_STREAM_NAME_IN_USE, 10065):
+        # With credentials, look first: an identity that may not create streams (an agent
+        # under auth, docs/security.md) only checks that they exist. Without, create at
+        # once: on a cluster without a meta leader that is refused quickly and says so,
+        # where a look would wait for its timeout.
+        if settings.nats_creds is not None:
+            with stream_api_errors(
+                spec.name, "about", ", or this identity may not read it (MESH_NATS_CREDS)"
+            ):
+                try:
+                    await self._js.stream_info(spec.name)
+                    return
+                except nats.js.errors.NotFoundError:
+                    pass
+        with stream_api_errors(spec.name, "to create or check"):
+            try:
+                await self._js.add_stream(config)
+            except BadRequestError as exc:
+                # 10058: the stream exists with another config (an operator's choice: keep it);
+                # 10065: another stream already captures these subjects, so they are stored.
+                if exc.err_code not in (JS_STREAM_NAME_IN_USE, 10065):
+                    raise
                 log.debug("stream kept as configured", stream=spec.name, code=exc.err_code)
                 if exc.err_code == JS_STREAM_NAME_IN_USE:
                     await self._check_limits(spec)
-                return
-            raise
-        except nats.errors.NoRespondersError:
-            raise ServerError(_NO_JETSTREAM) from None
-        except nats.js.errors.ServiceUnavailableError as exc:
-            raise _unavailable(exc, spec.name) from None
-        except nats.errors.TimeoutError:
-            raise ServerUnavailable(
-                f"JetStream did not answer in time when asked to create or check stream {spec.name}: "
-                f"on a cluster, its servers may be electing a meta leader, or too few are up for a "
-                f"quorum; else the server is overloaded"
-            ) from None
 
     async def _check_limits(self, spec: StreamSpec) -> None:
         """Say so when a stream that exists has other limits than these settings ask for: it
@@ -653,40 +478,3 @@ class NatsTransport:
             await self.nc.close()  # nothing to drain while the server is gone
         elif not self.nc.is_closed:
             await self.nc.drain()
-
-
-def limits_differ(spec: StreamSpec, config: Any) -> dict[str, str]:
-    """The limits of an existing stream (`config`, a StreamConfig) that are not the ones
-    `spec` asks for: {limit: "has X, settings ask for Y"}."""
-    age = float(config.max_age or 0)  # the server keeps nanoseconds: within a second is the same
-    has: dict[str, object] = {
-        "max_bytes": max(0, int(config.max_bytes or 0)),
-        "max_age": spec.max_age if abs(age - spec.max_age) < 1 else age,
-        "max_msgs_per_subject": max(0, int(config.max_msgs_per_subject or 0)),
-        "discard": str(getattr(config.discard, "value", config.discard) or "old"),
-    }
-    return {
-        name: f"has {_limit(has[name])}, settings ask for {_limit(want)}"
-        for name, want in spec.limits().items()
-        if has[name] != want
-    }
-
-
-def _limit(value: object) -> str:
-    if value in (0, 0.0):
-        return "no limit"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def edit_command(spec: StreamSpec) -> str:
-    """The `nats` CLI command that gives a stream the limits of `spec`."""
-    parts = [
-        f"nats stream edit {spec.name}",
-        f"--max-bytes={spec.max_bytes or -1}",
-        f"--max-age={int(spec.max_age)}s" if spec.max_age else "--max-age=0",
-        f"--max-msgs-per-subject={spec.max_msgs_per_subject or -1}",
-        f"--discard={'new' if spec.discard_new else 'old'}",
-    ]
-    if spec.discard_new and spec.max_msgs_per_subject:
-        parts.append("--discard-per-subject")
-    return " ".join(parts)

@@ -4,6 +4,8 @@ what goes out is sized as the server counts it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import Mapping
 from email.header import Header, decode_header
@@ -135,3 +137,32 @@ def _text(value: object) -> str:
 def with_text_headers(msg: Any) -> Any:
     msg.headers = text_headers(msg.headers) or None
     return msg
+
+
+class Refused(Exception):
+    """The server refused the connection's credentials (or their absence)."""
+
+
+async def connect_or_refuse(
+    nc: NatsClient, options: dict[str, Any], refused: asyncio.Future[str], timeout: float
+) -> None:
+    """Connect, failing at once when the server refuses the credentials: nats-py would
+    otherwise try again until the timeout."""
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**options))
+    await asyncio.wait([connecting, refused], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        connecting.result()
+        return
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    if not refused.done():
+        raise TimeoutError
+    with contextlib.suppress(Exception):
+        await nc.close()
+    raise Refused(refused.result())
+
+
+def is_refusal(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import msgspec
 
 if TYPE_CHECKING:
-    from mesh.transport.nats import NatsTransport, Transport
+    from mesh.transport.base import Transport
+    from mesh.transport.nats import NatsTransport
 
 ACK_TIMEOUT: Final = 5.0  # seconds `flush` waits for the acknowledgements before storing again
 
