@@ -370,9 +370,12 @@ def test_compose_gives_each_agent_its_own_credentials_and_no_other() -> None:
         assert spec in issued
         env = _environment(services[name])
         assert env["MESH_NATS_CREDS"] == f"/creds/{name}.creds"
-        (mount,) = services[name]["volumes"]
+        mount, public = services[name]["volumes"]
         assert mount["source"] == "auth" and mount["read_only"] is True
         assert mount["volume"]["subpath"] == f"agents/{name}"
+        # and the public keys it verifies senders against, no seed
+        assert public["source"] == "auth" and public["volume"]["subpath"] == "public"
+        assert env["MESH_IDENTITIES"] == public["target"]
 
 
 def test_image_pin_problem() -> None:

@@ -12,27 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from mesh import Agent, Context, Message, message
 from mesh.agent.identity import grant_of
-from mesh.join import all_of
+from mesh.join import Gathered, all_of
 from mesh.patterns.approval import ApprovalDecision
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, SecureServer, running_agent, secure_nats_server
 from mesh.transport import streams
-from mesh.transport.auth import connect_options, creds_text, new_seed
+from mesh.transport.auth import connect_options, creds_text, new_seed, read_seed
 from mesh.transport.identities import reload
 from mesh.transport.nats import NatsTransport
 from mesh.wire import subjects
-from mesh.wire.errors import ServerError
+from mesh.wire.errors import RequestError, ServerError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
+from mesh.wire.signature import Signer
 
 
 @message("sec.ping", version=1)
@@ -525,3 +529,233 @@ def test_permissions_come_from_the_declaration_and_an_unchanged_one_needs_no_rel
     assert "$JS.API.CONSUMER.CREATE.MESH_EVENTS.vault.mesh.*.evt.sec.ping" in perms.publish
     assert "mesh.*.timer.vault" in perms.publish and "mesh.*.timer.*" not in perms.publish
     assert (tmp_path / "auth" / "agents" / "vault" / "vault.creds").stat().st_mode & 0o077 == 0
+
+
+# -- signed envelopes: a compromised agent with valid credentials forges, replays, alters ----
+
+
+@message("sec.job", version=1)
+class Job(Message):
+    to: str
+
+
+chief = Agent("chief", description="Fans out to others and hands off: the legitimate flows")
+chief_asks = chief.join("asks", Pong, policy=all_of())
+chief_seen: dict[str, list[str]] = {"joins": [], "done": []}
+
+
+@chief.handler(events=False)
+async def on_job(job: Job, ctx: Context) -> None:
+    chief_seen["joins"].append(await ctx.fan_out(chief_asks, [(job.to, Ping(text="asked"))]))
+
+
+@chief.handler(events=False)
+async def relay(ping: Ping, ctx: Context) -> None:
+    await ctx.handoff("vault", ping)
+
+
+@chief_asks.complete
+async def asked(result: Gathered[Pong], ctx: Context) -> None:
+    chief_seen["done"].append(",".join(p.sender for p in result.parts))
+
+
+def _signer(secure: SecureServer, identity: str) -> Signer:
+    seed = read_seed(secure.keyring.creds_path(identity))
+    assert seed is not None
+    return Signer(seed)
+
+
+def _signed(
+    secure: SecureServer, identity: str, sender: str, subject: str, msg: Message, **extra: str
+) -> dict[str, str]:
+    """Headers as `sender` would send `msg` to `subject`, signed with `identity`'s key."""
+    client = MeshClient(None, sender)  # type: ignore[arg-type]  # only builds headers
+    mtype = type(msg).__mesh_type__  # type: ignore[attr-defined]
+    headers = client.headers(mtype.name, mtype.version, subjects.parse(subject).conversation)  # type: ignore[union-attr]
+    headers.update(extra)
+    _signer(secure, identity).sign(subject, headers, msgspec.json.encode(msg))
+    return headers
+
+
+async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(secure: SecureServer) -> None:
+    """mallory signs with its own valid key. Forging Mesh-Sender, answering another agent's
+    join, steering a reply into its own inbox, replaying a captured message, altering a
+    signed body: each is dead-lettered (unauthenticated or unauthorized) by the agent it was
+    sent to, and nothing reaches a handler or a join. The legitimate flows (fan-out join,
+    handoff chain, request/reply) work with signing on."""
+    await secure.agent(chief)
+    operator = await MeshClient.connect(secure.role("operator"), "test")
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    mallory_key = _signer(secure, "agent:mallory").public_key
+    conv = "sec-sign"
+    tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
+    publisher = await MeshClient.connect(secure.role("publisher"), "helpdesk")
+    try:
+        async with (
+            running_agent(vault, secure.identity("agent:vault")),
+            running_agent(chief, secure.identity("agent:chief")),
+        ):
+            # legitimate: a fan-out join to vault, a handoff chain, a request/reply
+            await publisher.send("chief", Job(to="vault"), conversation=conv)
+            pong = await publisher.request(
+                "chief", Ping(text="relayed"), Pong, timeout=10, conversation=conv, answered_by=("vault",)
+            )
+            assert pong == Pong(text="relayed", by="vault")
+            with pytest.raises(RequestError, match="came from agent:vault, not from chief"):
+                await publisher.request("chief", Ping(text="relayed 2"), Pong, timeout=10, conversation=conv)
+            assert await publisher.request("vault", Ping(text="direct"), Pong, timeout=10) == Pong(
+                text="direct", by="vault"
+            )
+            # an open join of chief's, fanned out to an agent that never answers
+            await publisher.send("chief", Job(to="ghost"), conversation=conv)
+            got = await tap.wait_for(
+                lambda ms: len(chief_seen["joins"]) >= 2 and chief_seen["done"] == ["vault"]
+            )
+            open_join = chief_seen["joins"][1]
+            # a message the publisher sent to vault, captured on the way (by a tap)
+            await publisher.send("vault", Ping(text="captured"), conversation=conv)
+            got = await tap.wait_for(
+                lambda ms: any(m.subject.endswith(".agent.vault") and b"captured" in m.data for m in ms)
+            )
+            captured = next(m for m in got if m.subject.endswith(".agent.vault") and b"captured" in m.data)
+
+            inbox, chief_inbox = f"mesh.{conv}.agent.vault", f"mesh.{conv}.agent.chief"
+            direct = f"mesh.{conv}.direct.vault"
+            ping = msgspec.json.encode(Ping(text="attack"))
+            pong_body = msgspec.json.encode(Pong(text="attack", by="ghost"))
+            fresh = {"Nats-Msg-Id": "replay-1"}
+            attacks: list[tuple[str, str, str, bytes, dict[str, str]]] = [
+                # (what, expected kind, subject, body, headers)
+                (
+                    "forged Mesh-Sender",
+                    "unauthenticated",
+                    inbox,
+                    ping,
+                    _signed(secure, "agent:mallory", "helpdesk", inbox, Ping(text="attack")),
+                ),
+                (
+                    "forged Mesh-Sender, another agent",
+                    "unauthenticated",
+                    direct,
+                    ping,
+                    _signed(secure, "agent:mallory", "chief", direct, Ping(text="attack")),
+                ),
+                (
+                    "unsigned",
+                    "unauthenticated",
+                    inbox,
+                    ping,
+                    {"Mesh-Type": "sec.ping", "Mesh-Sender": "helpdesk", "Mesh-Id": "unsigned-1"},
+                ),
+                (
+                    "answer to another's join",
+                    "unauthorized",
+                    chief_inbox,
+                    pong_body,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "mallory",
+                        chief_inbox,
+                        Pong(text="attack", by="ghost"),
+                        **{"Mesh-Answer": f"chief.{open_join}/0"},
+                    ),
+                ),
+                (
+                    "answer to another's join, as its branch",
+                    "unauthenticated",
+                    chief_inbox,
+                    pong_body,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "ghost",
+                        chief_inbox,
+                        Pong(text="attack", by="ghost"),
+                        **{"Mesh-Answer": f"chief.{open_join}/0"},
+                    ),
+                ),
+                (
+                    "Mesh-Reply-To into its own inbox, on a signed message",
+                    "unauthenticated",
+                    inbox,
+                    captured.data,
+                    {**captured.headers, **fresh, "Mesh-Reply-To": f"_INBOX.{mallory_key}.steal"},
+                ),
+                (
+                    "a role's Mesh-Reply-To outside its reply space",
+                    "unauthorized",
+                    inbox,
+                    ping,
+                    _signed(
+                        secure,
+                        "role:publisher",
+                        "helpdesk",
+                        inbox,
+                        Ping(text="attack"),
+                        **{"Mesh-Reply-To": f"_INBOX.{mallory_key}.steal"},
+                    ),
+                ),
+                (
+                    "replay of a captured message",
+                    "unauthenticated",
+                    inbox,
+                    captured.data,
+                    {**captured.headers, "Nats-Msg-Id": "replay-2"},
+                ),
+                (
+                    "replay on the direct line",
+                    "unauthenticated",
+                    direct,
+                    captured.data,
+                    dict(captured.headers),
+                ),
+                (
+                    "old message",
+                    "unauthenticated",
+                    inbox,
+                    ping,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "mallory",
+                        inbox,
+                        Ping(text="attack"),
+                        **{"Mesh-Sent-At": str(time.time_ns() - 3600 * 10**9)},
+                    ),
+                ),
+                (
+                    "altered body",
+                    "unauthenticated",
+                    inbox,
+                    captured.data.replace(b"captured", b"attack!!"),
+                    {**captured.headers, "Nats-Msg-Id": "replay-3"},
+                ),
+            ]
+            for _, _, subject, body, headers in attacks:
+                await probe.nc.publish(subject, body, headers=headers)
+            await probe.nc.flush()
+
+            def letters(ms: list[Any]) -> list[Any]:
+                return [m for m in ms if ".dlq." in m.subject]
+
+            try:
+                got = await tap.wait_for(lambda ms: len(letters(ms)) >= len(attacks), timeout=20)
+            except TimeoutError:
+                got = tap.messages
+            kinds = sorted((m.headers or {}).get("Mesh-Dlq-Kind", "") for m in letters(got))
+            handled = [
+                m
+                for m in got
+                if m.subject.endswith("evt.sec.pong") and m.data != b'{"text":"captured","by":"vault"}'
+            ]
+            assert len(chief_seen["done"]) == 1  # the open join took no forged answer
+        refused = len(letters(got))
+        print(f"signed envelopes: {len(attacks)} attacks, {refused} refused, {len(handled)} succeeded")
+        assert handled == []
+        assert kinds == sorted(kind for _, kind, *_ in attacks)
+    finally:
+        await tap.stop()
+        await probe.close()
+        await publisher.close()
+        await operator.close()

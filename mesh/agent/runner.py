@@ -18,6 +18,7 @@ from mesh.agent.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
 from mesh.llm import LLM, llm_scope, make_llm
 from mesh.middleware.base import chain
+from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
 from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
@@ -38,14 +39,17 @@ from mesh.runtime.ladder import (
     SettleDirect,
     Take,
     TimeLimit,
+    Verify,
     Work,
     cancelled_by_stop,
 )
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
+from mesh.runtime.verify import verifier_of
 from mesh.transport import streams
 from mesh.transport.base import Subscription, Transport
 from mesh.transport.delivery import Consumer, Delivery, Later
+from mesh.transport.keys import signer_of
 from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
 from mesh.wire import subjects
@@ -92,12 +96,21 @@ class AgentRuntime:
         self.codec = codec
         self.instance = instance or new_id()
         self.llm = llm or make_llm(settings)
+        self._signer = signer_of(settings)
         self.client = MeshClient(
             transport,
             sender=agent.name,
             codec=codec,
-            publish_middleware=(inject_trace, *agent.publish_middleware),
+            # signing last: it signs the headers as everything before it left them
+            publish_middleware=(
+                inject_trace,
+                *agent.publish_middleware,
+                *((signing(self._signer),) if self._signer is not None else ()),
+            ),
         )
+        self.verifier = verifier_of(settings)  # on whenever the agent has an identity
+        if self.verifier is not None:  # and the answers to its own requests are checked too
+            self.client.directory = self.verifier.directory
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency
@@ -130,6 +143,8 @@ class AgentRuntime:
         stored = Accept(stored, self._accept)
         stored = Guard(stored, processed, self.agent.name)
         direct: Take = Accept(run, self._accept)
+        if self.verifier is not None:
+            stored, direct = Verify(stored, self.verifier), Verify(direct, self.verifier)
         if settings.sender_rate:  # one table for both: a sender's quota is per process
             quotas = Quotas(settings.sender_rate, settings.sender_burst)
             stored, direct = Quota(stored, quotas), Quota(direct, quotas)
@@ -168,7 +183,14 @@ class AgentRuntime:
         processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
         self._failures = Failures(state, name, self.instance)
         self._stored, self._direct = self._ladders(processed, self._failures)
-        self._joins = JoinKeeper(name, self.agent.joins, state, settings.max_depth, settings.max_deliver)
+        self._joins = JoinKeeper(
+            name,
+            self.agent.joins,
+            state,
+            settings.max_depth,
+            settings.max_deliver,
+            authenticated=self.verifier is not None,
+        )
         self._joins.run_completion = self._complete
         self._approvals = ApprovalKeeper(self.agent, state, settings.approval_timeout, settings.max_deliver)
         self._keepers = Keepers()
@@ -420,7 +442,7 @@ class AgentRuntime:
         """Dead-letter a direct delivery and, if someone waits for an answer, tell them why."""
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
-        await answer_failure(self.transport, msg, self.agent.name, kind, reason)
+        await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:

@@ -19,12 +19,16 @@ import click
 import nats.js.errors
 
 from mesh.runtime.deadletter import CONTINUATION
+from mesh.transport.keys import signer_of
 from mesh.transport.nats import NatsTransport
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError
 from mesh.wire.secrets import is_secret_header
 from mesh.wire.settings import Settings
+from mesh.wire.signature import SIGNATURE, Signer
+
+OPERATOR_SENDER = "operator"  # who a signed re-drive is from (a role's name, never an agent's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +145,12 @@ async def redrive(
     *,
     keep: bool = False,
     secret_headers: frozenset[str] = frozenset(),
+    signer: Signer | None = None,
 ) -> Redriven:
     """Send dead letter `seq` back to its agent's inbox, without secret headers: where it
-    went, and which it went without."""
+    went, and which it went without. With a `signer` (the operator's identity, on a mesh
+    with identities) it goes as a new message from the operator, signed: the original
+    sender's signature cannot be carried over (its id was seen, its time is past)."""
     raw = await get_dead_letter(transport, stream, seq)
     letter = _read(raw)
     if letter.kind == CONTINUATION:
@@ -161,7 +168,15 @@ async def redrive(
         data = raw.data + rest.data
     target = subjects.Address.inbox(letter.conversation, letter.agent).subject
     headers = dict(raw.headers or {})
-    await transport.store(target, data, redrive_headers(headers, secret_headers))
+    out = redrive_headers(headers, secret_headers)
+    if signer is not None:
+        out.pop(SIGNATURE, None)
+        out[h.REDRIVEN_FROM] = out.get(h.SENDER, "")
+        out[h.ID] = out[h.NATS_MSG_ID]
+        out[h.SENDER] = OPERATOR_SENDER
+        out[h.SENT_AT] = str(h.now_ns())
+        signer.sign(target, out, data)
+    await transport.store(target, data, out)
     if not keep:
         await transport.delete_stored(stream, seq)
         if rest is not None:
@@ -262,6 +277,7 @@ def register(cli: click.Group, settings_fn: Any, run: Any) -> None:
                     seq,
                     keep=keep,
                     secret_headers=settings.secret_header_names,
+                    signer=signer_of(settings),
                 )
             finally:
                 await transport.close()

@@ -107,8 +107,13 @@ class JoinKeeper:
         state: StateStore,
         max_depth: int,
         max_deliver: int = 5,
+        *,
+        authenticated: bool = False,
     ) -> None:
         self.agent = agent
+        # senders are proven (signed envelopes): an answer must come from the agent its
+        # branch was sent to, a timer from this agent
+        self.authenticated = authenticated
         self.joins = joins
         self.state = state
         self.max_depth = max_depth
@@ -190,6 +195,10 @@ class JoinKeeper:
             jid, branch = timer.join, "timer"
             if not h.is_id_token(jid):  # a '*' or '>' in a key would be a KV wildcard
                 raise DeliveryError("unknown_join", f"{h.show(jid)} is not a join id")
+            if self.authenticated and env.sender != self.agent:
+                raise DeliveryError(
+                    "unauthorized", f"a join timer from {h.show(env.sender)}, not {self.agent!r}"
+                )
             waiting = await timers.wait(env, ctx, timer, timer.due_ms, self.max_deliver)
             if waiting is not None:
                 return "handled" if waiting == "rearmed" else waiting
@@ -208,6 +217,8 @@ class JoinKeeper:
             join = self.joins.get(st.name)
             if join is None:
                 raise DeliveryError("unknown_join", f"agent {self.agent!r} declares no join {st.name!r}")
+            if self.authenticated and branch != "timer":
+                self._check_sender(join, st, jid, branch, env.sender)
             if st.done:
                 return "skipped"
             if st.fired_by:
@@ -264,6 +275,18 @@ class JoinKeeper:
         await ctx.flush()
         await self._finish(key)
         return "handled"
+
+    def _check_sender(self, join: Join[Any], st: JoinState, jid: str, branch: str, sender: str) -> None:
+        """Only the agent a branch was sent to answers it (the judge's branch: the judge)."""
+        if branch == "judge":
+            expected = join.resolve.agent if isinstance(join.resolve, JudgeBy) else None
+        else:
+            expected = st.branches.get(branch)
+        if expected is not None and sender != expected:
+            raise DeliveryError(
+                "unauthorized",
+                f"{h.show(sender)} answered branch {branch!r} of join {jid!r}, sent to {expected!r}",
+            )
 
     async def _finish(self, key: str) -> None:
         while True:

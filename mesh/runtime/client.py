@@ -16,9 +16,11 @@ import msgspec
 from msgspec.structs import replace
 
 from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMiddleware, chain_publish
+from mesh.middleware.signing import signing
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
 from mesh.transport.base import Transport
+from mesh.transport.keys import KeyDirectory, directory_path, signer_of
 from mesh.transport.nats import NatsTransport
 from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
@@ -27,6 +29,8 @@ from mesh.wire.codec import JSON, Codec, default_codec
 from mesh.wire.errors import DecodeError, RequestError, RequestFailed, RequestRefused
 from mesh.wire.messages import Message, type_of
 from mesh.wire.settings import Settings
+from mesh.wire.signature import BadSignature
+from mesh.wire.signature import verify as verify_signature
 from mesh.wire.subjects import Address, conversation_id
 
 R = TypeVar("R", bound=Message)
@@ -92,6 +96,8 @@ class MeshClient:
         self.sender = sender
         self.codec = codec
         self._send = chain_publish(self._deliver, publish_middleware)
+        # on a mesh with identities: who may answer a request is checked against these keys
+        self.directory: KeyDirectory | None = None
 
     async def _deliver(self, out: Outgoing) -> Any:
         """The end of the publish chain: the transport (for a store in a handler, its run's
@@ -107,7 +113,14 @@ class MeshClient:
 
     @classmethod
     async def connect(cls, settings: Settings, sender: str, *, url: str | None = None) -> MeshClient:
-        return cls(await NatsTransport.connect(settings, sender, url=url), sender)
+        """A client on its own connection; with an identity (MESH_NATS_CREDS), it signs."""
+        signer = signer_of(settings)
+        middleware = (inject_trace, signing(signer)) if signer is not None else (inject_trace,)
+        transport = await NatsTransport.connect(settings, sender, url=url)
+        client = cls(transport, sender, publish_middleware=middleware)
+        path = directory_path(settings) if signer is not None else None
+        client.directory = KeyDirectory(path) if path is not None else None
+        return client
 
     async def close(self) -> None:
         await self.transport.close()
@@ -180,11 +193,15 @@ class MeshClient:
         conversation: str | None = None,
         content_type: str = JSON,
         errors: tuple[type[Message], ...] = (),
+        answered_by: Sequence[str] = (),
     ) -> R:
         """Ask an agent over its direct line and wait for its typed answer.
 
         Raises `RequestError` if nobody answers in time or the answer is not a `reply_type`;
         `RequestRefused` (carrying the decoded answer) if it is one of the `errors` types.
+        On a mesh with identities the answer must be signed by the agent asked, or by one of
+        `answered_by` (the agent at the end of a handoff chain); anything else is a
+        `RequestError`.
         """
         conv = _conversation(conversation or lineage.conversation)
         if lineage.deadline_ms is None:
@@ -212,6 +229,8 @@ class MeshClient:
                     raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
                 await asyncio.sleep(pause)
                 pause *= 2
+        if self.directory is not None:
+            self._check_answerer(answer, agent, answered_by or (agent,))
         got = (answer.headers or {}).get(h.TYPE, "")
         if got == "mesh.delivery_failed":
             try:
@@ -236,6 +255,21 @@ class MeshClient:
             )
         except DecodeError as exc:
             raise RequestError(f"agent {agent!r} answered with an invalid {want}: {exc.reason}") from None
+
+    def _check_answerer(self, answer: Any, agent: str, allowed: Sequence[str]) -> None:
+        assert self.directory is not None
+        headers = answer.headers or {}
+        try:
+            signer = verify_signature(answer.subject, headers, answer.data)
+        except BadSignature as exc:
+            raise RequestError(f"the answer to a request to {agent!r} is refused: {exc}") from None
+        identity = self.directory.identity(signer) or ""
+        kind, _, name = identity.partition(":")
+        if kind != "agent" or name not in allowed or headers.get(h.SENDER) != name:
+            who = identity or f"an unknown key {signer}"
+            raise RequestError(
+                f"the answer to a request to {agent!r} came from {who}, not from {', '.join(allowed)}"
+            )
 
     async def emit(
         self,

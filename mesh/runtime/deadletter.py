@@ -21,6 +21,7 @@ from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.messages import Message, message
 from mesh.wire.secrets import without_secrets
+from mesh.wire.signature import Signer
 
 log = structlog.get_logger("mesh.runtime.deadletter")
 
@@ -45,14 +46,20 @@ def dead_letter_subject(subject: str, agent: str) -> str:
     return subjects.Address.dead_letter(conv if subjects.is_conversation_id(conv) else "_", agent).subject
 
 
-async def answer_failure(transport: Transport, msg: Any, agent: str, kind: str, reason: str) -> None:
-    """Tell a requester waiting on `msg.reply` why its request was not handled."""
+async def answer_failure(
+    transport: Transport, msg: Any, agent: str, kind: str, reason: str, signer: Signer | None = None
+) -> None:
+    """Tell a requester waiting on `msg.reply` why its request was not handled (signed by
+    `signer`, the agent's identity, on a mesh with identities)."""
     if not msg.reply:
         return
     body = msgspec.json.encode(
         DeliveryFailed(kind=kind, reason=_one_line(reason), agent=agent, message_id=_sender_id(msg))
     )
     headers = {h.TYPE: "mesh.delivery_failed", h.VERSION: "1", h.ID: h.new_id(), h.SENDER: agent}
+    if signer is not None:
+        headers[h.SENT_AT] = str(h.now_ns())
+        signer.sign(msg.reply, headers, body)
     try:
         await transport.publish(msg.reply, body, headers)
     except Exception as exc:  # the requester still times out; the dead letter has it all

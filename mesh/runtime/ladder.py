@@ -3,10 +3,10 @@
 A rung takes a `Work` (the delivery, and what the rungs below learn about it) and the rung
 below it. The runtime builds two ladders, top rung first:
 
-    stored:  Count > Settle > Quota > Guard > Accept > GiveUp > TimeLimit > Run
-    direct:  Count > SettleDirect > Quota > Accept > Run
+    stored:  Count > Settle > Quota > Verify > Guard > Accept > GiveUp > TimeLimit > Run
+    direct:  Count > SettleDirect > Quota > Verify > Accept > Run
 
-(`Quota` only when MESH_SENDER_RATE is not 0.)
+(`Quota` only when MESH_SENDER_RATE is not 0; `Verify` only when identities are on.)
 
 `Run` calls the handler (or a join or an approval). The rungs between turn what happened
 into one of a few signals, and `Settle` turns each signal into what the stream is told:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mesh.runtime.discovery import Stats
     from mesh.runtime.quota import Quotas
     from mesh.runtime.retries import Failures
+    from mesh.runtime.verify import Verifier
     from mesh.transport.state import StateStore
     from mesh.wire.envelope import Envelope
     from mesh.wire.messages import Message
@@ -278,6 +279,21 @@ class Quota:
 def claimed_sender(d: Delivery) -> str:
     """Who a delivery says it is from (Mesh-Sender), as a quota's key."""
     return (d.headers or {}).get(h.SENDER, "")[: h.MAX_NAME]
+
+
+class Verify:
+    """Signed envelopes (mesh.runtime.verify): a message whose signature, signer or freshness
+    cannot be proven is dead-lettered as ``unauthenticated`` before anything trusts its
+    headers. Before the duplicate guard, so a replayed copy of a processed message is
+    refused, not silently dropped; a redelivery of the same stored message passes."""
+
+    def __init__(self, below: Take, verifier: Verifier) -> None:
+        self.below = below
+        self.verifier = verifier
+
+    async def __call__(self, w: Work) -> Later | None:
+        self.verifier.check(w.delivery)
+        return await self.below(w)
 
 
 Check = Callable[[Delivery], "tuple[Envelope, Context, Message | None, Handler | None]"]

@@ -352,6 +352,11 @@ class Keyring:
             for u in self.users
         ]
         _write_atomic(self.directory / "users.json", json.dumps(rows, indent=1))
+        # the same public keys alone in a directory of their own, for every process that
+        # verifies senders (mesh.transport.keys) to be given without the seeds beside them
+        public = self.directory / "public"
+        public.mkdir(exist_ok=True, mode=0o755)
+        _write_atomic(public / "users.json", json.dumps(rows, indent=1), mode=0o644)
         _write_atomic(
             self.conf_path, "authorization: " + json.dumps(auth_config(self.users), indent=1) + "\n"
         )
@@ -363,9 +368,9 @@ def auth_config(users: list[User]) -> dict[str, Any]:
     return {"users": [{"nkey": u.nkey, "permissions": u.permissions.config()} for u in users]}
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     tmp.replace(path)

@@ -27,7 +27,7 @@ log = structlog.get_logger("mesh.transport.consumer")
 class Stored:
     """A `Delivery` from a JetStream consumer."""
 
-    __slots__ = ("_msg", "attempt", "data", "headers", "origin", "subject")
+    __slots__ = ("_msg", "attempt", "data", "headers", "origin", "stored_ns", "subject")
 
     stored = True
     reply = ""  # the message's reply subject is JetStream's acknowledgement, not a requester
@@ -40,6 +40,8 @@ class Stored:
         self.headers: dict[str, str] | None = msg.headers
         self.attempt = int(meta.num_delivered or 1)
         self.origin = f"{meta.stream}-{meta.sequence.stream}"
+        # when the stream stored it (a signed message's Mesh-Sent-At is checked against it)
+        self.stored_ns = int(meta.timestamp.timestamp() * 1e9) if meta.timestamp else 0
 
     async def ack(self) -> None:
         await self._msg.ack()

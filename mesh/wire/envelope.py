@@ -34,6 +34,7 @@ ANSWER: Final = "Mesh-Answer"  # <owner>.<join id>/<branch>: this message is tha
 ROUTE: Final = "Mesh-Route"  # agents still to visit, comma-separated (a declared pipeline)
 DEPTH: Final = "Mesh-Depth"  # delegation nesting depth
 GATHERS: Final = "Mesh-Gathers"  # on a join's output: the ids of the messages it gathered
+REDRIVEN_FROM: Final = "Mesh-Redriven-From"  # a re-driven dead letter: its original Mesh-Sender
 CONTENT_TYPE: Final = "Content-Type"
 TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"

@@ -171,6 +171,18 @@ class Settings(BaseModel):
     sender_burst: int = Field(
         default=10_000, ge=1, description="Messages one sender may send at once, above the rate."
     )
+    identities: Path | None = Field(
+        default=None,
+        description="The identities signed messages are verified against: a keyring's users.json "
+        "(or its directory), as `mesh creds` writes it. Unset: the users.json of the keyring that "
+        "MESH_NATS_CREDS was issued in.",
+    )
+    replay_window: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a signed message is accepted after (or before) its Mesh-Sent-At, and "
+        "its id remembered to refuse a replay.",
+    )
     secret_headers: str = Field(
         default="",
         description="Header names, comma-separated, whose values are never stored in a dead letter, "

@@ -1,0 +1,108 @@
+"""Verifying signed envelopes: a message is acted on only if it comes from who it says.
+
+A delivery passes when
+- its signature (`mesh.wire.signature`) is valid over its subject, mesh headers and body;
+- the signer's key belongs to a known identity (`mesh.transport.keys.KeyDirectory`), and
+  ``Mesh-Sender`` is that identity: an agent's key signs only as that agent's name; a
+  role's key (a person, a tool) signs as any name that is not an agent's;
+- its ``Mesh-Sent-At`` is within the replay window of the time the stream stored it (of now,
+  for a direct message);
+- its ``Mesh-Id`` was not seen in the window on another message (a redelivery of the same
+  stored message is not a replay: it has the same stream sequence).
+
+Anything else is `unauthenticated`, with a reason that names what failed (never a key's
+secret half, which the verifier does not have).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from mesh.transport.delivery import Delivery
+from mesh.transport.keys import KeyDirectory, directory_of
+from mesh.wire import envelope as h
+from mesh.wire.errors import DeliveryError
+from mesh.wire.settings import Settings
+from mesh.wire.signature import BadSignature, verify
+
+UNAUTHENTICATED = "unauthenticated"
+MAX_SEEN = 1_000_000  # ids remembered at most (the oldest are forgotten first)
+
+
+class Verifier:
+    def __init__(self, directory: KeyDirectory, window: float) -> None:
+        self.directory = directory
+        self.window_ns = int(window * 1e9)
+        self._seen: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (origin, when)
+
+    def check(self, d: Delivery) -> str:
+        """The identity `d` comes from; DeliveryError(unauthenticated) if it cannot be proven."""
+        headers = d.headers or {}
+        try:
+            signer = verify(d.subject, headers, d.data)
+        except BadSignature as exc:
+            raise DeliveryError(UNAUTHENTICATED, str(exc)) from None
+        identity = self.directory.identity(signer)
+        if identity is None:
+            raise DeliveryError(UNAUTHENTICATED, f"the signer {signer} is not a known identity")
+        sender = headers.get(h.SENDER, "")
+        kind, name = identity.split(":", 1)
+        if kind == "agent" and sender != name:
+            raise DeliveryError(
+                UNAUTHENTICATED, f"Mesh-Sender {sender[: h.MAX_NAME]!r} is not the signer, agent {name!r}"
+            )
+        if kind != "agent" and self.directory.is_agent(sender):
+            raise DeliveryError(
+                UNAUTHENTICATED, f"Mesh-Sender {sender!r} is an agent, but the signer is {identity!r}"
+            )
+        self._fresh(d, headers)
+        reply_to = headers.get(h.REPLY_TO, "")
+        if (
+            kind != "agent"
+            and reply_to.startswith("_INBOX.")
+            and not reply_to.startswith(f"_INBOX.{signer}.")
+        ):
+            # a person or a tool asks for answers in its own reply space only; an agent may
+            # pass on the reply target of the work it hands off
+            raise DeliveryError(
+                "unauthorized", f"Mesh-Reply-To is outside the reply space of the signer {identity!r}"
+            )
+        return identity
+
+    def _fresh(self, d: Delivery, headers: dict[str, str]) -> None:
+        now = time.time_ns()
+        raw = headers.get(h.SENT_AT, "")
+        if not raw.isdigit() or len(raw) > h.MAX_INT:
+            raise DeliveryError(UNAUTHENTICATED, "a signed message needs Mesh-Sent-At (Unix nanoseconds)")
+        at = getattr(d, "stored_ns", 0) or now  # when the stream stored it, else when it came
+        off = (at - int(raw)) / 1e9
+        if abs(off) * 1e9 > self.window_ns:
+            when = "before" if off > 0 else "after"
+            raise DeliveryError(
+                UNAUTHENTICATED,
+                f"Mesh-Sent-At is {abs(off):.0f}s {when} the message arrived; the window is "
+                f"{self.window_ns / 1e9:g}s (MESH_REPLAY_WINDOW): a replay, or a clock far off",
+            )
+        msg_id = headers.get(h.ID, "")
+        if not msg_id:
+            raise DeliveryError(UNAUTHENTICATED, "a signed message needs Mesh-Id")
+        seen = self._seen
+        while seen:  # forget what is past the window
+            oldest = next(iter(seen.values()))
+            if now - oldest[1] <= self.window_ns and len(seen) < MAX_SEEN:
+                break
+            seen.popitem(last=False)
+        before = seen.get(msg_id)
+        if before is not None and not (d.stored and before[0] == d.origin):
+            raise DeliveryError(
+                UNAUTHENTICATED, f"message id {msg_id[: h.MAX_ID]!r} was seen before (a replay)"
+            )
+        if before is None:
+            seen[msg_id] = (d.origin, now)
+
+
+def verifier_of(settings: Settings) -> Verifier | None:
+    """The verifier of a process with an identity of its own; None on an insecure mesh."""
+    directory = directory_of(settings)
+    return Verifier(directory, settings.replay_window) if directory is not None else None
