@@ -36,6 +36,16 @@ class JoinTimer(Message, frozen=True):
     due_ms: int
 
 
+@message("mesh.join_handed_on")
+class HandedOn(Message, frozen=True):
+    """Sent to a join's agent by whoever holds one of its branches when it hands that branch
+    on (`ctx.handoff`, or a reply along a route): `to` answers it from now on. On a mesh
+    with signed envelopes the join takes a branch's answer only from its holder, so without
+    this a task handed on could not be answered."""
+
+    to: str
+
+
 @message("mesh.judge_request")
 class JudgeRequest(Message, frozen=True):
     """Sent to a judge agent when a join's answers must be decided between."""

@@ -11,7 +11,7 @@ from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
 
-from mesh.join import JoinTimer, JudgeRequest, JudgeVerdict
+from mesh.join import HandedOn, JoinTimer, JudgeRequest, JudgeVerdict
 from mesh.llm.streaming import LLMChunk, LLMFinal
 from mesh.patterns.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
 from mesh.runtime.client import MeshClient
@@ -47,6 +47,7 @@ SAMPLES: dict[str, Message] = {
     "mesh.delivery_failed": DeliveryFailed(kind="validation", reason="r", agent="a", message_id="m"),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),
     "mesh.judge_verdict": JudgeVerdict(choice=0, reason="r"),
+    "mesh.join_handed_on": HandedOn(to="research"),
     "llm.chunk": LLMChunk(stream="s1", seq=0, text="Hel", agent="writer"),
     "approval.request": ApprovalRequest(
         approval="a1",

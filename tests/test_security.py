@@ -24,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 
 from mesh import Agent, Context, Message, message
 from mesh.agent.identity import grant_of
-from mesh.join import Gathered, all_of
+from mesh.join import Gathered, HandedOn, all_of
 from mesh.patterns.approval import ApprovalDecision
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, SecureServer, running_agent, secure_nats_server
@@ -754,6 +754,63 @@ async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(
         print(f"signed envelopes: {len(attacks)} attacks, {refused} refused, {len(handled)} succeeded")
         assert handled == []
         assert kinds == sorted(kind for _, kind, *_ in attacks)
+    finally:
+        await tap.stop()
+        await probe.close()
+        await publisher.close()
+        await operator.close()
+
+
+async def test_a_branch_handed_on_is_answered_by_its_new_holder_and_by_no_one_else(
+    secure: SecureServer,
+) -> None:
+    """A fan-out's task sent to chief, which hands it on to vault: vault's answer completes
+    the join, with signing on, because chief told the join it handed the branch on. A
+    hand-on that mallory forges for a branch it does not hold is refused."""
+    await secure.agent(chief)
+    operator = await MeshClient.connect(secure.role("operator"), "test")
+    publisher = await MeshClient.connect(secure.role("publisher"), "helpdesk")
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    conv = "sec-hand-on"
+    tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
+    done_before = len(chief_seen["done"])
+    try:
+        async with (
+            running_agent(vault, secure.identity("agent:vault")),
+            running_agent(chief, secure.identity("agent:chief")),
+        ):
+            await publisher.send("chief", Job(to="chief"), conversation=conv)
+            async with asyncio.timeout(20):  # the completion sends nothing the tap would see
+                while len(chief_seen["done"]) <= done_before:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert chief_seen["done"][done_before] == "vault"  # answered by the branch's new holder
+            handed = [m for m in tap.messages if (m.headers or {}).get("Mesh-Type") == "mesh.join_handed_on"]
+            assert len(handed) == 1 and handed[0].headers["Mesh-Sender"] == "chief"
+
+            # mallory claims a branch of an open join by handing it on to itself
+            joins_before = len(chief_seen["joins"])
+            await publisher.send("chief", Job(to="ghost"), conversation=conv)
+            async with asyncio.timeout(20):
+                while len(chief_seen["joins"]) <= joins_before:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            open_join = chief_seen["joins"][-1]
+            inbox = f"mesh.{conv}.agent.chief"
+            forged = _signed(
+                secure,
+                "agent:mallory",
+                "mallory",
+                inbox,
+                HandedOn(to="mallory"),
+                **{"Mesh-Answer": f"chief.{open_join}/0"},
+            )
+            await probe.nc.publish(inbox, msgspec.json.encode(HandedOn(to="mallory")), headers=forged)
+            await probe.nc.flush()
+            got = await tap.wait_for(
+                lambda ms: any(".dlq." in m.subject and (m.headers or {}).get("Mesh-Dlq-Kind") for m in ms)
+            )
+            letter = next(m for m in got if ".dlq." in m.subject)
+            assert letter.headers["Mesh-Dlq-Kind"] == "unauthorized"
+            assert "handed on branch" in letter.headers.get("Mesh-Dlq-Reason", "")
     finally:
         await tap.stop()
         await probe.close()

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from msgspec.structs import replace
 
+from mesh.join import HandedOn
 from mesh.llm.tools import Toolbox
 from mesh.observability.tracing import current_trace_id
 from mesh.runtime.client import Answer, Lineage, MeshClient, Sent
+from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import JSON
 from mesh.wire.envelope import Envelope, derive_id
@@ -225,6 +227,7 @@ class Context:
         ``route`` puts more agents in front of the rest of the current route.
         """
         lineage = self._onward(tuple(subjects.agent_name(a) for a in route) + self._answer.route)
+        await self._hand_on(agent)
         return await self._emit(_address(self.conversation_id, agent, durable), msg, lineage, content_type)
 
     async def publish(self, msg: Message, *, content_type: str = JSON) -> Sent:
@@ -238,6 +241,7 @@ class Context:
         answer = self._answer
         if answer.route:
             nxt, rest = answer.route[0], answer.route[1:]
+            await self._hand_on(nxt)
             return await self._emit(
                 Address.inbox(self.conversation_id, nxt), msg, self._onward(rest), content_type
             )
@@ -330,6 +334,23 @@ class Context:
         return await self._joins.start(self, join, list(tasks), deadline)
 
     delegate = fan_out  # a supervisor's word for the same thing
+
+    async def _hand_on(self, agent: str) -> None:
+        """If the work in hand is a branch of a fan-out, tell the join's agent that `agent`
+        holds the branch now: where senders are proven, the join takes a branch's answer only
+        from its holder. Sent before the work itself, from the same outbox, so it is stored
+        first."""
+        link = h.parse_link(self._answer.join)
+        if link is None or agent == self.agent:
+            return
+        holder = link[0]
+        lineage = replace(self._lineage, reply_to="", join="", route=(), answer=self._answer.join)
+        await self._emit(
+            Address.inbox(self.conversation_id, holder),
+            HandedOn(to=subjects.agent_name(agent)),
+            lineage,
+            JSON,
+        )
 
     def _onward(self, route: tuple[str, ...]) -> Lineage:
         """Lineage for a message that carries the answer obligation on."""

@@ -21,6 +21,7 @@ import msgspec
 
 from mesh.join import (
     Gathered,
+    HandedOn,
     Join,
     JoinTimer,
     JudgeBy,
@@ -55,6 +56,9 @@ class PartRecord(msgspec.Struct):
     traceparent: str = ""
 
 
+HAND_ON_WAIT = 1.0  # seconds an answer from another agent waits for its branch's hand-on
+
+
 class JoinState(msgspec.Struct):
     name: str
     branches: dict[str, str]
@@ -77,6 +81,7 @@ class JoinState(msgspec.Struct):
     verdict: int = -1
     verdict_reason: str = ""
     done: bool = False
+    holders: dict[str, str] = {}  # branch -> the agent it was handed on to (mesh.join_handed_on)
 
     def answer(self) -> Answer:
         """Where the completion's result goes: what the fanned-out message asked for."""
@@ -217,8 +222,14 @@ class JoinKeeper:
             join = self.joins.get(st.name)
             if join is None:
                 raise DeliveryError("unknown_join", f"agent {self.agent!r} declares no join {st.name!r}")
+            if env.type_name == "mesh.join_handed_on":
+                return await self._hand_on(env, st, key, revision, jid, branch)
             if self.authenticated and branch != "timer":
-                self._check_sender(join, st, jid, branch, env.sender)
+                wrong = self._check_sender(join, st, jid, branch, env.sender)
+                if wrong is not None:
+                    if ctx.attempt < self.max_deliver - 1:
+                        return Later(HAND_ON_WAIT)  # the branch's hand-on may still be on its way
+                    raise wrong
             if st.done:
                 return "skipped"
             if st.fired_by:
@@ -276,17 +287,44 @@ class JoinKeeper:
         await self._finish(key)
         return "handled"
 
-    def _check_sender(self, join: Join[Any], st: JoinState, jid: str, branch: str, sender: str) -> None:
-        """Only the agent a branch was sent to answers it (the judge's branch: the judge)."""
+    def _check_sender(
+        self, join: Join[Any], st: JoinState, jid: str, branch: str, sender: str
+    ) -> DeliveryError | None:
+        """Only the agent holding a branch answers it: the one it was sent to, or the one it
+        was handed on to (the judge's branch: the judge). The refusal, if not."""
         if branch == "judge":
             expected = join.resolve.agent if isinstance(join.resolve, JudgeBy) else None
         else:
-            expected = st.branches.get(branch)
+            expected = st.holders.get(branch) or st.branches.get(branch)
         if expected is not None and sender != expected:
+            return DeliveryError(
+                "unauthorized",
+                f"{h.show(sender)} answered branch {branch!r} of join {jid!r}, held by {expected!r}",
+            )
+        return None
+
+    async def _hand_on(
+        self, env: h.Envelope, st: JoinState, key: str, revision: int, jid: str, branch: str
+    ) -> Outcome | Later:
+        """Record who holds a branch now. Only its holder may hand it on (when senders are
+        proven); a hand-on after the branch was answered or the join done changes nothing."""
+        handed = default_codec.decode(env.data, HandedOn, env.content_type)
+        if branch not in st.branches:
+            raise DeliveryError("unknown_join", f"join {jid!r} has no branch {branch!r}")
+        holder = st.holders.get(branch) or st.branches[branch]
+        if self.authenticated and env.sender != holder:
             raise DeliveryError(
                 "unauthorized",
-                f"{h.show(sender)} answered branch {branch!r} of join {jid!r}, sent to {expected!r}",
+                f"{h.show(env.sender)} handed on branch {branch!r} of join {jid!r}, held by {holder!r}",
             )
+        if not subjects.is_agent_name(handed.to):
+            raise DeliveryError("invalid", f"{h.show(handed.to)} is not an agent name")
+        if st.done or branch in st.parts or st.holders.get(branch) == handed.to:
+            return "skipped"
+        st.holders[branch] = handed.to
+        if await self.state.update(key, _encode(st), revision) is None:
+            return Later(0.0)  # the state moved meanwhile: read it again on redelivery
+        return "handled"
 
     async def _finish(self, key: str) -> None:
         while True:
