@@ -525,3 +525,13 @@ def test_permissions_come_from_the_declaration_and_an_unchanged_one_needs_no_rel
     assert "$JS.API.CONSUMER.CREATE.MESH_EVENTS.vault.mesh.*.evt.sec.ping" in perms.publish
     assert "mesh.*.timer.vault" in perms.publish and "mesh.*.timer.*" not in perms.publish
     assert (tmp_path / "auth" / "agents" / "vault" / "vault.creds").stat().st_mode & 0o077 == 0
+
+
+def test_an_agent_that_parks_tool_calls_writes_only_its_own_approvals(tmp_path: Path) -> None:
+    from mesh.transport.auth import AgentGrant, agent_permissions, public_key
+
+    settings = Settings.load(environ={}, data_dir=tmp_path)
+    perms = agent_permissions(AgentGrant("clerk", approvals=True), settings, public_key(new_seed()))
+    kv = [p for p in perms.publish if "approvals" in p]
+    assert "$KV.MESH_STATE.approvals.clerk.>" in kv
+    assert all(".approvals.clerk." in p for p in kv), kv  # never approvals.> nor another agent's

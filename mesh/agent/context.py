@@ -14,6 +14,7 @@ from mesh.wire import subjects
 from mesh.wire.codec import JSON
 from mesh.wire.envelope import Envelope, derive_id
 from mesh.wire.messages import Message, type_of
+from mesh.wire.senders import sender_of
 from mesh.wire.subjects import Address
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ class Context:
 
     @property
     def sender(self) -> str:
-        return self.envelope.sender
+        """Who sent the message being handled (`mesh.wire.senders.sender_of`)."""
+        return sender_of(self.envelope)
 
     @property
     def hop(self) -> int:

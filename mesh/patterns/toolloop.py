@@ -110,21 +110,36 @@ async def run_tools(
         for index in range(start, len(pending)):
             call = pending[index]
             tool, error = _admit(ctx, call, allowed)
+            resumed: approval.Resume | None = None
             if tool is not None and tool.approval:
                 if decided is not None and decided.call_id == call.id:
-                    error = decided.refusal()
-                    decided = None
+                    resumed, decided = decided, None
+                    error = resumed.refusal()
+                    if error is None:
+                        claimed = await approval.claim(ctx, resumed)
+                        if isinstance(claimed, approval.Ran):  # ran already: never twice
+                            error = ToolError(tool.name, claimed.output) if claimed.failed else None
+                            if error is None:
+                                outputs.append(ToolOutput(call.id, tool_block(tool.name, claimed.output)))
+                                run.calls.append(Called(tool.name, call.input, True, claimed.output))
+                                continue
+                        elif claimed is not None:
+                            error = claimed
                 else:
                     run.parked = await approval.park(ctx, tool, call, transcript, outputs)
                     return run
             if error is None and tool is not None:
                 try:
                     content = await tool.run(call.input, _default_timeout(ctx))
+                    if resumed is not None:
+                        await approval.ran(ctx, resumed, content)
                     outputs.append(ToolOutput(call.id, tool_block(tool.name, content)))
                     run.calls.append(Called(tool.name, call.input, True, content))
                     continue
                 except ToolError as exc:
                     error = exc
+                    if resumed is not None:
+                        await approval.ran(ctx, resumed, exc.reason, exc.kind)
             assert error is not None
             ctx.log.warning("tool call refused", tool=call.name, kind=error.kind, reason=error.reason)
             outputs.append(ToolOutput(call.id, f"error ({error.kind}): {error}", is_error=True))

@@ -103,7 +103,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
       takes any), answers to outside requesters (``reply`` subjects and ``_INBOX``), its
       own timers and its own dead letters;
     - state: its own keys of ``MESH_PROCESSED`` and ``MESH_STATE`` (joins, failure
-      histories), read by key; approvals (one key space for all agents) if it parks calls.
+      histories), read by key; its approvals if it parks calls.
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.
@@ -149,7 +149,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
 
 
 def _state_keys(agent: str, grant: AgentGrant) -> list[str]:
-    spaces = [f"failures.{agent}", f"joins.{agent}"] + (["approvals"] if grant.approvals else [])
+    spaces = [f"failures.{agent}", f"joins.{agent}"] + ([f"approvals.{agent}"] if grant.approvals else [])
     out = []
     for space in spaces:
         out.append(f"$KV.{streams.STATE}.{space}.>")
@@ -369,5 +369,3 @@ def _write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     tmp.replace(path)
-
-
