@@ -187,6 +187,12 @@ class Settings(BaseModel):
     memory_tenants: str = Field(
         default="default", description="Memory service: tenants it serves, comma-separated; '*' for any."
     )
+    memory_scopes: str = Field(
+        default="",
+        description="Memory service: the tenant and namespaces of each caller identity, "
+        "'<identity>=<tenant>[/<namespace>|<prefix>*]' comma-separated, '*' for any other identity; "
+        "unlisted callers are in tenant 'default'. The request's tenant field is never used.",
+    )
     memory_backend: Literal["auto", "edge", "qdrant", "qdrant-local"] = Field(
         default="auto",
         description="auto: a Qdrant server when MESH_QDRANT_URL is set, else the embedded engine "
