@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mesh.patterns.approval import ApprovalKeeper
     from mesh.patterns.fanin import JoinKeeper
     from mesh.patterns.toolloop import ToolRun
+    from mesh.runtime.audit import AuditLog
     from mesh.transport.nats import Transport
     from mesh.transport.outbox import Outbox
     from mesh.wire.settings import Settings
@@ -49,6 +50,7 @@ class Context:
         "agent",
         "approvals",
         "attempt",
+        "audit",
         "envelope",
         "gathered",
         "instance",
@@ -77,8 +79,10 @@ class Context:
         permissions: frozenset[str] = frozenset(),
         approvals: ApprovalKeeper | None = None,
         outbox: Outbox | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.envelope = envelope
+        self.audit = audit  # this process's audit chain (mesh.runtime.audit), when run by the runtime
         self.tools = tools if tools is not None else Toolbox()  # what this agent's model may call
         self.permissions = permissions
         self.approvals = approvals

@@ -18,10 +18,12 @@ from typing import Any
 import click
 import nats.js.errors
 
+from mesh.runtime.audit import AuditLog
 from mesh.runtime.deadletter import CONTINUATION
 from mesh.transport.nats import NatsTransport
 from mesh.wire import envelope as h
 from mesh.wire import subjects
+from mesh.wire.envelope import new_id
 from mesh.wire.errors import ConfigError
 from mesh.wire.secrets import is_secret_header
 from mesh.wire.settings import Settings
@@ -141,9 +143,10 @@ async def redrive(
     *,
     keep: bool = False,
     secret_headers: frozenset[str] = frozenset(),
+    audit: AuditLog | None = None,
 ) -> Redriven:
     """Send dead letter `seq` back to its agent's inbox, without secret headers: where it
-    went, and which it went without."""
+    went, and which it went without. Recorded in `audit` when given."""
     raw = await get_dead_letter(transport, stream, seq)
     letter = _read(raw)
     if letter.kind == CONTINUATION:
@@ -162,6 +165,13 @@ async def redrive(
     target = subjects.Address.inbox(letter.conversation, letter.agent).subject
     headers = dict(raw.headers or {})
     await transport.store(target, data, redrive_headers(headers, secret_headers))
+    if audit is not None:
+        await audit.append(
+            "redrive",
+            actor=audit.writer,
+            conversation=letter.conversation,
+            detail={"seq": seq, "kind": letter.kind, "agent": letter.agent, "message": headers.get(h.ID, "")},
+        )
     if not keep:
         await transport.delete_stored(stream, seq)
         if rest is not None:
@@ -262,6 +272,7 @@ def register(cli: click.Group, settings_fn: Any, run: Any) -> None:
                     seq,
                     keep=keep,
                     secret_headers=settings.secret_header_names,
+                    audit=AuditLog(transport, "mesh-dlq", new_id()),
                 )
             finally:
                 await transport.close()

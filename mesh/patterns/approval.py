@@ -343,6 +343,14 @@ class ApprovalKeeper:
             st.person = person
             st.resume_id = resume_id
             if await self.state.update(key, _encode(st), got[1]) is not None:
+                if ctx.audit is not None:
+                    await ctx.audit.append(
+                        "approval",
+                        actor=by or self.agent.name,  # the decider's identity; the agent for an expiry
+                        trace_id=ctx.trace_id,
+                        conversation=st.conversation,
+                        detail={"approval": st.id, "tool": st.tool, "status": st.status, "person": st.person},
+                    )
                 break
         await ctx.publish(
             ApprovalResolved(approval=st.id, status=st.status, by=st.by, reason=st.reason, person=st.person)

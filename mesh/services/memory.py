@@ -166,18 +166,31 @@ def _caller(service: MemoryService, ctx: Context) -> tuple[str, Scope]:
     return caller, service.scopes.of(caller)
 
 
-async def _answer(op: str, ctx: Context, work: Callable[[], Awaitable[T]]) -> T | MemoryFailed:
-    """Run one operation in its own span; any failure becomes a typed `MemoryFailed`."""
+async def _answer(
+    op: str, ctx: Context, work: Callable[[], Awaitable[T]], namespace: str = ""
+) -> T | MemoryFailed:
+    """Run one operation in its own span; any failure becomes a typed `MemoryFailed`. Each
+    one, done or refused, is appended to the audit trail with the caller's identity."""
     with _tracer.start_as_current_span(f"memory {op}") as span:
         try:
-            return await work()
+            answer: T | MemoryFailed = await work()
         except MemoryRefused as exc:
             span.set_attribute("mesh.memory.refused", exc.kind)
-            return MemoryFailed(kind=exc.kind, reason=exc.reason)
+            answer = MemoryFailed(kind=exc.kind, reason=exc.reason)
         except Exception as exc:
             ctx.log.exception("memory operation failed", op=op)
             span.record_exception(exc)
-            return MemoryFailed(kind="internal", reason=f"{op} failed: {type(exc).__name__}: {exc}")
+            answer = MemoryFailed(kind="internal", reason=f"{op} failed: {type(exc).__name__}: {exc}")
+        if ctx.audit is not None:
+            status = answer.kind if isinstance(answer, MemoryFailed) else "ok"
+            await ctx.audit.append(
+                f"memory.{op}",
+                actor=sender_of(ctx.envelope),
+                trace_id=ctx.trace_id,
+                conversation=ctx.conversation_id,
+                detail={"namespace": namespace, "status": status},
+            )
+        return answer
 
 
 def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
@@ -201,7 +214,7 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
             )
             return Remembered(id=done.id, merged=done.merged, seen=done.seen)
 
-        return await _answer("remember", ctx, work)
+        return await _answer("remember", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def recall(msg: Recall, ctx: Context) -> Recalled | MemoryFailed:
@@ -220,7 +233,7 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
             trace.get_current_span().set_attribute("mesh.memory.hits", len(found))
             return Recalled(hits=[hit(f) for f in found], mode=mode)
 
-        return await _answer("recall", ctx, work)
+        return await _answer("recall", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def forget(msg: Forget, ctx: Context) -> Forgotten | MemoryFailed:
@@ -231,7 +244,7 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
             count = await store.forget(tenant=scope.tenant, namespace=namespace, ids=msg.ids, where=msg.where)
             return Forgotten(count=count)
 
-        return await _answer("forget", ctx, work)
+        return await _answer("forget", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def add_turn(msg: AddTurn, ctx: Context) -> History | MemoryFailed:

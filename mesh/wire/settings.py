@@ -162,6 +162,9 @@ class Settings(BaseModel):
         "conversation) before the stream refuses more (0: no limit).",
     )
     dlq_retention: float = Field(default=14 * 86400.0, gt=0, description="Seconds dead letters are kept.")
+    audit_retention: float = Field(
+        default=365 * 86400.0, gt=0, description="Seconds audit records are kept (MESH_AUDIT, append-only)."
+    )
     sender_rate: float = Field(
         default=1000.0,
         ge=0,
