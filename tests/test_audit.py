@@ -130,3 +130,47 @@ async def test_memory_operations_and_redrives_are_recorded(
     [done] = [r for r in await _records(client.transport, conv) if r.kind == "redrive"]
     assert done.writer == "mesh-dlq" and done.detail["seq"] == str(seq)
     assert done.detail["agent"] == "audit-nobody"
+
+
+async def test_mesh_audit_lists_and_verify_reports_a_broken_chain(tmp_path: Any) -> None:
+    """The commands, on a server of their own (the shared one holds other tests' chains)."""
+    import os
+    import subprocess
+    import sys
+
+    from mesh.testing import nats_server
+
+    with nats_server(tmp_path / "nats") as srv:
+        settings = Settings.load(environ={}, nats_url=srv.url, data_dir=tmp_path / "data")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update({"MESH_NATS_URL": srv.url, "MESH_DATA_DIR": str(tmp_path / "data")})
+
+        def mesh(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "mesh", "audit", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        transport = await NatsTransport.connect(settings, "auditor")
+        try:
+            await transport.ensure_streams()
+            log = AuditLog(transport, "clerk", new_id())
+            await log.append("tool_call", actor="triage", detail={"tool": "refund", "status": "ok"})
+            await log.append("approval", actor="mesh-cli", detail={"status": "approved"})
+            listed = mesh("ls", "--kind", "tool_call")
+            assert listed.returncode == 0, listed.stderr
+            assert "clerk#1  tool_call  by triage  tool=refund status=ok" in listed.stdout
+            assert "approval" not in listed.stdout
+            held = mesh("verify")
+            assert held.returncode == 0 and "2 audit records in 1 chains: every chain holds" in held.stdout
+            fake = AuditRecord(kind="approval", writer="clerk", actor="ada", at=0, seq=3, prev="f" * 64)
+            await transport.store(log.subject, msgspec.json.encode(fake))
+        finally:
+            await transport.close()
+        broken = mesh("verify")
+    assert broken.returncode == 1
+    assert f"broken: {log.subject} at stream sequence 3" in broken.stderr
+    assert "1 break(s) in 3 audit records" in broken.stderr
