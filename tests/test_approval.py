@@ -41,7 +41,8 @@ async def test_approval_survives_a_restart_and_resumes_on_approve(
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
     assert [Refund(order_id="A-9", amount_eur=20)] == REFUNDS
     [resolved] = [default_codec.decode(m.data, ApprovalResolved) for m in _of(msgs, "approval.resolved")]
-    assert resolved.status == "approved" and resolved.by == "ada"
+    # recorded with the identity that sent the decision; the body's name is only shown
+    assert resolved.status == "approved" and resolved.by == client.sender and resolved.person == "ada"
     [answer] = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]
     assert answer.calls == ["refund"] and "Refunded 20 EUR on A-9." in answer.text
 
@@ -142,3 +143,79 @@ async def test_every_message_of_an_approval_has_its_own_id(client: MeshClient, s
     assert resolved.headers[h.ID] != resumed.headers[h.ID]
     ids = [m.headers[h.ID] for m in msgs]
     assert len(ids) == len(set(ids)), ids
+
+
+async def test_a_replayed_resume_runs_the_approved_tool_once(client: MeshClient, settings: Settings) -> None:
+    """The approved call is claimed (compare-and-set) before it runs: the resumed message
+    stored again with a fresh stream id, after its processed record is gone, answers from
+    the recorded result and does not refund twice."""
+    from mesh.transport import streams
+
+    conv = "approve-replay"
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, settings):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        await decide(client, settings, approval, approved=True, by="ada")
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+        assert len(REFUNDS) == 1
+        [first, resumed] = [m for m in _of(msgs, "agent.clerk") if m.headers[h.TYPE] == "test.ask"]
+        assert resumed.headers[h.CAUSATION] == first.headers[h.ID]
+        processed = await client.transport.state(streams.bucket_specs(settings)[0], settings)
+        await processed.delete(streams.processed_key("clerk", resumed.headers[h.ID]))
+        replay = {**resumed.headers, h.NATS_MSG_ID: "replayed-" + resumed.headers[h.ID]}
+        await client.transport.store(resumed.subject, resumed.data, replay)
+        msgs = await rec.wait_for(lambda ms: len(_of(ms, "test.answered")) == 2)
+    assert len(REFUNDS) == 1
+    answers = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]
+    assert [a.calls for a in answers] == [["refund"], ["refund"]]  # the replay got the recorded result
+
+
+async def test_a_timer_from_anyone_but_the_agent_is_refused(client: MeshClient, settings: Settings) -> None:
+    """Whoever may publish on the timer subject (the operator role) cannot expire an
+    approval early: a timer is taken only from the agent itself."""
+    from mesh.patterns.approval import ApprovalTimer
+    from mesh.runtime.client import Lineage
+    from mesh.wire.subjects import Address
+
+    conv = "approve-fake-timer"
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, settings):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        fake = ApprovalTimer(approval=approval, due_ms=1)
+        await client.emit(Address.timer(conv, "clerk"), fake, Lineage(conversation=conv))
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "dlq.clerk")))
+        [dead] = _of(msgs, "dlq.clerk")
+        assert dead.headers[h.DLQ_KIND] == "unauthorized"
+        assert not _of(msgs, "approval.resolved")
+        st = await decide(client, settings, approval, approved=True, by="ada")  # still pending
+        assert st.status == "pending"
+        await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+    assert len(REFUNDS) == 1
+
+
+async def test_an_agent_cannot_decide_its_own_approval(client: MeshClient, settings: Settings) -> None:
+    """The agent may publish on its own timer subject, but a decision it sends is refused:
+    a person decides, and the decision is recorded with the identity that sent it."""
+    from mesh.patterns.approval import ApprovalDecision
+    from mesh.runtime.client import Lineage
+    from mesh.wire.subjects import Address
+
+    conv = "approve-self"
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, settings):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        as_clerk = MeshClient(client.transport, "clerk")
+        forged = ApprovalDecision(approval=approval, approved=True, by="the boss")
+        await as_clerk.emit(Address.timer(conv, "clerk"), forged, Lineage(conversation=conv))
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "dlq.clerk")))
+    assert _of(msgs, "dlq.clerk")[0].headers[h.DLQ_KIND] == "unauthorized"
+    assert REFUNDS == [] and not _of(msgs, "approval.resolved")

@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from mesh.agents.support import research
 from mesh.schemas.memory import MemoryFailed, Recall, Recalled, Remember, Remembered
+from mesh.schemas.support import ResearchFindings, ResearchRequest, TicketOpened
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sample_agents.memo import Note, Noted
 
+from mesh import Agent, Context
 from mesh.memory.client import Memory
+from mesh.memory.scopes import Scopes
 from mesh.memory.store import MemoryStore
 from mesh.runtime.client import MeshClient
 from mesh.services.memory import MemoryService, memory_agent
@@ -29,6 +33,9 @@ def mem_settings(settings: Settings) -> Settings:
         update={
             "memory_agent": f"memory-{uuid.uuid4().hex[:12]}",  # one service per test
             "memory_tenants": "default,acme",
+            # the caller's identity names its tenant and namespaces; test-client is in 'default'
+            "memory_scopes": "umbrella-agent=umbrella, alice-agent=acme/customer-alice|shared-*, "
+            "bob-agent=default",
             "memory_turn_budget": 64,
             # the first call opens the store and the embedder: a busy machine takes longer
             # than the 2 s default for it, and that is not what these tests are about
@@ -42,7 +49,8 @@ async def service(mem_settings: Settings) -> AsyncIterator[MemoryService]:
     async def open_store() -> MemoryStore:
         return await MemoryStore.from_settings(mem_settings).open()
 
-    svc = MemoryService(open_store, budget=mem_settings.memory_turn_budget)
+    scopes = Scopes.parse(mem_settings.memory_scopes)
+    svc = MemoryService(open_store, budget=mem_settings.memory_turn_budget, scopes=scopes)
     async with running_agent(memory_agent(svc, mem_settings.memory_agent), mem_settings):
         yield svc
     await svc.close()
@@ -78,7 +86,7 @@ async def test_bad_input_gets_a_typed_error_reply_and_the_service_carries_on(
         (memory.remember("x" * (mem_settings.memory_max_text + 1)), "oversize"),
         (memory.recall("q", where={"colour": "red"}), "bad_filter"),
         (memory.recall("q", where={"after": [1]}), "bad_filter"),
-        (Memory(client, mem_settings, tenant="umbrella").recall("q"), "unknown_tenant"),
+        (Memory(MeshClient(client.transport, "umbrella-agent"), mem_settings).recall("q"), "unknown_tenant"),
         (memory.recall("q", k=1000), "invalid"),
     ]
     for call, kind in cases:
@@ -170,3 +178,65 @@ async def test_working_memory_compresses_older_turns_into_a_summary(
     )
     # working memory is not in the tenant's recall results
     assert await memory.recall("ORD-1000 delivery date") == []
+
+
+async def test_the_tenant_comes_from_the_callers_identity_never_from_the_request(
+    client: MeshClient, mem_settings: Settings, service: MemoryService
+) -> None:
+    """alice-agent is in tenant acme; bob-agent in default. bob asks for acme's memories in
+    the body and reads only his own tenant's; alice is held to her declared namespaces; the
+    provenance names the sender."""
+    alice = Memory(MeshClient(client.transport, "alice-agent"), mem_settings, tenant="default")
+    bob = Memory(MeshClient(client.transport, "bob-agent"), mem_settings, tenant="acme")
+    await alice.remember("Alice's card ends in 4242", namespace="customer-alice")
+    await bob.remember("Bob's card ends in 1111", namespace="customer-alice")  # his own tenant
+    [mine] = await alice.recall("card ends in", namespace="customer-alice")
+    assert mine.text == "Alice's card ends in 4242" and mine.provenance.agent == "alice-agent"
+    [his] = await bob.recall("card ends in", namespace="customer-alice")
+    assert his.text == "Bob's card ends in 1111" and his.provenance.agent == "bob-agent"
+    raw = Recall(query="card ends in", tenant="acme", namespace="customer-alice")
+    answer = await MeshClient(client.transport, "bob-agent").request(mem_settings.memory_agent, raw, Recalled)
+    assert [h.text for h in answer.hits] == ["Bob's card ends in 1111"]
+    assert await bob.forget(where={"kind": "fact"}, namespace="customer-alice") == 1  # only his
+    assert [h.text for h in await alice.recall("card", namespace="customer-alice")] == [mine.text]
+    with pytest.raises(MemoryRefused) as refused:
+        await alice.recall("card", namespace="customer-bob")
+    assert refused.value.kind == "not_allowed"
+    assert await alice.recall("card", namespace="shared-kb") == []
+
+
+def test_scopes_are_parsed_once_and_fail_early() -> None:
+    from mesh.memory.scopes import Scope
+    from mesh.wire.errors import ConfigError
+
+    scopes = Scopes.parse("research=acme/customer-*, *=other")
+    assert scopes.of("research") == Scope("acme", ("customer-*",))
+    assert scopes.of("writer") == Scope("other")
+    assert Scopes.parse("").of("anyone") == Scope("default")
+    assert scopes.of("research").allows("customer-ada") and not scopes.of("research").allows("kb")
+    with pytest.raises(ConfigError):
+        Scopes.parse("research")
+
+
+async def test_in_the_demo_one_customers_ticket_never_recalls_anothers(
+    client: MeshClient, mem_settings: Settings, service: MemoryService
+) -> None:
+    """research remembers each ticket in its customer's namespace: Linus's ticket with the
+    same words as Ada's finds nothing of hers; Ada's next ticket finds her earlier one."""
+    probe = Agent("research-memory")
+
+    @probe.handler(events=False)
+    async def findings(req: ResearchRequest, ctx: Context) -> ResearchFindings:
+        return await research._remember_and_recall(req, ctx)
+
+    def ask(ticket_id: str, customer: str) -> ResearchRequest:
+        ticket = TicketOpened(ticket_id=ticket_id, customer=customer, subject="Charged twice", body="refund")
+        return ResearchRequest(ticket=ticket, category="billing", priority="high", summary="double charge")
+
+    async with running_agent(probe, mem_settings):
+        first = await client.request("research-memory", ask("T-1", "Ada"), ResearchFindings, timeout=15)
+        other = await client.request("research-memory", ask("T-2", "Linus"), ResearchFindings, timeout=15)
+        again = await client.request("research-memory", ask("T-3", "Ada"), ResearchFindings, timeout=15)
+    assert first.findings == [] and other.findings == []
+    assert len(again.findings) == 1 and "T-1" in again.findings[0] and "T-2" not in again.findings[0]
+    assert research.customer_namespace("Ada Lovelace!") == "customer-ada-lovelace"

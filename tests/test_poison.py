@@ -178,6 +178,8 @@ async def test_answers_and_timers_of_unknown_joins_are_dead_lettered_at_once(
         headers = _headers(client, conv, type_name)
         if answer:
             headers[h.ANSWER] = answer
+        if subject_kind == "timer":  # as if victim sent it: a stranger's timer is refused first
+            headers[h.SENDER] = "victim"
         subject = f"mesh.{conv}.{subject_kind}.victim"
         await client.transport.store(subject, default_codec.encode(body), headers)
         [letter] = await dlq.wait_count(1)

@@ -815,4 +815,58 @@ async def test_a_branch_handed_on_is_answered_by_its_new_holder_and_by_no_one_el
         await tap.stop()
         await probe.close()
         await publisher.close()
+
+
+def test_an_agent_that_parks_tool_calls_writes_only_its_own_approvals(tmp_path: Path) -> None:
+    from mesh.transport.auth import AgentGrant, agent_permissions, public_key
+
+    settings = Settings.load(environ={}, data_dir=tmp_path)
+    perms = agent_permissions(AgentGrant("clerk", approvals=True), settings, public_key(new_seed()))
+    kv = [p for p in perms.publish if "approvals" in p]
+    assert "$KV.MESH_STATE.approvals.clerk.>" in kv
+    assert all(".approvals.clerk." in p for p in kv), kv  # never approvals.> nor another agent's
+
+
+async def test_the_audit_trail_is_written_only_by_its_writer_and_read_only_by_the_operator(
+    secure: SecureServer,
+) -> None:
+    """mallory may append to its own audit chains only: not to vault's, not read, watch,
+    purge or delete records; an observer does not see them either."""
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    nc, mine = probe.nc, probe.nc.new_inbox()
+    attacks: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("mesh_audit.vault.i1", lambda: nc.publish("mesh_audit.vault.i1", b"{}")),
+        ("mesh_audit.>", lambda: nc.subscribe("mesh_audit.>")),
+        (
+            "$JS.API.STREAM.MSG.GET.MESH_AUDIT",
+            lambda: nc.publish("$JS.API.STREAM.MSG.GET.MESH_AUDIT", b'{"seq":1}', reply=mine),
+        ),
+        (
+            "$JS.API.DIRECT.GET.MESH_AUDIT",
+            lambda: nc.publish("$JS.API.DIRECT.GET.MESH_AUDIT", b'{"seq":1}', reply=mine),
+        ),
+        (
+            "$JS.API.STREAM.MSG.DELETE.MESH_AUDIT",
+            lambda: nc.publish("$JS.API.STREAM.MSG.DELETE.MESH_AUDIT", b'{"seq":1}', reply=mine),
+        ),
+        ("$JS.API.STREAM.PURGE.MESH_AUDIT", lambda: nc.publish("$JS.API.STREAM.PURGE.MESH_AUDIT", b"")),
+    ]
+    try:
+        assert await _count_refusals(probe, attacks) == []
+    finally:
+        await probe.close()
+    observer = await Probe.connect(secure.url, secure.keyring.creds_path("role:observer"))
+    try:
+        assert (
+            await _count_refusals(observer, [("mesh_audit.>", lambda: observer.nc.subscribe("mesh_audit.>"))])
+            == []
+        )
+    finally:
+        await observer.close()
+    # the operator cannot delete or purge records either: the stream is append-only
+    operator = await NatsTransport.connect(secure.role("operator"), "mesh-audit")
+    try:
+        info = await operator._js.stream_info("MESH_AUDIT")
+        assert info.config.deny_delete and info.config.deny_purge
+    finally:
         await operator.close()

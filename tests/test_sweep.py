@@ -192,7 +192,9 @@ class Sweep:
             subject = b"mesh." + (token or b"\xff") + b"." + where
             self.add(subject, b'{"text":"x"}', self.headers(conv), "echo", "bad_subject")
         elif pick == 8:  # a timer that is no timer, or for a join that does not exist
-            headers = self.headers(conv, "mesh.join_timer")
+            # as if the agent sent it: a timer from anyone else is refused before its join is
+            # looked up (unauthorized, tests/test_approval.py)
+            headers = self.headers(conv, "mesh.join_timer", **{h.SENDER: "coordinator"})
             choice = r.randrange(4)
             if choice == 0:
                 data, kind = b"{not a timer", "decode"

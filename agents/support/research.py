@@ -6,6 +6,8 @@ findings are merged when all answer (or the deadline passes)."""
 
 from __future__ import annotations
 
+import re
+
 from mesh.schemas.support import ResearchFindings, ResearchRequest
 
 from mesh import Agent, Context
@@ -92,17 +94,26 @@ def _with_source(request: ResearchRequest, source: str) -> ResearchRequest:
     )
 
 
+def customer_namespace(customer: str) -> str:
+    """Each customer's memories in a namespace of their own: one ticket never recalls another
+    customer's (the name comes from the ticket's customer field, never from the model)."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", customer.lower()).strip("-.")[:48] or "unknown"
+    return f"customer-{slug}"
+
+
 async def _remember_and_recall(request: ResearchRequest, ctx: Context) -> ResearchFindings:
-    """Recall how earlier tickets of this category went, then remember this one. Without
-    the memory service this source finds nothing and the others carry the research."""
+    """Recall how this customer's earlier tickets of this category went, then remember this
+    one. Without the memory service this source finds nothing and the others carry it."""
     ticket = request.ticket
+    namespace = customer_namespace(ticket.customer)
     try:
         earlier = await ctx.memory.recall(
-            f"{request.category}: {ticket.subject}", k=3, where={"kind": "episode"}
+            f"{request.category}: {ticket.subject}", k=3, namespace=namespace, where={"kind": "episode"}
         )
         await ctx.memory.remember(
             f"Ticket {ticket.ticket_id} ({request.category}) '{ticket.subject}': {request.summary}",
             kind="episode",
+            namespace=namespace,
             meta={"category": request.category, "ticket_id": ticket.ticket_id},
         )
     except MemoryFault as exc:

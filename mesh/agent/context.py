@@ -16,6 +16,7 @@ from mesh.wire import subjects
 from mesh.wire.codec import JSON
 from mesh.wire.envelope import Envelope, derive_id
 from mesh.wire.messages import Message, type_of
+from mesh.wire.senders import sender_of
 from mesh.wire.subjects import Address
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from mesh.patterns.approval import ApprovalKeeper
     from mesh.patterns.fanin import JoinKeeper
     from mesh.patterns.toolloop import ToolRun
+    from mesh.runtime.audit import AuditLog
     from mesh.transport.base import Transport
     from mesh.transport.outbox import Outbox
     from mesh.wire.settings import Settings
@@ -50,6 +52,7 @@ class Context:
         "agent",
         "approvals",
         "attempt",
+        "audit",
         "envelope",
         "gathered",
         "instance",
@@ -78,8 +81,10 @@ class Context:
         permissions: frozenset[str] = frozenset(),
         approvals: ApprovalKeeper | None = None,
         outbox: Outbox | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.envelope = envelope
+        self.audit = audit  # this process's audit chain (mesh.runtime.audit), when run by the runtime
         self.tools = tools if tools is not None else Toolbox()  # what this agent's model may call
         self.permissions = permissions
         self.approvals = approvals
@@ -126,7 +131,8 @@ class Context:
 
     @property
     def sender(self) -> str:
-        return self.envelope.sender
+        """Who sent the message being handled (`mesh.wire.senders.sender_of`)."""
+        return sender_of(self.envelope)
 
     @property
     def hop(self) -> int:

@@ -18,11 +18,13 @@ from typing import Any
 import click
 import nats.js.errors
 
+from mesh.runtime.audit import AuditLog
 from mesh.runtime.deadletter import CONTINUATION
 from mesh.transport.keys import signer_of
 from mesh.transport.nats import NatsTransport
 from mesh.wire import envelope as h
 from mesh.wire import subjects
+from mesh.wire.envelope import new_id
 from mesh.wire.errors import ConfigError
 from mesh.wire.secrets import is_secret_header
 from mesh.wire.settings import Settings
@@ -146,11 +148,13 @@ async def redrive(
     keep: bool = False,
     secret_headers: frozenset[str] = frozenset(),
     signer: Signer | None = None,
+    audit: AuditLog | None = None,
 ) -> Redriven:
     """Send dead letter `seq` back to its agent's inbox, without secret headers: where it
     went, and which it went without. With a `signer` (the operator's identity, on a mesh
     with identities) it goes as a new message from the operator, signed: the original
-    sender's signature cannot be carried over (its id was seen, its time is past)."""
+    sender's signature cannot be carried over (its id was seen, its time is past).
+    Recorded in `audit` when given."""
     raw = await get_dead_letter(transport, stream, seq)
     letter = _read(raw)
     if letter.kind == CONTINUATION:
@@ -177,6 +181,13 @@ async def redrive(
         out[h.SENT_AT] = str(h.now_ns())
         signer.sign(target, out, data)
     await transport.store(target, data, out)
+    if audit is not None:
+        await audit.append(
+            "redrive",
+            actor=audit.writer,
+            conversation=letter.conversation,
+            detail={"seq": seq, "kind": letter.kind, "agent": letter.agent, "message": headers.get(h.ID, "")},
+        )
     if not keep:
         await transport.delete_stored(stream, seq)
         if rest is not None:
@@ -278,6 +289,7 @@ def register(cli: click.Group, settings_fn: Any, run: Any) -> None:
                     keep=keep,
                     secret_headers=settings.secret_header_names,
                     signer=signer_of(settings),
+                    audit=AuditLog(transport, "mesh-dlq", new_id()),
                 )
             finally:
                 await transport.close()

@@ -15,6 +15,7 @@ from mesh.runtime.client import Lineage, MeshClient
 from mesh.runtime.discovery import discover
 from mesh.transport import streams
 from mesh.transport.nats import NatsTransport
+from mesh.wire.envelope import is_id_token
 from mesh.wire.errors import MeshError
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
@@ -43,7 +44,10 @@ async def decide(
     id of the approval request it answers, when known, so the conversation's tree shows it)."""
     transport = client.transport
     store = await transport.state(streams.bucket_specs(settings)[1], settings)
-    got = await store.get(approval_key(approval))
+    got = None
+    if is_id_token(approval):  # a key part: no wildcards
+        for key in await store.keys(approval_key("*", approval)):
+            got = await store.get(key)
     if got is None:
         raise MeshError(f"no approval {approval!r} is waiting (wrong id, or it expired and was cleaned up)")
     st = decoded(got[0])

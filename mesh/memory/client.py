@@ -49,7 +49,9 @@ class Requester(Protocol):
 
 
 class Memory:
-    """Remember, recall and forget in the tenant of this process (MESH_MEMORY_TENANT)."""
+    """Remember, recall and forget in the tenant of this process's identity: the memory
+    service decides it from who sends the request (its MESH_MEMORY_SCOPES), whatever the
+    request says. `tenant` (MESH_MEMORY_TENANT) is still sent, for older services."""
 
     def __init__(self, requester: Requester, settings: Settings | None = None, *, tenant: str | None = None):
         s = settings or _defaults()

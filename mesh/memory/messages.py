@@ -6,6 +6,9 @@ Filters (`where`) are plain JSON objects so that a malformed one is answered wit
 `MemoryFailed(kind="bad_filter")` instead of failing to decode; their keys are
 ``agent``, ``conversation``, ``kind`` (each a string or a list of strings), ``after``
 and ``before`` (Unix seconds, on the time the memory was written).
+
+The ``tenant`` fields are kept for older clients and ignored: the service takes the tenant
+from the identity that sent the request (`mesh.memory.scopes`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Remember(Message, frozen=True):
 
     text: str
     kind: str = "fact"
-    tenant: str = "default"
+    tenant: str = "default"  # ignored: the tenant is the caller's (mesh.memory.scopes)
     namespace: str = "default"
     ttl: float | None = None  # seconds; None keeps it until forgotten
     meta: dict[str, str] = {}
@@ -78,7 +81,7 @@ class Recall(Message, frozen=True):
 
     query: str
     k: int = 5
-    tenant: str = "default"
+    tenant: str = "default"  # ignored: the tenant is the caller's (mesh.memory.scopes)
     namespace: str = "default"
     where: dict[str, Any] = {}
     mode: str = "hybrid"  # hybrid | dense | keyword
@@ -95,7 +98,7 @@ class Recalled(Message, frozen=True):
 class Forget(Message, frozen=True):
     """Delete memories by id and/or filter (an empty request forgets nothing)."""
 
-    tenant: str = "default"
+    tenant: str = "default"  # ignored: the tenant is the caller's (mesh.memory.scopes)
     namespace: str = "default"
     ids: list[str] = []
     where: dict[str, Any] = {}
@@ -112,12 +115,12 @@ class AddTurn(Message, frozen=True):
 
     role: str
     text: str
-    tenant: str = "default"
+    tenant: str = "default"  # ignored: the tenant is the caller's (mesh.memory.scopes)
 
 
 @message("memory.get_history", version=1)
 class GetHistory(Message, frozen=True):
-    tenant: str = "default"
+    tenant: str = "default"  # ignored: the tenant is the caller's (mesh.memory.scopes)
 
 
 @message("memory.history", version=1)
@@ -135,7 +138,8 @@ class History(Message, frozen=True):
 @message("memory.failed", version=1)
 class MemoryFailed(Message, frozen=True):
     """The typed error answer: `kind` is ``oversize``, ``dimension``, ``unknown_tenant``,
-    ``bad_filter``, ``invalid`` or ``internal``; `reason` says what and how to fix it."""
+    ``not_allowed`` (a namespace outside the caller's scopes), ``bad_filter``, ``invalid`` or
+    ``internal``; `reason` says what and how to fix it."""
 
     kind: str
     reason: str

@@ -2,16 +2,19 @@
 
 When the model calls a tool marked ``approval=True``, the tool loop does not wait in
 memory. It stores the conversation with the model so far in the ``MESH_STATE`` bucket
-(key ``approvals.<id>``), publishes an ``approval.request`` event in the conversation, sends
-itself an expiry timer, and the handler returns: the message is acknowledged and nothing is
-held. A decision is an ``approval.decision`` message sent to the agent's inbox
-(``mesh approve <id>``, ``mesh deny <id> --reason ...``, or any NATS client). The agent
-process that receives it (any replica, or one started after a restart) records it with
-compare-and-set and sends the original message to itself again; the handler runs again, the
-tool loop finds the stored conversation and goes on from the parked call: it runs the tool
-if approved, or tells the model it was denied. If no decision comes before the deadline,
-the request expires: ``approval.resolved`` says so and the original message is
-dead-lettered as ``approval_expired`` with the reason.
+(key ``approvals.<agent>.<id>``: only that agent may write its keys), publishes an
+``approval.request`` event in the conversation, sends itself an expiry timer, and the handler
+returns: the message is acknowledged and nothing is held. A decision is an
+``approval.decision`` message sent to the agent's timer subject (``mesh approve <id>``,
+``mesh deny <id> --reason ...``, or a NATS client with the operator role: no one else may
+publish there). The agent process that receives it (any replica, or one started after a
+restart) records it with compare-and-set, with the identity that sent it (not the body's
+``by``), and sends the original message to itself again; the handler runs again, the tool
+loop finds the stored conversation and goes on from the parked call: if approved, it claims
+the call (compare-and-set) and runs the tool, at most once however often the resumed message
+comes; if denied, it tells the model. If no decision comes before the deadline, the request
+expires: ``approval.resolved`` says so and the original message is dead-lettered as
+``approval_expired`` with the reason.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from mesh.wire.codec import default_codec
 from mesh.wire.envelope import derive_id
 from mesh.wire.errors import DeliveryError
 from mesh.wire.messages import Message, message
+from mesh.wire.senders import sender_of
 
 if TYPE_CHECKING:
     from mesh.agent.context import Context
@@ -61,6 +65,9 @@ class ApprovalRequest(Message, frozen=True):
 
 @message("approval.decision")
 class ApprovalDecision(Message, frozen=True):
+    """A decision on a parked call. `by` is a name for people to read (who pressed the
+    button); the decision is recorded with the identity that sent it."""
+
     approval: str
     approved: bool
     by: str = ""
@@ -69,12 +76,14 @@ class ApprovalDecision(Message, frozen=True):
 
 @message("approval.resolved")
 class ApprovalResolved(Message, frozen=True):
-    """What became of an approval request: approved, denied or expired."""
+    """What became of an approval request: approved, denied or expired. `by` is the
+    identity that sent the decision; `person` what the decision said (`ApprovalDecision.by`)."""
 
     approval: str
     status: str
     by: str = ""
     reason: str = ""
+    person: str = ""
 
 
 @message("mesh.approval_timer")
@@ -106,18 +115,24 @@ class ApprovalState(msgspec.Struct):
     route: list[str] = []
     depth: int = 0
     status: Status = "pending"
-    by: str = ""
+    by: str = ""  # the identity that sent the decision
     reason: str = ""
     decided_by_msg: str = ""  # the decision (or timer) message that resolved it
     resume_id: str = ""  # the id of the re-sent message
+    person: str = ""  # who the decision says decided (display only)
+    run: Literal["", "claimed", "done"] = ""  # the approved call: claimed before it runs
+    output: str = ""  # what it returned (or its error), once done
+    failed: str = ""  # the error kind when it failed
 
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(ApprovalState).decode
 
 
-def approval_key(approval_id: str) -> str:
-    return f"approvals.{approval_id}"
+def approval_key(agent: str, approval_id: str) -> str:
+    """Where an approval's state is kept: under the agent's own keys, which only it (and the
+    operator) may write (mesh.transport.auth)."""
+    return f"approvals.{agent}.{approval_id}"
 
 
 def decision_subject(conversation: str, agent: str) -> str:
@@ -140,6 +155,7 @@ class Resume:
     status: Status
     by: str
     reason: str
+    key: str = ""
 
     def refusal(self) -> ToolError | None:
         if self.status == "approved":
@@ -178,7 +194,8 @@ async def park(
         route=list(ctx.answer.route),
         depth=ctx.depth,
     )
-    await keeper.state.create(approval_key(approval_id), _encode(state))  # None: made by an earlier run
+    # None: made by an earlier run
+    await keeper.state.create(approval_key(ctx.agent, approval_id), _encode(state))
     inbox = decision_subject(ctx.conversation_id, ctx.agent)
     await ctx.publish(
         ApprovalRequest(
@@ -205,13 +222,62 @@ async def resume_point(ctx: Context) -> Resume | None:
     keeper = ctx.approvals
     if keeper is None or not ctx.envelope.causation:
         return None
-    got = await keeper.state.get(approval_key(derive_id(ctx.envelope.causation, ctx.agent, 0)))
+    key = approval_key(ctx.agent, derive_id(ctx.envelope.causation, ctx.agent, 0))
+    got = await keeper.state.get(key)
     if got is None:
         return None
     st = _decode(got[0])
     if st.resume_id != ctx.message_id or st.status not in ("approved", "denied"):
         return None
-    return Resume(st.transcript, st.outputs, st.call.id, st.status, st.by, st.reason)
+    return Resume(st.transcript, st.outputs, st.call.id, st.status, st.person or st.by, st.reason, key)
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """An approved call that already ran, from an earlier run of the same resumed message."""
+
+    output: str
+    failed: str  # its error kind, "" if it succeeded
+
+
+async def claim(ctx: Context, resume: Resume) -> Ran | ToolError | None:
+    """Claim the approved call before it runs: None when this run may run it now; `Ran` when
+    it ran already (a redelivered or replayed resume: give back what it returned); a
+    `ToolError` when an earlier run claimed it and stopped before saying how it went (the
+    call may or may not have happened, so it is not run again)."""
+    keeper = ctx.approvals
+    assert keeper is not None
+    while True:
+        got = await keeper.state.get(resume.key)
+        if got is None:
+            return ToolError("?", "the approval's state is gone; the call is not run")
+        st = _decode(got[0])
+        if st.run == "done":
+            ctx.log.warning("approved call already ran: not run again", approval=st.id, tool=st.tool)
+            return Ran(st.output, st.failed)
+        if st.run == "claimed":
+            return ToolError(
+                "?",
+                f"approval {st.id} was claimed by an earlier run that stopped before it finished; "
+                "the call is not run twice: check whether it happened",
+            )
+        st.run = "claimed"
+        if await keeper.state.update(resume.key, _encode(st), got[1]) is not None:
+            return None
+
+
+async def ran(ctx: Context, resume: Resume, output: str, failed: str = "") -> None:
+    """Record what the claimed call returned, so a later run of the same resume reuses it."""
+    keeper = ctx.approvals
+    assert keeper is not None
+    while True:
+        got = await keeper.state.get(resume.key)
+        if got is None:
+            return
+        st = _decode(got[0])
+        st.run, st.output, st.failed = "done", output, failed
+        if await keeper.state.update(resume.key, _encode(st), got[1]) is not None:
+            return
 
 
 class ApprovalKeeper:
@@ -238,6 +304,7 @@ class ApprovalKeeper:
             if waiting is not None:
                 return "handled" if waiting == "rearmed" else waiting
             approval_id, status, by, reason = timer.approval, "expired", "", "no decision before it expired"
+            person = ""
         else:
             if env.address.kind != subjects.TIMER:
                 raise DeliveryError(
@@ -246,15 +313,21 @@ class ApprovalKeeper:
                     f"agent's timer subject ({decision_subject(env.conversation, self.agent.name)}), which "
                     f"only the operator role may publish to",
                 )
+            by = sender_of(env)
+            if by == self.agent.name:
+                raise DeliveryError(
+                    "unauthorized",
+                    f"{self.agent.name!r} sent a decision on its own tool call: a person decides",
+                )
             decision = default_codec.decode(env.data, ApprovalDecision, env.content_type)
-            approval_id, by, reason = decision.approval, decision.by, decision.reason
+            approval_id, person, reason = decision.approval, decision.by, decision.reason
             status = "approved" if decision.approved else "denied"
         if not h.is_id_token(approval_id):  # it goes into a KV key: no wildcards, no 10 KB
             raise DeliveryError("unknown_approval", f"{h.show(approval_id)} is not an approval id")
         # drawn first on every delivery of this message, so a redelivery finds the same id,
         # and approval.resolved (sent next, through the same counter) gets another one
         resume_id = ctx.next_id()
-        key = approval_key(approval_id)
+        key = approval_key(self.agent.name, approval_id)
         while True:
             got = await self.state.get(key)
             if got is None:  # never parked here, or its state expired
@@ -267,10 +340,21 @@ class ApprovalKeeper:
                     return "skipped"  # decided already (a second answer, or the timer after it)
                 break  # a redelivery of the deciding message: finish its work again
             st.status, st.by, st.reason, st.decided_by_msg = status, by, reason, env.id
+            st.person = person
             st.resume_id = resume_id
             if await self.state.update(key, _encode(st), got[1]) is not None:
+                if ctx.audit is not None:
+                    await ctx.audit.append(
+                        "approval",
+                        actor=by or self.agent.name,  # the decider's identity; the agent for an expiry
+                        trace_id=ctx.trace_id,
+                        conversation=st.conversation,
+                        detail={"approval": st.id, "tool": st.tool, "status": st.status, "person": st.person},
+                    )
                 break
-        await ctx.publish(ApprovalResolved(approval=st.id, status=st.status, by=st.by, reason=st.reason))
+        await ctx.publish(
+            ApprovalResolved(approval=st.id, status=st.status, by=st.by, reason=st.reason, person=st.person)
+        )
         if st.status == "expired":
             await self._expire(st, ctx)
         else:
@@ -331,6 +415,7 @@ def summary(st: ApprovalState) -> dict[str, Any]:
         "arguments": st.call.input,
         "status": st.status,
         "by": st.by,
+        "person": st.person,
         "reason": st.reason,
         "expires_ms": st.expires_ms,
     }

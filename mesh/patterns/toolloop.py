@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mesh.llm.tools import Tool, ToolError, ToolInputInvalid, ToolNotAllowed, UnknownTool
 from mesh.llm.types import Block, Reply, Request, Text, ToolCall, ToolOutput, Turn
+from mesh.runtime.audit import digest
 
 if TYPE_CHECKING:
     from mesh.agent.context import Context
@@ -110,30 +111,63 @@ async def run_tools(
         for index in range(start, len(pending)):
             call = pending[index]
             tool, error = _admit(ctx, call, allowed)
+            resumed: approval.Resume | None = None
             if tool is not None and tool.approval:
                 if decided is not None and decided.call_id == call.id:
-                    error = decided.refusal()
-                    decided = None
+                    resumed, decided = decided, None
+                    error = resumed.refusal()
+                    if error is None:
+                        claimed = await approval.claim(ctx, resumed)
+                        if isinstance(claimed, approval.Ran):  # ran already: never twice
+                            error = ToolError(tool.name, claimed.output) if claimed.failed else None
+                            if error is None:
+                                outputs.append(ToolOutput(call.id, tool_block(tool.name, claimed.output)))
+                                await _record(ctx, run, Called(tool.name, call.input, True, claimed.output))
+                                continue
+                        elif claimed is not None:
+                            error = claimed
                 else:
                     run.parked = await approval.park(ctx, tool, call, transcript, outputs)
                     return run
             if error is None and tool is not None:
                 try:
                     content = await tool.run(call.input, _default_timeout(ctx))
+                    if resumed is not None:
+                        await approval.ran(ctx, resumed, content)
                     outputs.append(ToolOutput(call.id, tool_block(tool.name, content)))
-                    run.calls.append(Called(tool.name, call.input, True, content))
+                    await _record(ctx, run, Called(tool.name, call.input, True, content))
                     continue
                 except ToolError as exc:
                     error = exc
+                    if resumed is not None:
+                        await approval.ran(ctx, resumed, exc.reason, exc.kind)
             assert error is not None
             ctx.log.warning("tool call refused", tool=call.name, kind=error.kind, reason=error.reason)
             outputs.append(ToolOutput(call.id, f"error ({error.kind}): {error}", is_error=True))
-            run.calls.append(Called(call.name, call.input, False, str(error), error.kind))
+            await _record(ctx, run, Called(call.name, call.input, False, str(error), error.kind))
         transcript.append(Turn("user", list[Block](outputs)))
         pending, outputs, start = [], [], 0
     run.text = run.reply.text if run.reply is not None else ""
     ctx.log.warning("tool loop stopped after max_turns", max_turns=max_turns)
     return run
+
+
+async def _record(ctx: Context, run: ToolRun, called: Called) -> None:
+    """Keep what became of a call, and append it to the audit trail: who (the agent, for the
+    sender of the message it handles), which tool, a digest of the arguments, the outcome."""
+    run.calls.append(called)
+    if ctx.audit is not None:
+        await ctx.audit.append(
+            "tool_call",
+            actor=ctx.sender,
+            trace_id=ctx.trace_id,
+            conversation=ctx.conversation_id,
+            detail={
+                "tool": called.tool,
+                "arguments": digest(called.input),
+                "status": "ok" if called.ok else called.error_kind or "failed",
+            },
+        )
 
 
 def _admit(ctx: Context, call: ToolCall, allowed: set[str]) -> tuple[Tool | None, ToolError | None]:

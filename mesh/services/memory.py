@@ -3,7 +3,9 @@
     mesh run mesh.services.memory:agent
 
 Every request gets its answer type or `MemoryFailed` (a typed error): bad input never
-crashes the service and never leaves a requester waiting. `mesh run` opens the
+crashes the service and never leaves a requester waiting. The tenant and namespaces a
+request may reach come from who sent it (`mesh.memory.scopes`), never from its body, and the
+provenance of a write names that sender. `mesh run` opens the
 collection at start (from this process's settings); a background task sweeps expired memories and
 lets the embedded engine build its index. With a Qdrant server behind it, run as many
 replicas as you like; the embedded engine is one process per data dir.
@@ -38,9 +40,11 @@ from mesh.memory.messages import (
     Remembered,
     Turn,
 )
+from mesh.memory.scopes import Scope, Scopes
 from mesh.memory.store import MemoryStore, Origin
 from mesh.memory.working import Window, WorkingMemory
 from mesh.wire.errors import MemoryRefused
+from mesh.wire.senders import sender_of
 from mesh.wire.settings import Settings
 
 _tracer = trace.get_tracer("mesh.memory")
@@ -58,8 +62,10 @@ class MemoryService:
         *,
         budget: int = 1024,
         sweep_every: float = 60.0,
+        scopes: Scopes | None = None,
     ) -> None:
         self._open_store = open_store
+        self.scopes = scopes or Scopes({})
         self._store: MemoryStore | None = None
         self._opening = asyncio.Lock()
         self._working: WorkingMemory | None = None
@@ -106,7 +112,7 @@ class MemoryService:
 def origin_of(ctx: Context) -> Origin:
     env = ctx.envelope
     return Origin(
-        agent=env.sender,
+        agent=sender_of(env),
         message_id=env.causation or env.id,
         trace_id=ctx.trace_id,
         conversation=env.conversation,
@@ -154,18 +160,37 @@ def history(window: Window) -> History:
     )
 
 
-async def _answer(op: str, ctx: Context, work: Callable[[], Awaitable[T]]) -> T | MemoryFailed:
-    """Run one operation in its own span; any failure becomes a typed `MemoryFailed`."""
+def _caller(service: MemoryService, ctx: Context) -> tuple[str, Scope]:
+    """Who sent the request, and the tenant and namespaces that identity may reach."""
+    caller = sender_of(ctx.envelope)
+    return caller, service.scopes.of(caller)
+
+
+async def _answer(
+    op: str, ctx: Context, work: Callable[[], Awaitable[T]], namespace: str = ""
+) -> T | MemoryFailed:
+    """Run one operation in its own span; any failure becomes a typed `MemoryFailed`. Each
+    one, done or refused, is appended to the audit trail with the caller's identity."""
     with _tracer.start_as_current_span(f"memory {op}") as span:
         try:
-            return await work()
+            answer: T | MemoryFailed = await work()
         except MemoryRefused as exc:
             span.set_attribute("mesh.memory.refused", exc.kind)
-            return MemoryFailed(kind=exc.kind, reason=exc.reason)
+            answer = MemoryFailed(kind=exc.kind, reason=exc.reason)
         except Exception as exc:
             ctx.log.exception("memory operation failed", op=op)
             span.record_exception(exc)
-            return MemoryFailed(kind="internal", reason=f"{op} failed: {type(exc).__name__}: {exc}")
+            answer = MemoryFailed(kind="internal", reason=f"{op} failed: {type(exc).__name__}: {exc}")
+        if ctx.audit is not None:
+            status = answer.kind if isinstance(answer, MemoryFailed) else "ok"
+            await ctx.audit.append(
+                f"memory.{op}",
+                actor=sender_of(ctx.envelope),
+                trace_id=ctx.trace_id,
+                conversation=ctx.conversation_id,
+                detail={"namespace": namespace, "status": status},
+            )
+        return answer
 
 
 def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
@@ -176,29 +201,31 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
     async def remember(msg: Remember, ctx: Context) -> Remembered | MemoryFailed:
         async def work() -> Remembered:
             store = await service.store(ctx.llm)
+            caller, scope = _caller(service, ctx)
             done = await store.remember(
                 msg.text,
-                tenant=msg.tenant,
+                tenant=scope.tenant,
                 origin=origin_of(ctx),
                 kind=msg.kind,
-                namespace=msg.namespace,
+                namespace=scope.check(caller, msg.namespace),
                 ttl=msg.ttl,
                 meta=msg.meta,
                 vector=msg.vector,
             )
             return Remembered(id=done.id, merged=done.merged, seen=done.seen)
 
-        return await _answer("remember", ctx, work)
+        return await _answer("remember", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def recall(msg: Recall, ctx: Context) -> Recalled | MemoryFailed:
         async def work() -> Recalled:
             store = await service.store(ctx.llm)
+            caller, scope = _caller(service, ctx)
             found, mode = await store.recall(
                 msg.query,
-                tenant=msg.tenant,
+                tenant=scope.tenant,
                 k=msg.k,
-                namespace=msg.namespace,
+                namespace=scope.check(caller, msg.namespace),
                 where=msg.where,
                 mode=msg.mode,
                 vector=msg.vector,
@@ -206,24 +233,25 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
             trace.get_current_span().set_attribute("mesh.memory.hits", len(found))
             return Recalled(hits=[hit(f) for f in found], mode=mode)
 
-        return await _answer("recall", ctx, work)
+        return await _answer("recall", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def forget(msg: Forget, ctx: Context) -> Forgotten | MemoryFailed:
         async def work() -> Forgotten:
             store = await service.store(ctx.llm)
-            count = await store.forget(
-                tenant=msg.tenant, namespace=msg.namespace, ids=msg.ids, where=msg.where
-            )
+            caller, scope = _caller(service, ctx)
+            namespace = scope.check(caller, msg.namespace)
+            count = await store.forget(tenant=scope.tenant, namespace=namespace, ids=msg.ids, where=msg.where)
             return Forgotten(count=count)
 
-        return await _answer("forget", ctx, work)
+        return await _answer("forget", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def add_turn(msg: AddTurn, ctx: Context) -> History | MemoryFailed:
         async def work() -> History:
             working = await service.working(ctx.llm)
-            return history(await working.add(msg.tenant, msg.role, msg.text, origin_of(ctx)))
+            tenant = _caller(service, ctx)[1].tenant
+            return history(await working.add(tenant, msg.role, msg.text, origin_of(ctx)))
 
         return await _answer("add_turn", ctx, work)
 
@@ -231,7 +259,7 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
     async def get_history(msg: GetHistory, ctx: Context) -> History | MemoryFailed:
         async def work() -> History:
             working = await service.working(ctx.llm)
-            return history(await working.read(msg.tenant, ctx.conversation_id))
+            return history(await working.read(_caller(service, ctx)[1].tenant, ctx.conversation_id))
 
         return await _answer("get_history", ctx, work)
 
@@ -250,7 +278,12 @@ def __getattr__(name: str) -> Agent:
     async def opened() -> MemoryStore:
         return store
 
-    service = MemoryService(opened, budget=settings.memory_turn_budget, sweep_every=settings.memory_sweep)
+    service = MemoryService(
+        opened,
+        budget=settings.memory_turn_budget,
+        sweep_every=settings.memory_sweep,
+        scopes=Scopes.parse(settings.memory_scopes),
+    )
     built = memory_agent(service, settings.memory_agent)
     globals()["agent"] = built
     return built

@@ -101,9 +101,9 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
     - send: any agent's inbox and direct line (handoffs and requests name their target at
       run time; the declaration does not list them), events of any type (`ctx.publish`
       takes any), answers to outside requesters (``reply`` subjects and ``_INBOX``), its
-      own timers and its own dead letters;
+      own timers, its own dead letters and its own audit records;
     - state: its own keys of ``MESH_PROCESSED`` and ``MESH_STATE`` (joins, failure
-      histories), read by key; approvals (one key space for all agents) if it parks calls.
+      histories), read by key; its approvals if it parks calls.
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.
@@ -122,6 +122,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         f"{_MESH}.*.{subjects.EVENT}.>",
         f"{_MESH}.*.{subjects.REPLY}.*",
         f"{_MESH}.*.{subjects.DEAD_LETTER}.{a}",
+        subjects.audit_pattern(a),  # its own audit chains, never another's
         "_INBOX.>",  # answers to requesters: direct requests, discovery, Mesh-Reply-To
         *(f"{_API}.CONSUMER.INFO.{s}.{a}" for s in consumers),
         *(f"{_API}.CONSUMER.MSG.NEXT.{s}.{a}" for s in consumers),
@@ -149,7 +150,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
 
 
 def _state_keys(agent: str, grant: AgentGrant) -> list[str]:
-    spaces = [f"failures.{agent}", f"joins.{agent}"] + (["approvals"] if grant.approvals else [])
+    spaces = [f"failures.{agent}", f"joins.{agent}"] + ([f"approvals.{agent}"] if grant.approvals else [])
     out = []
     for space in spaces:
         out.append(f"$KV.{streams.STATE}.{space}.>")

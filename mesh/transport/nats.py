@@ -318,6 +318,8 @@ class NatsTransport:
             max_msgs_per_subject=spec.max_msgs_per_subject or -1,
             discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
             discard_new_per_subject=spec.discard_new and spec.max_msgs_per_subject > 0,
+            deny_delete=spec.append_only,
+            deny_purge=spec.append_only,
         )
         # With credentials, look first: an identity that may not create streams (an agent
         # under auth, docs/security.md) only checks that they exist. Without, create at

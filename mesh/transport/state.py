@@ -11,6 +11,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
 from mesh.transport.kvbatch import BatchedExists
+from mesh.wire import subjects
 
 
 class StateStore(Protocol):
@@ -39,6 +40,10 @@ class StateStore(Protocol):
         ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def keys(self, pattern: str) -> list[str]:
+        """The keys present that match `pattern` (``*`` and ``>`` wildcards)."""
+        ...
 
 
 class NatsState:
@@ -84,6 +89,18 @@ class NatsState:
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
 
+    async def keys(self, pattern: str, *, timeout: float = 5.0) -> list[str]:
+        """The keys now present that match `pattern` (``*`` and ``>`` wildcards), for an
+        operator looking something up (it reads the bucket: agents may not)."""
+        watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        found: list[str] = []
+        try:
+            while (entry := await watcher.updates(timeout)) is not None:  # type: ignore[no-untyped-call]
+                found.append(entry.key)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return found
+
 
 class MemoryState:
     """`StateStore` in this process's memory, with the same compare-and-set rules as a
@@ -119,3 +136,6 @@ class MemoryState:
 
     async def delete(self, key: str) -> None:
         self._values.pop(key, None)
+
+    async def keys(self, pattern: str) -> list[str]:
+        return sorted(k for k in self._values if subjects.matches(pattern, k))

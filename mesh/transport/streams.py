@@ -45,6 +45,7 @@ TIMERS: Final = "MESH_TIMERS"
 MAX_OPEN_TIMERS: Final = 100_000  # a timer's consumer: deadlines waiting at once, per agent
 PROCESSED: Final = "MESH_PROCESSED"
 STATE: Final = "MESH_STATE"
+AUDIT: Final = "MESH_AUDIT"  # append-only (mesh.runtime.audit)
 STATE_MAX_AGE: Final = 7 * 86400.0
 
 
@@ -58,6 +59,7 @@ class StreamSpec:
     max_bytes: int = 0  # 0 = no limit
     max_msgs_per_subject: int = 0  # 0 = no limit
     discard_new: bool = False  # when full: refuse new messages (True) or drop the oldest
+    append_only: bool = False  # no message can be deleted nor the stream purged
 
     def limits(self) -> dict[str, object]:
         """The limits an existing stream is compared on (see `ensure_stream`)."""
@@ -111,6 +113,14 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
             [subjects.dead_letter_pattern()],
             settings.dlq_retention,
             max_bytes=size,
+        ),
+        StreamSpec(
+            AUDIT,
+            [f"{subjects.AUDIT_ROOT}.>"],
+            settings.audit_retention,
+            dedupe_window=window,
+            max_bytes=size,
+            append_only=True,
         ),
     ]
 

@@ -162,6 +162,9 @@ class Settings(BaseModel):
         "conversation) before the stream refuses more (0: no limit).",
     )
     dlq_retention: float = Field(default=14 * 86400.0, gt=0, description="Seconds dead letters are kept.")
+    audit_retention: float = Field(
+        default=365 * 86400.0, gt=0, description="Seconds audit records are kept (MESH_AUDIT, append-only)."
+    )
     sender_rate: float = Field(
         default=1000.0,
         ge=0,
@@ -198,6 +201,12 @@ class Settings(BaseModel):
     )
     memory_tenants: str = Field(
         default="default", description="Memory service: tenants it serves, comma-separated; '*' for any."
+    )
+    memory_scopes: str = Field(
+        default="",
+        description="Memory service: the tenant and namespaces of each caller identity, "
+        "'<identity>=<tenant>[/<namespace>|<prefix>*]' comma-separated, '*' for any other identity; "
+        "unlisted callers are in tenant 'default'. The request's tenant field is never used.",
     )
     memory_backend: Literal["auto", "edge", "qdrant", "qdrant-local"] = Field(
         default="auto",

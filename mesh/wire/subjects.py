@@ -11,6 +11,9 @@ pattern ``mesh.<conversation>.>``:
 ``mesh.<conv>.reply.<token>``           a reply to a requester outside the mesh
 ``mesh.<conv>.dlq.<agent name>``        a dead letter rejected by that agent
 =====================================  ===============================================
+
+Audit records live outside the mesh's root, ``mesh_audit.<writer>.<instance>`` (one chain per
+writing process), so nothing that watches ``mesh.>`` sees them.
 """
 
 from __future__ import annotations
@@ -175,6 +178,20 @@ def dead_letter_pattern() -> str:
 
 
 ALL: Final = f"{ROOT}.>"
+
+AUDIT_ROOT: Final = "mesh_audit"
+
+
+def audit_subject(writer: str, instance: str) -> str:
+    """Where one process (`instance`) of identity `writer` appends its audit records."""
+    if not is_agent_name(writer) or not is_conversation_id(instance):
+        raise ConfigError(f"audit writer {writer!r}/{instance!r} is not an agent name and a token")
+    return f"{AUDIT_ROOT}.{writer}.{instance}"
+
+
+def audit_pattern(writer: str = "*") -> str:
+    """Every audit record of `writer` (every writer by default)."""
+    return f"{AUDIT_ROOT}.{writer}.*"
 
 
 def matches(pattern: str, subject: str) -> bool:
