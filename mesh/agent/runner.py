@@ -222,6 +222,7 @@ class AgentRuntime:
             endpoints=self.endpoints(),
             stats=lambda: self.stats,
             instance=self.instance,
+            signer=self._signer,
         )
         await self._responder.start()
         self._ticker = asyncio.create_task(self._keep_alive())

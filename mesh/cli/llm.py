@@ -14,6 +14,7 @@ from mesh.patterns.approval import ApprovalDecision, ApprovalState, approval_key
 from mesh.runtime.client import Lineage, MeshClient
 from mesh.runtime.discovery import discover
 from mesh.transport import streams
+from mesh.transport.keys import KeyDirectory, known_directory
 from mesh.transport.nats import NatsTransport
 from mesh.wire.envelope import is_id_token
 from mesh.wire.errors import MeshError
@@ -21,10 +22,13 @@ from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
 
 
-async def list_tools(transport: NatsTransport, *, wait: float = 0.5) -> list[dict[str, Any]]:
-    """Every tool offered by a running agent, with its agent, from discovery metadata."""
+async def list_tools(
+    transport: NatsTransport, *, wait: float = 0.5, directory: KeyDirectory | None = None
+) -> list[dict[str, Any]]:
+    """Every tool offered by a running agent, with its agent, from discovery metadata (with a
+    `directory`, only what agents signed themselves)."""
     seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for inst in await discover(transport, timeout=wait):
+    for inst in await discover(transport, timeout=wait, directory=directory):
         for tool in json.loads(inst.metadata.get("mesh.tools") or "[]"):
             seen.setdefault((inst.name, tool["name"]), {"agent": inst.name, **tool})
     return [seen[k] for k in sorted(seen)]
@@ -75,7 +79,7 @@ def register(
         async def go() -> None:
             transport = await NatsTransport.connect(settings, "mesh-cli")
             try:
-                found = await list_tools(transport, wait=wait)
+                found = await list_tools(transport, wait=wait, directory=known_directory(settings))
             finally:
                 await transport.close()
             if as_json:

@@ -145,6 +145,7 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from mesh.runtime.discovery import backlog, discover
+    from mesh.transport.keys import known_directory
     from mesh.transport.nats import NatsTransport
 
     settings = _settings("observer")
@@ -152,7 +153,7 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
     async def go() -> None:
         transport = await NatsTransport.connect(settings, "mesh-cli")
         try:
-            found = await discover(transport, timeout=wait)
+            found = await discover(transport, timeout=wait, directory=known_directory(settings))
             queues = {name: await backlog(transport, name) for name in {a.name for a in found}}
         finally:
             await transport.close()

@@ -20,7 +20,7 @@ from mesh.middleware.signing import signing
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
 from mesh.transport.base import Transport
-from mesh.transport.keys import KeyDirectory, directory_path, signer_of
+from mesh.transport.keys import KeyDirectory, known_directory, signer_of
 from mesh.transport.nats import NatsTransport
 from mesh.transport.outbox import Outbox
 from mesh.wire import envelope as h
@@ -118,8 +118,7 @@ class MeshClient:
         middleware = (inject_trace, signing(signer)) if signer is not None else (inject_trace,)
         transport = await NatsTransport.connect(settings, sender, url=url)
         client = cls(transport, sender, publish_middleware=middleware)
-        path = directory_path(settings) if signer is not None else None
-        client.directory = KeyDirectory(path) if path is not None else None
+        client.directory = known_directory(settings)
         return client
 
     async def close(self) -> None:

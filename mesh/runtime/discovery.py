@@ -14,11 +14,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
+
 from mesh.transport.base import Subscription, Transport
+from mesh.transport.keys import KeyDirectory
+from mesh.wire import envelope as h
 from mesh.wire.envelope import new_id
+from mesh.wire.signature import BadSignature, Signer, verify
 
 PREFIX = "$SRV"
 PROTOCOL = "1"
+
+log = structlog.get_logger("mesh.runtime.discovery")
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,10 @@ class ServiceResponder:
         endpoints: list[Endpoint],
         stats: Callable[[], Stats],
         instance: str | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.transport = transport
+        self.signer = signer  # answers are signed as the agent, so a reader can tell them from forgeries
         self.name = name
         self.id = instance or new_id()
         self.version = version
@@ -130,7 +139,12 @@ class ServiceResponder:
 
             async def respond(msg: Any, answer: Callable[[], dict[str, Any]] = answer) -> None:
                 if msg.reply:
-                    await self.transport.publish(msg.reply, json.dumps(answer()).encode())
+                    data = json.dumps(answer()).encode()
+                    headers: dict[str, str] | None = None
+                    if self.signer is not None:
+                        headers = {h.SENDER: self.name, h.SENT_AT: str(h.now_ns())}
+                        self.signer.sign(msg.reply, headers, data)
+                    await self.transport.publish(msg.reply, data, headers)
 
             for subject in (
                 f"{PREFIX}.{verb}",
@@ -144,6 +158,15 @@ class ServiceResponder:
             with contextlib.suppress(Exception):  # a closed connection has no interest left
                 await sub.unsubscribe()
         self._subs.clear()
+
+
+def _signed_by(directory: KeyDirectory, msg: Any, body: dict[str, Any]) -> bool:
+    """Whether a discovery answer is signed by the agent whose name it carries."""
+    try:
+        signer = verify(msg.subject, dict(msg.headers or {}), msg.data)
+    except BadSignature:
+        return False
+    return directory.identity(signer) == f"agent:{body.get('name', '')}"
 
 
 @dataclass(frozen=True)
@@ -160,8 +183,14 @@ class AgentInstance:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-async def discover(transport: Transport, *, timeout: float = 0.5, name: str = "") -> list[AgentInstance]:
-    """Ask every mesh agent process for its INFO and STATS; gather answers for `timeout` s."""
+async def discover(
+    transport: Transport, *, timeout: float = 0.5, name: str = "", directory: KeyDirectory | None = None
+) -> list[AgentInstance]:
+    """Ask every mesh agent process for its INFO and STATS; gather answers for `timeout` s.
+
+    With a `directory` (a mesh with identities) an answer counts only if it is signed by
+    the agent it describes: any agent may publish replies, so without the signature one
+    could pose as another and advertise tools it does not have."""
     infos: dict[str, dict[str, Any]] = {}
     stats: dict[str, dict[str, Any]] = {}
     inbox = transport.new_inbox()
@@ -170,6 +199,12 @@ async def discover(transport: Transport, *, timeout: float = 0.5, name: str = ""
         try:
             body = json.loads(msg.data)
         except ValueError:
+            return
+        if directory is not None and not _signed_by(directory, msg, body):
+            log.warning(
+                "discovery answer not signed by the agent it describes",
+                name=h.show(str(body.get("name", ""))),
+            )
             return
         if body.get("type") == "io.nats.micro.v1.info_response":
             infos[body["id"]] = body

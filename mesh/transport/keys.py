@@ -104,3 +104,12 @@ def directory_of(settings: Settings) -> KeyDirectory | None:
             f"to the keyring's users.json (`mesh creds` writes it; it holds public keys only)"
         )
     return KeyDirectory(path)
+
+
+def known_directory(settings: Settings) -> KeyDirectory | None:
+    """The identities, when this process has an identity and they can be found; None
+    otherwise (a reader that verifies what it can, such as `mesh agents`)."""
+    if signer_of(settings) is None:
+        return None
+    path = directory_path(settings)
+    return KeyDirectory(path) if path is not None else None
