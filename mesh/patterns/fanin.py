@@ -223,7 +223,10 @@ class JoinKeeper:
             if join is None:
                 raise DeliveryError("unknown_join", f"agent {self.agent!r} declares no join {st.name!r}")
             if env.type_name == "mesh.join_handed_on":
-                return await self._hand_on(env, st, key, revision, jid, branch)
+                handed = await self._hand_on(env, st, key, revision, jid, branch)
+                if handed is None:
+                    continue  # the state moved meanwhile: read it again
+                return handed
             if self.authenticated and branch != "timer":
                 wrong = self._check_sender(join, st, jid, branch, env.sender)
                 if wrong is not None:
@@ -305,9 +308,10 @@ class JoinKeeper:
 
     async def _hand_on(
         self, env: h.Envelope, st: JoinState, key: str, revision: int, jid: str, branch: str
-    ) -> Outcome | Later:
-        """Record who holds a branch now. Only its holder may hand it on (when senders are
-        proven); a hand-on after the branch was answered or the join done changes nothing."""
+    ) -> Outcome | None:
+        """Record who holds a branch now; None if the state moved under this update. Only its
+        holder may hand it on (when senders are proven); a hand-on after the branch was
+        answered or the join done changes nothing."""
         handed = default_codec.decode(env.data, HandedOn, env.content_type)
         if branch not in st.branches:
             raise DeliveryError("unknown_join", f"join {jid!r} has no branch {branch!r}")
@@ -323,7 +327,7 @@ class JoinKeeper:
             return "skipped"
         st.holders[branch] = handed.to
         if await self.state.update(key, _encode(st), revision) is None:
-            return Later(0.0)  # the state moved meanwhile: read it again on redelivery
+            return None
         return "handled"
 
     async def _finish(self, key: str) -> None:
