@@ -3,8 +3,10 @@ tool calls that wait for a person (docs/llm-and-tools.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -34,6 +36,9 @@ async def list_tools(
     return [seen[k] for k in sorted(seen)]
 
 
+FIND_WAIT = 2.0  # seconds `decide` looks for an approval that is not listed yet
+
+
 async def decide(
     client: MeshClient,
     settings: Settings,
@@ -43,15 +48,23 @@ async def decide(
     by: str,
     reason: str = "",
     causation: str = "",
+    wait: float = FIND_WAIT,
 ) -> ApprovalState:
     """Send a decision to the agent whose tool call waits under `approval` (`causation`: the
-    id of the approval request it answers, when known, so the conversation's tree shows it)."""
+    id of the approval request it answers, when known, so the conversation's tree shows it).
+
+    The approval is looked for during `wait` seconds: its `approval.request` event can
+    arrive before the state is listed by the replica a cluster answers from."""
     transport = client.transport
     store = await transport.state(streams.bucket_specs(settings)[1], settings)
     got = None
-    if is_id_token(approval):  # a key part: no wildcards
+    deadline = time.monotonic() + wait
+    while is_id_token(approval):  # a key part: no wildcards
         for key in await store.keys(approval_key("*", approval)):
             got = await store.get(key)
+        if got is not None or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.1)
     if got is None:
         raise MeshError(f"no approval {approval!r} is waiting (wrong id, or it expired and was cleaned up)")
     st = decoded(got[0])

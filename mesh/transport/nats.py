@@ -451,7 +451,7 @@ class NatsTransport:
 
     async def state(self, bucket: BucketSpec, settings: Settings) -> StateStore:
         try:
-            kv = await self._js.key_value(bucket.name)
+            kv = await self._bucket(bucket.name, settings)
         except nats.js.errors.BucketNotFoundError:
             config = KeyValueConfig(
                 bucket=bucket.name,
@@ -466,6 +466,23 @@ class NatsTransport:
             except BadRequestError:
                 kv = await self._js.key_value(bucket.name)  # a replica created it meanwhile
         return NatsState(self.nc, kv, bucket.name)
+
+    async def _bucket(self, name: str, settings: Settings) -> Any:
+        """An existing bucket, asking again while JetStream does not answer in time (a busy
+        cluster, or one electing a leader) within MESH_PUBLISH_RETRY_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.publish_retry_timeout
+        while True:
+            try:
+                return await self._js.key_value(name)
+            except nats.errors.TimeoutError:
+                if loop.time() >= deadline:
+                    raise ServerUnavailable(
+                        f"JetStream did not answer in time when asked for bucket {name}: on a cluster, "
+                        f"its servers may be electing a leader, or too few are up for a quorum"
+                    ) from None
+                log.warning("no answer for bucket, asking again", bucket=name)
+                await asyncio.sleep(RETRY_DELAY)
 
     async def flush(self, timeout: float = 5.0) -> None:
         await self.nc.flush(timeout)  # type: ignore[arg-type]
