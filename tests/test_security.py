@@ -39,7 +39,7 @@ from mesh.wire import subjects
 from mesh.wire.errors import RequestError, ServerError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
-from mesh.wire.signature import Signer
+from mesh.wire.signature import REPLY_GRANT, Signer
 
 
 @message("sec.ping", version=1)
@@ -582,7 +582,7 @@ def _signed(
 
 async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(secure: SecureServer) -> None:
     """mallory signs with its own valid key. Forging Mesh-Sender, answering another agent's
-    join, steering a reply into its own inbox, replaying a captured message, altering a
+    join, steering a reply into its own inbox or another agent's, replaying a captured message, altering a
     signed body: each is dead-lettered (unauthenticated or unauthorized) by the agent it was
     sent to, and nothing reaches a handler or a join. The legitimate flows (fan-out join,
     handoff chain, request/reply) work with signing on."""
@@ -697,6 +697,37 @@ async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(
                         inbox,
                         Ping(text="attack"),
                         **{"Mesh-Reply-To": f"_INBOX.{mallory_key}.steal"},
+                    ),
+                ),
+                (
+                    "an answer pointed at another agent's inbox",
+                    "unauthorized",
+                    inbox,
+                    ping,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "mallory",
+                        inbox,
+                        Ping(text="attack"),
+                        **{"Mesh-Reply-To": chief_inbox},
+                    ),
+                ),
+                (
+                    "an answer pointed at another agent's inbox, with a grant of another conversation",
+                    "unauthorized",
+                    inbox,
+                    ping,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "mallory",
+                        inbox,
+                        Ping(text="attack"),
+                        **{
+                            "Mesh-Reply-To": chief_inbox,
+                            REPLY_GRANT: _signer(secure, "agent:chief").grant("other"),
+                        },
                     ),
                 ),
                 (

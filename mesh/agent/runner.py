@@ -109,6 +109,7 @@ class AgentRuntime:
                 *agent.publish_middleware,
                 *((signing(self._signer),) if self._signer is not None else ()),
             ),
+            signer=self._signer,
         )
         self.verifier = verifier_of(settings)  # on whenever the agent has an identity
         if self.verifier is not None:  # and the answers to its own requests are checked too
@@ -459,10 +460,13 @@ class AgentRuntime:
         )
 
     async def _fail_direct(self, msg: Delivery, kind: str, reason: str) -> None:
-        """Dead-letter a direct delivery and, if someone waits for an answer, tell them why."""
+        """Dead-letter a direct delivery and, if someone waits for an answer, tell them why:
+        unless who sent it, or where it asks to be answered, is not proven (the reply subject
+        may be someone else's)."""
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
-        await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
+        if kind not in ("unauthenticated", "unauthorized"):
+            await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:
