@@ -8,7 +8,9 @@ A delivery passes when
 - its ``Mesh-Sent-At`` is within the replay window of the time the stream stored it (of now,
   for a direct message);
 - its ``Mesh-Id`` was not seen in the window on another message (a redelivery of the same
-  stored message is not a replay: it has the same stream sequence);
+  stored message is not a replay: it has the same stream sequence); a direct message's id
+  also not by another replica of the agent (`SeenIds`, the ``MESH_SEEN`` bucket: a stored
+  message's copies are caught by the stream's dedupe and the processed records);
 - its reply target (``Mesh-Reply-To``, or the NATS reply subject of a direct request) lies in
   the reply space of its signer, or of the signer of its ``Mesh-Reply-Grant`` for this
   conversation (`owns`): whoever passes work on answers the one who asked, no one else.
@@ -24,6 +26,8 @@ from collections import OrderedDict
 
 from mesh.transport.delivery import Delivery
 from mesh.transport.keys import KeyDirectory, directory_of
+from mesh.transport.state import StateStore
+from mesh.transport.streams import id_key
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.errors import DeliveryError
@@ -116,6 +120,24 @@ class Verifier:
             )
         if before is None:
             seen[msg_id] = (d.origin, now)
+
+
+class SeenIds:
+    """The ids of the signed direct messages an agent took, shared by all its replicas: a
+    direct message replayed to another replica within the window is refused there too."""
+
+    def __init__(self, store: StateStore, agent: str) -> None:
+        self.store = store
+        self.prefix = f"{agent}."
+
+    async def first(self, d: Delivery) -> None:
+        """Record `d`'s id; DeliveryError(unauthenticated) if a replica recorded it already."""
+        msg_id = (d.headers or {}).get(h.ID, "")
+        if await self.store.create(self.prefix + id_key(msg_id), b"") is None:
+            raise DeliveryError(
+                UNAUTHENTICATED,
+                f"message id {msg_id[: h.MAX_ID]!r} was taken before by a replica of this agent (a replay)",
+            )
 
 
 def owns(identity: str, key: str, target: str) -> bool:

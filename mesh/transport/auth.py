@@ -102,8 +102,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
       run time; the declaration does not list them), events of any type (`ctx.publish`
       takes any), answers to outside requesters (``reply`` subjects and ``_INBOX``), its
       own timers, its own dead letters and its own audit records;
-    - state: its own keys of ``MESH_PROCESSED`` and ``MESH_STATE`` (joins, failure
-      histories), read by key; its approvals if it parks calls.
+    - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN`` and ``MESH_STATE`` (joins,
+      failure histories), read by key; its approvals if it parks calls.
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.
@@ -131,6 +131,10 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         # filter in the subject against the one in the request)
         *(f"{_API}.CONSUMER.CREATE.{s}.{a}.{f}" for s, f in own),
         f"$KV.{streams.PROCESSED}.{a}.>",
+        # ids of the signed direct messages it took (replays); a create that finds the key
+        # reads it, to tell a live one from a deleted one
+        f"$KV.{streams.SEEN}.{a}.>",
+        f"{_API}.DIRECT.GET.KV_{streams.SEEN}.$KV.{streams.SEEN}.{a}.>",
         f"{_API}.DIRECT.GET.KV_{streams.PROCESSED}",  # batched lookups name keys in the body
         *_state_keys(a, grant),
     ]
