@@ -68,12 +68,15 @@ class Permissions:
 @dataclass(frozen=True, slots=True)
 class AgentGrant:
     """What an agent's declaration says it does on the bus: its name, the event types it
-    consumes, whether it keeps joins (timers) and parks tool calls for approval."""
+    consumes, whether it keeps joins (timers) and parks tool calls for approval, and the
+    memory namespaces it uses (None: not declared). The memory scopes are not a server
+    permission: they travel with the identity in ``users.json`` to the memory service."""
 
     name: str
     events: tuple[str, ...] = ()
     joins: bool = False
     approvals: bool = False
+    memory: tuple[str, ...] | None = None
 
     @property
     def timers(self) -> bool:
@@ -249,6 +252,14 @@ class User:
     identity: str  # "agent:<name>" or "role:<role>"
     nkey: str
     permissions: Permissions
+    memory: tuple[str, ...] | None = None  # an agent's declared memory scopes
+
+    def row(self) -> dict[str, Any]:
+        """As ``users.json`` holds it."""
+        row = {"identity": self.identity, "nkey": self.nkey, "permissions": self.permissions.config()}
+        if self.memory is not None:
+            row["memory"] = list(self.memory)
+        return row
 
 
 @dataclass
@@ -294,7 +305,8 @@ class Keyring:
                 tuple(p["subscribe"]["allow"]),
                 tuple(p["subscribe"].get("deny", ())),
             )
-            self._users[u["identity"]] = User(u["identity"], u["nkey"], perms)
+            memory = tuple(u["memory"]) if isinstance(u.get("memory"), list) else None
+            self._users[u["identity"]] = User(u["identity"], u["nkey"], perms, memory)
 
     def _seed(self, identity: str) -> bytes:
         path = self.creds_path(identity)
@@ -320,7 +332,8 @@ class Keyring:
         declaration; True if the users changed (the server must reload)."""
         seed = self._seed(f"agent:{grant.name}")
         pk = public_key(seed)
-        return self._put(User(f"agent:{grant.name}", pk, agent_permissions(grant, settings, pk)))
+        perms = agent_permissions(grant, settings, pk)
+        return self._put(User(f"agent:{grant.name}", pk, perms, grant.memory))
 
     def revoke(self, identity: str) -> bool:
         """Forget an identity and its seed (rotation: revoke, then issue again)."""
@@ -333,11 +346,7 @@ class Keyring:
 
     def _put(self, user: User) -> bool:
         known = self._users.get(user.identity)
-        if (
-            known is not None
-            and known.nkey == user.nkey
-            and known.permissions.config() == user.permissions.config()
-        ):
+        if known is not None and known.row() == user.row():
             return False  # the same (compared as written: sorted, without repeats)
         self._users[user.identity] = user
         self._write()
@@ -352,10 +361,7 @@ class Keyring:
         self._write()
 
     def _write(self) -> None:
-        rows = [
-            {"identity": u.identity, "nkey": u.nkey, "permissions": u.permissions.config()}
-            for u in self.users
-        ]
+        rows = [u.row() for u in self.users]
         _write_atomic(self.directory / "users.json", json.dumps(rows, indent=1))
         # the same public keys alone in a directory of their own, for every process that
         # verifies senders (mesh.transport.keys) to be given without the seeds beside them
