@@ -21,7 +21,7 @@ from mesh.services.memory import MemoryService, memory_agent
 from mesh.testing import SecureServer, running_agent, secure_nats_server
 from mesh.transport.auth import Keyring
 from mesh.transport.keys import KeyDirectory
-from mesh.wire.errors import ConfigError, MemoryRefused
+from mesh.wire.errors import ConfigError, MemoryRefused, MemoryUnavailable
 from mesh.wire.settings import Settings
 
 
@@ -75,6 +75,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServer]:
         log_level="warning",
         connect_timeout=2.0,
         memory_agent="memory",
+        memory_tenants="default,acme",
         memory_timeout=15.0,  # the first call opens the store: a busy machine takes a while
     )
     with secure_nats_server(tmp_path_factory.mktemp("scopes"), settings) as mesh:
@@ -82,11 +83,16 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServer]:
 
 
 async def test_the_memory_service_holds_an_agent_to_its_declared_scopes(secure: SecureServer) -> None:
-    """reader declares customer-*: it may remember and recall there and nowhere else, though
-    the operator gives it every namespace; plain declares nothing and keeps every namespace."""
+    """reader is in tenant acme and declares customer-*: it may remember and recall there and
+    nowhere else, though the operator also gives it kb. plain (tenant default) declares nothing
+    and keeps every namespace of its own tenant: naming acme in the body, or signing as
+    reader, reaches none of acme's memories."""
     reader = Agent("reader", memory_scopes=["customer-*"])
     plain = Agent("plain")
-    service = MemoryService(lambda: MemoryStore.from_settings(secure.settings).open())
+    service = MemoryService(
+        lambda: MemoryStore.from_settings(secure.settings).open(),
+        scopes=Scopes.parse("reader=acme/customer-*|kb, *=default"),
+    )
     agent = memory_agent(service, "memory")
     try:
         async with running_agent(agent, await secure.agent(agent)):
@@ -105,11 +111,18 @@ async def test_the_memory_service_holds_an_agent_to_its_declared_scopes(secure: 
                     with pytest.raises(MemoryRefused) as refused:
                         await attempt
                     assert refused.value.kind == "not_allowed"
-                other = Memory(as_plain, secure.settings)
+                other = Memory(as_plain, secure.settings, tenant="acme")  # the body's tenant is ignored
                 await other.remember("the knowledge base says hello", namespace="kb")
                 assert [h.text for h in await other.recall("hello", namespace="kb")] == [
                     "the knowledge base says hello"
                 ]
+                assert await other.recall("order shipped", namespace="customer-ada") == []  # not acme's
+                # plain signing as reader is refused before the service reads it (no answer)
+                as_plain.sender = "reader"
+                with pytest.raises(MemoryUnavailable, match="no answer"):
+                    await Memory(as_plain, secure.settings.model_copy(update={"memory_timeout": 1.0})).recall(
+                        "order shipped", namespace="customer-ada"
+                    )
             finally:
                 await as_reader.close()
                 await as_plain.close()
