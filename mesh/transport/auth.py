@@ -224,27 +224,31 @@ def creds_text(seed: bytes) -> str:
     )
 
 
-def read_seed(path: Path) -> bytes | None:
-    """The NKEY seed in a credentials file, None if it holds a JWT (decentralized auth)."""
-    raw = path.read_bytes()
-    if _JWT_MARK in raw:
-        return None
-    found = _SEED.search(raw)
+def read_seed(path: Path) -> bytes:
+    """The NKEY seed in a credentials file: a seed file of `mesh creds`, or a JWT ``.creds``
+    file (decentralized auth), which holds the user's seed after its JWT."""
+    found = _SEED.search(path.read_bytes())
     if found is None:
-        raise ConfigError(f"{path} holds no NATS user seed (SU...) nor a user JWT: not a credentials file")
+        raise ConfigError(f"{path} holds no NATS user seed (SU...): not a credentials file")
     return found.group(0)
 
 
+def holds_jwt(path: Path) -> bool:
+    return _JWT_MARK in path.read_bytes()
+
+
 def connect_options(creds: Path) -> dict[str, Any]:
-    """nats-py connect options for a credentials file: a JWT ``.creds`` as it is; an NKEY
-    seed file with the inbox prefix its identity may subscribe to."""
+    """nats-py connect options for a credentials file, with the inbox prefix its identity
+    receives replies on: a JWT ``.creds`` as it is (the JWT must allow subscribing there), an
+    NKEY seed file by its seed."""
     try:
-        seed = read_seed(creds)
+        seed, jwt = read_seed(creds), holds_jwt(creds)
     except OSError as exc:
         raise ConfigError(f"cannot read the NATS credentials {creds}: {exc.strerror}") from None
-    if seed is None:
-        return {"user_credentials": str(creds)}
-    return {"nkeys_seed_str": seed.decode(), "inbox_prefix": inbox_prefix(public_key(seed))}
+    prefix = inbox_prefix(public_key(seed))
+    if jwt:
+        return {"user_credentials": str(creds), "inbox_prefix": prefix}
+    return {"nkeys_seed_str": seed.decode(), "inbox_prefix": prefix}
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,9 +315,7 @@ class Keyring:
     def _seed(self, identity: str) -> bytes:
         path = self.creds_path(identity)
         if path.exists():
-            seed = read_seed(path)
-            if seed is not None:
-                return seed
+            return read_seed(path)
         seed = new_seed()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -334,6 +336,20 @@ class Keyring:
         pk = public_key(seed)
         perms = agent_permissions(grant, settings, pk)
         return self._put(User(f"agent:{grant.name}", pk, perms, grant.memory))
+
+    def adopt(self, identity: str, creds: Path) -> None:
+        """Give `identity` the key of an existing credentials file (a JWT ``.creds`` made with
+        ``nsc``): the file is copied in, and the next issue uses its key."""
+        try:
+            read_seed(creds)
+            data = creds.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the credentials {creds}: {exc.strerror}") from None
+        path = self.creds_path(identity)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
 
     def revoke(self, identity: str) -> bool:
         """Forget an identity and its seed (rotation: revoke, then issue again)."""

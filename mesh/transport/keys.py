@@ -97,15 +97,15 @@ def directory_path(settings: Settings) -> Path | None:
 
 
 def signer_of(settings: Settings) -> Signer | None:
-    """This process's signer: the NKEY seed of its credentials, None without one (an
-    insecure mesh, or a JWT ``.creds`` file, whose identity is not in a keyring)."""
+    """This process's signer: the NKEY seed of its credentials (a seed file, or the seed in a
+    JWT ``.creds`` file), None without credentials (an insecure mesh)."""
     if settings.nats_creds is None:
         return None
     try:
         seed = read_seed(settings.nats_creds)
     except OSError as exc:
         raise ConfigError(f"cannot read the NATS credentials {settings.nats_creds}: {exc.strerror}") from None
-    return Signer(seed) if seed is not None else None
+    return Signer(seed)
 
 
 def directory_of(settings: Settings) -> KeyDirectory | None:
