@@ -49,9 +49,13 @@ def local_keyring(settings: Settings) -> tuple[Keyring, list[srv.ServerInfo]] | 
     url, servers = found
     if not servers[0].auth:
         return None
-    if settings.nats_url and not set(settings.nats_url.split(",")) <= set(url.split(",")):
+    if settings.nats_url and not _urls(settings.nats_url) <= _urls(url):
         return None
     return Keyring(Path(servers[0].auth)), servers
+
+
+def _urls(url: str) -> set[str]:
+    return {u.strip() for u in url.split(",") if u.strip()}
 
 
 def with_role(settings: Settings, role: Role) -> Settings:
