@@ -223,3 +223,22 @@ def test_mesh_up_cluster_insecure_warns_and_admits_anyone(tmp_path: Path) -> Non
     finally:
         down = mesh("down")
     assert "mesh server stopped" in down.stdout, down.stderr
+
+
+async def test_a_member_stopped_while_an_identity_is_issued_admits_it_when_started_again(
+    secured: tuple[EmbeddedCluster, Settings],
+) -> None:
+    """The members that run reload; one that was stopped reads the keyring when it starts
+    and rejoins its peers with the route password."""
+    cluster, settings = secured
+    n2 = cluster.node("n2")
+    await asyncio.to_thread(n2.stop)
+    on_cluster = settings.model_copy(update={"nats_url": cluster.url})
+    mine, issued = await asyncio.to_thread(with_agent, on_cluster, AgentGrant(name="whiledown"))
+    assert issued and mine.nats_creds is not None
+    await asyncio.to_thread(n2.start)
+    assert await asyncio.to_thread(cluster.wait_ready) in cluster.names
+    for node in cluster.nodes:
+        nc = await _connect(node.url, **connect_options(mine.nats_creds))
+        await nc.flush()
+        await nc.close()

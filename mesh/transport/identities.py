@@ -99,11 +99,13 @@ def reload(*servers: srv.ServerInfo) -> None:
     starts again (a cluster member that was stopped)."""
     signalled: list[tuple[srv.ServerInfo, str]] = []
     for info in servers:
-        before = _load_time(info.monitor_url) if info.monitor_url else ""
         try:
+            before = _load_time(info.monitor_url) if info.monitor_url else ""
             os.kill(info.pid, signal.SIGHUP)
-        except ProcessLookupError:
-            continue
+        except OSError:  # no answer, or no such process
+            if srv.is_our_server(info.pid, info.directory):
+                raise
+            continue  # stopped since it was found
         if info.monitor_url:
             signalled.append((info, before))
     deadline = time.monotonic() + RELOAD_TIMEOUT
