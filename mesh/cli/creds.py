@@ -3,8 +3,8 @@
 The keyring is ``<MESH_DATA_DIR>/auth`` by default, the one `mesh up` uses; ``--keyring DIR``
 keeps another (e.g. a volume shared with the nats-server container). After a change, a server
 (or every member of a cluster) started by `mesh up` on this data dir reloads at once; any other
-server must be told to
-(`nats-server --signal reload`, or SIGHUP), its configuration including ``auth.conf``.
+server must be told to (`nats-server --signal reload`, or SIGHUP), its configuration including
+``auth.conf``.
 """
 
 from __future__ import annotations
