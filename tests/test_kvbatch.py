@@ -6,7 +6,7 @@ import asyncio
 
 from nats.js.api import KeyValueConfig
 
-from mesh.transport.kvbatch import CHUNK
+from mesh.transport.kvbatch import CHUNK, BatchedExists
 from mesh.transport.nats import NatsTransport
 from mesh.transport.state import NatsState
 from mesh.transport.streams import BucketSpec
@@ -47,4 +47,30 @@ async def test_a_bucket_without_direct_gets_is_asked_one_key_at_a_time(settings:
         assert await asyncio.gather(store.exists("present"), store.exists("absent")) == [True, False]
         assert store._exists.requests == 0
     finally:
+        await transport.close()
+
+
+async def test_a_batch_no_replica_answers_is_asked_key_by_key_and_the_next_batches_again(
+    settings: Settings,
+) -> None:
+    """A 503 (no responders: on a cluster, the bucket's replicas electing a leader or without a
+    quorum; here a bucket that is not there) is no refusal of direct gets: that batch is asked
+    key by key, the next one is batched again. Switching for good would leave an agent asking
+    one key at a time, and before its permissions allowed that, failing every delivery."""
+    transport = await NatsTransport.connect(settings, "kvbatch")
+    asked: list[str] = []
+
+    async def one(key: str) -> bool:
+        asked.append(key)
+        return key == "present"
+
+    batched = BatchedExists(transport.nc, f"T_{new_id()}", one, direct=True)
+    try:
+        assert await asyncio.gather(batched.exists("present"), batched.exists("absent")) == [True, False]
+        assert sorted(asked) == ["absent", "present"] and batched.requests == 1
+        assert batched.direct
+        assert await batched.exists("present")
+        assert batched.requests == 2
+    finally:
+        await batched.close()
         await transport.close()

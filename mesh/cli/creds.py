@@ -2,8 +2,9 @@
 
 The keyring is ``<MESH_DATA_DIR>/auth`` by default, the one `mesh up` uses; ``--keyring DIR``
 keeps another (e.g. a volume shared with the nats-server container). After a change, a server
-started by `mesh up` on this data dir reloads at once; any other server must be told to
-(`nats-server --signal reload`, or SIGHUP), its configuration including ``auth.conf``.
+(or every member of a cluster) started by `mesh up` on this data dir reloads at once; any other
+server must be told to (`nats-server --signal reload`, or SIGHUP), its configuration including
+``auth.conf``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import click
 
 from mesh.agent.identity import grant_of
 from mesh.agent.loader import load_agent
-from mesh.transport import server as srv
 from mesh.transport.auth import ROLES, Keyring, Role
-from mesh.transport.identities import keyring_dir, reload
+from mesh.transport.identities import keyring_dir, local_mesh, reload
+from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 
 SERVER_CONF = "nats.conf"
@@ -29,11 +30,13 @@ def _keyring(settings: Settings, directory: str | None) -> Keyring:
 
 
 def _changed(settings: Settings, keyring: Keyring) -> None:
-    """Tell the server that uses this keyring, if `mesh up` runs it here."""
-    info = srv.running(settings)
-    if info is not None and info.auth and Path(info.auth).resolve() == keyring.directory.resolve():
-        reload(info)
-        click.echo(f"reloaded the server at {info.url}")
+    """Tell the server (or every member of the cluster) that uses this keyring, if `mesh up`
+    runs it here."""
+    url, servers = local_mesh(settings) or ("", [])
+    if servers and servers[0].auth and Path(servers[0].auth).resolve() == keyring.directory.resolve():
+        reload(*servers)
+        what = "the server" if len(servers) == 1 else f"the {len(servers)} servers of the cluster"
+        click.echo(f"reloaded {what} at {redact_url(url)}")
     else:
         click.echo(f"users written to {keyring.conf_path}: reload the nats-server that includes it")
 

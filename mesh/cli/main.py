@@ -398,7 +398,9 @@ def demo(tickets: int, interactive: bool) -> None:
         answer = await asyncio.to_thread(click.prompt, f"\n  {question}. Approve?", default="y")
         return str(answer).strip().lower() in ("y", "yes")
 
-    settings = _settings()
+    # no role here: the settings go to the agents the demo starts, and each agent provisions
+    # its own identity (the demo's helpdesk takes the operator role itself)
+    settings = _settings(None)
     _run(lambda: run_demo(settings, tickets=tickets, ask=ask if interactive else None))
 
 

@@ -8,12 +8,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from mesh.transport import cluster as cl
 from mesh.transport import server as srv
-from mesh.transport.identities import as_role, embedded_server
+from mesh.transport.identities import as_role, embedded_cluster, embedded_server
 from mesh.transport.nats import NatsTransport
 from mesh.transport.streams import bucket_specs
 from mesh.wire.errors import ConfigError
@@ -24,6 +25,11 @@ INSECURE_WARNING = (
     "WARNING: --insecure: the server requires no authentication. Any process that reaches its port "
     "can read every message, act as any agent, approve tool calls and delete streams. Use it only "
     "for experiments on a machine you alone use."
+)
+INSECURE_CLUSTER_WARNING = (
+    "WARNING: --insecure: the cluster's servers require no authentication, of clients nor of routes. "
+    "Any process that reaches one of their ports can read every message, act as any agent, approve "
+    "tool calls and delete streams. Use it only for experiments on a machine you alone use."
 )
 
 
@@ -71,13 +77,7 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
         """
         settings = settings_fn()
         if insecure:
-            click.echo(INSECURE_WARNING, err=True)
-        elif nodes:
-            click.echo(
-                "warning: a local cluster (`mesh up --cluster`) does not require authentication in "
-                "this release: any client that reaches its ports may do anything",
-                err=True,
-            )
+            click.echo(INSECURE_CLUSTER_WARNING if nodes else INSECURE_WARNING, err=True)
         if settings.nats_url:
             raise ConfigError(
                 f"MESH_NATS_URL is set ({redact_url(settings.nats_url)}), so mesh commands use that server, "
@@ -105,8 +105,8 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
         servers: list[srv.EmbeddedServer] = []
         try:
             if nodes:
-                cluster = cl.EmbeddedCluster(
-                    cl.cluster_dir(settings), nodes, tie_to_parent=not detach, sync_always=sync_always
+                cluster = embedded_cluster(
+                    settings, nodes, insecure=insecure, tie_to_parent=not detach, sync_always=sync_always
                 )
                 cluster.start()
                 servers, url, clear = cluster.nodes, cluster.url, cl.clear_state
@@ -116,6 +116,8 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
                     f"stores under {cl.cluster_dir(settings)}. In the shell of each agent and command:\n"
                     f"export MESH_NATS_URL={url}\nexport MESH_REPLICAS={settings.replicas}"
                 )
+                _say_auth(cluster.auth)
+                settings = as_role(settings, cluster, "operator")
             else:
                 server = embedded_server(
                     settings, insecure=insecure, tie_to_parent=not detach, sync_always=sync_always
@@ -124,11 +126,7 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
                 servers, url, clear = [server], info.url, srv.clear_state
                 srv.write_state(settings, info)
                 click.echo(f"mesh server up: {info.url} (pid {info.pid}, store {srv.server_dir(settings)})")
-                if server.auth is not None:
-                    click.echo(
-                        f"authentication on: identities and credentials under {server.auth} "
-                        f"(`mesh creds` exports them for deployment)"
-                    )
+                _say_auth(server.auth)
                 settings = as_role(settings, server, "operator")
             # publishers may come before any agent, and agents may not create streams or
             # buckets: all of them now, on a cluster with its replicas
@@ -171,6 +169,14 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
             click.echo("no mesh server is running")
             return
         click.echo(f"mesh server stopped (pid {', '.join(map(str, stopped))})")
+
+
+def _say_auth(keyring: Path | None) -> None:
+    if keyring is not None:
+        click.echo(
+            f"authentication on: identities and credentials under {keyring} "
+            f"(`mesh creds` exports them for deployment)"
+        )
 
 
 def _stop(servers: list[srv.EmbeddedServer]) -> None:

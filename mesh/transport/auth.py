@@ -139,6 +139,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         f"$KV.{streams.SEEN}.{a}.>",
         f"{_API}.DIRECT.GET.KV_{streams.SEEN}.$KV.{streams.SEEN}.{a}.>",
         f"{_API}.DIRECT.GET.KV_{streams.PROCESSED}",  # batched lookups name keys in the body
+        # one key at a time, its own, where a batch is not answered (kvbatch)
+        f"{_API}.DIRECT.GET.KV_{streams.PROCESSED}.$KV.{streams.PROCESSED}.{a}.>",
         *_state_keys(a, grant),
     ]
     if grant.timers:

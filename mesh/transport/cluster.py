@@ -6,6 +6,10 @@ config and log under ``<directory>/n<i>``; they share a cluster name and know ea
 other's route ports, so a node that is stopped or killed can be started again and
 rejoins. The client URL of the cluster is the members' URLs joined by commas, the form
 MESH_NATS_URL takes.
+
+With a keyring (`auth`), every member includes the same ``auth.conf`` (clients authenticate
+with the same identities on any member) and routes authenticate with a password made for
+this cluster (`Routes.secret`); `mesh.transport.identities.embedded_cluster` makes one so.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import time
@@ -47,6 +52,7 @@ class EmbeddedCluster:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         tie_to_parent: bool = True,
         sync_always: bool = False,
+        auth: Path | None = None,
     ) -> None:
         if n < 1:
             raise ServerError(f"a cluster needs at least one server, not {n}")
@@ -56,6 +62,9 @@ class EmbeddedCluster:
         self.max_payload = max_payload
         self.tie_to_parent = tie_to_parent
         self.sync_always = sync_always
+        self.auth = auth  # a keyring directory: every member includes its auth.conf
+        # kept for the cluster's life, so a member started again rejoins its peers
+        self.route_secret = secrets.token_urlsafe(32) if auth is not None else ""
         self.nodes: list[EmbeddedServer] = []
 
     @property
@@ -98,7 +107,8 @@ class EmbeddedCluster:
     def _members(self, route_ports: list[int]) -> list[EmbeddedServer]:
         members = []
         for i, port in enumerate(route_ports, start=1):
-            routes = Routes(self.name, port, tuple(p for p in route_ports if p != port))
+            peers = tuple(p for p in route_ports if p != port)
+            routes = Routes(self.name, port, peers, secret=self.route_secret)
             members.append(
                 EmbeddedServer(
                     self.directory / f"n{i}",
@@ -107,6 +117,7 @@ class EmbeddedCluster:
                     sync_always=self.sync_always,
                     name=f"n{i}",
                     routes=routes,
+                    auth=self.auth,
                 )
             )
         return members

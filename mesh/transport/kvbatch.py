@@ -5,7 +5,9 @@ KV get per delivery costs a request and a reply each; a busy agent takes its del
 in bursts, so the keys asked for in the same turn of the event loop go out together as
 one batched direct get (``multi_last``, nats-server 2.11 and later), answered by the
 records found and an end-of-batch status. A bucket that does not allow direct gets, or a
-server that refuses the request, is asked one key at a time instead.
+server that refuses the request, is asked one key at a time instead. A batch that no replica
+answers (503: a cluster's replicas are electing a leader or lost their quorum) is asked key by
+key that once; the next batch is tried again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nats.aio.client import Client as NatsClient
 CHUNK: Final = 256  # keys in one request
 _FOUND_NONE: Final = "404"
 _END: Final = "204"
+_NO_RESPONDERS: Final = "503"
 _GONE: Final = frozenset({"DEL", "PURGE"})  # KV-Operation of a deleted key's marker
 
 
@@ -30,7 +33,7 @@ class _Batch:
     waiting: dict[str, list[asyncio.Future[bool]]]
     found: set[str] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    refused: bool = False
+    refused: str = ""  # the status of a refusal
 
 
 class BatchedExists:
@@ -97,8 +100,9 @@ class BatchedExists:
                 await asyncio.wait_for(batch.done.wait(), self._timeout)
             finally:
                 self._batches.pop(token, None)
-            if batch.refused:  # no direct gets here after all: one key at a time from now on
-                self.direct = False
+            if batch.refused:
+                if batch.refused != _NO_RESPONDERS:  # no direct gets here: one key at a time from now on
+                    self.direct = False
                 for key, futs in batch.waiting.items():
                     _settle(futs, await self._one(key))
                 return
@@ -124,8 +128,8 @@ class BatchedExists:
             if subject.startswith(self._prefix) and headers.get("KV-Operation") not in _GONE:
                 batch.found.add(subject[len(self._prefix) :])
             return
-        if status not in (_END, _FOUND_NONE):  # 503 and the like: direct gets not allowed
-            batch.refused = True
+        if status not in (_END, _FOUND_NONE):  # not allowed, or no replica answers now
+            batch.refused = str(status)
         batch.done.set()
 
     async def close(self) -> None:

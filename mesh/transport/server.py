@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -34,14 +34,35 @@ class ServerInfo:
     auth: str = ""  # the keyring directory when clients must authenticate (mesh.transport.auth)
 
 
+ROUTE_USER = "mesh-route"
+
+
 @dataclass(frozen=True)
 class Routes:
     """A server's place in a cluster: the cluster's name, the loopback port this server
-    takes route connections on, and the route ports of the other members."""
+    takes route connections on, and the route ports of the other members.
+
+    With a `secret`, routes authenticate: this server admits a route only with user
+    `ROUTE_USER` and that password, and presents them to its peers. nats-server checks routes
+    apart from clients (its client ``authorization`` does not apply to them), so without it
+    any process that reaches a route port could join as a server and bypass the users."""
 
     cluster: str
     port: int
     peers: tuple[int, ...]
+    secret: str = field(default="", repr=False)
+
+    def config(self) -> dict[str, object]:
+        """nats-server's ``cluster`` block."""
+        auth = f"{ROUTE_USER}:{self.secret}@" if self.secret else ""
+        block: dict[str, object] = {
+            "name": self.cluster,
+            "listen": f"127.0.0.1:{self.port}",
+            "routes": [f"nats-route://{auth}127.0.0.1:{p}" for p in self.peers],
+        }
+        if self.secret:
+            block["authorization"] = {"user": ROUTE_USER, "password": self.secret}
+        return block
 
 
 def binary() -> Path:
@@ -133,7 +154,12 @@ class EmbeddedServer:
             for stale in ports_dir.glob("*.ports"):
                 stale.unlink()
             conf = self.directory / "nats.conf"
-            conf.write_text(self._config_text(ports_dir))
+            # mode 0600, made anew (one of an earlier version may have another): a cluster
+            # member's config holds the route password
+            conf.unlink(missing_ok=True)
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self._config_text(ports_dir))
             log = self.log_path.open("ab")
             try:
                 self._terminated = False
@@ -202,11 +228,7 @@ class EmbeddedServer:
             },
         }
         if self.routes is not None:
-            config["cluster"] = {
-                "name": self.routes.cluster,
-                "listen": f"127.0.0.1:{self.routes.port}",
-                "routes": [f"nats-route://127.0.0.1:{p}" for p in self.routes.peers],
-            }
+            config["cluster"] = self.routes.config()
         return config
 
     def _last_log_line(self) -> str:

@@ -7,7 +7,8 @@ is applied with the handler's idempotency key, so a retried handler cannot apply
 HANDOFF_CRASH_EVERY=n makes a process kill itself (SIGKILL) in about one handler in n, on
 the message's first delivery, after its effect and before its answer and acknowledgement:
 the worst moment for exactly-once. HANDOFF_CRASH_COMPLETION=1 does the same in every join
-completion's first attempt.
+completion's first attempt. On a server that requires authentication the ledger, being
+outside the mesh, connects with credentials of its own: HANDOFF_LEDGER_CREDS.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import asyncio
 import os
 import signal
 import zlib
+from pathlib import Path
 
 import nats
 from nats.js.errors import KeyWrongLastSequenceError
 
 from mesh import Agent, Context, Message, message
 from mesh.join import Gathered, JudgeRequest, JudgeVerdict, first, judge, majority, quorum
+from mesh.transport.auth import connect_options
 
 LEDGER = "TEST_LEDGER"
 
@@ -84,8 +87,13 @@ async def apply_effect(ctx: Context, what: str) -> bool:
     global _ledger, _ledger_nc
     if _ledger is None:
         servers = os.environ.get("MESH_NATS_URL", "").split(",")  # one URL, or a cluster's
+        creds = os.environ.get("HANDOFF_LEDGER_CREDS")
         nc = _ledger_nc = await nats.connect(
-            servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_ledger_error
+            servers,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=_ledger_error,
+            **(connect_options(Path(creds)) if creds else {}),
         )
         js = nc.jetstream()
         try:
