@@ -85,7 +85,11 @@ async def apply_effect(ctx: Context, what: str) -> bool:
     if _ledger is None:
         servers = os.environ.get("MESH_NATS_URL", "").split(",")  # one URL, or a cluster's
         nc = _ledger_nc = await nats.connect(
-            servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_ledger_error
+            servers,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=_ledger_error,
+            **_ledger_account(),
         )
         js = nc.jetstream()
         try:
@@ -101,6 +105,17 @@ async def apply_effect(ctx: Context, what: str) -> bool:
         return True
     except KeyWrongLastSequenceError:
         return False
+
+
+def _ledger_account() -> dict[str, object]:
+    """The ledger stands for an outside system with an account of its own: on a mesh with
+    authentication, the operator's, found as `mesh` commands find it (MESH_DATA_DIR)."""
+    from mesh.transport.auth import connect_options
+    from mesh.transport.identities import with_role
+    from mesh.wire.settings import Settings
+
+    creds = with_role(Settings.load(), "operator").nats_creds
+    return connect_options(creds) if creds is not None else {}
 
 
 async def _ledger_error(exc: Exception) -> None:
