@@ -39,7 +39,7 @@ from mesh.wire import subjects
 from mesh.wire.errors import RequestError, ServerError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
-from mesh.wire.signature import Signer
+from mesh.wire.signature import REPLY_GRANT, Signer
 
 
 @message("sec.ping", version=1)
@@ -402,6 +402,37 @@ async def test_a_declared_flow_works_with_every_party_on_its_own_identity(secure
             await publisher.close()
 
 
+async def test_a_direct_message_replayed_to_another_replica_is_refused(secure: SecureServer) -> None:
+    """A signed direct request captured on the way (an observer sees direct lines) and sent
+    again within the window to a replica that never saw it is refused there too: an agent's
+    replicas share the ids of the direct messages they took (MESH_SEEN)."""
+    operator = await MeshClient.connect(secure.role("operator"), "test")
+    publisher = await MeshClient.connect(secure.role("publisher"), "helpdesk")
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    conv = "sec-replica"
+    tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
+    try:
+        async with running_agent(vault, secure.identity("agent:vault")):
+            pong = await publisher.request("vault", Ping(text="once"), Pong, timeout=10, conversation=conv)
+            assert pong == Pong(text="once", by="vault")
+        got = await tap.wait_for(lambda ms: any(m.subject.endswith(".direct.vault") for m in ms))
+        captured = next(m for m in got if m.subject.endswith(".direct.vault"))
+        async with running_agent(vault, secure.identity("agent:vault")) as replica:
+            # sent with no reply subject: the requester's inbox is not the attacker's to name
+            await probe.nc.publish(captured.subject, captured.data, headers=dict(captured.headers))
+            got = await tap.wait_for(lambda ms: any(".dlq." in m.subject for m in ms), timeout=15)
+            handled = replica.stats.handled
+        letter = next(m for m in got if ".dlq." in m.subject)
+        assert letter.headers["Mesh-Dlq-Kind"] == "unauthenticated"
+        assert "taken before by a replica" in letter.headers["Mesh-Dlq-Reason"]
+        assert handled == 0
+    finally:
+        await tap.stop()
+        await probe.close()
+        await publisher.close()
+        await operator.close()
+
+
 def test_urls_with_passwords_are_redacted() -> None:
     assert redact_url("nats://ada:s3cret@host:4222") == "nats://ada:***@host:4222"
     assert (
@@ -582,7 +613,7 @@ def _signed(
 
 async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(secure: SecureServer) -> None:
     """mallory signs with its own valid key. Forging Mesh-Sender, answering another agent's
-    join, steering a reply into its own inbox, replaying a captured message, altering a
+    join, steering a reply into its own inbox or another agent's, replaying a captured message, altering a
     signed body: each is dead-lettered (unauthenticated or unauthorized) by the agent it was
     sent to, and nothing reaches a handler or a join. The legitimate flows (fan-out join,
     handoff chain, request/reply) work with signing on."""
@@ -697,6 +728,37 @@ async def test_a_compromised_agent_cannot_forge_replay_or_alter_signed_messages(
                         inbox,
                         Ping(text="attack"),
                         **{"Mesh-Reply-To": f"_INBOX.{mallory_key}.steal"},
+                    ),
+                ),
+                (
+                    "an answer pointed at another agent's inbox",
+                    "unauthorized",
+                    inbox,
+                    ping,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "mallory",
+                        inbox,
+                        Ping(text="attack"),
+                        **{"Mesh-Reply-To": chief_inbox},
+                    ),
+                ),
+                (
+                    "an answer pointed at another agent's inbox, with a grant of another conversation",
+                    "unauthorized",
+                    inbox,
+                    ping,
+                    _signed(
+                        secure,
+                        "agent:mallory",
+                        "mallory",
+                        inbox,
+                        Ping(text="attack"),
+                        **{
+                            "Mesh-Reply-To": chief_inbox,
+                            REPLY_GRANT: _signer(secure, "agent:chief").grant("other"),
+                        },
                     ),
                 ),
                 (

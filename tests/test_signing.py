@@ -16,7 +16,16 @@ from mesh.transport.auth import new_seed
 from mesh.transport.keys import KeyDirectory
 from mesh.wire import envelope as h
 from mesh.wire.errors import DeliveryError, RequestError
-from mesh.wire.signature import SIGNATURE, SIGNER, BadSignature, Signer, canonical, verify
+from mesh.wire.signature import (
+    REPLY_GRANT,
+    SIGNATURE,
+    SIGNER,
+    BadSignature,
+    Signer,
+    canonical,
+    check_grant,
+    verify,
+)
 
 SUBJECT = "mesh.c1.agent.vault"
 
@@ -29,6 +38,7 @@ class Msg:
     stored: bool = True
     origin: str = "MESH_INBOX-1"
     stored_ns: int = 0
+    reply: str = ""  # a direct request's NATS reply subject
 
 
 def headers(sender: str, msg_id: str = "m1", **extra: str) -> dict[str, str]:
@@ -105,6 +115,67 @@ def test_a_role_asks_for_replies_only_in_its_own_reply_space() -> None:
             signed(publisher, headers("helpdesk", "b2", **{h.REPLY_TO: f"_INBOX.{mallory.public_key}.r"}))
         )
     assert err.value.kind == "unauthorized"
+
+
+def test_a_reply_target_passed_on_needs_the_grant_of_whoever_owns_it() -> None:
+    """An agent in the middle of a conversation cannot point an answer at anyone who did not
+    ask: a reply target outside the signer's own space passes only with its owner's grant,
+    made for this conversation."""
+    v = Verifier(directory, window=60)
+    billing_inbox, helpdesk = "mesh.c1.agent.billing", f"_INBOX.{publisher.public_key}.r1"
+    n = iter(range(100))
+
+    def sent(
+        signer: Signer, sender: str, target: str, grant: str | None = None, subject: str = SUBJECT
+    ) -> Msg:
+        extra = {h.REPLY_TO: target, **({REPLY_GRANT: grant} if grant is not None else {})}
+        return signed(signer, headers(sender, f"g{next(n)}", **extra), subject=subject)
+
+    # in its own space, no grant needed: an agent's inbox, a role's reply and event subjects
+    assert v.check(sent(billing, "billing", billing_inbox)) == "agent:billing"
+    assert v.check(sent(billing, "billing", f"_INBOX.{billing.public_key}.x"))
+    assert v.check(sent(publisher, "helpdesk", "mesh.c1.reply.t1"))
+    assert v.check(sent(publisher, "helpdesk", "mesh.c1.evt.sec.pong"))
+    # passed on by another agent with the owner's grant for this conversation
+    assert v.check(sent(mallory, "mallory", billing_inbox, billing.grant("c1"))) == "agent:mallory"
+    assert v.check(sent(mallory, "mallory", helpdesk, publisher.grant("c1")))
+    refused = [
+        sent(mallory, "mallory", billing_inbox),  # no grant
+        sent(mallory, "mallory", billing_inbox, mallory.grant("c1")),  # its own grant
+        sent(mallory, "mallory", billing_inbox, billing.grant("c2")),  # made for another conversation
+        sent(mallory, "mallory", helpdesk, billing.grant("c1")),  # a grant of someone else's
+        sent(mallory, "mallory", billing_inbox, Signer(new_seed()).grant("c1")),  # an unknown key's
+        sent(mallory, "mallory", billing_inbox, billing.grant("c1")[:-4] + "AAAA"),  # altered
+        sent(publisher, "helpdesk", billing_inbox),  # a role pointing at an agent's inbox
+        sent(billing, "billing", "mesh.c1.reply.t1"),  # an agent's reply space is its inbox
+    ]
+    # a direct request whose NATS reply subject lies in another identity's inbox space
+    stolen = signed(mallory, headers("mallory", "g-direct"))
+    refused.append(Msg(stolen.subject, stolen.data, stolen.headers, stored=False, origin="", reply=helpdesk))
+    for m in refused:
+        with pytest.raises(DeliveryError) as err:
+            v.check(m)
+        assert err.value.kind == "unauthorized", err.value.reason
+    own = signed(mallory, headers("mallory", "g-own"))
+    assert v.check(
+        Msg(
+            own.subject,
+            own.data,
+            own.headers,
+            stored=False,
+            origin="",
+            reply=f"_INBOX.{mallory.public_key}.1",
+        )
+    )
+
+
+def test_a_grant_is_one_signature_per_conversation_and_says_who_made_it() -> None:
+    g = billing.grant("c1")
+    assert g == billing.grant("c1") and g != billing.grant("c2")
+    assert len(g) == h.GRANT_LEN and check_grant(g, "c1") == billing.public_key
+    for bad, conversation in ((g, "c2"), (g[:50], "c1"), ("x" * h.GRANT_LEN, "c1")):
+        with pytest.raises(BadSignature):
+            check_grant(bad, conversation)
 
 
 def test_replays_and_stale_messages_are_refused_but_a_redelivery_is_not() -> None:

@@ -14,7 +14,11 @@ from mesh import Agent, Context
 from mesh.join import Gathered, merge
 from mesh.wire.errors import MemoryFault
 
-agent = Agent("research", description="Finds what the knowledge base and past tickets say about a ticket")
+agent = Agent(
+    "research",
+    description="Finds what the knowledge base and past tickets say about a ticket",
+    memory_scopes=["customer-*"],  # each customer's memories, and nothing else (docs/memory.md)
+)
 
 KNOWLEDGE_BASE: dict[str, tuple[str, str]] = {
     "kb-101": ("billing", "Refunds for duplicate charges are issued within 5 business days of the request."),

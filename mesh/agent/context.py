@@ -17,6 +17,7 @@ from mesh.wire.codec import JSON
 from mesh.wire.envelope import Envelope, derive_id
 from mesh.wire.messages import Message, type_of
 from mesh.wire.senders import sender_of
+from mesh.wire.signature import REPLY_GRANT
 from mesh.wire.subjects import Address
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class Context:
             route=envelope.route,
             depth=envelope.depth,
             deadline_ms=envelope.deadline_ms,
+            reply_grant=envelope.headers.get(REPLY_GRANT, "") if envelope.reply_to else "",
         )
         self._lineage = Lineage(
             conversation=envelope.conversation,
@@ -216,7 +218,7 @@ class Context:
     async def send(self, agent: str, msg: Message, *, durable: bool = True, content_type: str = JSON) -> Sent:
         """Send to another agent; its reply comes back to this agent's inbox."""
         mine = Address.inbox(self.conversation_id, self.agent).subject
-        lineage = replace(self._lineage, reply_to=mine)
+        lineage = replace(self._lineage, reply_to=mine, reply_grant="")  # this agent's own grant
         return await self._emit(_address(self.conversation_id, agent, durable), msg, lineage, content_type)
 
     async def handoff(
@@ -360,7 +362,9 @@ class Context:
 
     def _onward(self, route: tuple[str, ...]) -> Lineage:
         """Lineage for a message that carries the answer obligation on."""
-        return replace(self._lineage, reply_to=self._answer.reply_to, join=self._answer.join, route=route)
+        answer = self._answer
+        to, grant = answer.reply_to, answer.reply_grant
+        return replace(self._lineage, reply_to=to, reply_grant=grant, join=answer.join, route=route)
 
     def completing(self, join_name: str, ids: tuple[str, ...], traceparents: tuple[str, ...]) -> None:
         """Mark this context as the completion of a join that gathered `ids`."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from mesh.join import Join, Policy, Resolver, all_of
 from mesh.llm.mcp import Declaration, Declared
 from mesh.llm.tools import Toolbox
+from mesh.memory.scopes import namespace_patterns
 from mesh.wire import subjects
 from mesh.wire.errors import RegistrationError
 from mesh.wire.messages import Message, MessageType, type_of
@@ -62,9 +63,16 @@ class Agent:
         middleware: Sequence[Middleware] = (),
         publish_middleware: Sequence[PublishMiddleware] = (),
         permissions: Sequence[str] = (),
+        memory_scopes: Sequence[str] | None = None,
     ) -> None:
         self.name = subjects.agent_name(name)
         self.permissions = frozenset(permissions)  # what this agent's tools may require
+        # the memory namespaces it may use (None: not declared, any the operator allows)
+        self.memory_scopes = (
+            namespace_patterns(memory_scopes, f"Agent({name!r}, memory_scopes=...)")
+            if memory_scopes is not None
+            else None
+        )
         self.tools = Toolbox()  # the only tools its model may call (mesh.llm.tools)
         self.mcp_servers = Declared()  # imported into `tools` while the agent runs (mesh.llm.mcp)
         self.description = description

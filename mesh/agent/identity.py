@@ -20,6 +20,7 @@ def grant_of(agent: Agent) -> AgentGrant:
         events=tuple(streams.event_types(agent)),
         joins=bool(agent.joins),
         approvals=approvals,
+        memory=agent.memory_scopes,
     )
 
 

@@ -46,7 +46,7 @@ from mesh.runtime.ladder import (
 )
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
-from mesh.runtime.verify import verifier_of
+from mesh.runtime.verify import SeenIds, verifier_of
 from mesh.transport import streams
 from mesh.transport.base import Subscription, Transport
 from mesh.transport.delivery import Consumer, Delivery, Later
@@ -109,6 +109,7 @@ class AgentRuntime:
                 *agent.publish_middleware,
                 *((signing(self._signer),) if self._signer is not None else ()),
             ),
+            signer=self._signer,
         )
         self.verifier = verifier_of(settings)  # on whenever the agent has an identity
         if self.verifier is not None:  # and the answers to its own requests are checked too
@@ -137,7 +138,9 @@ class AgentRuntime:
         self._hurry = asyncio.Event()
         self._mcp_attached = False
 
-    def _ladders(self, processed: StateStore, failures: Failures) -> tuple[Take, Take]:
+    def _ladders(
+        self, processed: StateStore, failures: Failures, seen: StateStore | None
+    ) -> tuple[Take, Take]:
         """What happens to each stored and each direct delivery, top rung first."""
         settings, stats = self.settings, self.stats
         run = Run(self._run)
@@ -147,7 +150,9 @@ class AgentRuntime:
         stored = Guard(stored, processed, self.agent.name)
         direct: Take = Accept(run, self._accept)
         if self.verifier is not None:
-            stored, direct = Verify(stored, self.verifier), Verify(direct, self.verifier)
+            stored = Verify(stored, self.verifier)
+            shared = SeenIds(seen, self.agent.name) if seen is not None else None
+            direct = Verify(direct, self.verifier, shared)
         if settings.sender_rate:  # one table for both: a sender's quota is per process
             quotas = Quotas(settings.sender_rate, settings.sender_burst)
             stored, direct = Quota(stored, quotas), Quota(direct, quotas)
@@ -183,9 +188,13 @@ class AgentRuntime:
             await self.agent.mcp_servers.attach(self.agent.tools)
             self._mcp_attached = True
         await self.transport.ensure_streams()
-        processed, state = [await self.transport.state(b, settings) for b in streams.bucket_specs(settings)]
+        processed_spec, state_spec, seen_spec = streams.bucket_specs(settings)
+        processed = await self.transport.state(processed_spec, settings)
+        state = await self.transport.state(state_spec, settings)
+        # the ids of direct messages: only where senders are proven (a mesh with identities)
+        seen = await self.transport.state(seen_spec, settings) if self.verifier is not None else None
         self._failures = Failures(state, name, self.instance)
-        self._stored, self._direct = self._ladders(processed, self._failures)
+        self._stored, self._direct = self._ladders(processed, self._failures, seen)
         self._joins = JoinKeeper(
             name,
             self.agent.joins,
@@ -459,10 +468,13 @@ class AgentRuntime:
         )
 
     async def _fail_direct(self, msg: Delivery, kind: str, reason: str) -> None:
-        """Dead-letter a direct delivery and, if someone waits for an answer, tell them why."""
+        """Dead-letter a direct delivery and, if someone waits for an answer, tell them why:
+        unless who sent it, or where it asks to be answered, is not proven (the reply subject
+        may be someone else's)."""
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
-        await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
+        if kind not in ("unauthenticated", "unauthorized"):
+            await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:

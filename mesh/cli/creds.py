@@ -54,6 +54,13 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
     keyring_option = click.option(
         "--keyring", "keyring", metavar="DIR", help="Keyring directory (default: <MESH_DATA_DIR>/auth)."
     )
+    from_option = click.option(
+        "--from",
+        "adopt",
+        metavar="CREDS",
+        type=click.Path(exists=True, dir_okay=False),
+        help="Use the key of this credentials file (e.g. a JWT .creds made with nsc) instead of a new one.",
+    )
 
     @cli.group()
     def creds() -> None:
@@ -63,19 +70,24 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
     @creds.command("agent")
     @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
     @click.option("--out", metavar="PATH", help="Copy the credentials file here (a file or a directory).")
+    @from_option
     @keyring_option
-    def agent_cmd(specs: tuple[str, ...], out: str | None, keyring: str | None) -> None:
+    def agent_cmd(specs: tuple[str, ...], out: str | None, adopt: str | None, keyring: str | None) -> None:
         """Issue (or bring up to date with its declaration) each agent's identity; print the
         path of its credentials file, for MESH_NATS_CREDS. SPEC as for `mesh run`.
 
         Give an agent with several event types its consumers with `mesh agents add SPEC`
         (as the operator): it may create only consumers with one filter itself."""
+        if adopt and len(specs) > 1:
+            raise click.UsageError("--from gives one agent a key: name one SPEC with it")
         settings = settings_fn()
         ring = _keyring(settings, keyring)
         changed = False
         with ring.locked():
             for spec in specs:
                 agent = load_agent(spec)
+                if adopt:
+                    ring.adopt(f"agent:{agent.name}", Path(adopt))
                 changed |= ring.issue_agent(grant_of(agent), settings)
                 _export(ring, f"agent:{agent.name}", out)
         if changed:
@@ -84,12 +96,15 @@ def register(cli: click.Group, settings_fn: Callable[[], Settings]) -> None:
     @creds.command("role")
     @click.argument("role", type=click.Choice(ROLES))
     @click.option("--out", metavar="PATH", help="Copy the credentials file here (a file or a directory).")
+    @from_option
     @keyring_option
-    def role_cmd(role: Role, out: str | None, keyring: str | None) -> None:
+    def role_cmd(role: Role, out: str | None, adopt: str | None, keyring: str | None) -> None:
         """Issue a role's identity (if missing); print the path of its credentials file."""
         settings = settings_fn()
         ring = _keyring(settings, keyring)
         with ring.locked():
+            if adopt:
+                ring.adopt(f"role:{role}", Path(adopt))
             changed = ring.issue_role(role, settings)
             _export(ring, f"role:{role}", out)
         if changed:

@@ -111,6 +111,7 @@ class ApprovalState(msgspec.Struct):
     data: str  # base64
     hop: int
     reply_to: str = ""
+    reply_grant: str = ""  # its owner's Mesh-Reply-Grant, passed on with it
     join: str = ""
     route: list[str] = []
     depth: int = 0
@@ -190,6 +191,7 @@ async def park(
         data=base64.b64encode(env.data).decode(),
         hop=env.hop,
         reply_to=ctx.answer.reply_to,
+        reply_grant=ctx.answer.reply_grant,
         join=ctx.answer.join,
         route=list(ctx.answer.route),
         depth=ctx.depth,
@@ -371,6 +373,7 @@ class ApprovalKeeper:
             causation=st.message_id,  # how the re-run finds this state
             hop=st.hop,
             reply_to=st.reply_to,
+            reply_grant=st.reply_grant,
             join=st.join,
             route=tuple(st.route),
             depth=st.depth,

@@ -69,6 +69,7 @@ class JoinState(msgspec.Struct):
     hop: int
     depth: int
     reply_to: str = ""
+    reply_grant: str = ""
     reply_join: str = ""
     route: list[str] = []
     origin_deadline_ms: int | None = None
@@ -87,6 +88,7 @@ class JoinState(msgspec.Struct):
         """Where the completion's result goes: what the fanned-out message asked for."""
         return Answer(
             reply_to=self.reply_to,
+            reply_grant=self.reply_grant,
             join=self.reply_join,
             route=tuple(self.route),
             depth=self.depth,
@@ -158,6 +160,7 @@ class JoinKeeper:
             hop=ctx.hop,
             depth=ctx.depth,
             reply_to=answer.reply_to,
+            reply_grant=answer.reply_grant,
             reply_join=answer.join,
             route=list(answer.route),
             origin_deadline_ms=answer.deadline_ms,

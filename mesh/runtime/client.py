@@ -29,7 +29,7 @@ from mesh.wire.codec import JSON, Codec, default_codec
 from mesh.wire.errors import DecodeError, RequestError, RequestFailed, RequestRefused
 from mesh.wire.messages import Message, type_of
 from mesh.wire.settings import Settings
-from mesh.wire.signature import BadSignature
+from mesh.wire.signature import REPLY_GRANT, BadSignature, Signer
 from mesh.wire.signature import verify as verify_signature
 from mesh.wire.subjects import Address, conversation_id
 
@@ -56,6 +56,7 @@ class Lineage(msgspec.Struct, frozen=True):
     hop: int = 0
     deadline_ms: int | None = None
     reply_to: str = ""
+    reply_grant: str = ""  # the reply target owner's Mesh-Reply-Grant, passed on with it
     join: str = ""  # the fan-out branch whose answer this work owes (Mesh-Join)
     answer: str = ""  # the fan-out branch this message answers (Mesh-Answer)
     route: tuple[str, ...] = ()  # agents still to visit after the receiver
@@ -75,6 +76,7 @@ class Answer(msgspec.Struct, frozen=True):
     route: tuple[str, ...] = ()
     depth: int = 0
     deadline_ms: int | None = None
+    reply_grant: str = ""  # Mesh-Reply-Grant of whoever owns `reply_to`
 
 
 class MeshClient:
@@ -91,10 +93,13 @@ class MeshClient:
         codec: Codec = default_codec,
         *,
         publish_middleware: Sequence[PublishMiddleware] = (inject_trace,),
+        signer: Signer | None = None,
     ) -> None:
         self.transport = transport
         self.sender = sender
         self.codec = codec
+        # with an identity: it grants the answers to what it asks to come back to it
+        self.signer = signer
         self._send = chain_publish(self._deliver, publish_middleware)
         # on a mesh with identities: who may answer a request is checked against these keys
         self.directory: KeyDirectory | None = None
@@ -117,7 +122,7 @@ class MeshClient:
         signer = signer_of(settings)
         middleware = (inject_trace, signing(signer)) if signer is not None else (inject_trace,)
         transport = await NatsTransport.connect(settings, sender, url=url)
-        client = cls(transport, sender, publish_middleware=middleware)
+        client = cls(transport, sender, publish_middleware=middleware, signer=signer)
         client.directory = known_directory(settings)
         return client
 
@@ -207,6 +212,8 @@ class MeshClient:
             lineage = _with_deadline(lineage, timeout)
         mtype = type_of(type(msg))
         headers = self.headers(mtype.name, mtype.version, conv, lineage, content_type)
+        if self.signer is not None:  # the answer comes to this sender's own inbox
+            headers[REPLY_GRANT] = self.signer.grant(conv)
         subject = Address.direct(conv, agent).subject
         data = self.codec.encode(msg, content_type)
         loop = asyncio.get_running_loop()
@@ -292,6 +299,12 @@ class MeshClient:
         headers = self.headers(mtype.name, mtype.version, address.conversation, lineage, content_type, msg_id)
         if reply_to or lineage.reply_to:
             headers[h.REPLY_TO] = reply_to or lineage.reply_to
+            # passed on: its owner's grant; asked for here: this sender's own
+            grant = "" if reply_to else lineage.reply_grant
+            if not grant and self.signer is not None:
+                grant = self.signer.grant(address.conversation)
+            if grant:
+                headers[REPLY_GRANT] = grant
         target = subject or address.subject
         if subject is None:
             kind = address.kind

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from mesh.runtime.discovery import Stats
     from mesh.runtime.quota import Quotas
     from mesh.runtime.retries import Failures
-    from mesh.runtime.verify import Verifier
+    from mesh.runtime.verify import SeenIds, Verifier
     from mesh.transport.state import StateStore
     from mesh.wire.envelope import Envelope
     from mesh.wire.messages import Message
@@ -287,12 +287,15 @@ class Verify:
     headers. Before the duplicate guard, so a replayed copy of a processed message is
     refused, not silently dropped; a redelivery of the same stored message passes."""
 
-    def __init__(self, below: Take, verifier: Verifier) -> None:
+    def __init__(self, below: Take, verifier: Verifier, seen: SeenIds | None = None) -> None:
         self.below = below
         self.verifier = verifier
+        self.seen = seen  # on the direct ladder: ids shared with the agent's other replicas
 
     async def __call__(self, w: Work) -> Later | None:
         self.verifier.check(w.delivery)
+        if self.seen is not None:
+            await self.seen.first(w.delivery)
         return await self.below(w)
 
 

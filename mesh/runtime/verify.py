@@ -8,7 +8,12 @@ A delivery passes when
 - its ``Mesh-Sent-At`` is within the replay window of the time the stream stored it (of now,
   for a direct message);
 - its ``Mesh-Id`` was not seen in the window on another message (a redelivery of the same
-  stored message is not a replay: it has the same stream sequence).
+  stored message is not a replay: it has the same stream sequence); a direct message's id
+  also not by another replica of the agent (`SeenIds`, the ``MESH_SEEN`` bucket: a stored
+  message's copies are caught by the stream's dedupe and the processed records);
+- its reply target (``Mesh-Reply-To``, or the NATS reply subject of a direct request) lies in
+  the reply space of its signer, or of the signer of its ``Mesh-Reply-Grant`` for this
+  conversation (`owns`): whoever passes work on answers the one who asked, no one else.
 
 Anything else is `unauthenticated`, with a reason that names what failed (never a key's
 secret half, which the verifier does not have).
@@ -21,10 +26,13 @@ from collections import OrderedDict
 
 from mesh.transport.delivery import Delivery
 from mesh.transport.keys import KeyDirectory, directory_of
+from mesh.transport.state import StateStore
+from mesh.transport.streams import id_key
 from mesh.wire import envelope as h
+from mesh.wire import subjects
 from mesh.wire.errors import DeliveryError
 from mesh.wire.settings import Settings
-from mesh.wire.signature import BadSignature, verify
+from mesh.wire.signature import REPLY_GRANT, BadSignature, check_grant, verify
 
 UNAUTHENTICATED = "unauthenticated"
 MAX_SEEN = 1_000_000  # ids remembered at most (the oldest are forgotten first)
@@ -57,18 +65,30 @@ class Verifier:
                 UNAUTHENTICATED, f"Mesh-Sender {sender!r} is an agent, but the signer is {identity!r}"
             )
         self._fresh(d, headers)
-        reply_to = headers.get(h.REPLY_TO, "")
-        if (
-            kind != "agent"
-            and reply_to.startswith("_INBOX.")
-            and not reply_to.startswith(f"_INBOX.{signer}.")
-        ):
-            # a person or a tool asks for answers in its own reply space only; an agent may
-            # pass on the reply target of the work it hands off
-            raise DeliveryError(
-                "unauthorized", f"Mesh-Reply-To is outside the reply space of the signer {identity!r}"
-            )
+        for target in (headers.get(h.REPLY_TO, ""), "" if d.stored else d.reply):
+            if target and not owns(identity, signer, target):
+                self._granted(d, headers, target)
         return identity
+
+    def _granted(self, d: Delivery, headers: dict[str, str], target: str) -> None:
+        """A reply target outside the signer's space needs the grant of its owner."""
+        grant = headers.get(REPLY_GRANT, "")
+        where = f"the reply target {target[:80]!r}"
+        if not grant:
+            raise DeliveryError(
+                "unauthorized", f"{where} is not the signer's, and no {REPLY_GRANT} of its owner came with it"
+            )
+        address = subjects.parse(d.subject)
+        conversation = address.conversation if address is not None else headers.get(h.CONVERSATION, "")
+        try:
+            key = check_grant(grant, conversation)
+        except BadSignature as exc:
+            raise DeliveryError("unauthorized", f"{where}: {exc}") from None
+        granter = self.directory.identity(key)
+        if granter is None or not owns(granter, key, target):
+            raise DeliveryError(
+                "unauthorized", f"{where} is not in the reply space of its grant's signer {granter or key}"
+            )
 
     def _fresh(self, d: Delivery, headers: dict[str, str]) -> None:
         now = time.time_ns()
@@ -100,6 +120,39 @@ class Verifier:
             )
         if before is None:
             seen[msg_id] = (d.origin, now)
+
+
+class SeenIds:
+    """The ids of the signed direct messages an agent took, shared by all its replicas: a
+    direct message replayed to another replica within the window is refused there too."""
+
+    def __init__(self, store: StateStore, agent: str) -> None:
+        self.store = store
+        self.prefix = f"{agent}."
+
+    async def first(self, d: Delivery) -> None:
+        """Record `d`'s id; DeliveryError(unauthenticated) if a replica recorded it already."""
+        msg_id = (d.headers or {}).get(h.ID, "")
+        if await self.store.create(self.prefix + id_key(msg_id), b"") is None:
+            raise DeliveryError(
+                UNAUTHENTICATED,
+                f"message id {msg_id[: h.MAX_ID]!r} was taken before by a replica of this agent (a replay)",
+            )
+
+
+def owns(identity: str, key: str, target: str) -> bool:
+    """Whether reply target `target` is in the reply space of `identity` (public key `key`):
+    its own ``_INBOX.<key>.`` prefix; for an agent, its inbox and direct line in any
+    conversation; for a role (a person, a tool outside the mesh), reply and event subjects."""
+    if target.startswith("_INBOX."):
+        return target.startswith(f"_INBOX.{key}.")
+    address = subjects.parse(target)
+    if address is None:
+        return False
+    kind, _, name = identity.partition(":")
+    if kind == "agent":
+        return address.kind in (subjects.AGENT, subjects.DIRECT) and address.target == name
+    return address.kind in (subjects.REPLY, subjects.EVENT)
 
 
 def verifier_of(settings: Settings) -> Verifier | None:

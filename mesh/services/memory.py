@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 import structlog
@@ -43,6 +44,7 @@ from mesh.memory.messages import (
 from mesh.memory.scopes import Scope, Scopes
 from mesh.memory.store import MemoryStore, Origin
 from mesh.memory.working import Window, WorkingMemory
+from mesh.transport.keys import KeyDirectory, known_directory
 from mesh.wire.errors import MemoryRefused
 from mesh.wire.senders import sender_of
 from mesh.wire.settings import Settings
@@ -63,15 +65,33 @@ class MemoryService:
         budget: int = 1024,
         sweep_every: float = 60.0,
         scopes: Scopes | None = None,
+        directory: KeyDirectory | None = None,
     ) -> None:
         self._open_store = open_store
         self.scopes = scopes or Scopes({})
+        # the identities, with each agent's declared memory scopes: given, or found from the
+        # settings of the first request's context (a mesh with identities)
+        self.directory = directory
+        self._looked_up = directory is not None
         self._store: MemoryStore | None = None
         self._opening = asyncio.Lock()
         self._working: WorkingMemory | None = None
         self.budget = budget
         self.sweep_every = sweep_every
         self._sweeper: asyncio.Task[None] | None = None
+
+    def scope_of(self, caller: str, settings: Settings | None) -> Scope:
+        """The operator's scope for `caller`, narrowed to the memory scopes it declares if it
+        is an agent of a mesh with identities (`settings`: where to find them, once)."""
+        scope = self.scopes.of(caller)
+        if not self._looked_up and settings is not None:
+            self._looked_up = True
+            self.directory = known_directory(settings)
+        if self.directory is not None and self.directory.is_agent(caller):
+            declared = self.directory.memory_scopes(caller)
+            if declared is not None:
+                scope = replace(scope, declared=declared)
+        return scope
 
     async def store(self, llm: LLM) -> MemoryStore:
         if self._store is None:
@@ -161,9 +181,10 @@ def history(window: Window) -> History:
 
 
 def _caller(service: MemoryService, ctx: Context) -> tuple[str, Scope]:
-    """Who sent the request, and the tenant and namespaces that identity may reach."""
+    """Who sent the request, and the tenant and namespaces that identity may reach: the
+    operator's entry for it (MESH_MEMORY_SCOPES), narrowed to what the agent declares."""
     caller = sender_of(ctx.envelope)
-    return caller, service.scopes.of(caller)
+    return caller, service.scope_of(caller, ctx.settings)
 
 
 async def _answer(

@@ -68,12 +68,15 @@ class Permissions:
 @dataclass(frozen=True, slots=True)
 class AgentGrant:
     """What an agent's declaration says it does on the bus: its name, the event types it
-    consumes, whether it keeps joins (timers) and parks tool calls for approval."""
+    consumes, whether it keeps joins (timers) and parks tool calls for approval, and the
+    memory namespaces it uses (None: not declared). The memory scopes are not a server
+    permission: they travel with the identity in ``users.json`` to the memory service."""
 
     name: str
     events: tuple[str, ...] = ()
     joins: bool = False
     approvals: bool = False
+    memory: tuple[str, ...] | None = None
 
     @property
     def timers(self) -> bool:
@@ -102,8 +105,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
       run time; the declaration does not list them), events of any type (`ctx.publish`
       takes any), answers to outside requesters (``reply`` subjects and ``_INBOX``), its
       own timers, its own dead letters and its own audit records;
-    - state: its own keys of ``MESH_PROCESSED`` and ``MESH_STATE`` (joins, failure
-      histories), read by key; its approvals if it parks calls.
+    - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN`` and ``MESH_STATE`` (joins,
+      failure histories), read by key; its approvals if it parks calls.
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.
@@ -131,6 +134,10 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         # filter in the subject against the one in the request)
         *(f"{_API}.CONSUMER.CREATE.{s}.{a}.{f}" for s, f in own),
         f"$KV.{streams.PROCESSED}.{a}.>",
+        # ids of the signed direct messages it took (replays); a create that finds the key
+        # reads it, to tell a live one from a deleted one
+        f"$KV.{streams.SEEN}.{a}.>",
+        f"{_API}.DIRECT.GET.KV_{streams.SEEN}.$KV.{streams.SEEN}.{a}.>",
         f"{_API}.DIRECT.GET.KV_{streams.PROCESSED}",  # batched lookups name keys in the body
         *_state_keys(a, grant),
     ]
@@ -217,27 +224,31 @@ def creds_text(seed: bytes) -> str:
     )
 
 
-def read_seed(path: Path) -> bytes | None:
-    """The NKEY seed in a credentials file, None if it holds a JWT (decentralized auth)."""
-    raw = path.read_bytes()
-    if _JWT_MARK in raw:
-        return None
-    found = _SEED.search(raw)
+def read_seed(path: Path) -> bytes:
+    """The NKEY seed in a credentials file: a seed file of `mesh creds`, or a JWT ``.creds``
+    file (decentralized auth), which holds the user's seed after its JWT."""
+    found = _SEED.search(path.read_bytes())
     if found is None:
-        raise ConfigError(f"{path} holds no NATS user seed (SU...) nor a user JWT: not a credentials file")
+        raise ConfigError(f"{path} holds no NATS user seed (SU...): not a credentials file")
     return found.group(0)
 
 
+def holds_jwt(path: Path) -> bool:
+    return _JWT_MARK in path.read_bytes()
+
+
 def connect_options(creds: Path) -> dict[str, Any]:
-    """nats-py connect options for a credentials file: a JWT ``.creds`` as it is; an NKEY
-    seed file with the inbox prefix its identity may subscribe to."""
+    """nats-py connect options for a credentials file, with the inbox prefix its identity
+    receives replies on: a JWT ``.creds`` as it is (the JWT must allow subscribing there), an
+    NKEY seed file by its seed."""
     try:
-        seed = read_seed(creds)
+        seed, jwt = read_seed(creds), holds_jwt(creds)
     except OSError as exc:
         raise ConfigError(f"cannot read the NATS credentials {creds}: {exc.strerror}") from None
-    if seed is None:
-        return {"user_credentials": str(creds)}
-    return {"nkeys_seed_str": seed.decode(), "inbox_prefix": inbox_prefix(public_key(seed))}
+    prefix = inbox_prefix(public_key(seed))
+    if jwt:
+        return {"user_credentials": str(creds), "inbox_prefix": prefix}
+    return {"nkeys_seed_str": seed.decode(), "inbox_prefix": prefix}
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +256,14 @@ class User:
     identity: str  # "agent:<name>" or "role:<role>"
     nkey: str
     permissions: Permissions
+    memory: tuple[str, ...] | None = None  # an agent's declared memory scopes
+
+    def row(self) -> dict[str, Any]:
+        """As ``users.json`` holds it."""
+        row = {"identity": self.identity, "nkey": self.nkey, "permissions": self.permissions.config()}
+        if self.memory is not None:
+            row["memory"] = list(self.memory)
+        return row
 
 
 @dataclass
@@ -290,14 +309,13 @@ class Keyring:
                 tuple(p["subscribe"]["allow"]),
                 tuple(p["subscribe"].get("deny", ())),
             )
-            self._users[u["identity"]] = User(u["identity"], u["nkey"], perms)
+            memory = tuple(u["memory"]) if isinstance(u.get("memory"), list) else None
+            self._users[u["identity"]] = User(u["identity"], u["nkey"], perms, memory)
 
     def _seed(self, identity: str) -> bytes:
         path = self.creds_path(identity)
         if path.exists():
-            seed = read_seed(path)
-            if seed is not None:
-                return seed
+            return read_seed(path)
         seed = new_seed()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -316,7 +334,22 @@ class Keyring:
         declaration; True if the users changed (the server must reload)."""
         seed = self._seed(f"agent:{grant.name}")
         pk = public_key(seed)
-        return self._put(User(f"agent:{grant.name}", pk, agent_permissions(grant, settings, pk)))
+        perms = agent_permissions(grant, settings, pk)
+        return self._put(User(f"agent:{grant.name}", pk, perms, grant.memory))
+
+    def adopt(self, identity: str, creds: Path) -> None:
+        """Give `identity` the key of an existing credentials file (a JWT ``.creds`` made with
+        ``nsc``): the file is copied in, and the next issue uses its key."""
+        try:
+            read_seed(creds)
+            data = creds.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the credentials {creds}: {exc.strerror}") from None
+        path = self.creds_path(identity)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
 
     def revoke(self, identity: str) -> bool:
         """Forget an identity and its seed (rotation: revoke, then issue again)."""
@@ -329,11 +362,7 @@ class Keyring:
 
     def _put(self, user: User) -> bool:
         known = self._users.get(user.identity)
-        if (
-            known is not None
-            and known.nkey == user.nkey
-            and known.permissions.config() == user.permissions.config()
-        ):
+        if known is not None and known.row() == user.row():
             return False  # the same (compared as written: sorted, without repeats)
         self._users[user.identity] = user
         self._write()
@@ -348,10 +377,7 @@ class Keyring:
         self._write()
 
     def _write(self) -> None:
-        rows = [
-            {"identity": u.identity, "nkey": u.nkey, "permissions": u.permissions.config()}
-            for u in self.users
-        ]
+        rows = [u.row() for u in self.users]
         _write_atomic(self.directory / "users.json", json.dumps(rows, indent=1))
         # the same public keys alone in a directory of their own, for every process that
         # verifies senders (mesh.transport.keys) to be given without the seeds beside them

@@ -9,6 +9,7 @@ found in it and the file changed since (an agent issued after this process start
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class KeyDirectory:
         self.path = path
         self._by_key: dict[str, str] = {}
         self._agents: set[str] = set()
+        self._memory: dict[str, tuple[str, ...]] = {}  # agent name -> its declared memory scopes
         self._mtime = -1
         self._load()
 
@@ -37,6 +39,7 @@ class KeyDirectory:
         d.path, d._mtime = Path(), 0
         d._by_key = dict(table)
         d._agents = {i.split(":", 1)[1] for i in table.values() if i.startswith("agent:")}
+        d._memory = {}
         return d
 
     def _load(self) -> bool:
@@ -49,6 +52,11 @@ class KeyDirectory:
         rows = json.loads(self.path.read_text())
         self._by_key = {str(r["nkey"]): str(r["identity"]) for r in rows}
         self._agents = {i.split(":", 1)[1] for i in self._by_key.values() if i.startswith("agent:")}
+        self._memory = {
+            str(r["identity"]).split(":", 1)[1]: tuple(str(p) for p in r["memory"])
+            for r in rows
+            if str(r["identity"]).startswith("agent:") and isinstance(r.get("memory"), list)
+        }
         self._mtime = mtime
         return True
 
@@ -66,6 +74,14 @@ class KeyDirectory:
     def is_agent(self, name: str) -> bool:
         return name in self._agents
 
+    def memory_scopes(self, agent: str) -> tuple[str, ...] | None:
+        """The memory namespaces agent `agent` declares (None: it declares none, or is not an
+        agent), as its identity was last issued (read the file again first if it changed)."""
+        if self._mtime > 0:
+            with contextlib.suppress(ConfigError, ValueError):  # keep what was read last
+                self._load()
+        return self._memory.get(agent)
+
 
 def directory_path(settings: Settings) -> Path | None:
     """Where this process finds the identities: MESH_IDENTITIES, else the ``users.json`` of
@@ -81,15 +97,15 @@ def directory_path(settings: Settings) -> Path | None:
 
 
 def signer_of(settings: Settings) -> Signer | None:
-    """This process's signer: the NKEY seed of its credentials, None without one (an
-    insecure mesh, or a JWT ``.creds`` file, whose identity is not in a keyring)."""
+    """This process's signer: the NKEY seed of its credentials (a seed file, or the seed in a
+    JWT ``.creds`` file), None without credentials (an insecure mesh)."""
     if settings.nats_creds is None:
         return None
     try:
         seed = read_seed(settings.nats_creds)
     except OSError as exc:
         raise ConfigError(f"cannot read the NATS credentials {settings.nats_creds}: {exc.strerror}") from None
-    return Signer(seed) if seed is not None else None
+    return Signer(seed)
 
 
 def directory_of(settings: Settings) -> KeyDirectory | None:

@@ -7,8 +7,11 @@ name                   holds                       retention
 ``MESH_EVENTS``        ``mesh.*.evt.>``            ``MESH_EVENT_RETENTION`` (7 days)
 ``MESH_TIMERS``        ``mesh.*.timer.*``          work queue: a join's deadline, until it fires
 ``MESH_DLQ``           ``mesh.*.dlq.>``            ``MESH_DLQ_RETENTION`` (14 days)
+``MESH_AUDIT``         ``mesh_audit.>``            ``MESH_AUDIT_RETENTION``, append-only
 KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
 KV ``MESH_STATE``      joins, failure histories    7 days
+KV ``MESH_SEEN``       ids of signed direct        twice ``MESH_REPLAY_WINDOW`` (10 minutes)
+                       messages (replay refusal)
 =====================  ==========================  ==========================================
 
 Each stream holds at most ``MESH_STREAM_MAX_BYTES``. The work queues (inbox, timers) refuse
@@ -46,6 +49,7 @@ MAX_OPEN_TIMERS: Final = 100_000  # a timer's consumer: deadlines waiting at onc
 PROCESSED: Final = "MESH_PROCESSED"
 STATE: Final = "MESH_STATE"
 AUDIT: Final = "MESH_AUDIT"  # append-only (mesh.runtime.audit)
+SEEN: Final = "MESH_SEEN"  # ids of signed direct messages, shared by an agent's replicas
 STATE_MAX_AGE: Final = 7 * 86400.0
 
 
@@ -126,7 +130,14 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
 
 
 def bucket_specs(settings: Settings) -> list[BucketSpec]:
-    return [BucketSpec(PROCESSED, settings.processed_ttl), BucketSpec(STATE, STATE_MAX_AGE)]
+    """The KV buckets, in this order: processed ids, state, seen ids. A direct message can be
+    replayed up to the window after it was sent, which can be up to the window after it first
+    arrived: its id is kept for twice the window."""
+    return [
+        BucketSpec(PROCESSED, settings.processed_ttl),
+        BucketSpec(STATE, STATE_MAX_AGE),
+        BucketSpec(SEEN, 2 * settings.replay_window),
+    ]
 
 
 def consumer_specs(

@@ -29,6 +29,7 @@ SENT_AT: Final = "Mesh-Sent-At"
 HOP: Final = "Mesh-Hop"
 DEADLINE: Final = "Mesh-Deadline"
 REPLY_TO: Final = "Mesh-Reply-To"
+REPLY_GRANT: Final = "Mesh-Reply-Grant"  # <public key>.<signature>: the reply target's owner agrees
 JOIN: Final = "Mesh-Join"  # <owner>.<join id>/<branch>: the answer to this work belongs to that join
 ANSWER: Final = "Mesh-Answer"  # <owner>.<join id>/<branch>: this message is that branch's answer
 ROUTE: Final = "Mesh-Route"  # agents still to visit, comma-separated (a declared pipeline)
@@ -61,6 +62,7 @@ MAX_NAME: Final = 128  # characters of Mesh-Sender, Content-Type
 MAX_INT: Final = 20  # characters of an integer header
 MAX_ROUTE: Final = 32  # agents in Mesh-Route
 MAX_LINK: Final = 256  # characters of Mesh-Join, Mesh-Answer
+GRANT_LEN: Final = 56 + 1 + 86  # Mesh-Reply-Grant: a public key, ".", a signature
 _ID_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # <owner agent>.<join id>/<branch>: Mesh-Join and Mesh-Answer
 _LINK = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})\.([A-Za-z0-9_-]{1,64})/([0-9]{1,6}|judge|timer)$")
@@ -141,6 +143,10 @@ def open_envelope(
         raise DeliveryError("bad_header", f"{JOIN} {show(join)} is not <agent>.<join id>/<branch>")
     if len(answer) > MAX_LINK:
         raise DeliveryError("bad_header", f"{ANSWER} is {len(answer)} characters; the limit is {MAX_LINK}")
+    grant = h.get(REPLY_GRANT, "")
+    if grant and (len(grant) != GRANT_LEN or not grant.isascii()):
+        why = f"{REPLY_GRANT} is not <public key>.<signature>, {GRANT_LEN} characters"
+        raise DeliveryError("bad_header", why)
     return Envelope(
         address=address,
         subject=subject,

@@ -12,6 +12,16 @@ the subject, the value of each header of `SIGNED` in that order (an empty line f
 is absent), and the lower-case hex SHA-256 of the body. NATS header values and subjects hold
 no line breaks, so the lines cannot be shifted into one another. docs/protocol.md
 describes it for other languages.
+
+A reply target travels with a grant: whoever sets ``Mesh-Reply-To`` (or asks over a direct
+line, with a NATS reply subject) in its own reply space adds
+
+    Mesh-Reply-Grant: <its public key>.<signature over "mesh-reply-v1\n<conversation>">
+
+and an agent that passes the work on copies it unchanged. A receiver accepts a reply target
+only in the reply space of the message's signer or of a valid grant's signer
+(`mesh.runtime.verify`): an agent in the middle of a conversation cannot point an answer at
+anyone who did not ask for it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ from mesh.wire import envelope as h
 SIGNER: Final = "Mesh-Signer"
 SIGNATURE: Final = "Mesh-Signature"
 TAG: Final = "mesh-sig-v1"
+REPLY_GRANT: Final = h.REPLY_GRANT
+GRANT_TAG: Final = "mesh-reply-v1"
+GRANT_LEN: Final = h.GRANT_LEN
+_GRANTS_KEPT: Final = 1024  # conversations whose grant a signer keeps ready
 
 SIGNED: Final = (
     h.TYPE,
@@ -69,12 +83,39 @@ class Signer:
         kp = nkeys.from_seed(bytearray(seed))
         self.public_key: str = kp.public_key.decode()
         self._key: nacl.signing.SigningKey = kp._keys  # the Ed25519 key nkeys decoded
+        self._grants: dict[str, str] = {}
 
     def sign(self, subject: str, headers: dict[str, str], body: bytes) -> None:
         """Add `SIGNER` and `SIGNATURE` to `headers`, over the headers as they are now."""
         headers[SIGNER] = self.public_key
         raw = self._key.sign(canonical(subject, headers, body)).signature
         headers[SIGNATURE] = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    def grant(self, conversation: str) -> str:
+        """The `REPLY_GRANT` value that lets answers in `conversation` reach this identity's
+        reply space whoever passes the work on (one signature per conversation, kept)."""
+        value = self._grants.get(conversation)
+        if value is None:
+            raw = self._key.sign(_grant_text(conversation)).signature
+            value = f"{self.public_key}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}"
+            if len(self._grants) >= _GRANTS_KEPT:
+                self._grants.clear()
+            self._grants[conversation] = value
+        return value
+
+
+def _grant_text(conversation: str) -> bytes:
+    return f"{GRANT_TAG}\n{conversation}".encode()
+
+
+def check_grant(value: str, conversation: str) -> str:
+    """The public key that signed the reply grant `value` for `conversation`;
+    `BadSignature` if it is malformed, for another conversation, or forged."""
+    if len(value) != GRANT_LEN or value[56] != ".":
+        raise BadSignature(f"{REPLY_GRANT} is not <public key>.<signature> ({GRANT_LEN} characters)")
+    key, signature = value[:56], value[57:]
+    _check(_verify_key(key), _grant_text(conversation), signature, REPLY_GRANT)
+    return key
 
 
 @lru_cache(maxsize=4096)
@@ -98,15 +139,20 @@ def verify(subject: str, headers: dict[str, str], body: bytes) -> str:
     signer, signature = headers.get(SIGNER, ""), headers.get(SIGNATURE, "")
     if not signer or not signature:
         raise BadSignature("the message is not signed (no Mesh-Signer or Mesh-Signature)")
-    key = _verify_key(signer)
+    _check(_verify_key(signer), canonical(subject, headers, body), signature, SIGNATURE)
+    return signer
+
+
+def _check(key: nacl.signing.VerifyKey, text: bytes, signature: str, header: str) -> None:
     if len(signature) != 86:
-        raise BadSignature("Mesh-Signature is not 64 bytes of base64url")
+        raise BadSignature(f"{header} is not 64 bytes of base64url")
     try:
         raw = base64.urlsafe_b64decode(signature + "==")
     except (binascii.Error, ValueError):
-        raise BadSignature("Mesh-Signature is not base64url") from None
+        raise BadSignature(f"{header} is not base64url") from None
     try:
-        key.verify(canonical(subject, headers, body), raw)
+        key.verify(text, raw)
     except nacl.exceptions.BadSignatureError:
-        raise BadSignature("the signature does not match the subject, headers and body") from None
-    return signer
+        if header == SIGNATURE:
+            raise BadSignature("the signature does not match the subject, headers and body") from None
+        raise BadSignature(f"{header} does not match this conversation: made for another or forged") from None
