@@ -170,8 +170,9 @@ def _headers(client: MeshClient, conv: str, **extra: str) -> dict[str, str]:
         ("bad_header", b'{"text": "x"}', {h.HOP: "many"}),
         ("hop_limit", b'{"text": "x"}', {h.HOP: "1000"}),
         ("bad_header", b'{"text": "x"}', {h.HOP: "-1000000"}),
-        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "$JS.API.STREAM.PURGE.MESH_DLQ"}),
-        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.agent.*"}),
+        # (a reply target that is nobody's reply space: the verifier refuses it first)
+        ("unauthorized", b'{"text": "x"}', {h.REPLY_TO: "$JS.API.STREAM.PURGE.MESH_DLQ"}),
+        ("unauthorized", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.agent.*"}),
         ("deadline_expired", b'{"text": "x"}', {h.DEADLINE: str(int(time.time() * 1000) - 1000)}),
         ("handler_error", b'{"text": "boom"}', {}),
         ("oversize", b'{"text": "' + b"x" * (2 << 20) + b'"}', {}),
