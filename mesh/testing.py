@@ -8,7 +8,10 @@ on `MemoryBus`, the bus in memory, where a test needs no server.
             ...
 
 `secure_nats_server` starts one that requires authentication, as `mesh up` does, to test an
-agent on its own identity and permissions.
+agent on its own identity and permissions. Given settings made `SecureServer.local`, a test
+runs as on the machine that ran `mesh up`: `running_agent` and `spawn_agent` run each agent
+on its own identity, issued from its declaration as `mesh run` is, and `mesh` commands on
+their roles.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from mesh.agent import launch
 from mesh.agent.declaration import Agent
-from mesh.agent.identity import grant_of
+from mesh.agent.identity import grant_of, provision
 from mesh.agent.launch import stop_process as stop_process  # re-exported for tests
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
@@ -32,7 +35,7 @@ from mesh.transport.cluster import EmbeddedCluster
 from mesh.transport.identities import embedded_server, reload
 from mesh.transport.memory import MemoryBus as MemoryBus  # re-exported: agents on a bus in memory
 from mesh.transport.nats import NatsTransport
-from mesh.transport.server import EmbeddedServer
+from mesh.transport.server import EmbeddedServer, write_state
 from mesh.transport.streams import agent_consumer_specs, bucket_specs
 from mesh.wire.settings import Settings
 
@@ -64,6 +67,32 @@ class SecureServer:
     def url(self) -> str:
         return self.server.url
 
+    def local(self, settings: Settings) -> Settings:
+        """`settings` (without credentials) for a process on the machine that runs this
+        server, as `mesh up` leaves it: the server is recorded under ``settings.data_dir``, so
+        an agent started with them (`running_agent`, `spawn_agent`, `mesh run`) is issued its
+        own identity from its declaration, and a `mesh` command its role, from this keyring."""
+        assert self.server.info is not None
+        write_state(settings, self.server.info)
+        return settings.model_copy(update={"nats_url": self.url, "nats_creds": None})
+
+    async def prepare(self) -> None:
+        """Create the streams and buckets as the operator, as `mesh up` does (an agent may
+        only check that they exist)."""
+        operator = self.role("operator")
+        transport = await NatsTransport.connect(operator, "mesh-testing")
+        try:
+            await self._prepare(transport, operator)
+        finally:
+            await transport.close()
+
+    async def _prepare(self, transport: NatsTransport, operator: Settings) -> None:
+        if not self._prepared:
+            await transport.ensure_streams()
+            for bucket in bucket_specs(operator):
+                await transport.state(bucket, operator)
+            self._prepared = True
+
     def role(self, role: Role) -> Settings:
         """Settings that connect as `role` (operator, publisher, observer)."""
         return self.settings.model_copy(update={"nats_creds": self.keyring.creds_path(f"role:{role}")})
@@ -83,11 +112,7 @@ class SecureServer:
         operator = self.role("operator")
         transport = await NatsTransport.connect(operator, "mesh-testing")
         try:
-            if not self._prepared:
-                await transport.ensure_streams()
-                for bucket in bucket_specs(operator):
-                    await transport.state(bucket, operator)
-                self._prepared = True
+            await self._prepare(transport, operator)
             for spec in agent_consumer_specs(agent, operator):
                 await transport.ensure_consumer(spec)
         finally:
@@ -133,8 +158,12 @@ async def running_agent(
     agent: Agent, settings: Settings, *, llm: LLM | None = None, transport: Transport | None = None
 ) -> AsyncIterator[AgentRuntime]:
     """Run `agent` in this process until the block ends, then drain it: on the NATS server
-    of `settings`, or on `transport` (e.g. ``MemoryBus().transport()``, no server needed)."""
-    transport = transport or await NatsTransport.connect(settings, agent.name)
+    of `settings`, or on `transport` (e.g. ``MemoryBus().transport()``, no server needed).
+    On a server that requires authentication and is recorded under ``settings.data_dir``
+    (`SecureServer.local`), the agent runs on its own identity, as `mesh run` provisions it."""
+    if transport is None:
+        settings = await provision(agent, settings)
+        transport = await NatsTransport.connect(settings, agent.name)
     runtime = AgentRuntime(agent, settings, transport, llm=llm)
     await runtime.start()
     try:

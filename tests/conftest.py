@@ -1,11 +1,20 @@
-"""One real nats-server per test session, on a free loopback port with a temporary store."""
+"""One real nats-server per test session, on a free loopback port with a temporary store,
+requiring authentication as `mesh up` starts it: every agent a test runs (in this process or
+as `mesh run`) is on its own identity issued from its declaration, every client on a role.
+
+A test that is about the insecure mode, or needs a server without authentication, asks for
+`insecure_settings` and says why."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nkeys  # type: ignore[import-untyped]
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -13,7 +22,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh.runtime.client import MeshClient
-from mesh.testing import nats_server
+from mesh.testing import SecureServer, nats_server, secure_nats_server
+from mesh.transport.auth import public_key, read_seed
+from mesh.transport.identities import with_role
 from mesh.transport.server import EmbeddedServer
 from mesh.wire.settings import Settings
 
@@ -32,18 +43,11 @@ def spans() -> InMemorySpanExporter:
     return exporter
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    with nats_server(tmp_path_factory.mktemp("nats")) as srv:
-        yield srv
-
-
-@pytest.fixture
-def settings(server: EmbeddedServer, tmp_path: Path) -> Settings:
+def _test_settings(url: str, data_dir: Path) -> Settings:
     return Settings.load(
         environ={},
-        nats_url=server.url,
-        data_dir=tmp_path / "data",
+        nats_url=url,
+        data_dir=data_dir,
         trace_exporter="none",
         log_level="warning",
         # retries and redeliveries in test time
@@ -54,10 +58,62 @@ def settings(server: EmbeddedServer, tmp_path: Path) -> Settings:
     )
 
 
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServer]:
+    """The session's server, authentication on; its keyring issues each agent's identity
+    once (a reload of the server), again only when a declaration asks for other rights."""
+    base = Settings.load(environ={}, trace_exporter="none", log_level="warning", connect_timeout=2.0)
+    with secure_nats_server(tmp_path_factory.mktemp("nats"), base) as mesh:
+        asyncio.run(mesh.prepare())
+        yield mesh
+
+
+@pytest.fixture
+def settings(server: SecureServer, tmp_path: Path) -> Settings:
+    """No credentials of their own: the server is recorded under the data dir, as `mesh up`
+    leaves it, so agents get their identities and `mesh` commands their roles from there."""
+    return server.local(_test_settings(server.url, tmp_path / "data"))
+
+
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[MeshClient]:
-    c = await MeshClient.connect(settings, "test-client")
+    """A person's or a program's client: it starts work and watches it (the publisher role)."""
+    c = await MeshClient.connect(with_role(settings, "publisher"), "test-client")
     try:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def operator(settings: Settings) -> AsyncIterator[MeshClient]:
+    """A client of the operator role: dead letters, state, timers and stream administration."""
+    c = await MeshClient.connect(with_role(settings, "operator"), "test-operator")
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture(scope="session")
+def insecure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """A server without authentication, for the few tests that need one (each says why)."""
+    with nats_server(tmp_path_factory.mktemp("nats-insecure")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def insecure_settings(insecure_server: EmbeddedServer, tmp_path: Path) -> Settings:
+    return _test_settings(insecure_server.url, tmp_path / "data")
+
+
+def raw_connect(info: bytes, settings: Settings, **options: object) -> bytes:
+    """The CONNECT line of a bare socket (a client that checks nothing), answering the
+    server's INFO line with the NKEY of `settings`' credentials when the server asks."""
+    nonce = json.loads(info.split(b" ", 1)[1]).get("nonce")
+    if nonce and settings.nats_creds is not None:
+        seed = read_seed(settings.nats_creds)
+        assert seed is not None
+        signature = nkeys.from_seed(bytearray(seed)).sign(nonce.encode())
+        options.update(nkey=public_key(seed), sig=base64.b64encode(signature).decode())
+    return b"CONNECT " + json.dumps(options).encode() + b"\r\n"

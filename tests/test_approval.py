@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from mesh_user_tools import REFUNDS, Answered, Ask, Refund, agent
 
+from mesh.agent.identity import provision
 from mesh.cli.llm import decide
 from mesh.patterns.approval import ApprovalRequest, ApprovalResolved
 from mesh.runtime.client import MeshClient
@@ -16,6 +18,13 @@ from mesh.wire.codec import default_codec
 from mesh.wire.settings import Settings
 
 REFUND = 'Please call refund({"order_id": "A-9", "amount_eur": 20})'
+
+
+@pytest.fixture
+def client(operator: MeshClient) -> MeshClient:
+    """The person who asks and decides: deciding an approval takes the operator role (as
+    `mesh approve` has), and so does a timer sent by anyone but the agent."""
+    return operator
 
 
 def _of(msgs: list[Any], suffix: str) -> list[Any]:
@@ -165,8 +174,11 @@ async def test_a_replayed_resume_runs_the_approved_tool_once(client: MeshClient,
         assert resumed.headers[h.CAUSATION] == first.headers[h.ID]
         processed = await client.transport.state(streams.bucket_specs(settings)[0], settings)
         await processed.delete(streams.processed_key("clerk", resumed.headers[h.ID]))
-        replay = {**resumed.headers, h.NATS_MSG_ID: "replayed-" + resumed.headers[h.ID]}
-        await client.transport.store(resumed.subject, resumed.data, replay)
+    # replayed to a fresh runtime (a restart), which has not seen the message's id before:
+    # only the claim stands between it and a second refund
+    replay = {**resumed.headers, h.NATS_MSG_ID: "replayed-" + resumed.headers[h.ID]}
+    await client.transport.store(resumed.subject, resumed.data, replay)
+    async with running_agent(agent, settings):
         msgs = await rec.wait_for(lambda ms: len(_of(ms, "test.answered")) == 2)
     assert len(REFUNDS) == 1
     answers = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]
@@ -213,9 +225,9 @@ async def test_an_agent_cannot_decide_its_own_approval(client: MeshClient, setti
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
         [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
         approval = default_codec.decode(req.data, ApprovalRequest).approval
-        as_clerk = MeshClient(client.transport, "clerk")
-        forged = ApprovalDecision(approval=approval, approved=True, by="the boss")
-        await as_clerk.emit(Address.timer(conv, "clerk"), forged, Lineage(conversation=conv))
+        async with await MeshClient.connect(await provision(agent, settings), "clerk") as as_clerk:
+            forged = ApprovalDecision(approval=approval, approved=True, by="the boss")
+            await as_clerk.emit(Address.timer(conv, "clerk"), forged, Lineage(conversation=conv))
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "dlq.clerk")))
     assert _of(msgs, "dlq.clerk")[0].headers[h.DLQ_KIND] == "unauthorized"
     assert REFUNDS == [] and not _of(msgs, "approval.resolved")

@@ -4,7 +4,7 @@ passes here is what a user may test without a server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import pytest
@@ -17,30 +17,45 @@ from mesh.join import Gathered
 from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
 from mesh.transport.base import Transport
-from mesh.transport.nats import NatsTransport
+from mesh.transport.identities import with_role
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
 from mesh.wire.errors import RequestFailed
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
 
-Connect = Callable[[str], Awaitable[Transport]]
+
+class Bus:
+    """Clients and agents on one bus. On the real server a client is on the operator role
+    (the tests watch dead letters, which only it may read) and an agent on its own identity
+    (`running_agent` connects it: `agent()` is None); in memory, one `MemoryBus`."""
+
+    def __init__(self, settings: Settings, memory: MemoryBus | None) -> None:
+        self.settings = settings
+        self.memory = memory
+        self.opened: list[Transport] = []
+
+    async def client(self, name: str) -> MeshClient:
+        if self.memory is not None:
+            client = MeshClient(self.memory.transport(), name)
+        else:
+            client = await MeshClient.connect(with_role(self.settings, "operator"), name)
+        self.opened.append(client.transport)
+        return client
+
+    def agent(self) -> Transport | None:
+        if self.memory is None:
+            return None
+        transport = self.memory.transport()
+        self.opened.append(transport)
+        return transport
 
 
 @pytest.fixture(params=["nats", "memory"])
-async def connect(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Connect]:
-    bus = MemoryBus(settings)
-    opened: list[Transport] = []
-
-    async def new(name: str) -> Transport:
-        t: Transport = (
-            bus.transport() if request.param == "memory" else await NatsTransport.connect(settings, name)
-        )
-        opened.append(t)
-        return t
-
-    yield new
-    for t in opened:
+async def bus(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Bus]:
+    on = Bus(settings, MemoryBus(settings) if request.param == "memory" else None)
+    yield on
+    for t in on.opened:
         await t.close()
 
 
@@ -54,9 +69,9 @@ async def on_ping(ping: Ping, ctx: Context) -> Pong:
     return Pong(text=ping.text, n=ping.n, pid=0, instance=ctx.instance)
 
 
-async def test_an_event_is_handled_and_its_answer_published(settings: Settings, connect: Connect) -> None:
-    client = MeshClient(await connect("client"), "client")
-    async with running_agent(echo, settings, transport=await connect("echo")):
+async def test_an_event_is_handled_and_its_answer_published(settings: Settings, bus: Bus) -> None:
+    client = await bus.client("client")
+    async with running_agent(echo, settings, transport=bus.agent()):
         pongs = await Recorder.start(client.transport, "mesh.base1.evt.test.pong")
         await client.publish(Ping(text="hi", n=1), conversation="base1")
         [pong] = await pongs.wait_count(1)
@@ -64,31 +79,27 @@ async def test_an_event_is_handled_and_its_answer_published(settings: Settings, 
         assert pong.headers[h.CONVERSATION] == "base1"
 
 
-async def test_a_request_gets_its_typed_answer(settings: Settings, connect: Connect) -> None:
-    client = MeshClient(await connect("client"), "client")
-    async with running_agent(echo, settings, transport=await connect("echo")):
+async def test_a_request_gets_its_typed_answer(settings: Settings, bus: Bus) -> None:
+    client = await bus.client("client")
+    async with running_agent(echo, settings, transport=bus.agent()):
         pong = await client.request("base-echo", Ping(text="q", n=7), Pong, timeout=10)
         assert (pong.text, pong.n) == ("q", 7)
 
 
-async def test_a_request_made_while_the_replica_is_starting_is_answered(
-    settings: Settings, connect: Connect
-) -> None:
-    client = MeshClient(await connect("client"), "client")
+async def test_a_request_made_while_the_replica_is_starting_is_answered(settings: Settings, bus: Bus) -> None:
+    client = await bus.client("client")
     asking = asyncio.create_task(client.request("base-echo", Ping(text="early", n=1), Pong, timeout=10))
     await asyncio.sleep(0.12)  # the first ask finds nobody; the agent comes up meanwhile
-    async with running_agent(echo, settings, transport=await connect("echo")):
+    async with running_agent(echo, settings, transport=bus.agent()):
         pong = await asking
     assert pong.text == "early"
 
 
-async def test_a_chain_of_handoffs_answers_the_first_sender(settings: Settings, connect: Connect) -> None:
-    client = MeshClient(await connect("client"), "client")
+async def test_a_chain_of_handoffs_answers_the_first_sender(settings: Settings, bus: Bus) -> None:
+    client = await bus.client("client")
     async with AsyncExitStack() as stack:
         for agent in (relay.first, relay.second, relay.third):
-            await stack.enter_async_context(
-                running_agent(agent, settings, transport=await connect(agent.name))
-            )
+            await stack.enter_async_context(running_agent(agent, settings, transport=bus.agent()))
         done = await Recorder.start(client.transport, "mesh.base3.evt.test.finished")
         await client.send("first", relay.Baton(token="t1"), conversation="base3")
         [finished] = await done.wait_count(1)
@@ -100,13 +111,13 @@ async def test_a_chain_of_handoffs_answers_the_first_sender(settings: Settings, 
 
 
 async def test_bad_input_is_dead_lettered_and_a_failing_handler_retried_then_dead_lettered(
-    settings: Settings, connect: Connect
+    settings: Settings, bus: Bus
 ) -> None:
-    client = MeshClient(await connect("client"), "client")
-    async with running_agent(echo, settings, transport=await connect("echo")) as runtime:
+    client = await bus.client("client")
+    async with running_agent(echo, settings, transport=bus.agent()) as runtime:
         dlq = await Recorder.start(client.transport, "mesh.base4.dlq.base-echo")
         headers = client.headers("test.ping", 1, "base4")
-        await client.transport.store("mesh.base4.agent.base-echo", b"{not json", headers)
+        await client.send_raw("mesh.base4.agent.base-echo", b"{not json", headers, store=True)
         await client.send("base-echo", Ping(text="boom"), conversation="base4")
         letters = await dlq.wait_count(2, timeout=20)
         kinds = sorted(m.headers[h.DLQ_KIND] for m in letters)
@@ -131,12 +142,12 @@ async def on_pongs(got: Gathered[Pong], ctx: Context) -> None:
     results.append(sorted(p.text for p in got.results))
 
 
-async def test_a_fan_out_is_gathered_once(settings: Settings, connect: Connect) -> None:
+async def test_a_fan_out_is_gathered_once(settings: Settings, bus: Bus) -> None:
     results.clear()
-    client = MeshClient(await connect("client"), "client")
+    client = await bus.client("client")
     async with (
-        running_agent(echo, settings, transport=await connect("echo")),
-        running_agent(boss, settings, transport=await connect("boss")),
+        running_agent(echo, settings, transport=bus.agent()),
+        running_agent(boss, settings, transport=bus.agent()),
     ):
         await client.send("base-boss", Ping(text="w"), conversation="base5")
         async with asyncio.timeout(10):
@@ -161,12 +172,12 @@ async def on_hop(ping: Ping, ctx: Context) -> None:
 
 
 async def test_a_handler_cannot_count_hops_back_and_work_past_the_limit_is_dead_lettered(
-    settings: Settings, connect: Connect
+    settings: Settings, bus: Bus
 ) -> None:
     hops.clear()
     limited = settings.model_copy(update={"max_hops": 2})
-    client = MeshClient(await connect("client"), "client")
-    async with running_agent(hopper, limited, transport=await connect("hopper")):
+    client = await bus.client("client")
+    async with running_agent(hopper, limited, transport=bus.agent()):
         dlq = await Recorder.start(client.transport, "mesh.base6.dlq.base-hopper")
         far = Lineage(hop=2, depth=1)  # two hops and one delegation from where it started
         await client.send("base-hopper", Ping(text="h"), conversation="base6", lineage=far)
@@ -186,14 +197,14 @@ async def on_count(ping: Ping, ctx: Context) -> Pong:
 
 
 async def test_a_sender_over_its_quota_is_dead_lettered_and_others_are_not_affected(
-    settings: Settings, connect: Connect
+    settings: Settings, bus: Bus
 ) -> None:
     counted.clear()
     # three at once, and then next to nothing: no token comes back while the test runs
     quota = settings.model_copy(update={"sender_rate": 0.001, "sender_burst": 3})
-    flood = MeshClient(await connect("flood"), "flood")
-    calm = MeshClient(await connect("calm"), "calm")
-    async with running_agent(counter, quota, transport=await connect("counter")):
+    flood = await bus.client("flood")
+    calm = await bus.client("calm")
+    async with running_agent(counter, quota, transport=bus.agent()):
         dlq = await Recorder.start(flood.transport, "mesh.base7.dlq.base-counter")
         for n in range(5):
             await flood.send("base-counter", Ping(text="f", n=n), conversation="base7")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
@@ -17,9 +18,18 @@ from mesh.runtime.discovery import backlog
 from mesh.runtime.retries import Failures, on_max_deliveries
 from mesh.testing import Recorder, running_agent
 from mesh.transport import streams
+from mesh.transport.identities import with_role
+from mesh.transport.keys import signer_of
 from mesh.transport.streams import bucket_specs
 from mesh.wire import envelope as h
 from mesh.wire.settings import Settings
+
+
+@pytest.fixture
+def client(operator: MeshClient) -> MeshClient:
+    """Listing, re-driving and purging dead letters take the operator role, as `mesh dlq` has."""
+    return operator
+
 
 healed = False
 moody = Agent("moody", description="fails until healed")
@@ -66,10 +76,15 @@ async def test_a_dead_letter_is_listed_and_redriven_once_the_cause_is_fixed(
 
         healed = True
         pongs = await Recorder.start(client.transport, "mesh.dlq-redrive.evt.test.pong")
-        done = await redrive(client.transport, settings.dead_letter_stream, letter.seq)  # type: ignore[arg-type]
+        again = await Recorder.start(client.transport, "mesh.dlq-redrive.agent.moody")
+        signer = signer_of(with_role(settings, "operator"))  # as `mesh dlq redrive` signs it
+        done = await redrive(client.transport, settings.dead_letter_stream, letter.seq, signer=signer)  # type: ignore[arg-type]
         assert (done.subject, done.without) == ("mesh.dlq-redrive.agent.moody", ())
         [pong] = await pongs.wait_count(1)
-        assert pong.headers[h.CAUSATION] == sent.id  # the same message, handled now
+        # the same body, handled now: sent again by the operator, saying whose it was
+        [back] = await again.wait_count(1)
+        assert (back.data, back.headers[h.REDRIVEN_FROM]) == (dead.data, client.sender)
+        assert pong.headers[h.CAUSATION] == back.headers[h.ID]
         remaining = await list_dead_letters(
             client.transport,  # type: ignore[arg-type]
             settings.dead_letter_stream,
@@ -139,7 +154,7 @@ async def test_the_dlq_tools_read_headers_that_are_not_ascii(settings: Settings,
         # an outside system's own header, not ASCII either; a dead letter keeps it
         headers = {**client.headers("test.ping", 1, "dlq-umlaut"), "Kunde": "Müller"}
         inbox = "mesh.dlq-umlaut.agent.payments"
-        await client.transport.store(inbox, b'{"text": "pay", "n": 4}', headers)
+        await client.send_raw(inbox, b'{"text": "pay", "n": 4}', headers, store=True)
         await dlq.wait_count(1)
 
         listed = _cli(settings, "dlq", "ls", "--conversation", "dlq-umlaut")
@@ -162,7 +177,9 @@ async def test_the_dlq_tools_read_headers_that_are_not_ascii(settings: Settings,
         [back] = await again.wait_count(1)
         assert back.headers["Kunde"] == "Müller"
         [pong] = await pongs.wait_count(1)
-        assert pong.headers[h.CAUSATION] == headers[h.ID]
+        # a new message from the operator, which answers for it (`mesh.cli.dlq.redrive`)
+        assert (back.headers[h.REDRIVEN_FROM], back.headers[h.SENDER]) == (client.sender, "operator")
+        assert pong.headers[h.CAUSATION] == back.headers[h.ID]
         assert _cli(settings, "dlq", "ls", "--conversation", "dlq-umlaut", "--json").stdout == ""
 
 
@@ -172,7 +189,7 @@ async def test_a_message_the_server_gave_up_on_is_dead_lettered_with_its_non_asc
     # what an agent does on the server's max-deliveries advisory: read the message back
     # from the stream and store it as a dead letter
     headers = {**client.headers("test.ping", 1, "dlq-gave-up"), "Kunde": "Müller"}
-    seq = await client.transport.store("mesh.dlq-gave-up.agent.stuck", b"{}", headers)
+    seq = await client.send_raw("mesh.dlq-gave-up.agent.stuck", b"{}", headers, store=True)
     state = await client.transport.state(bucket_specs(settings)[1], settings)
     dlq = await Recorder.start(client.transport, "mesh.dlq-gave-up.dlq.stuck")
     advisory = json.dumps({"stream": streams.INBOX, "stream_seq": seq, "deliveries": 4}).encode()
@@ -198,7 +215,7 @@ async def test_a_dead_letter_keeps_no_secret_header_and_a_redrive_does_not_bring
         dlq = await Recorder.start(client.transport, "mesh.dlq-secret.dlq.moody")
         inbox = "mesh.dlq-secret.agent.moody"
         headers = {**client.headers("test.ping", 1, "dlq-secret"), **SECRETS, "Kunde": "Müller"}
-        await client.transport.store(inbox, b"{not json", headers)
+        await client.send_raw(inbox, b"{not json", headers, store=True)
         [dead] = await dlq.wait_count(1)
         assert dead.headers[h.DLQ_KIND] == "decode"
         assert dead.headers[h.DLQ_MASKED] == "Authorization,Cookie,X-Api-Key,X-Refresh-Token,X-Tenant-Pin"
@@ -235,7 +252,7 @@ async def test_a_letter_published_by_hand_is_redriven_without_its_secret_headers
         h.DLQ_AGENT: "forged-target",
         **SECRETS,
     }
-    seq = await client.transport.store("mesh.dlq-forged.dlq.forged-target", b"{}", forged)
+    seq = await client.send_raw("mesh.dlq-forged.dlq.forged-target", b"{}", forged, store=True)
     inbox = await Recorder.start(client.transport, "mesh.dlq-forged.agent.forged-target")
     env = {"MESH_SECRET_HEADERS": "X-Tenant-Pin"}
     redriven = _cli_env(settings, env, "dlq", "redrive", str(seq))

@@ -28,8 +28,9 @@ from sample_agents.echo import Ping
 
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
-from mesh.testing import Recorder, nats_server, spawn_agent, stop_process
+from mesh.testing import Recorder, SecureServer, secure_nats_server, spawn_agent, stop_process
 from mesh.transport import streams
+from mesh.transport.identities import with_role
 from mesh.transport.server import EmbeddedServer
 from mesh.wire import envelope as h
 from mesh.wire.settings import Settings
@@ -106,18 +107,19 @@ RESTARTED: list[EmbeddedServer] = []  # servers a test restarted: stopped after 
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    with nats_server(tmp_path / "nats") as srv:
+def own_server(tmp_path: Path) -> Iterator[SecureServer]:
+    """A server of the test's own (one test kills it), authentication on as `mesh up` starts it."""
+    with secure_nats_server(tmp_path / "nats") as srv:
         yield srv
     while RESTARTED:
         RESTARTED.pop().stop()
 
 
 @pytest.fixture
-def fault_settings(own_server: EmbeddedServer, tmp_path: Path) -> Settings:
-    return Settings.load(
-        environ={}, nats_url=own_server.url, data_dir=tmp_path / "data", trace_exporter="none"
-    )
+async def fault_settings(own_server: SecureServer, tmp_path: Path) -> Settings:
+    """As on the machine that ran `mesh up`: each agent process gets its own identity."""
+    await own_server.prepare()
+    return own_server.local(Settings.load(environ={}, data_dir=tmp_path / "data", trace_exporter="none"))
 
 
 @pytest.fixture
@@ -132,7 +134,8 @@ async def fleet(fault_settings: Settings, tmp_path: Path) -> AsyncIterator[Fleet
 
 @pytest.fixture
 async def mc(fault_settings: Settings) -> AsyncIterator[MeshClient]:
-    c = await MeshClient.connect(fault_settings, "fault-test")
+    # the operator: the tests read dead letters and the streams' stored messages
+    c = await MeshClient.connect(with_role(fault_settings, "operator"), "fault-test")
     try:
         yield c
     finally:
@@ -244,7 +247,7 @@ async def test_kill_9_workers_mid_handler_loses_and_doubles_nothing(
 
 
 async def test_killing_and_restarting_nats_server_loses_no_acknowledged_event(
-    own_server: EmbeddedServer, fault_settings: Settings, mc: MeshClient, fleet: Fleet
+    own_server: SecureServer, fault_settings: Settings, mc: MeshClient, fleet: Fleet
 ) -> None:
     """300 events published while the server (file store) is killed with SIGKILL and
     started again: every event the server acknowledged is stored once and handled once."""
@@ -261,7 +264,7 @@ async def test_killing_and_restarting_nats_server_loses_no_acknowledged_event(
         async with asyncio.timeout(60):
             while True:
                 try:
-                    await mc.transport.store(Address.event(conv, "test.ping").subject, data, headers)
+                    await mc.send_raw(Address.event(conv, "test.ping").subject, data, headers, store=True)
                     acked.append(i)
                     return
                 except Exception:
@@ -271,9 +274,9 @@ async def test_killing_and_restarting_nats_server_loses_no_acknowledged_event(
     try:
         for i in range(n):
             if i == 100:
-                own_server.kill()  # kill -9: no chance to flush anything
+                own_server.server.kill()  # kill -9: no chance to flush anything
                 await asyncio.sleep(0.5)
-                srv = EmbeddedServer(own_server.directory, port=port)
+                srv = EmbeddedServer(own_server.server.directory, port=port, auth=own_server.server.auth)
                 RESTARTED.append(srv)
                 await asyncio.to_thread(srv.start)
             await publish_until_acked(i)
@@ -351,7 +354,7 @@ async def test_poison_is_retried_with_backoff_then_dead_lettered_while_traffic_f
     done = await Recorder.start(mc.transport, "mesh.poison.evt.test.work_done")
     await mc.send("fragile", ho.Work(text="poison", n=-1), conversation="poison")
     inbox = Address.inbox("poison", "fragile").subject
-    await mc.transport.store(inbox, b"\xff not json", mc.headers("test.work", 1, "poison"))
+    await mc.send_raw(inbox, b"\xff not json", mc.headers("test.work", 1, "poison"), store=True)
     for i in range(50):
         await mc.send("fragile", ho.Work(text="fine", n=i), conversation="poison")
     healthy = await done.wait_count(50, timeout=30)

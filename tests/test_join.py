@@ -25,6 +25,7 @@ from mesh.wire.subjects import Address
 @pytest.fixture(autouse=True)
 async def _ledger_url(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
     monkeypatch.setenv("MESH_NATS_URL", settings.nats_url or "")
+    monkeypatch.setenv("MESH_DATA_DIR", str(settings.data_dir))  # where the ledger finds its account
     yield
     await ho.close_ledger()
 
@@ -115,11 +116,11 @@ async def test_hierarchical_delegation_synthesizes_nested_answers(
 
 
 async def test_delegation_past_the_depth_limit_is_dead_lettered(
-    settings: Settings, client: MeshClient
+    settings: Settings, client: MeshClient, operator: MeshClient
 ) -> None:
     shallow = settings.model_copy(update={"max_depth": 1})
     async with agents(shallow, ho.supervisor, ho.lead, ho.worker):
-        dlq = await Recorder.start(client.transport, "mesh.join-deep.dlq.lead")
+        dlq = await Recorder.start(operator.transport, "mesh.join-deep.dlq.lead")  # only it may watch
         await client.send("supervisor", ho.Task(text="deep"), conversation="join-deep")
         dead = await dlq.wait_count(2)  # both leads would go one level too deep
         assert [d.headers[h.DLQ_KIND] for d in dead] == ["depth_limit", "depth_limit"]

@@ -6,6 +6,7 @@ import asyncio
 
 from nats.js.api import KeyValueConfig
 
+from mesh.transport.identities import with_role
 from mesh.transport.kvbatch import CHUNK, BatchedExists
 from mesh.transport.nats import NatsTransport
 from mesh.transport.state import NatsState
@@ -15,7 +16,7 @@ from mesh.wire.settings import Settings
 
 
 async def test_lookups_made_together_share_one_request_and_see_puts_and_deletes(settings: Settings) -> None:
-    transport = await NatsTransport.connect(settings, "kvbatch")
+    transport = await NatsTransport.connect(with_role(settings, "operator"), "kvbatch")  # makes buckets
     try:
         store = await transport.state(BucketSpec(f"T_{new_id()}", 60), settings)
         assert isinstance(store, NatsState)
@@ -37,7 +38,7 @@ async def test_lookups_made_together_share_one_request_and_see_puts_and_deletes(
 
 
 async def test_a_bucket_without_direct_gets_is_asked_one_key_at_a_time(settings: Settings) -> None:
-    transport = await NatsTransport.connect(settings, "kvbatch")
+    transport = await NatsTransport.connect(with_role(settings, "operator"), "kvbatch")  # makes buckets
     try:
         name = f"T_{new_id()}"
         await transport.nc.jetstream().create_key_value(KeyValueConfig(bucket=name, direct=False))
@@ -57,7 +58,7 @@ async def test_a_batch_no_replica_answers_is_asked_key_by_key_and_the_next_batch
     quorum; here a bucket that is not there) is no refusal of direct gets: that batch is asked
     key by key, the next one is batched again. Switching for good would leave an agent asking
     one key at a time, and before its permissions allowed that, failing every delivery."""
-    transport = await NatsTransport.connect(settings, "kvbatch")
+    transport = await NatsTransport.connect(with_role(settings, "operator"), "kvbatch")
     asked: list[str] = []
 
     async def one(key: str) -> bool:

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sample_agents.memo import Note, Noted
 
 from mesh import Agent, Context
+from mesh.agent.identity import provision
 from mesh.memory.client import Memory
 from mesh.memory.scopes import Scopes
 from mesh.memory.store import MemoryStore
@@ -56,6 +57,23 @@ async def service(mem_settings: Settings) -> AsyncIterator[MemoryService]:
     await svc.close()
 
 
+CALLERS: list[MeshClient] = []
+
+
+async def _caller(settings: Settings, name: str) -> MeshClient:
+    """A client on agent `name`'s own identity: the service takes the tenant from it."""
+    client = await MeshClient.connect(await provision(Agent(name), settings), name)
+    CALLERS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_callers() -> AsyncIterator[None]:
+    yield
+    while CALLERS:
+        await CALLERS.pop().close()
+
+
 @pytest.fixture
 def memory(client: MeshClient, mem_settings: Settings, service: MemoryService) -> Memory:
     return Memory(client, mem_settings)
@@ -86,7 +104,7 @@ async def test_bad_input_gets_a_typed_error_reply_and_the_service_carries_on(
         (memory.remember("x" * (mem_settings.memory_max_text + 1)), "oversize"),
         (memory.recall("q", where={"colour": "red"}), "bad_filter"),
         (memory.recall("q", where={"after": [1]}), "bad_filter"),
-        (Memory(MeshClient(client.transport, "umbrella-agent"), mem_settings).recall("q"), "unknown_tenant"),
+        (Memory(await _caller(mem_settings, "umbrella-agent"), mem_settings).recall("q"), "unknown_tenant"),
         (memory.recall("q", k=1000), "invalid"),
     ]
     for call, kind in cases:
@@ -186,8 +204,9 @@ async def test_the_tenant_comes_from_the_callers_identity_never_from_the_request
     """alice-agent is in tenant acme; bob-agent in default. bob asks for acme's memories in
     the body and reads only his own tenant's; alice is held to her declared namespaces; the
     provenance names the sender."""
-    alice = Memory(MeshClient(client.transport, "alice-agent"), mem_settings, tenant="default")
-    bob = Memory(MeshClient(client.transport, "bob-agent"), mem_settings, tenant="acme")
+    as_bob = await _caller(mem_settings, "bob-agent")
+    alice = Memory(await _caller(mem_settings, "alice-agent"), mem_settings, tenant="default")
+    bob = Memory(as_bob, mem_settings, tenant="acme")
     await alice.remember("Alice's card ends in 4242", namespace="customer-alice")
     await bob.remember("Bob's card ends in 1111", namespace="customer-alice")  # his own tenant
     [mine] = await alice.recall("card ends in", namespace="customer-alice")
@@ -195,7 +214,7 @@ async def test_the_tenant_comes_from_the_callers_identity_never_from_the_request
     [his] = await bob.recall("card ends in", namespace="customer-alice")
     assert his.text == "Bob's card ends in 1111" and his.provenance.agent == "bob-agent"
     raw = Recall(query="card ends in", tenant="acme", namespace="customer-alice")
-    answer = await MeshClient(client.transport, "bob-agent").request(mem_settings.memory_agent, raw, Recalled)
+    answer = await as_bob.request(mem_settings.memory_agent, raw, Recalled)
     assert [h.text for h in answer.hits] == ["Bob's card ends in 1111"]
     assert await bob.forget(where={"kind": "fact"}, namespace="customer-alice") == 1  # only his
     assert [h.text for h in await alice.recall("card", namespace="customer-alice")] == [mine.text]

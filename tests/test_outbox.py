@@ -8,10 +8,12 @@ import asyncio
 from collections import Counter
 from typing import Any
 
+import pytest
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
+from mesh.agent.identity import provision
 from mesh.join import Gathered
 from mesh.runtime.client import MeshClient
 from mesh.testing import MemoryBus, Recorder, running_agent
@@ -22,6 +24,12 @@ from mesh.transport.outbox import Acks, Pipelined
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
 from mesh.wire.settings import Settings
+
+
+@pytest.fixture
+def client(operator: MeshClient) -> MeshClient:
+    """The tests watch the streams' acknowledgements and read stored messages: the operator's."""
+    return operator
 
 
 async def stored_per_subject(client: MeshClient, pattern: str) -> Counter[str]:
@@ -83,7 +91,6 @@ async def test_sends_that_cannot_be_stored_leave_the_message_unacknowledged_and_
 ) -> None:
     relay = Agent("store-refused")
     attempts: list[int] = []
-    transport = await RefusingTransport.connect(settings, "store-refused")
 
     @relay.handler
     async def on_ping(ping: Ping, ctx: Context) -> Pong:
@@ -91,6 +98,9 @@ async def test_sends_that_cannot_be_stored_leave_the_message_unacknowledged_and_
         transport.refuse = ctx.attempt < 2  # the second run's sends are stored
         await ctx.publish(Pong(text="first", n=1, pid=0, instance=ctx.instance))
         return Pong(text="second", n=2, pid=0, instance=ctx.instance)
+
+    settings = await provision(relay, settings)  # its own identity, on a transport of the test's
+    transport = await RefusingTransport.connect(settings, "store-refused")
 
     async with running_agent(relay, settings, transport=transport) as runtime:
         acks = await Recorder.start(client.transport, "$JS.ACK.MESH_EVENTS.store-refused.>")
@@ -184,11 +194,12 @@ async def test_a_join_is_marked_done_only_once_its_completion_is_stored(
 ) -> None:
     """If the join were marked done before the completion's answer is stored, the retry of
     the answer that completed it would find it done, and the answer would never be stored."""
-    transport = await RefusingTransport.connect(settings, "outbox-panel")
+    own = await provision(panel, settings)  # its own identity, on a transport of the test's
+    transport = await RefusingTransport.connect(own, "outbox-panel")
     transport.refuse = False
     panel_transport.append(transport)
     rec = await Recorder.start(client.transport, "mesh.panel-1.evt.test.summary")
-    async with running_agent(ho.worker, settings), running_agent(panel, settings, transport=transport):
+    async with running_agent(ho.worker, settings), running_agent(panel, own, transport=transport):
         await client.send("outbox-panel", ho.Task(text="p", workers=2), conversation="panel-1")
         await rec.wait_count(2)  # the refused attempt and the stored one, as a tap sees them
         async with asyncio.timeout(10):

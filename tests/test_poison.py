@@ -11,17 +11,29 @@ import pytest
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
+from mesh.agent.identity import provision
 from mesh.cli.dlq import list_dead_letters, redrive
 from mesh.join import JoinTimer, all_of
 from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import Recorder, running_agent
 from mesh.transport import streams
+from mesh.transport.identities import with_role
+from mesh.transport.keys import signer_of
 from mesh.transport.natsclient import header_bytes
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
 from mesh.wire.errors import ConfigError, RequestFailed
 from mesh.wire.settings import Settings
+from mesh.wire.signature import Signer
 from mesh.wire.subjects import Address
+
+
+@pytest.fixture
+def client(operator: MeshClient) -> MeshClient:
+    """Watching and re-driving dead letters, and writing the processed records, take
+    the operator role (as `mesh dlq` has)."""
+    return operator
+
 
 victim = Agent("victim", description="takes hostile input")
 handled: list[str] = []
@@ -45,6 +57,12 @@ async def on_gathered(result: Any, ctx: Context) -> None:
     pass
 
 
+def _signer(settings: Settings) -> Signer:
+    signer = signer_of(with_role(settings, "operator"))  # the client's
+    assert signer is not None
+    return signer
+
+
 async def _alive(client: MeshClient, conv: str) -> None:
     """The agent still answers: a request over its direct line gets its reply."""
     pong = await client.request("victim", Ping(text="alive?"), Pong, timeout=10, conversation=conv)
@@ -64,7 +82,9 @@ async def test_a_long_conversation_id_on_a_stored_subject_is_dead_lettered_under
     async with running_agent(victim, settings):
         dlq = await Recorder.start(client.transport, "mesh._.dlq.victim")
         raw = client.transport.nc  # type: ignore[attr-defined]  # a client that checks nothing
-        await raw.publish(f"mesh.{conv}.agent.victim", b'{"text": "x"}', headers=_headers(client, "c1"))
+        headers, subject = _headers(client, "c1"), f"mesh.{conv}.agent.victim"
+        _signer(settings).sign(subject, headers, b'{"text": "x"}')
+        await raw.publish(subject, b'{"text": "x"}', headers=headers)
         [letter] = await dlq.wait_count(1)
         assert letter.headers[h.DLQ_KIND] == "bad_subject"
         assert letter.headers[h.DLQ_SUBJECT] == f"mesh.{conv}.agent.victim"
@@ -83,12 +103,13 @@ async def test_a_body_near_max_payload_is_dead_lettered_whole_in_two_parts(
     the rest of the body follows as a continuation, so no byte is lost."""
     conv = h.new_id()
     headers = _headers(client, conv)
+    _signer(settings).sign("", headers, b"")  # the signature's headers take room too
     room = client.transport.max_payload  # type: ignore[attr-defined]
     size = room - header_bytes(headers) - 40
     body = (bytes(range(256)) * (size // 256 + 1))[:size]
     async with running_agent(victim, settings):
         dlq = await Recorder.start(client.transport, f"mesh.{conv}.dlq.victim")
-        await client.transport.store(Address.inbox(conv, "victim").subject, body, headers)
+        await client.send_raw(Address.inbox(conv, "victim").subject, body, headers, store=True)
         letter, rest = await dlq.wait_count(2, timeout=30)
         assert letter.headers[h.DLQ_KIND] == "oversize"
         assert letter.headers[h.DLQ_TRUNCATED] == str(len(body))
@@ -130,18 +151,19 @@ async def test_ids_of_any_alphabet_are_handled_once_and_retried_when_they_fail(
 
 
 async def test_the_guard_asks_on_the_first_delivery_too_under_the_id_it_writes(
-    settings: Settings, client: MeshClient
+    insecure_settings: Settings,
 ) -> None:
     """After a broker crash, a processed message can come back with a delivery count of 1;
-    and a message with Nats-Msg-Id but no Mesh-Id is marked under that id."""
-    conv = h.new_id()
-    async with running_agent(victim, settings) as runtime:
+    and a message with Nats-Msg-Id but no Mesh-Id is marked under that id. Insecure server:
+    a message without Mesh-Id is only taken unsigned (a signed one needs it)."""
+    settings, conv = insecure_settings, h.new_id()
+    async with running_agent(victim, settings) as runtime, await MeshClient.connect(settings, "t") as client:
         processed = await client.transport.state(streams.bucket_specs(settings)[0], settings)
         await processed.put(streams.processed_key("victim", "done-before"), b"1")
         headers = _headers(client, conv)
         del headers[h.ID]
         headers[h.NATS_MSG_ID] = "done-before"
-        await client.transport.store(Address.inbox(conv, "victim").subject, b'{"text": "x"}', headers)
+        await client.send_raw(Address.inbox(conv, "victim").subject, b'{"text": "x"}', headers, store=True)
         await _alive(client, conv)
         async with asyncio.timeout(10):
             while runtime.stats.duplicates < 1:  # noqa: ASYNC110
@@ -149,7 +171,7 @@ async def test_the_guard_asks_on_the_first_delivery_too_under_the_id_it_writes(
         assert "done-before" not in handled
         # and one handled under a Nats-Msg-Id only is marked under that same id
         headers[h.NATS_MSG_ID] = "only-nats-id"
-        await client.transport.store(Address.inbox(conv, "victim").subject, b'{"text": "y"}', headers)
+        await client.send_raw(Address.inbox(conv, "victim").subject, b'{"text": "y"}', headers, store=True)
         async with asyncio.timeout(10):
             while "only-nats-id" not in handled:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
@@ -178,10 +200,13 @@ async def test_answers_and_timers_of_unknown_joins_are_dead_lettered_at_once(
         headers = _headers(client, conv, type_name)
         if answer:
             headers[h.ANSWER] = answer
-        if subject_kind == "timer":  # as if victim sent it: a stranger's timer is refused first
-            headers[h.SENDER] = "victim"
         subject = f"mesh.{conv}.{subject_kind}.victim"
-        await client.transport.store(subject, default_codec.encode(body), headers)
+        if subject_kind == "timer":  # sent by victim itself: a stranger's timer is refused first
+            headers[h.SENDER] = "victim"
+            async with await MeshClient.connect(await provision(victim, settings), "victim") as own:
+                await own.send_raw(subject, default_codec.encode(body), headers, store=True)
+        else:
+            await client.send_raw(subject, default_codec.encode(body), headers, store=True)
         [letter] = await dlq.wait_count(1)
         assert letter.headers[h.DLQ_KIND] == "unknown_join"
         assert h.DLQ_DELIVERIES not in letter.headers  # at once, not after retries
@@ -205,8 +230,8 @@ async def test_a_bad_request_is_answered_with_the_reason_not_left_to_time_out(
     conv = h.new_id()
     async with running_agent(victim, settings):
         dlq = await Recorder.start(client.transport, f"mesh.{conv}.dlq.victim")
-        answer = await client.transport.request(
-            Address.direct(conv, "victim").subject, data, timeout=10, headers=_headers(client, conv, **extra)
+        answer = await client.request_raw(
+            Address.direct(conv, "victim").subject, data, _headers(client, conv, **extra), timeout=10
         )
         assert answer.headers[h.TYPE] == "mesh.delivery_failed"
         failed = msgspec_json(answer.data)
@@ -265,17 +290,19 @@ async def test_a_replayed_message_is_not_handled_again(settings: Settings, clien
     """A copy of a handled message sent again later (same Mesh-Id, a new Nats-Msg-Id so the
     stream's dedupe does not catch it) is acknowledged without running the handler."""
     conv = h.new_id()
-    async with running_agent(victim, settings) as runtime:
+    async with running_agent(victim, settings):
         processed = await client.transport.state(streams.bucket_specs(settings)[0], settings)
         headers = _headers(client, conv)
         subject = Address.inbox(conv, "victim").subject
-        await client.transport.store(subject, b'{"text": "pay once"}', headers)
+        await client.send_raw(subject, b'{"text": "pay once"}', headers, store=True)
         key = streams.processed_key("victim", headers[h.ID])
         async with asyncio.timeout(10):
             while not await processed.exists(key):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
+    # to a fresh runtime (a restart), which has not seen the id: only the guard stops it
+    async with running_agent(victim, settings) as runtime:
         replay = {**headers, h.NATS_MSG_ID: h.new_id()}
-        await client.transport.store(subject, b'{"text": "pay once"}', replay)
+        await client.send_raw(subject, b'{"text": "pay once"}', replay, store=True)
         async with asyncio.timeout(10):
             while runtime.stats.duplicates < 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)

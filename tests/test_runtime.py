@@ -8,16 +8,25 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import raw_connect
 from sample_agents.echo import Ping, Pong
 from sample_agents.echo import agent as echo
 
 from mesh import Agent, Context
 from mesh.runtime.client import Lineage, MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.transport.identities import with_role
 from mesh.wire import envelope as h
 from mesh.wire.codec import MSGPACK, default_codec
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
+
+
+@pytest.fixture
+def client(operator: MeshClient) -> MeshClient:
+    """Most tests here watch dead letters, which only the operator role may read
+    (`mesh dlq` has it); the work itself is sent as a person's or a program's would be."""
+    return operator
 
 
 async def test_event_reaches_agent_and_return_value_is_the_reply(
@@ -36,10 +45,12 @@ async def test_event_reaches_agent_and_return_value_is_the_reply(
         assert msg.headers[h.NATS_MSG_ID] == msg.headers[h.ID]
 
 
-async def test_nats_request_gets_the_reply(settings: Settings, client: MeshClient) -> None:
+async def test_nats_request_gets_the_reply(insecure_settings: Settings) -> None:
     """A plain NATS request (as any client can send) to an agent's direct line is answered
-    on its reply subject."""
-    async with running_agent(echo, settings):
+    on its reply subject. Insecure server: a client with no mesh library and no identity
+    is the promise of an insecure mesh (docs/protocol.md); with identities it must sign."""
+    settings = insecure_settings
+    async with running_agent(echo, settings), await MeshClient.connect(settings, "plain") as client:
         nc = client.transport.nc  # type: ignore[attr-defined]
         reply = await nc.request(
             Address.direct("req1", "echo").subject,
@@ -51,10 +62,12 @@ async def test_nats_request_gets_the_reply(settings: Settings, client: MeshClien
 
 
 async def test_plain_nats_client_needs_only_a_json_body_on_an_event_subject(
-    settings: Settings, client: MeshClient
+    insecure_settings: Settings,
 ) -> None:
-    """What docs/protocol.md promises a client in another language: no mesh library, no headers."""
-    async with running_agent(echo, settings):
+    """What docs/protocol.md promises a client in another language: no mesh library, no
+    headers. Insecure server: on a mesh with identities such a client must sign."""
+    settings = insecure_settings
+    async with running_agent(echo, settings), await MeshClient.connect(settings, "plain") as client:
         nc = client.transport.nc  # type: ignore[attr-defined]
         rec = await Recorder.start(client.transport, "mesh.T-77.>")
         await nc.publish("mesh.T-77.evt.test.ping", b'{"text": "from go", "n": 77}')
@@ -157,8 +170,9 @@ def _headers(client: MeshClient, conv: str, **extra: str) -> dict[str, str]:
         ("bad_header", b'{"text": "x"}', {h.HOP: "many"}),
         ("hop_limit", b'{"text": "x"}', {h.HOP: "1000"}),
         ("bad_header", b'{"text": "x"}', {h.HOP: "-1000000"}),
-        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "$JS.API.STREAM.PURGE.MESH_DLQ"}),
-        ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.agent.*"}),
+        # (a reply target that is nobody's reply space: the verifier refuses it first)
+        ("unauthorized", b'{"text": "x"}', {h.REPLY_TO: "$JS.API.STREAM.PURGE.MESH_DLQ"}),
+        ("unauthorized", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.agent.*"}),
         ("deadline_expired", b'{"text": "x"}', {h.DEADLINE: str(int(time.time() * 1000) - 1000)}),
         ("handler_error", b'{"text": "boom"}', {}),
         ("oversize", b'{"text": "' + b"x" * (2 << 20) + b'"}', {}),
@@ -170,7 +184,8 @@ def _headers(client: MeshClient, conv: str, **extra: str) -> dict[str, str]:
         ("bad_header", b'{"text": "x"}', {h.REPLY_TO: "mesh.c.reply." + "t" * 10_000}),
         ("bad_header", b'{"text": "x"}', {h.JOIN: "strict.*/0"}),
         ("bad_header", b'{"text": "x"}', {h.CAUSATION: "c" * 10_000}),
-        ("bad_header", b'{"text": "x"}', {h.SENT_AT: "9" * 5_000}),
+        # (the verifier reads Mesh-Sent-At first: a signed message with a bad one is refused)
+        ("unauthenticated", b'{"text": "x"}', {h.SENT_AT: "9" * 5_000}),
         ("bad_header", b'{"text": "x"}', {h.TYPE: "test." + "p" * 200}),
     ],
 )
@@ -185,7 +200,7 @@ async def test_bad_input_is_dead_lettered_with_bytes_headers_and_reason(
         headers = _headers(client, conv, **header_overrides)
         # good traffic before and after the bad message keeps flowing
         await client.send("strict", Ping(text="ok", n=1), conversation=conv)
-        await client.transport.publish(inbox, data, headers)
+        await client.send_raw(inbox, data, headers)
         await client.send("strict", Ping(text="ok", n=2), conversation=conv)
         [dead] = await dlq.wait_count(1)
         assert dead.data == data
@@ -209,7 +224,7 @@ async def test_bad_input_is_dead_lettered_with_bytes_headers_and_reason(
 async def test_dead_letter_reason_names_the_problem(settings: Settings, client: MeshClient) -> None:
     async with running_agent(bad_agent, settings):
         dlq = await Recorder.start(client.transport, "mesh.*.dlq.strict")
-        await client.transport.publish(
+        await client.send_raw(
             Address.inbox("dlq2", "strict").subject, b'{"text": 5}', _headers(client, "dlq2")
         )
         [dead] = await dlq.wait_count(1)
@@ -235,7 +250,7 @@ async def test_garbage_burst_never_stops_the_agent(settings: Settings, client: M
                 headers = {h.TYPE: rnd.choice(["test.ping", "x.y", ""]) or "test.ping"}
                 if rnd.random() < 0.3:
                     headers[h.HOP] = rnd.choice(["-1", "1e9", "zz"])
-                await client.transport.publish(inbox, blob, headers)
+                await client.send_raw(inbox, blob, headers)
                 bad += 1
         assert _answered(await pongs.wait_count(50, timeout=20)) == list(range(0, 200, 4))
         assert len(await dlq.wait_count(bad, timeout=20)) == bad
@@ -265,8 +280,8 @@ def test_messages_encode_like_their_fields() -> None:
 async def test_content_type_parameters_are_accepted(settings: Settings, client: MeshClient) -> None:
     async with running_agent(echo, settings):
         rec = await Recorder.start(client.transport, "mesh.ctype.evt.test.pong")
-        headers = {h.TYPE: "test.ping", h.CONTENT_TYPE: "Application/JSON; charset=utf-8"}
-        await client.transport.publish("mesh.ctype.agent.echo", b'{"text": "t", "n": 4}', headers)
+        headers = client.headers("test.ping", 1, "ctype", content_type="Application/JSON; charset=utf-8")
+        await client.send_raw("mesh.ctype.agent.echo", b'{"text": "t", "n": 4}', headers)
         [msg] = await rec.wait_count(1)
         assert default_codec.decode(msg.data, Pong).n == 4
 
@@ -274,7 +289,7 @@ async def test_content_type_parameters_are_accepted(settings: Settings, client: 
 async def test_a_bad_conversation_token_is_rejected_up_front(settings: Settings, client: MeshClient) -> None:
     async with running_agent(bad_agent, settings):
         dlq = await Recorder.start(client.transport, "mesh.*.dlq.strict")
-        await client.transport.publish("mesh.bad+conv.agent.strict", b'{"text": "x"}', {h.TYPE: "test.ping"})
+        await client.send_raw("mesh.bad+conv.agent.strict", b'{"text": "x"}', _headers(client, "bad"))
         [dead] = await dlq.wait_count(1)
         assert dead.headers[h.DLQ_KIND] == "bad_subject"
 
@@ -318,7 +333,7 @@ async def test_jetstream_control_headers_cannot_stop_a_dead_letter_being_stored(
         dlq = await Recorder.start(client.transport, "mesh.jsh.dlq.strict")
         headers = {**_headers(client, "jsh"), "Nats-Expected-Stream": "ELSEWHERE", "Nats-Rollup": "all"}
         # (sent to the direct line: the inbox stream itself would refuse these headers)
-        await client.transport.publish("mesh.jsh.direct.strict", b"{broken", headers)
+        await client.send_raw("mesh.jsh.direct.strict", b"{broken", headers)
         [dead] = await dlq.wait_count(1)
         assert dead.headers["Mesh-Dlq-Orig-Nats-Expected-Stream"] == "ELSEWHERE"
         assert [k for k in dead.headers if k.startswith("Nats-")] == [h.NATS_MSG_ID]  # its own only
@@ -396,7 +411,7 @@ async def test_watchdog_notices_a_connection_that_stopped_reading(settings: Sett
     async def answer(msg: Any) -> None:
         await victim.publish(msg.reply, b"pong")
 
-    victim = await NatsTransport.connect(settings, "victim")
+    victim = await NatsTransport.connect(with_role(settings, "operator"), "victim")
     try:
         await victim.subscribe("probe.victim", answer)
         stop = asyncio.Event()
@@ -417,7 +432,7 @@ async def test_watchdog_stops_at_once_when_the_server_closes_the_connection(sett
     from mesh.agent.serving import _watch_connection
     from mesh.transport.nats import NatsTransport
 
-    victim = await NatsTransport.connect(settings, "victim")
+    victim = await NatsTransport.connect(with_role(settings, "operator"), "victim")
     try:
         stop = asyncio.Event()
         watching = asyncio.create_task(_watch_connection(victim, stop, "probe.none", every=30))
@@ -445,11 +460,11 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
     async with running_agent(agent, settings):
         host, port = (settings.nats_url or "").removeprefix("nats://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        await reader.readline()  # INFO
+        info = await reader.readline()
         hdrs = b"NATS/1.0\r\nMesh-Type: test.ping\r\n\r\n"
         body = b'{"text":"x"}'
         writer.write(
-            b'CONNECT {"verbose":false,"headers":true}\r\n'
+            raw_connect(info, with_role(settings, "publisher"), verbose=False, headers=True)
             + b"HPUB mesh.\xff\xfe.direct.victim %d %d\r\n" % (len(hdrs), len(hdrs) + len(body))
             + hdrs
             + body
@@ -459,7 +474,8 @@ async def test_a_subject_that_is_not_utf8_is_dead_lettered_and_the_agent_keeps_w
         await reader.readline()  # PONG: the server has routed the message
         writer.close()
         letters = await dlq.wait_count(1)
-        assert letters[0].headers[h.DLQ_KIND] == "bad_subject"
+        # unsigned (what signs a subject that is not text?): refused before anything else
+        assert letters[0].headers[h.DLQ_KIND] == "unauthenticated"
         assert letters[0].subject == "mesh._.dlq.victim"
         await client.send("victim", Ping(text="still here"), durable=False)
         await asyncio.wait_for(got.wait(), 10)

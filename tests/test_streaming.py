@@ -31,13 +31,17 @@ async def test_a_streamed_answer_grows_on_the_conversation(client: MeshClient, s
     assert msgs[-1].subject.endswith("llm.final")
 
 
-async def test_a_late_consumer_still_gets_the_final_answer(client: MeshClient, settings: Settings) -> None:
+async def test_a_late_consumer_still_gets_the_final_answer(
+    client: MeshClient, settings: Settings, operator: MeshClient
+) -> None:
     conv = "stream-late"
     done = await Recorder.start(client.transport, f"mesh.{conv}.evt.llm.final")
     async with running_agent(agent, settings):
         await client.send("streamer", Question(text="Only this sentence. Not this."), conversation=conv)
         await done.wait_count(1)
-    final = await final_answer(client.transport, conv)  # nobody listened to the chunks
+    # nobody listened to the chunks; reading stored events takes the operator role on a mesh
+    # with identities (the publisher and observer roles only watch them go by)
+    final = await final_answer(operator.transport, conv)
     assert final is not None and final.text == "Only this sentence."
     assert msgspec.structs.asdict(final)["chunks"] == 3
-    assert await final_answer(client.transport, "stream-nothing-here") is None
+    assert await final_answer(operator.transport, "stream-nothing-here") is None

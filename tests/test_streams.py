@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from nats.js.api import StreamConfig
 
-from mesh.testing import MemoryBus, nats_server
+from mesh.testing import MemoryBus, secure_nats_server
 from mesh.transport import nats as nats_transport
 from mesh.transport import streams
 from mesh.transport.base import Transport
@@ -30,10 +30,12 @@ async def connect(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     """A transport on a bus of its own (the streams are made with this test's limits)."""
     opened: list[Transport] = []
     with ExitStack() as stack:
-        url = stack.enter_context(nats_server(tmp_path / "nats")).url if request.param == "nats" else ""
+        # the operator makes the streams, as `mesh up` does on a server with authentication
+        srv = stack.enter_context(secure_nats_server(tmp_path / "nats")) if request.param == "nats" else None
+        url, creds = (srv.url, srv.role("operator").nats_creds) if srv is not None else ("", None)
 
         async def new(**limits: object) -> Transport:
-            settings = Settings.load(environ={}, data_dir=tmp_path, **limits)
+            settings = Settings.load(environ={}, data_dir=tmp_path, nats_creds=creds, **limits)
             t: Transport = (
                 MemoryBus(settings).transport()
                 if request.param == "memory"
@@ -126,8 +128,8 @@ async def test_a_stream_made_with_other_limits_is_kept_and_reported(
 ) -> None:
     logged = Logged()
     monkeypatch.setattr(nats_transport, "log", logged)
-    with nats_server(tmp_path) as server:
-        settings = Settings.load(environ={}, nats_url=server.url, data_dir=tmp_path)
+    with secure_nats_server(tmp_path) as server:
+        settings = server.role("operator")  # the streams are the operator's to make
         t = await NatsTransport.connect(settings, "upgrade")
         try:
             # as an older version made it: no size limits

@@ -315,6 +315,21 @@ class MeshClient:
         await self._send(Outgoing(target, data, headers, STORE if stored else PUBLISH, outbox=outbox))
         return Sent(id=headers[h.ID], conversation=address.conversation, subject=target)
 
+    async def send_raw(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, *, store: bool = False
+    ) -> Any:
+        """`data` and `headers` to `subject` as they are, through this client's publish chain
+        (signed on a mesh with identities): input no typed message would make, to test what
+        an agent does with it. ``store``: into the stream that captures `subject`."""
+        out = Outgoing(subject, data, dict(headers or {}), STORE if store else PUBLISH)
+        return await self._send(out)
+
+    async def request_raw(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, *, timeout: float = 5.0
+    ) -> Any:
+        """As `send_raw`, as a request: the raw answer."""
+        return await self._send(Outgoing(subject, data, dict(headers or {}), REQUEST, timeout))
+
     def headers(
         self,
         type_name: str,

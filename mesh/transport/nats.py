@@ -329,9 +329,8 @@ class NatsTransport:
             with stream_api_errors(
                 spec.name, "about", ", or this identity may not read it (MESH_NATS_CREDS)"
             ):
-                try:
-                    await self._js.stream_info(spec.name)
-                    return
+                try:  # and say so if it has other limits, as when it is made below
+                    return await self._check_limits(spec, (await self._js.stream_info(spec.name)).config)
                 except nats.js.errors.NotFoundError:
                     pass
         with stream_api_errors(spec.name, "to create or check"):
@@ -346,17 +345,17 @@ class NatsTransport:
                 if exc.err_code == JS_STREAM_NAME_IN_USE:
                     await self._check_limits(spec)
 
-    async def _check_limits(self, spec: StreamSpec) -> None:
+    async def _check_limits(self, spec: StreamSpec, config: Any = None) -> None:
         """Say so when a stream that exists has other limits than these settings ask for: it
         was made by an older version, with other settings, or edited by an operator. It is
         kept as it is (changing it here could drop stored work, and replicas with different
         settings would undo each other's changes); the warning says how to change it."""
         try:
-            info = await self._js.stream_info(spec.name)
+            config = config or (await self._js.stream_info(spec.name)).config
         except Exception as exc:  # only a warning is at stake
             log.debug("stream limits not checked", stream=spec.name, error=str(exc))
             return
-        differ = limits_differ(spec, info.config)
+        differ = limits_differ(spec, config)
         if differ:
             log.warning(
                 "stream limits differ from the settings; the stream is kept as it is",

@@ -93,7 +93,7 @@ async def apply_effect(ctx: Context, what: str) -> bool:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             error_cb=_ledger_error,
-            **(connect_options(Path(creds)) if creds else {}),
+            **(connect_options(Path(creds)) if creds else _ledger_account()),
         )
         js = nc.jetstream()
         try:
@@ -109,6 +109,16 @@ async def apply_effect(ctx: Context, what: str) -> bool:
         return True
     except KeyWrongLastSequenceError:
         return False
+
+
+def _ledger_account() -> dict[str, object]:
+    """The ledger stands for an outside system with an account of its own: on a mesh with
+    authentication, the operator's, found as `mesh` commands find it (MESH_DATA_DIR)."""
+    from mesh.transport.identities import with_role
+    from mesh.wire.settings import Settings
+
+    creds = with_role(Settings.load(), "operator").nats_creds
+    return connect_options(creds) if creds is not None else {}
 
 
 async def _ledger_error(exc: Exception) -> None:
