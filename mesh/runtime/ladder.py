@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mesh.runtime import retries
+from mesh.runtime.verify import Copy
 from mesh.transport import streams
 from mesh.transport.delivery import Delivery, Later
 from mesh.wire import envelope as h
@@ -293,7 +294,10 @@ class Verify:
         self.seen = seen  # on the direct ladder: ids shared with the agent's other replicas
 
     async def __call__(self, w: Work) -> Later | None:
-        self.verifier.check(w.delivery)
+        try:
+            self.verifier.check(w.delivery)
+        except Copy:
+            raise Duplicate from None
         if self.seen is not None:
             await self.seen.first(w.delivery)
         return await self.below(w)

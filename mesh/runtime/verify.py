@@ -8,7 +8,9 @@ A delivery passes when
 - its ``Mesh-Sent-At`` is within the replay window of the time the stream stored it (of now,
   for a direct message);
 - its ``Mesh-Id`` was not seen in the window on another message (a redelivery of the same
-  stored message is not a replay: it has the same stream sequence); a direct message's id
+  stored message is not a replay: it has the same stream sequence; an identical copy stored
+  at another sequence, by a replay or by a stream that stored one publish twice across a
+  leader change, is skipped as a duplicate (`Copy`), never handled twice); a direct message's id
   also not by another replica of the agent (`SeenIds`, the ``MESH_SEEN`` bucket: a stored
   message's copies are caught by the stream's dedupe and the processed records);
 - its reply target (``Mesh-Reply-To``, or the NATS reply subject of a direct request) lies in
@@ -32,9 +34,16 @@ from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.errors import DeliveryError
 from mesh.wire.settings import Settings
-from mesh.wire.signature import REPLY_GRANT, BadSignature, check_grant, verify
+from mesh.wire.signature import REPLY_GRANT, SIGNATURE, BadSignature, check_grant, verify
 
 UNAUTHENTICATED = "unauthenticated"
+
+
+class Copy(Exception):
+    """A stored message identical (same id, same signature) to one taken in the window, at
+    another stream sequence: skipped as a duplicate, as the duplicate guard skips one."""
+
+
 MAX_SEEN = 1_000_000  # ids remembered at most (the oldest are forgotten first)
 
 
@@ -42,7 +51,8 @@ class Verifier:
     def __init__(self, directory: KeyDirectory, window: float) -> None:
         self.directory = directory
         self.window_ns = int(window * 1e9)
-        self._seen: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (origin, when)
+        # id -> (origin, when, signature)
+        self._seen: OrderedDict[str, tuple[str, int, str]] = OrderedDict()
 
     def check(self, d: Delivery) -> str:
         """The identity `d` comes from; DeliveryError(unauthenticated) if it cannot be proven."""
@@ -114,12 +124,15 @@ class Verifier:
                 break
             seen.popitem(last=False)
         before = seen.get(msg_id)
-        if before is not None and not (d.stored and before[0] == d.origin):
+        signature = headers.get(SIGNATURE, "")
+        if before is None:
+            seen[msg_id] = (d.origin, now, signature)
+        elif not (d.stored and before[0] == d.origin):
+            if d.stored and before[2] == signature:
+                raise Copy
             raise DeliveryError(
                 UNAUTHENTICATED, f"message id {msg_id[: h.MAX_ID]!r} was seen before (a replay)"
             )
-        if before is None:
-            seen[msg_id] = (d.origin, now)
 
 
 class SeenIds:
