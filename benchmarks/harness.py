@@ -129,6 +129,8 @@ class Group:
         self.mesh_env = {
             "MESH_NATS_URL": url,
             "MESH_DATA_DIR": str(work / "data"),
+            # the benchmarks measure a mesh without identities (docs/performance.md), and say so
+            "MESH_INSECURE": "true",
             "MESH_TRACE_EXPORTER": "file",
             "MESH_TRACE_FILE": str(work / f"spans-{system.key}.jsonl"),
             # spans leave the batch queue within 0.2 s (default 5 s), so the CPU of exporting a

@@ -108,7 +108,12 @@ async def run_size(n: int, ops: int, root: Path, server_url: str, seed: int) -> 
     words = vocabulary(rng)
     data = root / f"n{n}"
     settings = Settings.load(
-        environ={}, data_dir=data, trace_exporter="none", log_level="warning", nats_url=server_url
+        environ={},
+        data_dir=data,
+        trace_exporter="none",
+        log_level="warning",
+        nats_url=server_url,
+        insecure=True,  # the benchmarks measure a mesh without identities
     )
     store = await MemoryStore.from_settings(settings).open()
     load_s = await load(store, n, rng, words)
@@ -129,7 +134,7 @@ async def run_size(n: int, ops: int, root: Path, server_url: str, seed: int) -> 
         url=server_url,
         data_dir=data,
         log=log,
-        env={"MESH_TRACE_EXPORTER": "none", "MESH_LOG_LEVEL": "warning"},
+        env={"MESH_TRACE_EXPORTER": "none", "MESH_LOG_LEVEL": "warning", "MESH_INSECURE": "true"},
     )
     try:
         async with await MeshClient.connect(settings, "bench") as client:

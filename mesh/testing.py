@@ -178,7 +178,11 @@ def spawn_agent(
 ) -> subprocess.Popen[bytes]:
     """Start `mesh run spec` as its own process, pointed at the same server, data dir and span
     file; other settings are the child's defaults unless `env` gives them (MESH_REPLICAS...)."""
-    base = {"MESH_TRACE_FILE": str(settings.spans_path), **(env or {})}
+    base = {
+        "MESH_TRACE_FILE": str(settings.spans_path),
+        **({"MESH_INSECURE": "true"} if settings.insecure else {}),  # as the test said for itself
+        **(env or {}),
+    }
     return launch.spawn_agent(
         spec, url=settings.nats_url or "", data_dir=settings.data_dir, log=log, env=base
     )

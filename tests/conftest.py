@@ -104,7 +104,8 @@ def insecure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedd
 
 @pytest.fixture
 def insecure_settings(insecure_server: EmbeddedServer, tmp_path: Path) -> Settings:
-    return _test_settings(insecure_server.url, tmp_path / "data")
+    # connecting without an identity has to be said (MESH_INSECURE)
+    return _test_settings(insecure_server.url, tmp_path / "data").model_copy(update={"insecure": True})
 
 
 def raw_connect(info: bytes, settings: Settings, **options: object) -> bytes:

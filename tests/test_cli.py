@@ -188,7 +188,8 @@ def test_up_requires_authentication_by_default_and_insecure_says_it_does_not(tmp
         assert "authentication on" in up.stdout and "WARNING" not in up.stderr
         info = running(Settings.load(environ=env))
         assert info is not None and info.auth
-        anonymous = Settings.load(environ={}, nats_url=info.url, connect_timeout=1.0)
+        # a client that says it has no identity gets as far as the server, which refuses it
+        anonymous = Settings.load(environ={}, nats_url=info.url, connect_timeout=1.0, insecure=True)
         with pytest.raises(ServerError, match="refused a client without any"):
             asyncio.run(NatsTransport.connect(anonymous, "anonymous"))
         agents = _run("agents", env=env)  # the operator role, from the data dir
@@ -253,3 +254,37 @@ def test_an_agent_run_on_the_secure_server_gets_its_own_identity(tmp_path: Path)
         assert "Violation" not in (tmp_path / "server" / "nats-server.log").read_text()
     finally:
         _run("down", env=env)
+
+
+def test_run_without_an_identity_refuses_unless_told_insecure(
+    insecure_settings: Settings, tmp_path: Path
+) -> None:
+    """A server that requires no authentication: an agent with no identity refuses to start
+    and says how to give it one; `--insecure` runs it, with a warning."""
+    spec = f"{SAMPLES / 'echo.py'}:agent"
+    env = {"MESH_NATS_URL": insecure_settings.nats_url or "", "MESH_DATA_DIR": str(tmp_path / "data")}
+    refused = _run("run", spec, env=env, timeout=30)
+    assert refused.returncode == 2
+    assert "no identity" in refused.stderr and "MESH_INSECURE=true" in refused.stderr
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "run", spec, "--insecure"],
+        env={**base, **env, "MESH_LOG_FORMAT": "console"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        seen = []
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the agent has started (or the process exits)
+            seen.append(line)
+            if "agent started" in line:
+                break
+        out = "".join(seen)
+        assert "WARNING: --insecure: this agent has no identity" in out and "agent started" in out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -137,7 +137,7 @@ def test_mesh_up_cluster_prints_its_url_is_found_by_later_commands_and_down_stop
         state = json.loads((tmp_path / "cluster" / "cluster.json").read_text())
         assert len(state["nodes"]) == 3
         assert {node["auth"] for node in state["nodes"]} == {str(tmp_path / "auth")}
-        anonymous = Settings.load(environ={}, nats_url=url.split(",")[1], connect_timeout=1.0)
+        anonymous = Settings.load(environ={}, nats_url=url.split(",")[1], connect_timeout=1.0, insecure=True)
         with pytest.raises(ServerError, match="refused a client without any"):
             asyncio.run(NatsTransport.connect(anonymous, "anonymous"))
         assert "already running" in mesh("up", "--cluster", "3", "--detach").stdout

@@ -36,7 +36,7 @@ from mesh.transport.identities import reload
 from mesh.transport.keys import known_directory
 from mesh.transport.nats import NatsTransport
 from mesh.wire import subjects
-from mesh.wire.errors import RequestError, ServerError
+from mesh.wire.errors import ConfigError, RequestError, ServerError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 from mesh.wire.signature import REPLY_GRANT, Signer
@@ -145,8 +145,11 @@ async def test_a_client_without_credentials_or_with_an_unknown_key_cannot_connec
 ) -> None:
     stranger = tmp_path / "stranger.creds"
     stranger.write_text(creds_text(new_seed()))
+    with pytest.raises(ConfigError, match="no identity"):  # nothing runs anonymous unless told to
+        await NatsTransport.connect(secure.settings, "intruder")
     connected = 0
-    for settings in (secure.settings, secure.settings.model_copy(update={"nats_creds": stranger})):
+    anonymous = secure.settings.model_copy(update={"insecure": True})  # told to: the server refuses it
+    for settings in (anonymous, secure.settings.model_copy(update={"nats_creds": stranger})):
         try:
             transport = await NatsTransport.connect(settings, "intruder")
         except ServerError as exc:

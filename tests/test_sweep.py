@@ -241,7 +241,7 @@ def own_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 async def fleet(own_server: EmbeddedServer, tmp_path: Path) -> AsyncIterator[list[Any]]:
-    settings = Settings.load(environ={}, nats_url=own_server.url, data_dir=tmp_path / "data")
+    settings = Settings.load(environ={}, nats_url=own_server.url, data_dir=tmp_path / "data", insecure=True)
     specs = [(ECHO, 2), (f"{HANDOFFS}:coordinator", 1), (f"{HANDOFFS}:worker", 2)]
     procs: list[Any] = []
     try:
@@ -286,7 +286,7 @@ async def _raw_publish(url: str, bad: list[Bad]) -> None:
 async def test_thousands_of_bad_messages_silence_no_agent_and_each_is_dead_lettered(
     own_server: EmbeddedServer, fleet: list[Any], tmp_path: Path
 ) -> None:
-    settings = Settings.load(environ={}, nats_url=own_server.url, data_dir=tmp_path / "client")
+    settings = Settings.load(environ={}, nats_url=own_server.url, data_dir=tmp_path / "client", insecure=True)
     sweep = Sweep(random.Random(1234))
     for _ in range(BAD):
         sweep.one()

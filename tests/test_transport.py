@@ -43,7 +43,7 @@ def plain_server(tmp_path: Path) -> Iterator[str]:
 async def test_a_server_without_jetstream_is_named_and_publishes_are_not_retried(
     plain_server: str, tmp_path: Path
 ) -> None:
-    settings = Settings.load(environ={}, nats_url=plain_server, data_dir=tmp_path)
+    settings = Settings.load(environ={}, nats_url=plain_server, data_dir=tmp_path, insecure=True)
     transport = await NatsTransport.connect(settings, "test")
     try:
         with pytest.raises(ServerError, match="start nats-server with -js") as created:

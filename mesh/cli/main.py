@@ -105,7 +105,12 @@ def main() -> None:
 
 @cli.command()
 @click.argument("spec")
-def run(spec: str) -> None:
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Run without an identity, on a NATS server that requires none (as MESH_INSECURE=true).",
+)
+def run(spec: str, insecure: bool) -> None:
     """Run an agent: SPEC is `package.module:agent` or `path/to/file.py:agent`.
 
     Start it again (in another shell) for another replica; replicas share the work.
@@ -117,6 +122,14 @@ def run(spec: str) -> None:
     from mesh.wire.envelope import new_id
 
     settings = _settings(role=None)  # the agent's own identity: mesh.agent.identity
+    if insecure:
+        settings = settings.model_copy(update={"insecure": True})
+    if settings.insecure and settings.nats_creds is None:
+        click.echo(
+            "WARNING: --insecure: this agent has no identity. It signs nothing and believes every "
+            "Mesh-Sender it is sent; anyone who reaches the server can act as any agent.",
+            err=True,
+        )
     agent = load_agent(spec)
     instance = new_id()
     configure_logging(settings, agent=agent.name)

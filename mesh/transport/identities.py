@@ -19,7 +19,7 @@ from pathlib import Path
 from mesh.transport import cluster as cl
 from mesh.transport import server as srv
 from mesh.transport.auth import ROLES, AgentGrant, Keyring, Role
-from mesh.wire.errors import ServerError
+from mesh.wire.errors import ConfigError, ServerError
 from mesh.wire.secrets import redact_url
 from mesh.wire.settings import Settings
 
@@ -127,6 +127,26 @@ def _reloaded(info: srv.ServerInfo, before: str) -> bool | None:
         if not srv.is_our_server(info.pid, info.directory):
             return None
         return False  # alive, but its monitoring port did not answer this time
+
+
+def refuse_anonymous(settings: Settings, servers: list[str]) -> None:
+    """A process connects with an identity unless someone said otherwise: its credentials
+    (MESH_NATS_CREDS, or a user or token in the URL), MESH_INSECURE, or the server `mesh up
+    --insecure` runs under this data dir. `ConfigError` saying what to do otherwise."""
+    if settings.nats_creds is not None or settings.insecure:
+        return
+    if any("@" in s.partition("://")[2].partition("/")[0] for s in servers):
+        return  # a user and password, or a token: the server decides
+    found = local_mesh(settings)
+    if found is not None and not found[1][0].auth and set(servers) <= _urls(found[0]):
+        return  # `mesh up --insecure` said it
+    shown = redact_url(", ".join(servers))
+    raise ConfigError(
+        f"this process has no identity to connect to NATS at {shown} with. Give it its credentials "
+        f"(MESH_NATS_CREDS, made by `mesh creds`), or run it with the MESH_DATA_DIR of `mesh up`; "
+        f"for a server that requires no authentication, say so: MESH_INSECURE=true "
+        f"(`mesh run --insecure`)"
+    )
 
 
 def _keyring_with_roles(settings: Settings) -> Path:

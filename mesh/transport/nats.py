@@ -32,6 +32,7 @@ from mesh.transport.auth import connect_options
 from mesh.transport.base import DeliveryHandler, RawHandler, StoredHandler, Subscription
 from mesh.transport.consumer import PullConsumer
 from mesh.transport.delivery import Direct
+from mesh.transport.identities import refuse_anonymous
 from mesh.transport.jetstream import (
     JS_DUPLICATE_IN_PROCESS,
     JS_STORE_FAILED,
@@ -154,10 +155,10 @@ class NatsTransport:
             "reconnected_cb": on_reconnect,
             "closed_cb": on_closed,
         }
+        refuse_anonymous(settings, servers)
         if settings.nats_creds:
             options.update(connect_options(settings.nats_creds))
         nc = Client()
-        shown = redact_url(", ".join(servers))
         try:
             for attempt in range(REFUSED_ATTEMPTS):
                 try:

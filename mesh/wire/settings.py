@@ -36,6 +36,11 @@ class Settings(BaseModel):
         "that `mesh up` started under the data dir.",
     )
     nats_creds: Path | None = Field(default=None, description="NATS credentials file.")
+    insecure: bool = Field(
+        default=False,
+        description="Connect without credentials, to a NATS server that requires none. Off: a "
+        "process without an identity refuses to start (docs/security.md).",
+    )
     data_dir: Path = Field(
         default_factory=_default_data_dir,
         description="Where the embedded server keeps its store, state file, logs and traces.",
