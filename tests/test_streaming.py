@@ -4,12 +4,16 @@ final message carries the whole text, and a consumer that joins late still gets 
 from __future__ import annotations
 
 import msgspec
+import pytest
 from mesh_user_streaming import Question, agent
 
+from mesh import Agent
+from mesh.agent.identity import provision
 from mesh.llm.streaming import LLMChunk, LLMFinal, final_answer
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
 from mesh.wire.codec import default_codec
+from mesh.wire.errors import RequestError
 from mesh.wire.settings import Settings
 
 
@@ -31,17 +35,21 @@ async def test_a_streamed_answer_grows_on_the_conversation(client: MeshClient, s
     assert msgs[-1].subject.endswith("llm.final")
 
 
-async def test_a_late_consumer_still_gets_the_final_answer(
-    client: MeshClient, settings: Settings, operator: MeshClient
-) -> None:
+async def test_a_late_consumer_still_gets_the_final_answer(client: MeshClient, settings: Settings) -> None:
     conv = "stream-late"
     done = await Recorder.start(client.transport, f"mesh.{conv}.evt.llm.final")
     async with running_agent(agent, settings):
         await client.send("streamer", Question(text="Only this sentence. Not this."), conversation=conv)
         await done.wait_count(1)
-    # nobody listened to the chunks; reading stored events takes the operator role on a mesh
-    # with identities (the publisher and observer roles only watch them go by)
-    final = await final_answer(operator.transport, conv)
+    # nobody listened to the chunks; the publisher role reads the stored final message
+    final = await final_answer(client.transport, conv)
     assert final is not None and final.text == "Only this sentence."
     assert msgspec.structs.asdict(final)["chunks"] == 3
-    assert await final_answer(operator.transport, "stream-nothing-here") is None
+    assert await final_answer(client.transport, "stream-nothing-here") is None
+    # an agent may not read stored events: it is told so, not given "no answer"
+    reader = await MeshClient.connect(await provision(Agent("reader"), settings), "reader")
+    try:
+        with pytest.raises(RequestError, match="may not let this identity read stored events"):
+            await final_answer(reader.transport, conv)
+    finally:
+        await reader.close()

@@ -19,6 +19,7 @@ from mesh.transport.streams import EVENTS
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import default_codec
+from mesh.wire.errors import RequestError
 from mesh.wire.messages import Message, message
 
 if TYPE_CHECKING:
@@ -91,8 +92,11 @@ async def final_answer(transport: Any, conversation: str) -> LLMFinal | None:
     subject = subjects.Address.event(conversation, "llm.final").subject
     try:
         raw = await transport.stored_last(EVENTS, subject)
-    except Exception:  # no such stream yet
-        return None
+    except TimeoutError:
+        raise RequestError(
+            f"no answer reading {subject} from {EVENTS}: the server may not let this identity "
+            f"read stored events (agents may not; the roles may)"
+        ) from None
     if raw is None:
         return None
     headers = raw.headers or {}

@@ -175,12 +175,20 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
       inboxes, direct lines and events, and what an observer may; no timers (approval
       decisions and join deadlines), no dead letters, no state;
     - ``observer``: watch (`mesh tap`, `mesh agents`): every mesh subject but dead letters,
-      discovery, consumer state; publishes nothing on the mesh.
+      discovery, consumer state, stored events by subject; publishes nothing on the mesh.
     """
     replies = f"{inbox_prefix(public_key)}.>"
     if role == "operator":
         return Permissions((">",), (">",))
-    consumer_reads = [f"{_API}.CONSUMER.INFO.*.*", f"{_API}.CONSUMER.LIST.*", f"{_API}.CONSUMER.NAMES.*"]
+    consumer_reads = [
+        f"{_API}.CONSUMER.INFO.*.*",
+        f"{_API}.CONSUMER.LIST.*",
+        f"{_API}.CONSUMER.NAMES.*",
+        # stored events, as they see them live (a streamed answer's final message, history)
+        f"{_API}.STREAM.MSG.GET.{streams.EVENTS}",
+        f"{_API}.DIRECT.GET.{streams.EVENTS}",
+        f"{_API}.DIRECT.GET.{streams.EVENTS}.>",
+    ]
     if role == "publisher":
         publish = [
             *_reads(settings),

@@ -287,7 +287,9 @@ class MemoryTransport:
         )
 
     async def stored_last(self, stream: str, subject: str) -> Any | None:
-        st = self._stream(stream)
+        st = self.bus.streams.get(stream)
+        if st is None:  # as on NATS: no stream, no message
+            return None
         return next((m for _, m in sorted(st.messages.items(), reverse=True) if m.subject == subject), None)
 
     async def delete_stored(self, stream: str, seq: int) -> None:
