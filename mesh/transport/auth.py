@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,23 @@ def connect_options(creds: Path) -> dict[str, Any]:
     if jwt:
         return {"user_credentials": str(creds), "inbox_prefix": prefix}
     return {"nkeys_seed_str": seed.decode(), "inbox_prefix": prefix}
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """nats-py connect options for this process's identity (`connect_options`) and TLS: a
+    context that trusts MESH_NATS_TLS_CA (else the system's store) and presents
+    MESH_NATS_TLS_CERT when given."""
+    options = connect_options(settings.nats_creds) if settings.nats_creds else {}
+    ca, cert, key = settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+    if ca is None and cert is None:
+        return options
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        if cert is not None and key is not None:
+            context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use the TLS files (MESH_NATS_TLS_*): {exc}") from None
+    return {**options, "tls": context}
 
 
 @dataclass(frozen=True, slots=True)

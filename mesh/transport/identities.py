@@ -133,8 +133,8 @@ def refuse_anonymous(settings: Settings, servers: list[str]) -> None:
     """A process connects with an identity unless someone said otherwise: its credentials
     (MESH_NATS_CREDS, or a user or token in the URL), MESH_INSECURE, or the server `mesh up
     --insecure` runs under this data dir. `ConfigError` saying what to do otherwise."""
-    if settings.nats_creds is not None or settings.insecure:
-        return
+    if settings.nats_creds is not None or settings.nats_tls_cert is not None or settings.insecure:
+        return  # credentials, or a client certificate (the server may map it to a user)
     if any("@" in s.partition("://")[2].partition("/")[0] for s in servers):
         return  # a user and password, or a token: the server decides
     found = local_mesh(settings)

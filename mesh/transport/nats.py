@@ -28,7 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from mesh.transport.auth import connect_options
+from mesh.transport.auth import client_options
 from mesh.transport.base import DeliveryHandler, RawHandler, StoredHandler, Subscription
 from mesh.transport.consumer import PullConsumer
 from mesh.transport.delivery import Direct
@@ -49,6 +49,7 @@ from mesh.transport.natsclient import (
     connect_or_refuse,
     header_bytes,
     is_refusal,
+    refused_by,
     with_text_headers,
 )
 from mesh.transport.outbox import Acks, Outbox, Pipelined
@@ -156,8 +157,7 @@ class NatsTransport:
             "closed_cb": on_closed,
         }
         refuse_anonymous(settings, servers)
-        if settings.nats_creds:
-            options.update(connect_options(settings.nats_creds))
+        options.update(client_options(settings))  # its identity and TLS
         nc = Client()
         try:
             for attempt in range(REFUSED_ATTEMPTS):
@@ -173,14 +173,7 @@ class NatsTransport:
                     nc = Client()
                     refused = asyncio.get_running_loop().create_future()
         except Refused as exc:
-            who = (
-                f"the credentials in {settings.nats_creds}" if settings.nats_creds else "a client without any"
-            )
-            raise ServerError(
-                f"NATS at {shown} refused {who} ({exc}): the server requires authentication. Set "
-                f"MESH_NATS_CREDS to this process's credentials (`mesh creds`), or, on the machine that "
-                f"ran `mesh up`, use the same MESH_DATA_DIR"
-            ) from None
+            raise refused_by(str(exc), shown, settings) from None
         except TimeoutError:
             raise ServerError(
                 f"no answer from NATS at {shown} within {settings.connect_timeout * 2:.0f}s. "

@@ -15,6 +15,9 @@ from nats import errors
 from nats.aio.client import Client as NatsClient
 from nats.protocol import command
 
+from mesh.wire.errors import ServerError
+from mesh.wire.settings import Settings
+
 MAX_CONTROL_LINE: Final = 4096  # nats-server's default; a longer PUB line closes the connection
 
 _NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name nats-py writes as is
@@ -164,5 +167,26 @@ async def connect_or_refuse(
 
 
 def is_refusal(exc: Exception) -> bool:
+    """The server refused this client's credentials, or this client the server's certificate:
+    trying again will not help (beyond a reload racing the connect)."""
     text = str(exc).lower()
-    return "authorization violation" in text or "authentication" in text
+    return "authorization violation" in text or "authentication" in text or _TLS_REFUSAL in text
+
+
+_TLS_REFUSAL: Final = "certificate verify failed"
+
+
+def refused_by(reason: str, shown: str, settings: Settings) -> ServerError:
+    """What to say when the server at `shown` and this process did not accept each other."""
+    if _TLS_REFUSAL in reason.lower():
+        trusted = f"the CA in {settings.nats_tls_ca}" if settings.nats_tls_ca else "the system's trust store"
+        return ServerError(
+            f"NATS at {shown} presented a TLS certificate that {trusted} does not verify ({reason}): set "
+            f"MESH_NATS_TLS_CA to the CA that issued it, and connect by the name the certificate is for"
+        )
+    who = f"the credentials in {settings.nats_creds}" if settings.nats_creds else "a client without any"
+    return ServerError(
+        f"NATS at {shown} refused {who} ({reason}): the server requires authentication. Set "
+        f"MESH_NATS_CREDS to this process's credentials (`mesh creds`), or, on the machine that "
+        f"ran `mesh up`, use the same MESH_DATA_DIR"
+    )

@@ -112,6 +112,7 @@ class EmbeddedServer:
         name: str = "mesh-embedded",
         routes: Routes | None = None,
         auth: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.auth = auth  # a keyring directory: its auth.conf is included, clients authenticate
@@ -120,6 +121,7 @@ class EmbeddedServer:
         self.port = port  # None: a free port, kept for later starts so clients find it again
         self.name = name
         self.routes = routes
+        self.tls = tls  # (certificate, key), PEM: clients must connect with TLS
         self.tie_to_parent = tie_to_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._terminated = False
@@ -229,6 +231,8 @@ class EmbeddedServer:
         }
         if self.routes is not None:
             config["cluster"] = self.routes.config()
+        if self.tls is not None:
+            config["tls"] = {"cert_file": str(self.tls[0]), "key_file": str(self.tls[1])}
         return config
 
     def _last_log_line(self) -> str:

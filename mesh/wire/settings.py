@@ -36,6 +36,15 @@ class Settings(BaseModel):
         "that `mesh up` started under the data dir.",
     )
     nats_creds: Path | None = Field(default=None, description="NATS credentials file.")
+    nats_tls_ca: Path | None = Field(
+        default=None,
+        description="CA certificate file (PEM) to verify a NATS server's TLS certificate with; unset: "
+        "the system's trust store, when the server asks for TLS.",
+    )
+    nats_tls_cert: Path | None = Field(
+        default=None, description="Client certificate (PEM) for a NATS server that asks for one (mutual TLS)."
+    )
+    nats_tls_key: Path | None = Field(default=None, description="The client certificate's private key (PEM).")
     insecure: bool = Field(
         default=False,
         description="Connect without credentials, to a NATS server that requires none. Off: a "
@@ -274,6 +283,8 @@ class Settings(BaseModel):
                 f"MESH_DEDUPE_WINDOW ({self.dedupe_window:g}s): a retry after the window could store "
                 f"a message twice"
             )
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("MESH_NATS_TLS_CERT and MESH_NATS_TLS_KEY go together: set both, or neither")
         return self
 
     @classmethod
