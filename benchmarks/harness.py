@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import selectors
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.workloads import System, Workload
 from mesh.agent import launch
+from mesh.transport import server as srv
+from mesh.transport.identities import as_role, embedded_server
+from mesh.transport.nats import NatsTransport
+from mesh.transport.streams import bucket_specs
+from mesh.wire.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -115,22 +124,77 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Server:
+    """A nats-server of the run. A secure one (`creds` set) requires authentication and is
+    recorded under `data_dir` as `mesh up` records it, so a `mesh run` agent pointed at that
+    data dir is issued its own identity from its declaration."""
+
+    url: str
+    pid: int
+    data_dir: Path
+    creds: Path | None = None  # the driver's credentials (the publisher role); None: no auth
+
+    @property
+    def secure(self) -> bool:
+        return self.creds is not None
+
+
+async def _create_streams(operator: Settings) -> None:
+    """As `mesh up` does: under authentication agents may not create streams or buckets."""
+    transport = await NatsTransport.connect(operator, "bench-up")
+    try:
+        await transport.ensure_streams()
+        for bucket in bucket_specs(operator):
+            await transport.state(bucket, operator)
+    finally:
+        await transport.close()
+
+
+@contextmanager
+def secure_server(data_dir: Path) -> Iterator[Server]:
+    """A nats-server started as `mesh up` starts it (no --insecure) under `data_dir`: every
+    client needs an identity from the data dir's keyring, the roles are issued, the server is
+    recorded there, the streams and buckets are made as the operator. Stopped afterwards."""
+    settings = Settings.load(environ={}, data_dir=data_dir, trace_exporter="none")
+    server = embedded_server(settings)
+    info = server.start()
+    try:
+        srv.write_state(settings, info)
+        local = settings.model_copy(update={"nats_url": info.url})
+        asyncio.run(_create_streams(as_role(local, server, "operator")))
+        publisher = as_role(local, server, "publisher").nats_creds
+        assert publisher is not None
+        yield Server(info.url, info.pid, data_dir, publisher)
+    finally:
+        server.stop()
+        srv.clear_state(settings)
+
+
 class Group:
     """The services and the driver of one workload on one system."""
 
-    def __init__(self, workload: Workload, system: System, url: str, work: Path) -> None:
+    def __init__(self, workload: Workload, system: System, server: Server, work: Path) -> None:
         self.workload = workload
         self.system = system
-        self.url = url
+        self.server = server
+        self.url = server.url
         self.work = work
         self.services: list[subprocess.Popen[bytes]] = []
         self.driver: subprocess.Popen[str] | None = None
         self.logs = work / "logs"
+        if server.secure:
+            # as on the machine that ran `mesh up`: agents get their identities from the data
+            # dir's keyring, the driver connects as a program given its credentials file would
+            assert server.creds is not None
+            access = {"MESH_NATS_CREDS": str(server.creds)}
+        else:
+            # the insecure systems measure a mesh without identities (docs/performance.md), and say so
+            access = {"MESH_INSECURE": "true"}
         self.mesh_env = {
-            "MESH_NATS_URL": url,
-            "MESH_DATA_DIR": str(work / "data"),
-            # the benchmarks measure a mesh without identities (docs/performance.md), and say so
-            "MESH_INSECURE": "true",
+            "MESH_NATS_URL": server.url,
+            "MESH_DATA_DIR": str(server.data_dir),
+            **access,
             "MESH_TRACE_EXPORTER": "file",
             "MESH_TRACE_FILE": str(work / f"spans-{system.key}.jsonl"),
             # spans leave the batch queue within 0.2 s (default 5 s), so the CPU of exporting a
@@ -144,13 +208,15 @@ class Group:
         for name in self.workload.services(self.system):
             log = self.logs / f"{self.workload.key}-{self.system.key}-{name}.log"
             if self.system.kind == "mesh":
-                env = {k: v for k, v in self.mesh_env.items() if k not in ("MESH_NATS_URL", "MESH_DATA_DIR")}
+                # an agent is given no credentials: `mesh run` issues its own identity
+                skip = ("MESH_NATS_URL", "MESH_DATA_DIR", "MESH_NATS_CREDS")
+                env = {k: v for k, v in self.mesh_env.items() if k not in skip}
                 env["PYTHONPATH"] = _env({})["PYTHONPATH"]
                 self.services.append(
                     launch.spawn_agent(
                         f"benchmarks.mesh_agents:{name}",
                         url=self.url,
-                        data_dir=self.work / "data",
+                        data_dir=self.server.data_dir,
                         log=log,
                         env=env,
                     )

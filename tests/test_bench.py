@@ -26,6 +26,7 @@ from benchmarks.run import (  # noqa: E402
     headline,
     report,
     run_bench,
+    security,
 )
 from benchmarks.workloads import REGISTRY, SYSTEMS  # noqa: E402
 
@@ -61,6 +62,10 @@ def test_smoke_starts_every_kind_of_system(tmp_path: Path) -> None:
     doc = run_bench("smoke", output=out, echo=lines.append)
     _check_run(doc, out, lines, *SMOKE)
     assert {SYSTEMS[r["system"]].kind for r in doc["results"]} >= {"raw", "jetstream", "mesh"}
+    # the secured mesh ran on its own server, which admits only identities, and is compared
+    assert SYSTEMS["mesh-secure"].secure and "mesh-secure" in {r["system"] for r in doc["results"]}
+    assert {r["name"] for r in doc["security"]} >= {"W2 pipeline", "W2 pipeline CPU/event"}
+    assert any("What security costs" in line for line in lines)
     assert [row["row"] for row in doc["headline"]["rows"]][:2] == [
         "W2 3-stage pipeline, events/s",
         "W2 CPU µs per event (all processes)",
@@ -97,6 +102,7 @@ def test_targets_are_ratios_between_systems_of_one_run() -> None:
         _record("pipeline", "W2 pipeline CPU/event", "mesh", 1100.0),
         _record("hop", "W1 serial p50", "raw", 200.0),
         _record("hop", "W1 serial p50", "mesh", 250.0),
+        _record("hop", "W1 serial p50", "mesh-secure", 300.0),
     ]
     by_name = {t["target"]: t for t in check_targets(records, [REGISTRY["pipeline"], REGISTRY["hop"]])}
     assert by_name["W2 pipeline: mesh default >= 1.5x FastStream"]["met"] is True
@@ -105,6 +111,16 @@ def test_targets_are_ratios_between_systems_of_one_run() -> None:
     assert by_name["W1 serial p50: mesh default <= 1.25x raw core NATS"]["met"] is True  # exactly 1.25x
     not_run = by_name["W2 pipeline: mesh durable=False >= 0.4x raw core NATS"]
     assert not_run["met"] is None and not_run["ratio"] is None
+    assert security(records) == [
+        {
+            "workload": "hop",
+            "name": "W1 serial p50",
+            "unit": "x",
+            "mesh": 250.0,
+            "mesh_secure": 300.0,
+            "ratio": 1.2,
+        }
+    ]
     head = headline(records)
     assert head["rows"][0]["values"]["mesh"] == 1600.0 and head["rows"][0]["values"]["raw"] is None
     text = report(
@@ -112,9 +128,11 @@ def test_targets_are_ratios_between_systems_of_one_run() -> None:
             "meta": {"mode": "smoke", "rounds": 1, "skipped": {}},
             "headline": head,
             "targets": list(by_name.values()),
+            "security": security(records),
             "results": [{**r, "ratio": None} for r in records],
         }
     )
+    assert "| W1 hop (request/reply) | W1 serial p50 (x) | 250 | 300 | 1.20x |" in text
     assert "| W2 pipeline: mesh default >= 1.5x FastStream | 1.60x (1,600 vs 1,000 events/s) | MET |" in text
     assert "not measured" in text
 

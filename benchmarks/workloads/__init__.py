@@ -27,6 +27,9 @@ class System:
     suffix: str  # appended to agent names and subjects, so systems run side by side
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""  # what runs, for docs and the JSON
+    # on the run's second nats-server, which requires authentication as `mesh up` starts it:
+    # every agent on its own identity, the driver on the publisher role, every message signed
+    secure: bool = False
 
 
 _TRACED = {"MESH_TRACE_SAMPLE": "1.0"}
@@ -53,6 +56,17 @@ MESH = System(
     {**_TRACED, "BENCH_DURABLE": "1"},
     note="durable sends and handoffs (JetStream inboxes), every trace recorded",
 )
+MESH_SECURE = System(
+    "mesh-secure",
+    "mesh default, secured",
+    "mesh",
+    "",
+    {**_TRACED, "BENCH_DURABLE": "1"},
+    note="the mesh default on a server requiring authentication (as `mesh up`): every process on "
+    "its own NKEY identity, every message signed (Ed25519) and verified, direct messages also "
+    "recorded once in MESH_SEEN",
+    secure=True,
+)
 MESH_DIRECT = System(
     "mesh-direct",
     "mesh durable=False",
@@ -77,7 +91,9 @@ MESH_SAMPLED = System(
     {"MESH_TRACE_SAMPLE": "0.1", "BENCH_DURABLE": "1"},
     note="durable, MESH_TRACE_SAMPLE=0.1 (parent-based: 1 new trace in 10)",
 )
-SYSTEMS = {s.key: s for s in (RAW, RAW_JS, FASTSTREAM, MESH, MESH_DIRECT, MESH_UNTRACED, MESH_SAMPLED)}
+SYSTEMS = {
+    s.key: s for s in (RAW, RAW_JS, FASTSTREAM, MESH, MESH_SECURE, MESH_DIRECT, MESH_UNTRACED, MESH_SAMPLED)
+}
 
 
 @dataclass(frozen=True)

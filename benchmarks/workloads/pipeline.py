@@ -53,6 +53,15 @@ WORKLOAD = Workload(
     "W2 pipeline (3 stages)",
     services,
     phases,
-    systems=("raw", "raw-js", "faststream", "mesh", "mesh-direct", "mesh-untraced", "mesh-sampled"),
+    systems=(
+        "raw",
+        "raw-js",
+        "faststream",
+        "mesh",
+        "mesh-secure",
+        "mesh-direct",
+        "mesh-untraced",
+        "mesh-sampled",
+    ),
     warmup=100,
 )
