@@ -405,24 +405,34 @@ async def test_a_declared_flow_works_with_every_party_on_its_own_identity(secure
             await publisher.close()
 
 
-async def test_a_direct_message_replayed_to_another_replica_is_refused(secure: SecureServer) -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-process"])
+async def test_a_direct_message_replayed_to_another_replica_is_refused(
+    secure: SecureServer, shared: bool
+) -> None:
     """A signed direct request captured on the way (an observer sees direct lines) and sent
     again within the window to a replica that never saw it is refused there too: an agent's
-    replicas share the ids of the direct messages they took (MESH_SEEN)."""
+    replicas share the ids of the direct messages they took (MESH_SEEN). With
+    MESH_REPLAY_SHARED=false (no KV write per direct message) that replica handles it: the
+    trade-off the setting documents."""
     operator = await MeshClient.connect(secure.role("operator"), "test")
     publisher = await MeshClient.connect(secure.role("publisher"), "helpdesk")
     probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
-    conv = "sec-replica"
+    conv = f"sec-replica-{shared}".lower()
+    vault_settings = secure.identity("agent:vault").model_copy(update={"replay_shared": shared})
     tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
     try:
-        async with running_agent(vault, secure.identity("agent:vault")):
+        async with running_agent(vault, vault_settings):
             pong = await publisher.request("vault", Ping(text="once"), Pong, timeout=10, conversation=conv)
             assert pong == Pong(text="once", by="vault")
         got = await tap.wait_for(lambda ms: any(m.subject.endswith(".direct.vault") for m in ms))
         captured = next(m for m in got if m.subject.endswith(".direct.vault"))
-        async with running_agent(vault, secure.identity("agent:vault")) as replica:
+        async with running_agent(vault, vault_settings) as replica:
             # sent with no reply subject: the requester's inbox is not the attacker's to name
             await probe.nc.publish(captured.subject, captured.data, headers=dict(captured.headers))
+            if not shared:  # handled: its answer goes out as an event (no reply subject)
+                got = await tap.wait_for(lambda ms: any(m.subject.endswith(".evt.sec.pong") for m in ms))
+                assert not any(".dlq." in m.subject for m in got)
+                return
             got = await tap.wait_for(lambda ms: any(".dlq." in m.subject for m in ms), timeout=15)
             handled = replica.stats.handled
         letter = next(m for m in got if ".dlq." in m.subject)

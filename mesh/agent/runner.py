@@ -192,7 +192,8 @@ class AgentRuntime:
         processed = await self.transport.state(processed_spec, settings)
         state = await self.transport.state(state_spec, settings)
         # the ids of direct messages: only where senders are proven (a mesh with identities)
-        seen = await self.transport.state(seen_spec, settings) if self.verifier is not None else None
+        shared = self.verifier is not None and settings.replay_shared
+        seen = await self.transport.state(seen_spec, settings) if shared else None
         self._failures = Failures(state, name, self.instance)
         self._stored, self._direct = self._ladders(processed, self._failures, seen)
         self._joins = JoinKeeper(

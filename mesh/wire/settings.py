@@ -200,6 +200,12 @@ class Settings(BaseModel):
         description="Seconds a signed message is accepted after (or before) its Mesh-Sent-At, and "
         "its id remembered to refuse a replay.",
     )
+    replay_shared: bool = Field(
+        default=True,
+        description="Record the id of every signed direct message in MESH_SEEN, so every replica of "
+        "an agent refuses its replay (one KV write per direct message). false: each process "
+        "remembers its own, and a replay that reaches another replica within the window is handled.",
+    )
     secret_headers: str = Field(
         default="",
         description="Header names, comma-separated, whose values are never stored in a dead letter, "
