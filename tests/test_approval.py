@@ -3,6 +3,7 @@ survives a restart of the agent, resumes on the decision, and expires cleanly.""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -173,7 +174,11 @@ async def test_a_replayed_resume_runs_the_approved_tool_once(client: MeshClient,
         [first, resumed] = [m for m in _of(msgs, "agent.clerk") if m.headers[h.TYPE] == "test.ask"]
         assert resumed.headers[h.CAUSATION] == first.headers[h.ID]
         processed = await client.transport.state(streams.bucket_specs(settings)[0], settings)
-        await processed.delete(streams.processed_key("clerk", resumed.headers[h.ID]))
+        key = streams.processed_key("clerk", resumed.headers[h.ID])
+        async with asyncio.timeout(10):  # written after the handler's answer went out
+            while await processed.get(key) is None:  # noqa: ASYNC110 - the agent's record
+                await asyncio.sleep(0.02)
+        await processed.delete(key)
     # replayed to a fresh runtime (a restart), which has not seen the message's id before:
     # only the claim stands between it and a second refund
     replay = {**resumed.headers, h.NATS_MSG_ID: "replayed-" + resumed.headers[h.ID]}
