@@ -10,6 +10,7 @@ from mesh_user_tools import DELETED, Answered, Ask, OrderQuery, agent
 from mesh.cli.llm import list_tools
 from mesh.llm.tools import Toolbox, ToolInputInvalid, ToolTimeout
 from mesh.runtime.client import MeshClient
+from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import Recorder, running_agent
 from mesh.wire.codec import default_codec
 from mesh.wire.errors import RegistrationError
@@ -95,7 +96,9 @@ async def test_mesh_tools_lists_tools_with_schemas_over_the_mesh(
     client: MeshClient, settings: Settings
 ) -> None:
     async with running_agent(agent, settings):
-        found = await list_tools(client.transport, wait=0.3)  # type: ignore[arg-type]
+        # answering discovery first: a listing's window (`wait`) alone missed it under load
+        await wait_for_agents(client.transport, {"clerk": 1}, timeout=30)
+        found = await list_tools(client.transport, wait=1.0)  # type: ignore[arg-type]
     mine = {t["name"]: t for t in found if t["agent"] == "clerk"}
     assert set(mine) == {"lookup_order", "refund", "delete_account", "stall"}
     assert mine["refund"]["approval"] is True
