@@ -446,6 +446,35 @@ async def test_a_direct_message_replayed_to_another_replica_is_refused(
         await operator.close()
 
 
+async def test_no_one_can_spend_another_senders_quota(secure: SecureServer) -> None:
+    """The quota counts the sender a signature proves: mallory's forgeries in helpdesk's
+    name are refused as unauthenticated and leave helpdesk's quota whole."""
+    operator = await MeshClient.connect(secure.role("operator"), "test")
+    publisher = await MeshClient.connect(secure.role("publisher"), "helpdesk")
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    conv = "sec-quota"
+    inbox = f"mesh.{conv}.agent.vault"
+    tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
+    tight = secure.identity("agent:vault").model_copy(update={"sender_rate": 0.01, "sender_burst": 2.0})
+    try:
+        async with running_agent(vault, tight):
+            for i in range(5):
+                forged = _signed(secure, "agent:mallory", "helpdesk", inbox, Ping(text=f"forged {i}"))
+                await probe.nc.publish(inbox, msgspec.json.encode(Ping(text=f"forged {i}")), headers=forged)
+            await probe.nc.flush()
+            await tap.wait_for(lambda ms: sum(".dlq." in m.subject for m in ms) == 5)
+            for i in range(2):  # helpdesk's own burst, untouched
+                await publisher.send("vault", Ping(text=f"mine {i}"), conversation=conv)
+            got = await tap.wait_for(lambda ms: sum(m.subject.endswith("evt.sec.pong") for m in ms) == 2)
+        kinds = [m.headers["Mesh-Dlq-Kind"] for m in got if ".dlq." in m.subject]
+        assert kinds == ["unauthenticated"] * 5
+    finally:
+        await tap.stop()
+        await probe.close()
+        await publisher.close()
+        await operator.close()
+
+
 def test_urls_with_passwords_are_redacted() -> None:
     assert redact_url("nats://ada:s3cret@host:4222") == "nats://ada:***@host:4222"
     assert (

@@ -36,6 +36,7 @@ from mesh.runtime.ladder import (
     Guard,
     Quota,
     Run,
+    Seen,
     Settle,
     SettleDirect,
     Take,
@@ -149,13 +150,13 @@ class AgentRuntime:
         stored = Accept(stored, self._accept)
         stored = Guard(stored, processed, self.agent.name)
         direct: Take = Accept(run, self._accept)
-        if self.verifier is not None:
-            stored = Verify(stored, self.verifier)
-            shared = SeenIds(seen, self.agent.name) if seen is not None else None
-            direct = Verify(direct, self.verifier, shared)
+        if seen is not None:
+            direct = Seen(direct, SeenIds(seen, self.agent.name))
         if settings.sender_rate:  # one table for both: a sender's quota is per process
             quotas = Quotas(settings.sender_rate, settings.sender_burst)
             stored, direct = Quota(stored, quotas), Quota(direct, quotas)
+        if self.verifier is not None:  # first: the quota then counts the proven sender
+            stored, direct = Verify(stored, self.verifier), Verify(direct, self.verifier)
         stored = Settle(
             stored,
             agent=self.agent.name,

@@ -3,10 +3,11 @@
 A rung takes a `Work` (the delivery, and what the rungs below learn about it) and the rung
 below it. The runtime builds two ladders, top rung first:
 
-    stored:  Count > Settle > Quota > Verify > Guard > Accept > GiveUp > TimeLimit > Run
-    direct:  Count > SettleDirect > Quota > Verify > Accept > Run
+    stored:  Count > Settle > Verify > Quota > Guard > Accept > GiveUp > TimeLimit > Run
+    direct:  Count > SettleDirect > Verify > Quota > Seen > Accept > Run
 
-(`Quota` only when MESH_SENDER_RATE is not 0; `Verify` only when identities are on.)
+(`Quota` only when MESH_SENDER_RATE is not 0; `Verify` and `Seen` only when identities are
+on: the quota then counts the proven sender, so no one can spend another's.)
 
 `Run` calls the handler (or a join or an approval). The rungs between turn what happened
 into one of a few signals, and `Settle` turns each signal into what the stream is told:
@@ -263,7 +264,7 @@ class Quota:
     def __init__(self, below: Take, quotas: Quotas, sender: Callable[[Delivery], str] | None = None) -> None:
         self.below = below
         self.quotas = quotas
-        self.sender = sender or claimed_sender  # an authenticated identity, once there is one
+        self.sender = sender or claimed_sender  # proven by `Verify` above it, where identities are on
 
     async def __call__(self, w: Work) -> Later | None:
         sender = self.sender(w.delivery)
@@ -278,7 +279,8 @@ class Quota:
 
 
 def claimed_sender(d: Delivery) -> str:
-    """Who a delivery says it is from (Mesh-Sender), as a quota's key."""
+    """Who a delivery says it is from (Mesh-Sender), as a quota's key: below `Verify`, the
+    sender its signature proved."""
     return (d.headers or {}).get(h.SENDER, "")[: h.MAX_NAME]
 
 
@@ -288,18 +290,29 @@ class Verify:
     headers. Before the duplicate guard, so a replayed copy of a processed message is
     refused, not silently dropped; a redelivery of the same stored message passes."""
 
-    def __init__(self, below: Take, verifier: Verifier, seen: SeenIds | None = None) -> None:
+    def __init__(self, below: Take, verifier: Verifier) -> None:
         self.below = below
         self.verifier = verifier
-        self.seen = seen  # on the direct ladder: ids shared with the agent's other replicas
 
     async def __call__(self, w: Work) -> Later | None:
         try:
             self.verifier.check(w.delivery)
         except Copy:
             raise Duplicate from None
-        if self.seen is not None:
-            await self.seen.first(w.delivery)
+        return await self.below(w)
+
+
+class Seen:
+    """On the direct ladder of a mesh with identities: the message's id is recorded where
+    every replica of the agent looks (MESH_SEEN), and one a replica took already is refused
+    as a replay. After the quota, so a sender over it costs no write."""
+
+    def __init__(self, below: Take, seen: SeenIds) -> None:
+        self.below = below
+        self.seen = seen
+
+    async def __call__(self, w: Work) -> Later | None:
+        await self.seen.first(w.delivery)
         return await self.below(w)
 
 
