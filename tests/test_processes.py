@@ -11,15 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import SAMPLES
 from sample_agents.echo import Ping, Pong
 
+from mesh.cli.main import cli
 from mesh.observability.tracing import read_spans
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import discover, wait_for_agents
 from mesh.testing import Recorder, spawn_agent, stop_process
 from mesh.wire import envelope as h
 from mesh.wire.codec import default_codec
+from mesh.wire.errors import ConfigError
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
 
@@ -141,6 +144,13 @@ async def test_one_trace_across_three_processes(
     assert spans["second"]["parent_span_id"] == spans["first"]["span_id"]
     assert spans["third"]["parent_span_id"] == spans["second"]["span_id"]
     assert all(s["attributes"]["messaging.message.conversation_id"] == "traced" for s in spans.values())
+    # `mesh trace` takes the conversation id as well as the trace id
+    by_conversation = CliRunner().invoke(cli, ["trace", "traced"], env={"MESH_TRACE_FILE": str(spans_file)})
+    assert by_conversation.exit_code == 0, by_conversation.output
+    assert by_conversation.output.startswith(f"trace {trace_id} (conversation traced)\n")
+    assert all(f"[{name}]" in by_conversation.output for name in ("first", "second", "third"))
+    unknown = CliRunner().invoke(cli, ["trace", "nothing-here"], env={"MESH_TRACE_FILE": str(spans_file)})
+    assert isinstance(unknown.exception, ConfigError) and "trace or conversation" in str(unknown.exception)
 
 
 async def test_a_process_that_records_no_spans_keeps_the_trace_whole(

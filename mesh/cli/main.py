@@ -388,16 +388,24 @@ def schema(type_name: str | None, types_: str) -> None:
 
 
 @cli.command("trace")
-@click.argument("trace_id")
+@click.argument("trace_id", metavar="TRACE_ID|CONVERSATION_ID")
 def trace_cmd(trace_id: str) -> None:
-    """Print the spans of one trace from the local span file."""
-    from mesh.observability.tracing import read_spans, render_spans
+    """Print the spans of one trace from the local span file; given a conversation id, of
+    every trace that conversation's messages are in."""
+    from mesh.observability.tracing import conversation_traces, read_spans, render_spans
 
     settings = _settings()
     spans = read_spans(settings.spans_path, trace_id)
-    if not spans:
-        raise ConfigError(f"no spans of trace {trace_id} in {settings.spans_path}")
-    click.echo(render_spans(spans))
+    if spans:
+        click.echo(render_spans(spans))
+        return
+    every = read_spans(settings.spans_path)
+    traces = conversation_traces(every, trace_id)
+    if not traces:
+        raise ConfigError(f"no spans of trace or conversation {trace_id} in {settings.spans_path}")
+    for n, tid in enumerate(traces):
+        click.echo(f"{'' if n == 0 else chr(10)}trace {tid} (conversation {trace_id})")
+        click.echo(render_spans([s for s in every if s.get("trace_id") == tid]))
 
 
 @cli.command()

@@ -106,6 +106,21 @@ def read_spans(path: Path, trace_id: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+CONVERSATION_ATTRS = ("messaging.message.conversation_id", "mesh.conversation")
+
+
+def conversation_traces(spans: list[dict[str, Any]], conversation: str) -> list[str]:
+    """The ids of the traces with a span of `conversation`, in the order they started (a
+    conversation is one trace, unless something that did not carry the context split it)."""
+    first: dict[str, int] = {}
+    for s in spans:
+        attrs = s.get("attributes") or {}
+        if any(attrs.get(a) == conversation for a in CONVERSATION_ATTRS):
+            tid = str(s.get("trace_id", ""))
+            first[tid] = min(first.get(tid, s["start_ns"]), s["start_ns"])
+    return sorted(first, key=first.__getitem__)
+
+
 def configure_tracing(settings: Settings, service_name: str, instance: str = "") -> Callable[[], None]:
     """Install this process's tracer provider; returns the shutdown to call before exit.
 
