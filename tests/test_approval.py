@@ -4,13 +4,16 @@ survives a restart of the agent, resumes on the decision, and expires cleanly.""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from mesh_user_tools import REFUNDS, Answered, Ask, Refund, agent
 
 from mesh.agent.identity import provision
 from mesh.cli.llm import decide
+from mesh.cli.main import cli
 from mesh.patterns.approval import ApprovalRequest, ApprovalResolved
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
@@ -26,6 +29,14 @@ def client(operator: MeshClient) -> MeshClient:
     """The person who asks and decides: deciding an approval takes the operator role (as
     `mesh approve` has), and so does a timer sent by anyone but the agent."""
     return operator
+
+
+async def _approvals(settings: Settings) -> list[dict[str, Any]]:
+    """`mesh approvals --json`, as the operator on this machine (from the data dir)."""
+    env = {"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)}
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["approvals", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines()]
 
 
 def _of(msgs: list[Any], suffix: str) -> list[Any]:
@@ -45,10 +56,15 @@ async def test_approval_survives_a_restart_and_resumes_on_approve(
     request = default_codec.decode(req.data, ApprovalRequest)
     assert request.tool == "refund" and '"amount_eur":20' in request.arguments
     assert REFUNDS == []
+    # `mesh approvals` shows it waiting, with its age, agent, tool and arguments
+    [row] = [r for r in await _approvals(settings) if r["id"] == request.approval]
+    assert (row["agent"], row["tool"], row["conversation"]) == ("clerk", "refund", conv)
+    assert row["arguments"] == {"order_id": "A-9", "amount_eur": 20} and row["age_s"] >= 0
     async with running_agent(agent, settings):  # a fresh runtime: a restart
         st = await decide(client, settings, request.approval, approved=True, by="ada", reason="ok")
         assert st.status == "pending" and st.tool == "refund"
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+    assert not [r for r in await _approvals(settings) if r["id"] == request.approval]
     assert [Refund(order_id="A-9", amount_eur=20)] == REFUNDS
     [resolved] = [default_codec.decode(m.data, ApprovalResolved) for m in _of(msgs, "approval.resolved")]
     # recorded with the identity that sent the decision; the body's name is only shown

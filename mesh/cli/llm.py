@@ -12,7 +12,14 @@ from typing import Any
 
 import click
 
-from mesh.patterns.approval import ApprovalDecision, ApprovalState, approval_key, decision_subject, decoded
+from mesh.patterns.approval import (
+    ApprovalDecision,
+    ApprovalState,
+    approval_key,
+    decision_subject,
+    decoded,
+    pending,
+)
 from mesh.runtime.client import Lineage, MeshClient
 from mesh.runtime.discovery import discover
 from mesh.transport import streams
@@ -119,6 +126,44 @@ def register(
                 st = await decide(client, settings, approval, approved=approved, by=by, reason=reason)
             verb = "approved" if approved else "denied"
             click.echo(f"{verb} {approval}: {st.agent} may{'' if approved else ' not'} run {st.tool}")
+
+        run(go)
+
+    @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per approval.")
+    def approvals(as_json: bool) -> None:
+        """List the tool calls waiting for a decision: id, age, agent, tool and arguments."""
+        settings = settings_fn()
+
+        async def go() -> None:
+            transport = await NatsTransport.connect(settings, "mesh-cli")
+            try:
+                waiting = await pending(await transport.state(streams.bucket_specs(settings)[1], settings))
+            finally:
+                await transport.close()
+            now_ms = time.time() * 1000
+            for st in waiting:
+                row = {
+                    "id": st.id,
+                    "agent": st.agent,
+                    "tool": st.tool,
+                    "arguments": st.call.input,
+                    "conversation": st.conversation,
+                    "age_s": round((now_ms - st.parked_ms) / 1000, 1) if st.parked_ms else None,
+                    "expires_in_s": round((st.expires_ms - now_ms) / 1000, 1),
+                }
+                if as_json:
+                    click.echo(json.dumps(row))
+                    continue
+                age = f"{row['age_s']:.0f}s ago" if st.parked_ms else "age unknown"
+                args = json.dumps(st.call.input)
+                args = args if len(args) <= 200 else args[:200] + "..."
+                click.echo(
+                    f"{st.id}  {st.agent}.{st.tool}  {age}, expires in {row['expires_in_s']:.0f}s  "
+                    f"conversation {st.conversation}\n    arguments: {args}"
+                )
+            if not waiting and not as_json:
+                click.echo("no tool call is waiting for a decision")
 
         run(go)
 

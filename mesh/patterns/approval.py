@@ -124,10 +124,22 @@ class ApprovalState(msgspec.Struct):
     run: Literal["", "claimed", "done"] = ""  # the approved call: claimed before it runs
     output: str = ""  # what it returned (or its error), once done
     failed: str = ""  # the error kind when it failed
+    parked_ms: int = 0  # when the call was parked (0: parked by an older version)
 
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(ApprovalState).decode
+
+
+async def pending(store: StateStore) -> list[ApprovalState]:
+    """Every approval still waiting for a decision, oldest first (an operator's view: it
+    reads every agent's approvals)."""
+    found = []
+    for key in await store.keys(approval_key("*", "*")):
+        got = await store.get(key)
+        if got is not None and (st := decoded(got[0])).status == "pending":
+            found.append(st)
+    return sorted(found, key=lambda st: (st.parked_ms, st.expires_ms))
 
 
 def approval_key(agent: str, approval_id: str) -> str:
@@ -174,8 +186,10 @@ async def park(
         raise ToolError(tool.name, "needs approval, which only works in a handler run by the mesh runtime")
     env = ctx.envelope
     approval_id = derive_id(env.id, ctx.agent, 0)
-    due = int(time.time() * 1000 + keeper.timeout * 1000)
+    now_ms = int(time.time() * 1000)
+    due = now_ms + int(keeper.timeout * 1000)
     state = ApprovalState(
+        parked_ms=now_ms,
         id=approval_id,
         agent=ctx.agent,
         conversation=ctx.conversation_id,
