@@ -252,3 +252,41 @@ async def test_an_agent_cannot_decide_its_own_approval(client: MeshClient, setti
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "dlq.clerk")))
     assert _of(msgs, "dlq.clerk")[0].headers[h.DLQ_KIND] == "unauthorized"
     assert REFUNDS == [] and not _of(msgs, "approval.resolved")
+
+
+@pytest.mark.parametrize("decider", ["mesh approve", "any client"])
+async def test_the_decision_and_the_resumed_run_stay_in_the_conversations_trace(
+    client: MeshClient, settings: Settings, decider: str
+) -> None:
+    """The trace context is kept with the parked call: `mesh approve` sends its decision in
+    the conversation's trace, and the resumed run continues it even when the decision came
+    from a client that carried no trace context (or another trace) of its own."""
+    from mesh.patterns.approval import ApprovalDecision
+    from mesh.runtime.client import Lineage
+    from mesh.wire.subjects import Address
+
+    conv = "approve-trace-" + decider.replace(" ", "-")
+    REFUNDS.clear()
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, settings):
+        await client.send("clerk", Ask(text=REFUND), conversation=conv)
+        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        if decider == "mesh approve":
+            await decide(client, settings, approval, approved=True, by="ada")
+        else:  # a program of its own, publishing the decision outside any trace of this one
+            decision = ApprovalDecision(approval=approval, approved=True, by="ada")
+            await client.emit(Address.timer(conv, "clerk"), decision, Lineage(conversation=conv))
+        msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
+
+    def trace_of(m: Any) -> str:
+        return str(m.headers[h.TRACEPARENT].split("-")[1])
+
+    conversation_trace = trace_of(req)
+    asks = [m for m in _of(msgs, "agent.clerk") if m.headers[h.TYPE] == "test.ask"]
+    assert len(asks) == 2  # the test's own (sent outside any trace) and the resumed one
+    assert trace_of(asks[1]) == conversation_trace
+    assert {trace_of(m) for m in _of(msgs, "test.answered")} == {conversation_trace}
+    [decided] = [m for m in msgs if m.headers.get(h.TYPE) == "approval.decision"]
+    if decider == "mesh approve":
+        assert trace_of(decided) == conversation_trace

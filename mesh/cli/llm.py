@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from mesh.observability.tracing import continuing
 from mesh.patterns.approval import (
     ApprovalDecision,
     ApprovalState,
@@ -80,7 +81,8 @@ async def decide(
     decision = ApprovalDecision(approval=approval, approved=approved, by=by, reason=reason)
     address = Address.timer(st.conversation, st.agent)
     assert address.subject == decision_subject(st.conversation, st.agent)
-    await client.emit(address, decision, Lineage(conversation=st.conversation, causation=causation))
+    with continuing(st.traceparent):  # the decision is part of the conversation's trace
+        await client.emit(address, decision, Lineage(conversation=st.conversation, causation=causation))
     return st
 
 

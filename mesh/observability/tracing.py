@@ -14,6 +14,7 @@ provider (a test's, a user's) handler spans are the SDK's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -218,6 +219,28 @@ def _exporter(settings: Settings) -> SpanExporter | None:
 def extract_context(headers: dict[str, str]) -> Any:
     """The trace context a message's headers carry (W3C traceparent)."""
     return _propagator.extract(headers)
+
+
+def current_traceparent() -> str:
+    """The W3C traceparent of the current span ("" outside any), to continue it later."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier.get(TRACEPARENT, "")
+
+
+@contextlib.contextmanager
+def continuing(traceparent: str) -> Iterator[None]:
+    """Make `traceparent` the current context for the block (what is sent in it continues
+    that trace); nothing changes for an empty or malformed one."""
+    parent = remote_parent({TRACEPARENT: traceparent}) if traceparent else None
+    if parent is None:
+        yield
+        return
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def current_trace_id() -> str:

@@ -29,6 +29,7 @@ import msgspec
 
 from mesh.llm.tools import ToolError
 from mesh.llm.types import ToolCall, ToolOutput, Turn
+from mesh.observability.tracing import continuing, current_traceparent
 from mesh.runtime import timers
 from mesh.runtime.client import Lineage
 from mesh.runtime.deadletter import dead_letter
@@ -125,6 +126,7 @@ class ApprovalState(msgspec.Struct):
     output: str = ""  # what it returned (or its error), once done
     failed: str = ""  # the error kind when it failed
     parked_ms: int = 0  # when the call was parked (0: parked by an older version)
+    traceparent: str = ""  # the parking handler's span: the decision and the resumed run continue it
 
 
 _encode = msgspec.json.Encoder().encode
@@ -190,6 +192,7 @@ async def park(
     due = now_ms + int(keeper.timeout * 1000)
     state = ApprovalState(
         parked_ms=now_ms,
+        traceparent=current_traceparent(),
         id=approval_id,
         agent=ctx.agent,
         conversation=ctx.conversation_id,
@@ -393,7 +396,8 @@ class ApprovalKeeper:
             depth=st.depth,
         )
         address = subjects.Address.inbox(st.conversation, self.agent.name)
-        await ctx.emit(address, original, lineage, st.content_type, msg_id=st.resume_id)
+        with continuing(st.traceparent):  # the conversation's trace, whoever decided
+            await ctx.emit(address, original, lineage, st.content_type, msg_id=st.resume_id)
 
     async def _expire(self, st: ApprovalState, ctx: Context) -> None:
         parked = SimpleNamespace(
