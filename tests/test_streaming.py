@@ -12,6 +12,7 @@ from mesh.agent.identity import provision
 from mesh.llm.streaming import LLMChunk, LLMFinal, final_answer
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
+from mesh.transport.streams import EVENTS
 from mesh.wire.codec import default_codec
 from mesh.wire.errors import RequestError
 from mesh.wire.settings import Settings
@@ -19,7 +20,7 @@ from mesh.wire.settings import Settings
 
 async def test_a_streamed_answer_grows_on_the_conversation(client: MeshClient, settings: Settings) -> None:
     conv = "stream-live"
-    rec = await Recorder.start(client.transport, f"mesh.{conv}.evt.llm.>")
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.*.llm.>")
     async with running_agent(agent, settings):
         await client.send(
             "streamer", Question(text="- One fact\n- Two facts\n- Three facts"), conversation=conv
@@ -33,6 +34,10 @@ async def test_a_streamed_answer_grows_on_the_conversation(client: MeshClient, s
     assert {c.stream for c in chunks} == {final.stream}
     # the final message is published after the last chunk
     assert msgs[-1].subject.endswith("llm.final")
+    # the chunks are live only: seen by whoever listened, never stored; the final answer is
+    assert {m.subject for m in msgs} == {f"mesh.{conv}.live.llm.chunk", f"mesh.{conv}.evt.llm.final"}
+    assert await client.transport.stored_last(EVENTS, f"mesh.{conv}.evt.llm.final") is not None
+    assert await client.transport.stored_last(EVENTS, f"mesh.{conv}.evt.llm.chunk") is None
 
 
 async def test_a_late_consumer_still_gets_the_final_answer(client: MeshClient, settings: Settings) -> None:

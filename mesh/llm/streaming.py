@@ -1,13 +1,11 @@
 """Streaming a model's answer over the mesh.
 
-While the model generates, each piece of text is published as an ``llm.chunk`` event in the
-conversation (numbered from 0), so `mesh tap` shows the answer growing; then one
-``llm.final`` event carries the whole text, the model and the token counts. Events are
-stored in ``MESH_EVENTS``: a consumer that joins late reads the final message from there
-(`final_answer`) and needs none of the chunks.
-
-Chunk ids derive from the message being handled, so when a handler is run again after a
-crash the chunks it re-publishes are dropped as duplicates.
+While the model generates, each piece of text is published as a live-only ``llm.chunk`` in
+the conversation (``mesh.<conv>.live.llm.chunk``, numbered from 0, core NATS: never stored),
+so `mesh tap` shows the answer growing; then one ``llm.final`` event carries the whole text,
+the model and the token counts. That event is stored in ``MESH_EVENTS``: a consumer that
+joins late reads it from there (`final_answer`) and needs none of the chunks, which would
+otherwise be most of what the stream keeps.
 """
 
 from __future__ import annotations
@@ -58,7 +56,8 @@ async def stream_answer(ctx: Context, request: Request) -> Reply:
     async for event in ctx.llm.stream(request):
         if isinstance(event, Delta):
             if event.text:
-                await ctx.publish(LLMChunk(stream=stream_id, seq=seq, text=event.text, agent=ctx.agent))
+                chunk = LLMChunk(stream=stream_id, seq=seq, text=event.text, agent=ctx.agent)
+                await ctx.emit(subjects.Address.live(ctx.conversation_id, "llm.chunk"), chunk)
                 seq += 1
         else:
             final = event

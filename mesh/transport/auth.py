@@ -124,6 +124,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         f"{_MESH}.*.{subjects.AGENT}.*",
         f"{_MESH}.*.{subjects.DIRECT}.*",
         f"{_MESH}.*.{subjects.EVENT}.>",
+        f"{_MESH}.*.{subjects.LIVE}.>",  # live-only events (streamed chunks), never stored
         f"{_MESH}.*.{subjects.REPLY}.*",
         f"{_MESH}.*.{subjects.DEAD_LETTER}.{a}",
         subjects.audit_pattern(a),  # its own audit chains, never another's

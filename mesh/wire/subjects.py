@@ -5,6 +5,7 @@ pattern ``mesh.<conversation>.>``:
 
 =====================================  ===============================================
 ``mesh.<conv>.evt.<type name>``         an event of a message type (external or agent)
+``mesh.<conv>.live.<type name>``        a live-only event (core NATS, never stored: streamed chunks)
 ``mesh.<conv>.agent.<agent name>``      an agent's durable inbox (JetStream: sends, handoffs)
 ``mesh.<conv>.direct.<agent name>``     an agent's direct line (core NATS: requests, at most once)
 ``mesh.<conv>.timer.<agent name>``      an agent's durable timers (JetStream: join deadlines)
@@ -32,9 +33,10 @@ DIRECT: Final = "direct"
 REPLY: Final = "reply"
 DEAD_LETTER: Final = "dlq"
 TIMER: Final = "timer"
+LIVE: Final = "live"
 
-Kind = Literal["evt", "agent", "direct", "reply", "dlq", "timer"]
-_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER, TIMER))
+Kind = Literal["evt", "agent", "direct", "reply", "dlq", "timer", "live"]
+_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER, TIMER, LIVE))
 
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _CONVERSATION = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -110,13 +112,18 @@ class Address(msgspec.Struct, frozen=True):
             return self.target
         if self.kind == DIRECT:
             return f"{self.target}!"
-        if self.kind == EVENT:
-            return f"evt:{self.target}"
+        if self.kind in (EVENT, LIVE):
+            return f"{self.kind}:{self.target}"
         return f"{self.kind}:{self.target}"
 
     @classmethod
     def event(cls, conversation: str, type_name: str) -> Address:
         return cls(EVENT, conversation, type_name)
+
+    @classmethod
+    def live(cls, conversation: str, type_name: str) -> Address:
+        """A live-only event: whoever listens now sees it; nothing stores it."""
+        return cls(LIVE, conversation, type_name)
 
     @classmethod
     def inbox(cls, conversation: str, agent: str) -> Address:
