@@ -43,6 +43,12 @@ def _of(msgs: list[Any], suffix: str) -> list[Any]:
     return [m for m in msgs if m.subject.endswith(suffix)]
 
 
+async def _requested(rec: Recorder) -> tuple[Any, str]:
+    """The parked call's approval.request as it went out, and its approval id."""
+    [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
+    return req, default_codec.decode(req.data, ApprovalRequest).approval
+
+
 async def test_approval_survives_a_restart_and_resumes_on_approve(
     client: MeshClient, settings: Settings
 ) -> None:
@@ -79,8 +85,7 @@ async def test_a_denied_call_never_runs_and_the_model_is_told(client: MeshClient
     rec = await Recorder.start(client.transport, f"mesh.{conv}.evt.>")
     async with running_agent(agent, settings):
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        _req, approval = await _requested(rec)
         await decide(client, settings, approval, approved=False, by="bob", reason="too much")
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
     assert REFUNDS == []
@@ -138,8 +143,7 @@ async def test_mesh_tools_lists_and_mesh_approve_and_deny_decide(
         assert listed.returncode == 0, listed.stderr
         assert "refund" in listed.stdout and "clerk" in listed.stdout
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        _req, approval = await _requested(rec)
         denied = await _cli(settings, "deny", approval)
         assert denied.returncode != 0 and "--reason" in denied.stderr  # a denial says why
         approved = await _cli(settings, "approve", approval, "--by", "ada")
@@ -159,8 +163,7 @@ async def test_every_message_of_an_approval_has_its_own_id(client: MeshClient, s
     rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
     async with running_agent(agent, settings):
         sent = await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        _req, approval = await _requested(rec)
         await decide(client, settings, approval, approved=True, by="ada")
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
     [resolved] = _of(msgs, "approval.resolved")
@@ -182,8 +185,7 @@ async def test_a_replayed_resume_runs_the_approved_tool_once(client: MeshClient,
     rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
     async with running_agent(agent, settings):
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        _req, approval = await _requested(rec)
         await decide(client, settings, approval, approved=True, by="ada")
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
         assert len(REFUNDS) == 1
@@ -218,8 +220,7 @@ async def test_a_timer_from_anyone_but_the_agent_is_refused(client: MeshClient, 
     rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
     async with running_agent(agent, settings):
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        _req, approval = await _requested(rec)
         fake = ApprovalTimer(approval=approval, due_ms=1)
         await client.emit(Address.timer(conv, "clerk"), fake, Lineage(conversation=conv))
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "dlq.clerk")))
@@ -244,8 +245,7 @@ async def test_an_agent_cannot_decide_its_own_approval(client: MeshClient, setti
     rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
     async with running_agent(agent, settings):
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        _req, approval = await _requested(rec)
         async with await MeshClient.connect(await provision(agent, settings), "clerk") as as_clerk:
             forged = ApprovalDecision(approval=approval, approved=True, by="the boss")
             await as_clerk.emit(Address.timer(conv, "clerk"), forged, Lineage(conversation=conv))
@@ -270,8 +270,7 @@ async def test_the_decision_and_the_resumed_run_stay_in_the_conversations_trace(
     rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
     async with running_agent(agent, settings):
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
-        [req] = _of(await rec.wait_for(lambda ms: bool(_of(ms, "approval.request"))), "approval.request")
-        approval = default_codec.decode(req.data, ApprovalRequest).approval
+        req, approval = await _requested(rec)
         if decider == "mesh approve":
             await decide(client, settings, approval, approved=True, by="ada")
         else:  # a program of its own, publishing the decision outside any trace of this one

@@ -218,7 +218,7 @@ class Context:
     async def send(self, agent: str, msg: Message, *, durable: bool = True, content_type: str = JSON) -> Sent:
         """Send to another agent; its reply comes back to this agent's inbox."""
         mine = Address.inbox(self.conversation_id, self.agent).subject
-        lineage = replace(self._lineage, reply_to=mine, reply_grant="")  # this agent's own grant
+        lineage = replace(self._lineage, reply_to=mine)  # with no grant passed on: this agent's own
         return await self._emit(_address(self.conversation_id, agent, durable), msg, lineage, content_type)
 
     async def handoff(

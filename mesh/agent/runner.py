@@ -47,7 +47,7 @@ from mesh.runtime.ladder import (
 )
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
-from mesh.runtime.verify import SeenIds, verifier_of
+from mesh.runtime.verify import UNPROVEN, SeenIds, verifier_of
 from mesh.transport import streams
 from mesh.transport.base import Subscription, Transport
 from mesh.transport.delivery import Consumer, Delivery, Later
@@ -475,7 +475,7 @@ class AgentRuntime:
         may be someone else's)."""
         self.stats.dead_lettered += 1
         await self._dead_letter(msg, kind, reason)
-        if kind not in ("unauthenticated", "unauthorized"):
+        if kind not in UNPROVEN:
             await answer_failure(self.transport, msg, self.agent.name, kind, reason, self._signer)
 
 

@@ -37,6 +37,10 @@ from mesh.wire.settings import Settings
 from mesh.wire.signature import REPLY_GRANT, SIGNATURE, BadSignature, check_grant, verify
 
 UNAUTHENTICATED = "unauthenticated"
+UNAUTHORIZED = "unauthorized"
+# refused for who sent a message or where it asks to be answered: nothing proves the reply
+# subject is the sender's, so no failure answer goes there
+UNPROVEN = frozenset({UNAUTHENTICATED, UNAUTHORIZED})
 
 
 class Copy(Exception):
@@ -86,18 +90,18 @@ class Verifier:
         where = f"the reply target {target[:80]!r}"
         if not grant:
             raise DeliveryError(
-                "unauthorized", f"{where} is not the signer's, and no {REPLY_GRANT} of its owner came with it"
+                UNAUTHORIZED, f"{where} is not the signer's, and no {REPLY_GRANT} of its owner came with it"
             )
         address = subjects.parse(d.subject)
         conversation = address.conversation if address is not None else headers.get(h.CONVERSATION, "")
         try:
             key = check_grant(grant, conversation)
         except BadSignature as exc:
-            raise DeliveryError("unauthorized", f"{where}: {exc}") from None
+            raise DeliveryError(UNAUTHORIZED, f"{where}: {exc}") from None
         granter = self.directory.identity(key)
         if granter is None or not owns(granter, key, target):
             raise DeliveryError(
-                "unauthorized", f"{where} is not in the reply space of its grant's signer {granter or key}"
+                UNAUTHORIZED, f"{where} is not in the reply space of its grant's signer {granter or key}"
             )
 
     def _fresh(self, d: Delivery, headers: dict[str, str]) -> None:

@@ -346,10 +346,7 @@ class Keyring:
         if path.exists():
             return read_seed(path)
         seed = new_seed()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(creds_text(seed))
+        _write_creds(path, creds_text(seed))
         return seed
 
     def issue_role(self, role: Role, settings: Settings) -> bool:
@@ -371,14 +368,10 @@ class Keyring:
         ``nsc``): the file is copied in, and the next issue uses its key."""
         try:
             read_seed(creds)
-            data = creds.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the credentials {creds}: {exc.strerror}") from None
-        path = self.creds_path(identity)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            text = creds.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the credentials {creds}: {exc}") from None
+        _write_creds(self.creds_path(identity), text)
 
     def revoke(self, identity: str) -> bool:
         """Forget an identity and its seed (rotation: revoke, then issue again)."""
@@ -422,6 +415,12 @@ def auth_config(users: list[User]) -> dict[str, Any]:
     """nats-server's ``authorization`` block: one NKEY user per identity. No user without a
     key: a client that presents none (or an unknown one) is refused at connect."""
     return {"users": [{"nkey": u.nkey, "permissions": u.permissions.config()} for u in users]}
+
+
+def _write_creds(path: Path, text: str) -> None:
+    """A credentials file (mode 0600) in a directory of its own (mode 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_atomic(path, text)
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
