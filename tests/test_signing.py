@@ -80,6 +80,7 @@ def test_a_signature_verifies_and_any_change_breaks_it() -> None:
         (m.subject, {**m.headers, h.ANSWER: "vault.j1/0"}, m.data),
         (m.subject, {**m.headers, SIGNER: mallory.public_key}, m.data),
         (m.subject, {**m.headers, SIGNATURE: "A" * 86}, m.data),
+        (m.subject, {**m.headers, SIGNATURE: m.headers[SIGNATURE][:-2] + ".\n"}, m.data),
         (m.subject, {**m.headers, SIGNER: "U" + "A" * 55}, m.data),
         (m.subject, {k: v for k, v in m.headers.items() if k != SIGNATURE}, m.data),
     ]
@@ -173,7 +174,9 @@ def test_a_grant_is_one_signature_per_conversation_and_says_who_made_it() -> Non
     g = billing.grant("c1")
     assert g == billing.grant("c1") and g != billing.grant("c2")
     assert len(g) == h.GRANT_LEN and check_grant(g, "c1") == billing.public_key
-    for bad, conversation in ((g, "c2"), (g[:50], "c1"), ("x" * h.GRANT_LEN, "c1")):
+    # out of the alphabet ("." and a line break are skipped by a lenient decoder): refused
+    odd = g[:-3] + ".\nA"
+    for bad, conversation in ((g, "c2"), (g[:50], "c1"), ("x" * h.GRANT_LEN, "c1"), (odd, "c1")):
         with pytest.raises(BadSignature):
             check_grant(bad, conversation)
 
