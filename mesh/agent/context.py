@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from msgspec.structs import replace
 
 from mesh.join import HandedOn
+from mesh.llm.metering import Totals
 from mesh.llm.tools import Toolbox
 from mesh.observability.tracing import current_trace_id
 from mesh.runtime.client import Answer, Lineage, MeshClient, Sent
@@ -63,6 +64,7 @@ class Context:
         "permissions",
         "settings",
         "tools",
+        "usage",
     )
 
     def __init__(
@@ -95,6 +97,7 @@ class Context:
         self.instance = instance
         self.llm = llm
         self.log = log
+        self.usage = Totals()  # the model calls of this handling: tokens and cost (its record entry)
         self.join_name = ""  # set when this context completes a join
         self.gathered: tuple[str, ...] = ()  # traceparents of what a join gathered
         self._client = client

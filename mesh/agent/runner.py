@@ -20,6 +20,7 @@ from mesh.llm import LLM, llm_scope, make_llm
 from mesh.middleware.base import chain
 from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
+from mesh.observability.record import Recorder, recording
 from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
 from mesh.patterns.fanin import JoinKeeper, JoinState
@@ -35,6 +36,7 @@ from mesh.runtime.ladder import (
     GiveUp,
     Guard,
     Quota,
+    Recorded,
     Run,
     Seen,
     Settle,
@@ -100,15 +102,20 @@ class AgentRuntime:
         self.instance = instance or new_id()
         self.llm = llm or make_llm(settings)
         self._signer = signer_of(settings)
+        self.recorder = Recorder(
+            transport, agent.name, secret_headers=settings.secret_header_names, enabled=settings.record
+        )
         self.client = MeshClient(
             transport,
             sender=agent.name,
             codec=codec,
-            # signing last: it signs the headers as everything before it left them
+            # signing last but the record: it signs the headers as everything before it left
+            # them, and the record keeps the message as it went out
             publish_middleware=(
                 inject_trace,
                 *agent.publish_middleware,
                 *((signing(self._signer),) if self._signer is not None else ()),
+                *((recording(self.recorder),) if settings.record else ()),
             ),
             signer=self._signer,
         )
@@ -155,6 +162,9 @@ class AgentRuntime:
         if settings.sender_rate:  # one table for both: a sender's quota is per process
             quotas = Quotas(settings.sender_rate, settings.sender_burst)
             stored, direct = Quota(stored, quotas), Quota(direct, quotas)
+        if settings.record:
+            recorder, most = self.recorder, settings.max_deliver
+            stored, direct = Recorded(stored, recorder, most), Recorded(direct, recorder, most)
         if self.verifier is not None:  # first: the quota then counts the proven sender
             stored, direct = Verify(stored, self.verifier), Verify(direct, self.verifier)
         stored = Settle(

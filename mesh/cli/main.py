@@ -82,12 +82,13 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh.cli import audit, creds, declare, dlq, llm, server
+    from mesh.cli import audit, creds, declare, dlq, llm, record, server
 
     server.register(cli, _settings)
     creds.register(cli, lambda: _settings(role=None))
     dlq.register(cli, _settings, _run)
     audit.register(cli, _settings, _run)
+    record.register(cli, _settings, _run)
     llm.register(cli, _settings, _run)
     declare.register(agents, _settings, _run)
 
@@ -153,10 +154,12 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
 
     PENDING: stored messages not yet handed to a replica; REDELIVERED: messages out for a
     second (or later) delivery and not yet acknowledged (retries, crashed handlers). Both
-    count the agent's inbox and event queues.
+    count the agent's inbox and event queues. WAITING: tool calls parked for an approval
+    (`mesh approvals` lists them).
     """
     if ctx.invoked_subcommand is not None:
         return
+    from mesh.patterns.approval import waiting_counts
     from mesh.runtime.discovery import backlog, discover
     from mesh.transport.keys import known_directory
     from mesh.transport.nats import NatsTransport
@@ -168,11 +171,14 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
         try:
             found = await discover(transport, timeout=wait, directory=known_directory(settings))
             queues = {name: await backlog(transport, name) for name in {a.name for a in found}}
+            waiting = await waiting_counts(transport)
         finally:
             await transport.close()
         if as_json:
             for a in found:
-                click.echo(json.dumps({**a.__dict__, "queue": queues[a.name]}))
+                click.echo(
+                    json.dumps({**a.__dict__, "queue": queues[a.name], "waiting": waiting.get(a.name, 0)})
+                )
             return
         if not found:
             click.echo("no agents are running (start one with `mesh run module:agent`)")
@@ -182,7 +188,7 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
             by_name.setdefault(a.name, []).append(a)
         click.echo(
             f"{'AGENT':<16}{'REPLICAS':>9}{'HANDLED':>9}{'ERRORS':>8}{'DLQ':>6}{'IN-FLIGHT':>11}"
-            f"{'PENDING':>9}{'REDELIVERED':>13}  HANDLES"
+            f"{'PENDING':>9}{'REDELIVERED':>13}{'WAITING':>9}  HANDLES"
         )
         for name, group in by_name.items():
             total = {
@@ -193,7 +199,7 @@ def agents(ctx: click.Context, as_json: bool, wait: float) -> None:
             click.echo(
                 f"{name:<16}{len(group):>9}{total['handled']:>9}{total['errors']:>8}"
                 f"{total['dead_lettered']:>6}{total['in_flight']:>11}{q['pending']:>9}{q['redelivered']:>13}"
-                f"  {', '.join(group[0].handles)}"
+                f"{waiting.get(name, 0):>9}  {', '.join(group[0].handles)}"
             )
 
     _run(go)
@@ -312,19 +318,31 @@ async def _publish(
 @click.option("--count", "-n", type=int, default=0, help="Stop after this many messages.")
 @click.option("--timeout", type=float, default=0.0, help="Stop after this many seconds.")
 @click.option("--full", is_flag=True, help="Show whole bodies, not a preview.")
+@click.option(
+    "--from-start", is_flag=True, help="With -c: the conversation's recorded messages first, then live."
+)
 def tap_cmd(
-    pattern: str, conversation: str | None, as_json: bool, count: int, timeout: float, full: bool
+    pattern: str,
+    conversation: str | None,
+    as_json: bool,
+    count: int,
+    timeout: float,
+    full: bool,
+    from_start: bool,
 ) -> None:
     """Show messages live, decoded. Taps never take messages from agents.
 
     PATTERN is a NATS subject pattern (default `mesh.>`); e.g. `mesh.*.agent.triage`.
     """
+    from mesh.observability.history import follow
     from mesh.observability.tap import TapLine, format_line, tap
     from mesh.transport.nats import NatsTransport
     from mesh.wire.subjects import check_pattern, conversation_pattern
 
     settings = _settings("observer")
     subject = conversation_pattern(conversation) if conversation else check_pattern(pattern)
+    if from_start and not conversation:
+        raise ConfigError("--from-start replays one conversation: give it with -c <conversation-id>")
 
     async def go() -> None:
         transport = await NatsTransport.connect(settings, "mesh-tap")
@@ -351,7 +369,10 @@ def tap_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, done.set)
-        await tap(transport, subject, on_line, full=full)
+        if from_start and conversation:
+            await follow(transport, conversation, on_line, full=full)
+        else:
+            await tap(transport, subject, on_line, full=full)
         await transport.flush()
         click.echo(f"tapping {subject} on {transport.connected_url} (Ctrl-C to stop)", err=True)
         try:

@@ -23,6 +23,7 @@ class Scope:
     tenant: str = "default"
     agent: str = ""
     conversation: str = ""
+    totals: Totals | None = None  # the handling's own (Context.usage): into its record entry
 
 
 _NO_SCOPE = Scope()
@@ -39,7 +40,7 @@ def llm_scope(call_next: Call) -> Call:
     async def call(ctx: Any, msg: Any) -> Any:
         settings = ctx.settings
         tenant = settings.tenant if settings is not None else "default"
-        token = _scope.set(Scope(tenant, ctx.agent, ctx.conversation_id))
+        token = _scope.set(Scope(tenant, ctx.agent, ctx.conversation_id, getattr(ctx, "usage", None)))
         try:
             return await call_next(ctx, msg)
         finally:
@@ -133,6 +134,8 @@ class Metering:
         self.cost.add(cost, attrs)
         self.calls.add(1, {**attrs, "outcome": "ok"})
         self.ledger.add(scope, usage, cost)
+        if scope.totals is not None:
+            scope.totals.add(usage, cost)
         if span.is_recording():
             span.set_attributes(
                 {

@@ -35,6 +35,7 @@ from mesh.runtime.client import Lineage
 from mesh.runtime.deadletter import dead_letter
 from mesh.runtime.keepers import Outcome
 from mesh.transport.delivery import Later
+from mesh.transport.streams import EVENTS
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import default_codec
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from mesh.agent.context import Context
     from mesh.agent.declaration import Agent
     from mesh.llm.tools import Tool
+    from mesh.transport.base import Transport
     from mesh.transport.state import StateStore
 
 Status = Literal["pending", "approved", "denied", "expired"]
@@ -142,6 +144,35 @@ async def pending(store: StateStore) -> list[ApprovalState]:
         if got is not None and (st := decoded(got[0])).status == "pending":
             found.append(st)
     return sorted(found, key=lambda st: (st.parked_ms, st.expires_ms))
+
+
+async def waiting_counts(transport: Transport) -> dict[str, int]:
+    """Approvals waiting for a decision, per agent, from the stored ``approval.request`` and
+    ``approval.resolved`` events (`mesh agents`: the observer may read those, not the state)."""
+    asked: dict[str, str] = {}  # approval id -> agent
+    resolved: set[str] = set()
+    pattern, seq = subjects.event_pattern("approval.*"), 1
+    while batch := await transport.stored_many(EVENTS, seq, pattern):
+        for m in batch:
+            body = _any_json(m.data)
+            approval = str(body.get("approval", "")) if isinstance(body, dict) else ""
+            if str(m.subject).endswith(".approval.request"):
+                asked[approval] = str(body.get("agent", "")) if isinstance(body, dict) else ""
+            elif str(m.subject).endswith(".approval.resolved"):
+                resolved.add(approval)
+        seq = int(batch[-1].seq) + 1
+    counts: dict[str, int] = {}
+    for approval, agent in asked.items():
+        if approval not in resolved:
+            counts[agent] = counts.get(agent, 0) + 1
+    return counts
+
+
+def _any_json(data: bytes) -> object:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
 
 
 def approval_key(agent: str, approval_id: str) -> str:

@@ -17,6 +17,7 @@ from msgspec.structs import replace
 
 from mesh.middleware.publish import PUBLISH, REQUEST, STORE, Outgoing, PublishMiddleware, chain_publish
 from mesh.middleware.signing import signing
+from mesh.observability.record import Recorder, recording
 from mesh.observability.tracing import inject_trace
 from mesh.runtime.deadletter import DeliveryFailed
 from mesh.transport.base import Transport
@@ -120,10 +121,17 @@ class MeshClient:
     async def connect(cls, settings: Settings, sender: str, *, url: str | None = None) -> MeshClient:
         """A client on its own connection; with an identity (MESH_NATS_CREDS), it signs."""
         signer = signer_of(settings)
-        middleware = (inject_trace, signing(signer)) if signer is not None else (inject_trace,)
+        directory = known_directory(settings)
         transport = await NatsTransport.connect(settings, sender, url=url)
+        middleware: list[PublishMiddleware] = [inject_trace]
+        if signer is not None:
+            middleware.append(signing(signer))
+        if settings.record:
+            writer = record_writer(sender, signer, directory)
+            secret = settings.secret_header_names
+            middleware.append(recording(Recorder(transport, writer, secret_headers=secret)))
         client = cls(transport, sender, publish_middleware=middleware, signer=signer)
-        client.directory = known_directory(settings)
+        client.directory = directory
         return client
 
     async def close(self) -> None:
@@ -367,6 +375,16 @@ class MeshClient:
         if lineage.gathers:
             headers[h.GATHERS] = ",".join(lineage.gathers)
         return headers
+
+
+def record_writer(sender: str, signer: Signer | None, directory: KeyDirectory | None) -> str:
+    """The name a client records under (mesh.observability.record): its identity's (an
+    agent's name, or its role: ``publisher``, ``operator``), which is all its credentials let
+    it record as; without an identity, its sender name if that is a valid one."""
+    identity = directory.identity(signer.public_key) if signer is not None and directory is not None else None
+    if identity:
+        return identity.partition(":")[2]
+    return sender if subjects.is_agent_name(sender) else "client"
 
 
 def _with_deadline(lineage: Lineage, seconds: float | None) -> Lineage:

@@ -3,11 +3,12 @@
 A rung takes a `Work` (the delivery, and what the rungs below learn about it) and the rung
 below it. The runtime builds two ladders, top rung first:
 
-    stored:  Count > Settle > Verify > Quota > Guard > Accept > GiveUp > TimeLimit > Run
-    direct:  Count > SettleDirect > Verify > Quota > Seen > Accept > Run
+    stored:  Count > Settle > Verify > Recorded > Quota > Guard > Accept > GiveUp > TimeLimit > Run
+    direct:  Count > SettleDirect > Verify > Recorded > Quota > Seen > Accept > Run
 
 (`Quota` only when MESH_SENDER_RATE is not 0; `Verify` and `Seen` only when identities are
-on: the quota then counts the proven sender, so no one can spend another's.)
+on: the quota then counts the proven sender, so no one can spend another's. `Recorded`
+only when MESH_RECORD is on: below `Verify`, so the record holds only proven messages.)
 
 `Run` calls the handler (or a join or an approval). The rungs between turn what happened
 into one of a few signals, and `Settle` turns each signal into what the stream is told:
@@ -33,6 +34,7 @@ from mesh.wire.errors import DeliveryError
 if TYPE_CHECKING:
     from mesh.agent.context import Context
     from mesh.agent.declaration import Handler
+    from mesh.observability.record import Recorder
     from mesh.runtime.discovery import Stats
     from mesh.runtime.quota import Quotas
     from mesh.runtime.retries import Failures
@@ -231,6 +233,50 @@ class SettleDirect:
             )
             await self.fail(d, "handler_error", f"{w.handler_name} raised {stats.last_error}")
         return None
+
+
+class Recorded:
+    """Write what became of each delivery into the conversation record
+    (mesh.observability.record), before the rung above settles it: handled, retry,
+    dead_letter or duplicate, with the handling time and the model usage of the run. A
+    delivery still waiting (a timer not due) and one cut short by a stop are not recorded:
+    they come again."""
+
+    def __init__(self, below: Take, recorder: Recorder, max_deliver: int) -> None:
+        self.below = below
+        self.recorder = recorder
+        self.max_deliver = max_deliver
+
+    async def __call__(self, w: Work) -> Later | None:
+        started = time.perf_counter_ns()
+        outcome, reason = "handled", ""
+        try:
+            result = await self.below(w)
+        except Duplicate:
+            outcome = "duplicate"
+            raise
+        except DeliveryError as exc:  # bad input, a refusal, the last delivery (Exhausted)
+            outcome, reason = "dead_letter", f"{exc.kind}: {exc.reason}"
+            raise
+        except HandlerFailed as exc:
+            last = w.delivery.attempt >= self.max_deliver
+            outcome, reason = ("dead_letter" if last else "retry"), exc.error
+            raise
+        except asyncio.CancelledError:
+            outcome = ""
+            raise
+        except Exception as exc:  # a direct delivery's handler: dead-lettered at once
+            outcome, reason = "dead_letter", f"{w.handler_name} raised {type(exc).__name__}: {exc}"
+            raise
+        else:
+            if isinstance(result, Later):
+                outcome = ""
+            return result
+        finally:
+            if outcome:
+                millis = (time.perf_counter_ns() - started) / 1e6
+                usage = getattr(w.ctx, "usage", None)
+                await self.recorder.received(w.delivery, outcome, reason=reason, millis=millis, usage=usage)
 
 
 class Guard:

@@ -105,7 +105,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
     - send: any agent's inbox and direct line (handoffs and requests name their target at
       run time; the declaration does not list them), events of any type (`ctx.publish`
       takes any), answers to outside requesters (``reply`` subjects and ``_INBOX``), its
-      own timers, its own dead letters and its own audit records;
+      own timers, its own dead letters, its own audit records and its own entries in the
+      conversation record;
     - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN`` and ``MESH_STATE`` (joins,
       failure histories), read by key; its approvals if it parks calls.
 
@@ -128,6 +129,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         f"{_MESH}.*.{subjects.REPLY}.*",
         f"{_MESH}.*.{subjects.DEAD_LETTER}.{a}",
         subjects.audit_pattern(a),  # its own audit chains, never another's
+        subjects.record_pattern(writer=a),  # its own entries in the conversation record
         "_INBOX.>",  # answers to requesters: direct requests, discovery, Mesh-Reply-To
         *(f"{_API}.CONSUMER.INFO.{s}.{a}" for s in consumers),
         *(f"{_API}.CONSUMER.MSG.NEXT.{s}.{a}" for s in consumers),
@@ -190,6 +192,10 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
         f"{_API}.STREAM.MSG.GET.{streams.EVENTS}",
         f"{_API}.DIRECT.GET.{streams.EVENTS}",
         f"{_API}.DIRECT.GET.{streams.EVENTS}.>",
+        # the conversation record (`mesh conversations`, `mesh show`): what they may watch live
+        f"{_API}.STREAM.MSG.GET.{streams.RECORD}",
+        f"{_API}.DIRECT.GET.{streams.RECORD}",
+        f"{_API}.DIRECT.GET.{streams.RECORD}.>",
     ]
     if role == "publisher":
         publish = [
@@ -198,6 +204,7 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
             f"{_MESH}.*.{subjects.AGENT}.*",
             f"{_MESH}.*.{subjects.DIRECT}.*",
             f"{_MESH}.*.{subjects.EVENT}.>",
+            subjects.record_pattern(writer=role),  # what it sends, in the conversation record
         ]
         # and watch what it started (`mesh publish --wait-for`), as an observer does
         return Permissions(

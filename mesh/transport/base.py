@@ -96,6 +96,15 @@ class Transport(Protocol):
         """The first stored message at or after `seq` on `subject` (a pattern), or None."""
         ...
 
+    async def stored_many(self, stream: str, seq: int, subject: str, batch: int = 256) -> list[Any]:
+        """Up to `batch` stored messages at or after `seq` on `subject` (a pattern), in order;
+        an empty list when there are no more."""
+        ...
+
+    async def stream_bounds(self, stream: str) -> tuple[int, int]:
+        """The first and last sequence a stream holds."""
+        ...
+
     async def stored_last(self, stream: str, subject: str) -> Any | None:
         """The last stored message on `subject`, or None."""
         ...

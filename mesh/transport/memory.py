@@ -286,6 +286,17 @@ class MemoryTransport:
             None,
         )
 
+    async def stored_many(self, stream: str, seq: int, subject: str, batch: int = 256) -> list[Any]:
+        st = self._stream(stream)
+        found = (
+            m for s, m in sorted(st.messages.items()) if s >= seq and subjects.matches(subject, m.subject)
+        )
+        return [m for _, m in zip(range(batch), found, strict=False)]
+
+    async def stream_bounds(self, stream: str) -> tuple[int, int]:
+        seqs = sorted(self._stream(stream).messages)
+        return (seqs[0], seqs[-1]) if seqs else (0, 0)
+
     async def stored_last(self, stream: str, subject: str) -> Any | None:
         st = self.bus.streams.get(stream)
         if st is None:  # as on NATS: no stream, no message

@@ -1,10 +1,9 @@
 """The NATS implementation of `Transport` (mesh.transport.base).
 
-nats-py is used only here and in the modules beside it: `natsclient` (the
-client itself), `consumer` (pulls), `outbox` (stores acknowledged together), `state` and
-`kvbatch` (KV buckets). A delivery is anything with ``subject``, ``data``, ``headers`` and
-``reply``.
-"""
+nats-py is used only here and in the modules beside it: `natsclient` (the client itself),
+`consumer` (pulls), `outbox` (stores acknowledged together), `state` and `kvbatch` (KV
+buckets), `reading` (stored messages in batches). A delivery is anything with ``subject``,
+``data``, ``headers`` and ``reply``."""
 
 from __future__ import annotations
 
@@ -53,6 +52,7 @@ from mesh.transport.natsclient import (
     with_text_headers,
 )
 from mesh.transport.outbox import Acks, Outbox, Pipelined
+from mesh.transport.reading import stored_batch, stream_bounds
 from mesh.transport.server import resolve_url
 from mesh.transport.state import NatsState, StateStore
 from mesh.transport.streams import BucketSpec, ConsumerSpec, StreamSpec, stream_specs
@@ -81,6 +81,7 @@ class NatsTransport:
         self.settings = settings or Settings.load(environ={})
         self._js = nc.jetstream()
         self._streams_ready = False
+        self.unbatched: set[str] = set()  # streams that refused batched reads (mesh.transport.reading)
         self.closed = asyncio.Event()  # set when the connection is closed for good
         self._closing = False
         self.publish_retries = 0  # durable publishes sent again (see `store`)
@@ -314,6 +315,7 @@ class NatsTransport:
             discard_new_per_subject=spec.discard_new and spec.max_msgs_per_subject > 0,
             deny_delete=spec.append_only,
             deny_purge=spec.append_only,
+            allow_direct=spec.direct,
         )
         # With credentials, look first: an identity that may not create streams (an agent
         # under auth, docs/security.md) only checks that they exist. Without, create at
@@ -433,6 +435,12 @@ class NatsTransport:
         except nats.js.errors.NotFoundError:
             return None
 
+    async def stored_many(self, stream: str, seq: int, subject: str, batch: int = 256) -> list[Any]:
+        return await stored_batch(self, stream, seq, subject, batch)
+
+    async def stream_bounds(self, stream: str) -> tuple[int, int]:
+        return await stream_bounds(self._js, stream)
+
     async def stored_last(self, stream: str, subject: str) -> Any | None:
         try:
             return with_text_headers(await self._js.get_last_msg(stream, subject))
@@ -461,8 +469,7 @@ class NatsTransport:
         return NatsState(self.nc, kv, bucket.name)
 
     async def _bucket(self, name: str, settings: Settings) -> Any:
-        """An existing bucket, asking again while JetStream does not answer in time (a busy
-        cluster, or one electing a leader) within MESH_PUBLISH_RETRY_TIMEOUT."""
+        """An existing bucket, asked again while JetStream is slow (MESH_PUBLISH_RETRY_TIMEOUT)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.publish_retry_timeout
         while True:

@@ -8,6 +8,8 @@ name                   holds                       retention
 ``MESH_TIMERS``        ``mesh.*.timer.*``          work queue: a join's deadline, until it fires
 ``MESH_DLQ``           ``mesh.*.dlq.>``            ``MESH_DLQ_RETENTION`` (14 days)
 ``MESH_AUDIT``         ``mesh_audit.>``            ``MESH_AUDIT_RETENTION``, append-only
+``MESH_RECORD``        ``mesh_record.>``           ``MESH_RECORD_RETENTION`` (7 days): what each
+                                                   process sent and received, per conversation
 KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
 KV ``MESH_STATE``      joins, failure histories    7 days
 KV ``MESH_SEEN``       ids of signed direct        twice ``MESH_REPLAY_WINDOW`` (10 minutes)
@@ -49,6 +51,7 @@ MAX_OPEN_TIMERS: Final = 100_000  # a timer's consumer: deadlines waiting at onc
 PROCESSED: Final = "MESH_PROCESSED"
 STATE: Final = "MESH_STATE"
 AUDIT: Final = "MESH_AUDIT"  # append-only (mesh.runtime.audit)
+RECORD: Final = "MESH_RECORD"  # the conversation record (mesh.observability.record)
 SEEN: Final = "MESH_SEEN"  # ids of signed direct messages, shared by an agent's replicas
 STATE_MAX_AGE: Final = 7 * 86400.0
 
@@ -64,6 +67,7 @@ class StreamSpec:
     max_msgs_per_subject: int = 0  # 0 = no limit
     discard_new: bool = False  # when full: refuse new messages (True) or drop the oldest
     append_only: bool = False  # no message can be deleted nor the stream purged
+    direct: bool = False  # read with direct gets, in batches (allow_direct)
 
     def limits(self) -> dict[str, object]:
         """The limits an existing stream is compared on (see `ensure_stream`)."""
@@ -110,6 +114,7 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
             settings.event_retention,
             dedupe_window=window,
             max_bytes=size,
+            direct=True,
         ),
         work_queue(TIMERS, subjects.TIMER),
         StreamSpec(
@@ -125,6 +130,14 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
             dedupe_window=window,
             max_bytes=size,
             append_only=True,
+        ),
+        StreamSpec(
+            RECORD,
+            [f"{subjects.RECORD_ROOT}.>"],
+            settings.record_retention,
+            dedupe_window=window,
+            max_bytes=size,
+            direct=True,
         ),
     ]
 

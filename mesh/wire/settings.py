@@ -179,6 +179,14 @@ class Settings(BaseModel):
     audit_retention: float = Field(
         default=365 * 86400.0, gt=0, description="Seconds audit records are kept (MESH_AUDIT, append-only)."
     )
+    record: bool = Field(
+        default=True,
+        description="Record what each process sends and receives in MESH_RECORD, so a conversation can "
+        "be listed, shown and replayed after it ended (mesh conversations, mesh show, mesh replay).",
+    )
+    record_retention: float = Field(
+        default=7 * 86400.0, gt=0, description="Seconds the conversation record is kept (MESH_RECORD)."
+    )
     sender_rate: float = Field(
         default=1000.0,
         ge=0,

@@ -14,7 +14,9 @@ pattern ``mesh.<conversation>.>``:
 =====================================  ===============================================
 
 Audit records live outside the mesh's root, ``mesh_audit.<writer>.<instance>`` (one chain per
-writing process), so nothing that watches ``mesh.>`` sees them.
+writing process), and so does the conversation record, ``mesh_record.<conv>.<writer>`` (what
+each process sent and received, mesh.observability.record): nothing that watches ``mesh.>``
+sees them twice.
 """
 
 from __future__ import annotations
@@ -199,6 +201,21 @@ def audit_subject(writer: str, instance: str) -> str:
 def audit_pattern(writer: str = "*") -> str:
     """Every audit record of `writer` (every writer by default)."""
     return f"{AUDIT_ROOT}.{writer}.*"
+
+
+RECORD_ROOT: Final = "mesh_record"
+
+
+def record_subject(conversation: str, writer: str) -> str:
+    """Where process identity `writer` records what it sent and received in a conversation."""
+    if not is_conversation_id(conversation) or not is_agent_name(writer):
+        raise ConfigError(f"record of {conversation!r} by {writer!r}: not a conversation id and a name")
+    return f"{RECORD_ROOT}.{conversation}.{writer}"
+
+
+def record_pattern(conversation: str = "*", writer: str = "*") -> str:
+    """The record of one conversation (every conversation by default), by `writer` (anyone)."""
+    return f"{RECORD_ROOT}.{conversation}.{writer}"
 
 
 def matches(pattern: str, subject: str) -> bool:

@@ -1,0 +1,160 @@
+"""`mesh conversations` and `mesh show`: looking back at conversations, from the record
+(mesh.observability.history). Both read as the observer: what it may watch live."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from mesh.observability import history
+from mesh.observability.conversation import causal_tree
+from mesh.transport.auth import Role
+from mesh.transport.nats import NatsTransport
+from mesh.wire import subjects
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
+
+Run = Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]
+
+
+def register(cli: click.Group, settings_fn: Callable[[Role], Settings], run: Run) -> None:
+    @cli.command("conversations")
+    @click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=20, show_default=True)
+    @click.option(
+        "--scan",
+        type=click.IntRange(1, 10_000_000),
+        default=20_000,
+        show_default=True,
+        help="Record entries read back from the newest.",
+    )
+    @click.option("--status", type=click.Choice(["done", "waiting", "failed", "running"]), help="Only these.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+    def conversations(limit: int, scan: int, status: str | None, as_json: bool) -> None:
+        """List recent conversations, newest first: id, start, status, duration, agents,
+        messages, model tokens and cost (from MESH_RECORD)."""
+        settings = settings_fn("observer")
+
+        async def go() -> None:
+            transport = await NatsTransport.connect(settings, "mesh-history")
+            try:
+                found = await history.recent(transport, limit=limit, scan=scan)
+            finally:
+                await transport.close()
+            rows = [s for s in found if status is None or s.status == status]
+            if as_json:
+                for s in rows:
+                    click.echo(json.dumps(s.to_dict()))
+                return
+            if not rows:
+                click.echo("no conversations recorded" + (f" with status {status}" if status else ""))
+                return
+            click.echo(
+                f"{'CONVERSATION':<28} {'STARTED (UTC)':<19} {'STATUS':<8} {'DURATION':>9} "
+                f"{'MSGS':>5} {'TOKENS':>9} {'COST $':>9}  AGENTS"
+            )
+            for s in rows:
+                click.echo(
+                    f"{s.id[:28]:<28} {_when(s.started):<19} {s.status:<8} {_took(s.duration):>9} "
+                    f"{s.messages:>5} {s.input_tokens + s.output_tokens:>9} {s.cost_usd:>9.4f}  "
+                    f"{','.join(s.agents)}"
+                )
+
+        run(go)
+
+    @cli.command("show")
+    @click.argument("conversation_id")
+    @click.option("--bodies/--no-bodies", default=True, show_default=True, help="Print each message's body.")
+    @click.option("--json", "as_json", is_flag=True, help="The summary and every message, as JSON.")
+    def show(conversation_id: str, bodies: bool, as_json: bool) -> None:
+        """Print one conversation from the record: who sent what to whom as a causal tree,
+        what became of each delivery, the bodies, and its trace id."""
+        settings = settings_fn("observer")
+        conv = subjects.conversation_id(conversation_id)
+
+        async def go() -> None:
+            transport = await NatsTransport.connect(settings, "mesh-history")
+            try:
+                msgs = await history.conversation(transport, conv)
+            finally:
+                await transport.close()
+            if not msgs:
+                raise ConfigError(
+                    f"no record of conversation {conv!r}: it is older than MESH_RECORD_RETENTION, "
+                    f"was never recorded (MESH_RECORD=false), or the id is wrong (see `mesh conversations`)"
+                )
+            summary = history.summarize(conv, msgs)
+            if as_json:
+                click.echo(json.dumps({**summary.to_dict(), "messages": [_message_json(m) for m in msgs]}))
+                return
+            click.echo(render(summary, msgs, bodies=bodies))
+
+        run(go)
+
+
+def render(summary: history.Summary, msgs: list[history.Recorded], *, bodies: bool = True) -> str:
+    """A conversation as `mesh show` prints it."""
+    out = [
+        f"conversation {summary.id}  {summary.status}  started {_when(summary.started)} UTC, "
+        f"took {_took(summary.duration)}",
+        f"agents: {', '.join(summary.agents) or '-'}   messages: {summary.messages}   "
+        f"tokens: {summary.input_tokens} in / {summary.output_tokens} out   cost: ${summary.cost_usd:.4f}",
+        f"trace: {', '.join(summary.trace_ids) or '-'}",
+        "",
+    ]
+    by_id = {m.id: m for m in msgs}
+    lines = [m.line() for m in msgs]
+    start = min((line.sent_ns for line in lines if line.sent_ns), default=0)
+    for depth, line in causal_tree(lines):
+        m = by_id[line.id]
+        indent = "   " * depth
+        offset = f"{(line.sent_ns - start) / 1e6:9.1f} ms" if line.sent_ns and start else " " * 12
+        out.append(f"{offset}  {indent}└─ {line.sender} → {line.receiver}  [{line.type}]  id={m.id}")
+        for d in m.deliveries:
+            used = f", {d.input_tokens}+{d.output_tokens} tokens ${d.cost_usd:.4f}" if d.input_tokens else ""
+            why = f": {d.reason}" if d.reason else ""
+            took = f"delivery {d.attempt}, {d.millis:.1f} ms{used}"
+            out.append(f"{'':12}  {indent}   ↳ {d.agent}: {d.outcome} ({took}){why}")
+        if bodies:
+            text = json.dumps(m.body(), indent=2, ensure_ascii=False, default=str)
+            out.extend(f"{'':12}  {indent}     {row}" for row in text.splitlines())
+    return "\n".join(out)
+
+
+def _message_json(m: history.Recorded) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "subject": m.subject,
+        "type": m.type,
+        "sender": m.sender,
+        "causation": m.causation,
+        "sent_ns": m.sent_ns,
+        "trace_id": m.trace_id,
+        "recorded_by": m.sent_by,
+        "headers": m.headers,
+        "body": m.body(),
+        "deliveries": [
+            {
+                "agent": d.agent,
+                "outcome": d.outcome,
+                "delivery": d.attempt,
+                "ms": d.millis,
+                "reason": d.reason,
+                "input_tokens": d.input_tokens,
+                "output_tokens": d.output_tokens,
+                "cost_usd": d.cost_usd,
+            }
+            for d in m.deliveries
+        ],
+    }
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"

@@ -1,0 +1,323 @@
+"""Reading the conversation record (mesh.observability.record) back: one conversation's
+messages with what became of each, and a summary of recent conversations.
+
+Each message is recorded by the process that sent it and by each process that received
+it; `conversation` merges those entries by message id into one `Recorded` message with
+its `deliveries`. The body and headers come from the sender's entry when there is one (as
+it went out), else from a receiver's.
+
+A conversation's status, from its record:
+
+- ``failed``: a message was dead-lettered (on its last delivery), or a request was
+  answered with a delivery failure;
+- ``waiting``: an approval was requested and not yet resolved;
+- ``running``: a message sent to an agent's inbox or direct line has no final outcome yet
+  (not handled, not dead-lettered);
+- ``done``: none of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from mesh.observability import record as rec
+from mesh.observability.tap import TapLine, decode_any, observe, tap
+from mesh.transport.streams import RECORD
+from mesh.wire import envelope as h
+from mesh.wire import subjects
+
+if TYPE_CHECKING:
+    from mesh.transport.base import Subscription, Transport
+
+FAILED: Final = "failed"
+WAITING: Final = "waiting"
+RUNNING: Final = "running"
+DONE: Final = "done"
+_FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
+_APPROVAL_REQUEST: Final = "approval.request"
+_APPROVAL_RESOLVED: Final = "approval.resolved"
+_FAILURE: Final = "mesh.delivery_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of a message to an agent, and what became of it."""
+
+    agent: str
+    outcome: str
+    attempt: int
+    millis: float
+    reason: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    at: float = 0.0  # when it was recorded (seconds since the epoch)
+
+
+@dataclass(slots=True)
+class Recorded:
+    """One message of a conversation, as recorded."""
+
+    id: str
+    subject: str  # where it went
+    headers: dict[str, str]
+    data: bytes
+    sent_by: str = ""  # the writer of the sender's entry ("" if only receivers recorded it)
+    seq: int = 0  # the stream sequence of its first entry
+    at: float = 0.0  # when its first entry was stored
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    @property
+    def type(self) -> str:
+        return self.headers.get(h.TYPE, "?")
+
+    @property
+    def sender(self) -> str:
+        return self.headers.get(h.SENDER, "?")
+
+    @property
+    def causation(self) -> str:
+        return self.headers.get(h.CAUSATION, "")
+
+    @property
+    def sent_ns(self) -> int:
+        raw = self.headers.get(h.SENT_AT, "")
+        return int(raw) if raw.isdigit() else int(self.at * 1e9)
+
+    @property
+    def trace_id(self) -> str:
+        parts = self.headers.get(h.TRACEPARENT, "").split("-")
+        return parts[1] if len(parts) == 4 else ""
+
+    @property
+    def kind(self) -> str:
+        address = subjects.parse(self.subject)
+        return address.kind if address is not None else subjects.REPLY
+
+    def body(self) -> Any:
+        if rec.OMITTED in self.headers:
+            return f"<{self.headers[rec.OMITTED]} bytes, too large to record>"
+        return decode_any(self.data, self.headers.get(h.CONTENT_TYPE, ""))
+
+    def line(self) -> TapLine:
+        """As `mesh tap` shows a message, with its whole body."""
+        return observe(_AsSeen(self.subject, self.data, self.headers), self.sent_ns or None, full=True)
+
+
+class Summary(msgspec.Struct, frozen=True):
+    """A conversation at a glance (`mesh conversations`)."""
+
+    id: str
+    started: float  # seconds since the epoch
+    ended: float
+    agents: tuple[str, ...]
+    status: str
+    messages: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    trace_ids: tuple[str, ...]
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.ended - self.started)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**msgspec.structs.asdict(self), "duration": round(self.duration, 3)}
+
+
+@dataclass(frozen=True, slots=True)
+class _AsSeen:
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+async def entries(transport: Transport, pattern: str, start: int = 1) -> AsyncIterator[Any]:
+    """Every record entry on `pattern` from stream sequence `start`, oldest first."""
+    seq = start
+    while batch := await transport.stored_many(RECORD, seq, pattern):
+        for entry in batch:
+            yield entry
+        seq = int(batch[-1].seq) + 1
+
+
+def merge(stored: Iterable[Any]) -> list[Recorded]:
+    """Entries (subject, data, headers, seq, at) merged into messages, in stream order."""
+    messages: dict[str, Recorded] = {}
+    for entry in stored:
+        headers = dict(entry.headers or {})
+        msg_id = headers.get(h.ID, "")
+        kind = headers.pop(rec.ENTRY, "")
+        subject = headers.pop(rec.SUBJECT, "")
+        if not msg_id or kind not in (rec.SENT, rec.RECEIVED):
+            continue
+        writer = str(entry.subject).rsplit(".", 1)[-1]
+        at = float(getattr(entry, "at", 0.0) or 0.0)
+        outcome = {k: headers.pop(k) for k in _ENTRY_HEADERS if k in headers}
+        found = messages.get(msg_id)
+        if found is None:
+            found = messages[msg_id] = Recorded(
+                msg_id, subject, headers, bytes(entry.data), seq=int(entry.seq), at=at
+            )
+        if kind == rec.SENT:
+            if not found.sent_by:  # the message as it went out
+                found.subject, found.headers, found.data, found.sent_by = (
+                    subject,
+                    headers,
+                    bytes(entry.data),
+                    writer,
+                )
+            continue
+        found.deliveries.append(_delivery(writer, outcome, at))
+    return list(messages.values())
+
+
+_ENTRY_HEADERS: Final = (rec.OUTCOME, rec.REASON, rec.DELIVERY, rec.MILLIS, rec.TOKENS, rec.COST)
+
+
+def _delivery(writer: str, entry: dict[str, str], at: float) -> Delivery:
+    tokens_in, _, tokens_out = entry.get(rec.TOKENS, "0/0").partition("/")
+    return Delivery(
+        agent=writer,
+        outcome=entry.get(rec.OUTCOME, "?"),
+        attempt=_int(entry.get(rec.DELIVERY, "1")),
+        millis=_float(entry.get(rec.MILLIS, "0")),
+        reason=entry.get(rec.REASON, ""),
+        input_tokens=_int(tokens_in),
+        output_tokens=_int(tokens_out),
+        cost_usd=_float(entry.get(rec.COST, "0")),
+        at=at,
+    )
+
+
+async def conversation(transport: Transport, conversation_id: str) -> list[Recorded]:
+    """Every recorded message of one conversation, in the order they were first recorded."""
+    pattern = subjects.record_pattern(subjects.conversation_id(conversation_id), "*")
+    return merge([e async for e in entries(transport, pattern)])
+
+
+def summarize(conversation_id: str, messages: list[Recorded]) -> Summary:
+    agents: set[str] = set()
+    status_failed = waiting = running = False
+    asked: set[str] = set()
+    resolved: set[str] = set()
+    tokens_in = tokens_out = 0
+    cost = 0.0
+    times: list[float] = []
+    traces: list[str] = []
+    for m in messages:
+        times.append(m.sent_ns / 1e9)
+        if m.trace_id and m.trace_id not in traces:
+            traces.append(m.trace_id)
+        if m.sent_by and m.sender != "?" and subjects.is_agent_name(m.sender):
+            agents.add(m.sender)
+        address = subjects.parse(m.subject)
+        if address is not None and address.kind in (subjects.AGENT, subjects.DIRECT):
+            agents.add(address.target)
+        if m.type == _FAILURE:
+            status_failed = True
+        if m.type in (_APPROVAL_REQUEST, _APPROVAL_RESOLVED):
+            approval = _field(m, "approval")
+            (asked if m.type == _APPROVAL_REQUEST else resolved).add(approval)
+        for d in m.deliveries:
+            agents.add(d.agent)
+            times.append(d.at)
+            tokens_in, tokens_out, cost = (
+                tokens_in + d.input_tokens,
+                tokens_out + d.output_tokens,
+                cost + d.cost_usd,
+            )
+            if d.outcome == rec.DEAD_LETTER:
+                status_failed = True
+        if m.kind in (subjects.AGENT, subjects.DIRECT) and not any(d.outcome in _FINAL for d in m.deliveries):
+            running = True
+    waiting = bool(asked - resolved)
+    status = FAILED if status_failed else WAITING if waiting else RUNNING if running else DONE
+    times = [t for t in times if t > 0]
+    return Summary(
+        id=conversation_id,
+        started=min(times, default=0.0),
+        ended=max(times, default=0.0),
+        agents=tuple(sorted(agents)),
+        status=status,
+        messages=len(messages),
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cost_usd=round(cost, 6),
+        trace_ids=tuple(traces),
+    )
+
+
+async def recent(transport: Transport, *, limit: int = 20, scan: int = 20_000) -> list[Summary]:
+    """The `limit` conversations recorded most recently (newest first), found among the last
+    `scan` record entries."""
+    first, last = await transport.stream_bounds(RECORD)
+    start = max(first, last - scan + 1, 1)
+    by_conversation: dict[str, list[Any]] = {}
+    async for entry in entries(transport, f"{subjects.RECORD_ROOT}.>", start):
+        conv = str(entry.subject).split(".")[1]
+        by_conversation.setdefault(conv, []).append(entry)
+    newest = sorted(by_conversation, key=lambda c: by_conversation[c][-1].seq, reverse=True)[:limit]
+    return [summarize(c, merge(by_conversation[c])) for c in newest]
+
+
+def _field(m: Recorded, name: str) -> str:
+    body = m.body()
+    return str(body.get(name, "")) if isinstance(body, dict) else ""
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
+def _float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        return 0.0
+
+
+async def follow(
+    transport: Transport,
+    conversation_id: str,
+    on_line: Callable[[TapLine], Awaitable[None] | None],
+    *,
+    full: bool = False,
+) -> Subscription:
+    """`mesh tap -c <conversation> --from-start`: every recorded message of the conversation,
+    then the ones that come live, each once. The live tap starts first and holds what it
+    sees while the record is read, so nothing falls between the two."""
+    seen: set[str] = set()
+    held: list[TapLine] | None = []
+
+    async def show(line: TapLine) -> None:
+        if line.id and not line.dead_letter:
+            if line.id in seen:
+                return
+            seen.add(line.id)
+        result = on_line(line)
+        if result is not None:
+            await result
+
+    async def live(line: TapLine) -> None:
+        if held is not None:
+            held.append(line)
+        else:
+            await show(line)
+
+    sub = await tap(transport, subjects.conversation_pattern(conversation_id), live, full=full)
+    for m in await conversation(transport, conversation_id):
+        await show(m.line() if full else replace(m.line(), body=None))
+    waiting = held or []
+    held = None
+    for line in waiting:
+        await show(line)
+    return sub

@@ -1,0 +1,170 @@
+"""The conversation record (mesh.observability.record, .history) on a real server with auth on:
+every message of a conversation is kept once, with what became of it, after the work
+streams have forgotten it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from sample_agents.echo import Ping, Pong
+from sample_agents.echo import agent as echo
+
+from mesh import Agent, Context
+from mesh.observability import history
+from mesh.observability import record as rec
+from mesh.runtime.client import MeshClient
+from mesh.testing import running_agent
+from mesh.transport.identities import with_role
+from mesh.transport.nats import NatsTransport
+from mesh.transport.streams import INBOX
+from mesh.wire import envelope as h
+from mesh.wire import subjects
+from mesh.wire.settings import Settings
+from mesh.wire.subjects import Address
+
+
+@asynccontextmanager
+async def connected(settings: Settings, name: str) -> AsyncIterator[NatsTransport]:
+    transport = await NatsTransport.connect(settings, name)
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+async def _until(
+    read: Callable[[], Awaitable[list[history.Recorded]]], done: Callable[[list[history.Recorded]], bool]
+) -> list[history.Recorded]:
+    """The record as soon as `done` holds (entries are stored without waiting), at most 10 s."""
+    msgs: list[history.Recorded] = []
+    for _ in range(200):
+        msgs = await read()
+        if done(msgs):
+            return msgs
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the record never got there: {[(m.type, m.deliveries) for m in msgs]}")
+
+
+async def test_a_handoff_chain_is_recorded_whole_after_its_inbox_messages_are_gone(
+    settings: Settings, client: MeshClient, operator: MeshClient
+) -> None:
+    from sample_agents.relay import Baton, first, second, third
+
+    async with (
+        running_agent(first, settings),
+        running_agent(second, settings),
+        running_agent(third, settings),
+        connected(with_role(settings, "observer"), "watcher") as watcher,
+    ):
+        reply_to = Address.reply("rec1", "me").subject
+        sent = await client.publish(Baton(token="t1"), conversation="rec1", reply_to=reply_to)
+
+        def finished(ms: list[history.Recorded]) -> bool:
+            return any(m.subject == reply_to for m in ms) and all(
+                m.deliveries for m in ms if m.kind == subjects.AGENT or m.kind == subjects.EVENT
+            )
+
+        msgs = await _until(lambda: history.conversation(watcher, "rec1"), finished)
+    # the work queue kept none of the handoffs (acknowledged, so deleted): only the record has them
+    assert await operator.transport.stored_next(INBOX, 1, "mesh.rec1.>") is None
+    by_id = {m.id: m for m in msgs}
+    assert len(by_id) == len(msgs) == 4  # the event, two handoffs, the answer: each once
+    root = by_id[sent.id]
+    assert root.causation == "" and root.sent_by == "publisher"  # the client, under its role's name
+    handoffs = [m for m in msgs if m.kind == subjects.AGENT]
+    assert sorted(a.target for a in (subjects.parse(m.subject) for m in handoffs) if a) == ["second", "third"]
+    for m in handoffs:
+        assert m.sent_by in ("first", "second")  # recorded by its sender, as it went out (signed)
+        assert m.headers.get("Mesh-Signature")
+        assert [(d.agent, d.outcome, d.attempt) for d in m.deliveries] == [
+            (subjects.parse(m.subject).target, rec.HANDLED, 1)  # type: ignore[union-attr]
+        ]
+        assert m.causation in by_id
+    answer = next(m for m in msgs if m.subject == reply_to)
+    assert answer.sent_by == "third" and not answer.deliveries
+    assert len({m.trace_id for m in msgs if m.trace_id}) == 1  # one trace (the root came from outside any)
+
+    summary = history.summarize("rec1", msgs)
+    assert summary.status == history.DONE
+    assert set(summary.agents) >= {"first", "second", "third"}
+    assert summary.messages == 4 and summary.duration >= 0
+
+
+async def test_direct_requests_and_their_answers_are_recorded(settings: Settings, client: MeshClient) -> None:
+    async with running_agent(echo, settings):
+        pong = await client.request("echo", Ping(text="hi"), Pong, conversation="rec2")
+        assert pong.text
+        msgs = await _until(
+            lambda: history.conversation(client.transport, "rec2"),
+            lambda ms: len(ms) == 2 and all(m.deliveries for m in ms if m.kind == subjects.DIRECT),
+        )
+    question = next(m for m in msgs if m.kind == subjects.DIRECT)
+    answer = next(m for m in msgs if m is not question)
+    assert question.type == "test.ping" and question.deliveries[0].outcome == rec.HANDLED
+    assert answer.causation == question.id and answer.sent_by == "echo"
+    assert answer.body()["text"] == pong.text
+
+
+strict = Agent("strictrec", description="fails what it is asked")
+
+
+@strict.handler
+async def refuse(ping: Ping, ctx: Context) -> None:
+    raise RuntimeError(f"cannot handle {ping.text}")
+
+
+async def test_a_dead_lettered_message_makes_the_conversation_failed(
+    settings: Settings, operator: MeshClient
+) -> None:
+    quick = settings.model_copy(update={"max_deliver": 2, "retry_backoff": 0.05})
+    async with running_agent(strict, quick):
+        await operator.send("strictrec", Ping(text="x"), conversation="rec3")
+        msgs = await _until(
+            lambda: history.conversation(operator.transport, "rec3"),
+            lambda ms: any(d.outcome == rec.DEAD_LETTER for m in ms for d in m.deliveries),
+        )
+    (ping,) = msgs
+    assert [(d.outcome, d.attempt) for d in ping.deliveries] == [(rec.RETRY, 1), (rec.DEAD_LETTER, 2)]
+    assert "cannot handle x" in ping.deliveries[0].reason
+    assert history.summarize("rec3", msgs).status == history.FAILED
+
+
+async def test_recent_lists_conversations_newest_first(settings: Settings, client: MeshClient) -> None:
+    async with running_agent(echo, settings):
+        for conv in ("recA", "recB"):
+            await client.request("echo", Ping(text=conv), Pong, conversation=conv)
+        await _until(
+            lambda: history.conversation(client.transport, "recB"),
+            lambda ms: any(m.deliveries for m in ms),
+        )
+    summaries = await history.recent(client.transport, limit=50)
+    ids = [s.id for s in summaries]
+    assert ids.index("recB") < ids.index("recA")
+    b = next(s for s in summaries if s.id == "recB")
+    assert b.status == history.DONE and "echo" in b.agents and b.messages == 2
+
+
+async def test_an_agent_may_record_only_under_its_own_name(settings: Settings) -> None:
+    from mesh.testing import provision
+
+    agent_settings = await provision(echo, settings)
+    async with connected(agent_settings, "echo") as t:
+        await t.publish(subjects.record_subject("rec4", "other"), b"{}", {h.ID: "forged"})
+        await t.publish(subjects.record_subject("rec4", "echo"), b"{}", {h.ID: "own", rec.ENTRY: rec.SENT})
+        await t.flush()
+        await asyncio.sleep(0.2)
+    async with connected(with_role(settings, "observer"), "w") as watcher:
+        stored = [e async for e in history.entries(watcher, subjects.record_pattern("rec4"))]
+    assert [e.subject for e in stored] == ["mesh_record.rec4.echo"]  # the server refused the other
+
+
+async def test_recording_can_be_turned_off(settings: Settings, client: MeshClient) -> None:
+    quiet = settings.model_copy(update={"record": False})
+    async with running_agent(echo, quiet):
+        await client.request("echo", Ping(text="q"), Pong, conversation="rec5")
+        await asyncio.sleep(0.3)
+    stored = [e async for e in history.entries(client.transport, subjects.record_pattern("rec5"))]
+    # only the asking client recorded (its own settings record): the agent wrote nothing
+    assert [str(e.subject).rsplit(".", 1)[-1] for e in stored] == ["publisher"]
