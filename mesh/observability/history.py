@@ -214,8 +214,6 @@ def summarize(conversation_id: str, messages: list[Recorded]) -> Summary:
         times.append(m.sent_ns / 1e9)
         if m.trace_id and m.trace_id not in traces:
             traces.append(m.trace_id)
-        if m.sent_by and m.sender != "?" and subjects.is_agent_name(m.sender):
-            agents.add(m.sender)
         address = subjects.parse(m.subject)
         if address is not None and address.kind in (subjects.AGENT, subjects.DIRECT):
             agents.add(address.target)

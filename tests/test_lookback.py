@@ -1,0 +1,166 @@
+"""Looking back at a whole conversation: a fan-out, a redelivered branch and an approval
+decided with `mesh approve`, recorded whole, listed by `mesh conversations`, shown by
+`mesh show`, replayed by `mesh tap --from-start`, and one trace throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+from mesh_user_tools import REFUNDS, Answered, Ask
+from mesh_user_tools import agent as clerk
+
+from mesh import Agent, Context, Message, message
+from mesh.join import Gathered
+from mesh.observability import history
+from mesh.observability import record as rec
+from mesh.runtime.client import MeshClient
+from mesh.testing import running_agent
+from mesh.wire import subjects
+from mesh.wire.settings import Settings
+
+CONV = "lookback-1"
+
+
+@message("test.case")
+class Case(Message, frozen=True):
+    order: str
+
+
+@message("test.check")
+class Check(Message, frozen=True):
+    order: str
+    n: int
+
+
+@message("test.checked")
+class Checked(Message, frozen=True):
+    order: str
+    n: int
+    ok: bool
+
+
+planner = Agent("planner", description="checks an order twice, then asks the clerk to refund it")
+checks = planner.join("checks", Checked)
+checker = Agent("checker", description="checks one thing about an order")
+FAILED_ONCE: set[str] = set()
+
+
+@planner.handler(events=False)
+async def on_case(case: Case, ctx: Context) -> None:
+    await ctx.fan_out(checks, [("checker", Check(order=case.order, n=i)) for i in range(2)])
+
+
+@checks.complete
+async def checked(g: Gathered[Checked], ctx: Context) -> None:
+    order = g.results[0].order
+    await ctx.send("clerk", Ask(text=f'Please call refund({{"order_id": "{order}", "amount_eur": 20}})'))
+
+
+@planner.handler(events=False)
+async def on_answered(answer: Answered, ctx: Context) -> None:
+    ctx.log.info("the clerk answered", text=answer.text)
+
+
+@checker.handler(events=False)
+async def on_check(check: Check, ctx: Context) -> Checked:
+    if check.n == 1 and ctx.message_id not in FAILED_ONCE:  # the first delivery fails: a redelivery
+        FAILED_ONCE.add(ctx.message_id)
+        raise RuntimeError("the order service timed out")
+    return Checked(order=check.order, n=check.n, ok=True)
+
+
+async def _mesh(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `mesh ...` in a thread (the agents in this process keep working meanwhile)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mesh", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def _until(settings: Settings, client: MeshClient, status: str) -> list[history.Recorded]:
+    msgs: list[history.Recorded] = []
+    for _ in range(300):
+        msgs = await history.conversation(client.transport, CONV)
+        if msgs and history.summarize(CONV, msgs).status == status:
+            return msgs
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {status}: {[(m.type, m.deliveries) for m in msgs]}")
+
+
+async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_recorded_whole(
+    settings: Settings, client: MeshClient
+) -> None:
+    REFUNDS.clear()
+    quick = settings.model_copy(update={"retry_backoff": 0.05})
+    async with running_agent(planner, quick), running_agent(checker, quick), running_agent(clerk, quick):
+        await client.send("planner", Case(order="B-7"), conversation=CONV)
+        waiting = await _until(settings, client, history.WAITING)
+        # while it waits: listed as waiting, and `mesh agents` counts the clerk's parked call
+        listed = await _mesh(settings, "conversations", "--status", "waiting", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert CONV in [json.loads(line)["id"] for line in listed.stdout.splitlines()]
+        agents = await _mesh(settings, "agents", "--json")
+        assert agents.returncode == 0, agents.stderr
+        assert {json.loads(line)["name"]: json.loads(line)["waiting"] for line in agents.stdout.splitlines()}[
+            "clerk"
+        ] == 1
+        [ask] = [m for m in waiting if m.type == "approval.request"]
+        approval = ask.body()["approval"]
+        approved = await _mesh(settings, "approve", approval, "--by", "ada")
+        assert approved.returncode == 0, approved.stderr
+        msgs = await _until(settings, client, history.DONE)
+        assert any(m.type == "test.answered" for m in msgs)
+    assert REFUNDS and REFUNDS[0].order_id == "B-7"
+
+    # recorded whole: every message an agent was sent has a final outcome, each once
+    assert len({m.id for m in msgs}) == len(msgs)
+    types = [m.type for m in msgs]
+    for expected in ("test.case", "test.check", "test.checked", "test.ask", "approval.request"):
+        assert expected in types, types
+    assert {"approval.decision", "approval.resolved", "test.answered"} <= set(types)
+    for m in msgs:
+        if m.kind in (subjects.AGENT, subjects.DIRECT):
+            assert any(d.outcome == rec.HANDLED for d in m.deliveries), (m.type, m.deliveries)
+    # the redelivery: the failed first delivery and the handled second one
+    [failing] = [m for m in msgs if m.type == "test.check" and m.body()["n"] == 1]
+    assert [(d.outcome, d.attempt) for d in failing.deliveries] == [(rec.RETRY, 1), (rec.HANDLED, 2)]
+    assert "timed out" in failing.deliveries[0].reason
+    # one trace, the decision by `mesh approve` included (the first message came from outside any)
+    traced = {m.trace_id for m in msgs if m.trace_id}
+    assert len(traced) == 1 and all(m.trace_id for m in msgs if m.type != "test.case")
+    summary = history.summarize(CONV, msgs)
+    assert summary.status == history.DONE and summary.input_tokens > 0
+    assert {"planner", "checker", "clerk"} <= set(summary.agents)
+
+    # `mesh show`: the causal tree, the outcomes, the bodies and the trace id
+    shown = await _mesh(settings, "show", CONV)
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert f"conversation {CONV}  done" in out and f"trace: {traced.pop()}" in out
+    assert "checker: retry (delivery 1" in out and "checker: handled (delivery 2" in out
+    assert "planner → checker  [test.check]" in out and '"order": "B-7"' in out
+    case_line = next(i for i, line in enumerate(out.splitlines()) if "[test.case]" in line)
+    check_line = next(i for i, line in enumerate(out.splitlines()) if "[test.check]" in line)
+    assert case_line < check_line  # a cause before what it caused
+    as_json = json.loads((await _mesh(settings, "show", CONV, "--json")).stdout)
+    assert as_json["status"] == "done" and len(as_json["messages"]) == len(msgs)
+
+    # `mesh tap -c --from-start`: the history first (the conversation is over: nothing live)
+    tapped = await _mesh(settings, "tap", "-c", CONV, "--from-start", "--json", "--timeout", "1")
+    assert tapped.returncode == 0, tapped.stderr
+    seen = [json.loads(line) for line in tapped.stdout.splitlines()]
+    assert sorted(line["id"] for line in seen) == sorted(m.id for m in msgs)
+    missing = await _mesh(settings, "tap", "--from-start")
+    assert missing.returncode != 0 and "-c <conversation-id>" in missing.stderr
+    unknown = await _mesh(settings, "show", "no-such-conversation")
+    assert unknown.returncode != 0 and "mesh conversations" in unknown.stderr
