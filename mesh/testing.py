@@ -7,6 +7,14 @@ on `MemoryBus`, the bus in memory, where a test needs no server.
         async with running_agent(agent, settings) as runtime:
             ...
 
+A recorded conversation (`mesh record --export`) is a regression test for new versions of
+its agents: `replay_file` runs it through them on an isolated mesh and reports what they
+now send differently (mesh.agent.replay):
+
+    async def test_writer_v2_still_answers_like_v1() -> None:
+        report = await replay_file("tests/recordings/c-42.json", {"writer": writer_v2})
+        report.assert_same()
+
 `secure_nats_server` starts one that requires authentication, as `mesh up` does, to test an
 agent on its own identity and permissions. Given settings made `SecureServer.local`, a test
 runs as on the machine that ran `mesh up`: `running_agent` and `spawn_agent` run each agent
@@ -27,6 +35,7 @@ from mesh.agent import launch
 from mesh.agent.declaration import Agent
 from mesh.agent.identity import grant_of, provision
 from mesh.agent.launch import stop_process as stop_process  # re-exported for tests
+from mesh.agent.replay import Recording, Report, replay
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
 from mesh.transport.auth import Keyring, Role
@@ -220,3 +229,22 @@ class Recorder:
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
+
+
+async def replay_file(
+    path: str | Path,
+    agents: Mapping[str, Agent],
+    *,
+    ignore: tuple[str, ...] = (),
+    live_model: bool = False,
+    settle_timeout: float = 30.0,
+) -> Report:
+    """Replay a conversation exported by `mesh record --export` through `agents` (name → the
+    version to test) on an isolated mesh: `Report.assert_same()` fails with the differences."""
+    return await replay(
+        Recording.load(Path(path)),
+        agents,
+        ignore=ignore,
+        live_model=live_model,
+        settle_timeout=settle_timeout,
+    )

@@ -9,74 +9,30 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from mesh_user_tools import REFUNDS, Answered, Ask
+import pytest
+from mesh_user_tools import REFUNDS
 from mesh_user_tools import agent as clerk
+from sample_agents.checker_v2 import checker as checker_v2
+from sample_agents.lookback import Case, checker, planner
 
-from mesh import Agent, Context, Message, message
-from mesh.join import Gathered
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.runtime.client import MeshClient
-from mesh.testing import running_agent
+from mesh.testing import replay_file, running_agent
 from mesh.wire import subjects
 from mesh.wire.settings import Settings
 
 CONV = "lookback-1"
-
-
-@message("test.case")
-class Case(Message, frozen=True):
-    order: str
-
-
-@message("test.check")
-class Check(Message, frozen=True):
-    order: str
-    n: int
-
-
-@message("test.checked")
-class Checked(Message, frozen=True):
-    order: str
-    n: int
-    ok: bool
-
-
-planner = Agent("planner", description="checks an order twice, then asks the clerk to refund it")
-checks = planner.join("checks", Checked)
-checker = Agent("checker", description="checks one thing about an order")
-FAILED_ONCE: set[str] = set()
-
-
-@planner.handler(events=False)
-async def on_case(case: Case, ctx: Context) -> None:
-    await ctx.fan_out(checks, [("checker", Check(order=case.order, n=i)) for i in range(2)])
-
-
-@checks.complete
-async def checked(g: Gathered[Checked], ctx: Context) -> None:
-    order = g.results[0].order
-    await ctx.send("clerk", Ask(text=f'Please call refund({{"order_id": "{order}", "amount_eur": 20}})'))
-
-
-@planner.handler(events=False)
-async def on_answered(answer: Answered, ctx: Context) -> None:
-    ctx.log.info("the clerk answered", text=answer.text)
-
-
-@checker.handler(events=False)
-async def on_check(check: Check, ctx: Context) -> Checked:
-    if check.n == 1 and ctx.message_id not in FAILED_ONCE:  # the first delivery fails: a redelivery
-        FAILED_ONCE.add(ctx.message_id)
-        raise RuntimeError("the order service timed out")
-    return Checked(order=check.order, n=check.n, ok=True)
+TESTS = Path(__file__).parent
 
 
 async def _mesh(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `mesh ...` in a thread (the agents in this process keep working meanwhile)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # agents by module name
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "mesh", *args],
@@ -98,7 +54,7 @@ async def _until(settings: Settings, client: MeshClient, status: str) -> list[hi
 
 
 async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_recorded_whole(
-    settings: Settings, client: MeshClient
+    settings: Settings, client: MeshClient, tmp_path: Path
 ) -> None:
     REFUNDS.clear()
     quick = settings.model_copy(update={"retry_backoff": 0.05})
@@ -164,3 +120,27 @@ async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_rec
     assert missing.returncode != 0 and "-c <conversation-id>" in missing.stderr
     unknown = await _mesh(settings, "show", "no-such-conversation")
     assert unknown.returncode != 0 and "mesh conversations" in unknown.stderr
+
+    # replayed as a regression test: the same agents send the same; a changed one is reported
+    exported = await _mesh(settings, "record", CONV, "--export", str(tmp_path))
+    assert exported.returncode == 0, exported.stderr
+    recording = tmp_path / f"{CONV}.json"
+    same = await _mesh(
+        settings,
+        "replay",
+        str(recording),
+        "--agent",
+        "planner=sample_agents.lookback:planner",
+        "--agent",
+        "checker=sample_agents.lookback:checker",
+    )
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "no differences" in same.stdout
+    changed = await _mesh(settings, "replay", CONV, "--agent", "checker=sample_agents.checker_v2:checker")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert changed.stdout.count("~ checker test.checked") == 2 and "ok: true → false" in changed.stdout
+    report = await replay_file(recording, {"clerk": clerk})  # the approval, decided again from the record
+    report.assert_same()
+    assert report.inputs == 2 and report.recorded == report.replayed
+    with pytest.raises(AssertionError, match="ok: true → false"):
+        (await replay_file(recording, {"checker": checker_v2})).assert_same()

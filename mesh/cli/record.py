@@ -1,11 +1,14 @@
-"""`mesh conversations` and `mesh show`: looking back at conversations, from the record
-(mesh.observability.history). Both read as the observer: what it may watch live."""
+"""Looking back at conversations, from the record (mesh.observability.history), as the
+observer (what it may watch live): `mesh conversations`, `mesh show`; and using them as
+regression tests (mesh.agent.replay): `mesh record --export`, `mesh replay`."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -93,6 +96,103 @@ def register(cli: click.Group, settings_fn: Callable[[Role], Settings], run: Run
             click.echo(render(summary, msgs, bodies=bodies))
 
         run(go)
+
+    @cli.command("record")
+    @click.argument("conversation_ids", nargs=-1, required=True, metavar="CONVERSATION...")
+    @click.option(
+        "--export",
+        "directory",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Write each conversation to DIRECTORY/<id>.json (created if missing), to check in.",
+    )
+    def record_cmd(conversation_ids: tuple[str, ...], directory: Path) -> None:
+        """Export recorded conversations to files that `mesh replay` and
+        `mesh.testing.replay_file` take: the record entries and the journaled model and
+        tool results."""
+        from mesh.agent.replay import Recording
+
+        settings = settings_fn("observer")
+        convs = [subjects.conversation_id(c) for c in conversation_ids]
+
+        async def go() -> list[Recording]:
+            transport = await NatsTransport.connect(settings, "mesh-history")
+            try:
+                return [await Recording.from_mesh(transport, c) for c in convs]
+            finally:
+                await transport.close()
+
+        recordings = run(go)
+        directory.mkdir(parents=True, exist_ok=True)
+        for r in recordings:
+            path = directory / f"{r.conversation}.json"
+            path.write_bytes(r.dumps())
+            click.echo(f"{path}  ({len(r.entries)} entries, {len(r.journal)} journaled results)")
+
+    @cli.command("replay")
+    @click.argument("source", metavar="CONVERSATION|FILE")
+    @click.option(
+        "--agent",
+        "agent_specs",
+        multiple=True,
+        required=True,
+        metavar="NAME=SPEC",
+        help="An agent to test, as its new version: e.g. writer=./writer_v2.py:agent (repeatable).",
+    )
+    @click.option(
+        "--live-model", is_flag=True, help="Call the configured model instead of the journaled answers."
+    )
+    @click.option(
+        "--ignore", multiple=True, metavar="FIELD", help="A body field not to compare (repeatable)."
+    )
+    @click.option(
+        "--settle", type=float, default=30.0, show_default=True, help="Seconds to wait for each input."
+    )
+    @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+    def replay_cmd(
+        source: str,
+        agent_specs: tuple[str, ...],
+        live_model: bool,
+        ignore: tuple[str, ...],
+        settle: float,
+        as_json: bool,
+    ) -> None:
+        """Run a recorded conversation (by id, from MESH_RECORD, or a file from `mesh record
+        --export`) through new versions of agents on an isolated mesh, and print how what they
+        sent differs from the recording. Exit status 0: the same; 1: differences."""
+        from mesh.agent.loader import load_agent
+        from mesh.agent.replay import Recording, replay
+
+        agents = {}
+        for spec in agent_specs:
+            name, eq, target = spec.partition("=")
+            if not eq or not subjects.is_agent_name(name) or not target:
+                raise click.BadParameter(
+                    f"{spec!r}: write NAME=SPEC, e.g. writer=./writer_v2.py:agent", param_hint="--agent"
+                )
+            agents[name] = load_agent(target)
+        settings = settings_fn("observer")
+
+        from_file = (
+            Recording.load(Path(source)) if source.endswith(".json") or Path(source).is_file() else None
+        )
+
+        async def go() -> Any:
+            if from_file is not None:
+                recording = from_file
+            else:
+                transport = await NatsTransport.connect(settings, "mesh-history")
+                try:
+                    recording = await Recording.from_mesh(transport, subjects.conversation_id(source))
+                finally:
+                    await transport.close()
+            return await replay(
+                recording, agents, ignore=ignore, live_model=live_model, settle_timeout=settle, base=settings
+            )
+
+        report = run(go)
+        click.echo(json.dumps(report.to_dict()) if as_json else report.render())
+        sys.exit(0 if report.same else 1)
 
 
 def render(summary: history.Summary, msgs: list[history.Recorded], *, bodies: bool = True) -> str:

@@ -1,0 +1,456 @@
+"""Replaying a recorded conversation through new versions of agents, as a regression test
+(`mesh replay`, `mesh record --export`, `mesh.testing.replay_file`).
+
+A `Recording` is a conversation's record entries (mesh.observability.record), as read from
+``MESH_RECORD`` or from a file written by `mesh record --export`, with the journaled model
+and tool results of its deliveries where the journal still has them.
+
+`replay` runs it on an isolated mesh: a nats-server of its own (a child process on a free
+loopback port, with a temporary store), nothing else connected. Only the agents being
+tested run there, under their new code. Everything else comes from the recording:
+
+- **inputs**: each message the tested agents received from anyone but themselves (from
+  clients, from the agents not under test, decisions, fan-out answers) is sent again, in
+  the order they took it, each once the one before is settled. Lineage headers are kept, so
+  the ids of what the agents send are derived as they were; deadlines move with the clock;
+- **the other agents**: a direct request to an agent not under test is answered with the
+  answer recorded for it; a handoff to one is kept as an output, and goes no further;
+- **the model and the tools**: journaled results are put back in the isolated mesh's
+  journal, so a re-run gets the recorded answers (the offline model answers calls past
+  them); with ``live_model`` the journal is left empty and the configured model answers.
+
+Then what the tested agents sent is compared with what they sent in the recording,
+message by message (ids are derived from the message handled and the position of the
+send, so the same work gets the same id): a message missing or extra, another type, other
+routing (subject, reply target, route), or other fields (a path for each). Fields that hold
+a clock time the mesh sets (``expires_ms``, ``due_ms``) are not compared, nor any in
+``ignore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from mesh.agent.declaration import Agent
+from mesh.agent.runner import AgentRuntime
+from mesh.observability import history
+from mesh.observability import record as rec
+from mesh.transport.memstreams import Stored
+from mesh.transport.nats import NatsTransport
+from mesh.transport.server import EmbeddedServer
+from mesh.wire import envelope as h
+from mesh.wire import subjects
+from mesh.wire.errors import ConfigError
+from mesh.wire.settings import Settings
+
+FORMAT: Final = "mesh-record/1"
+Journal = list[tuple[str, bytes]]  # journaled results: (key, value), as the journal keeps them
+CLOCK_FIELDS: Final = frozenset({"expires_ms", "due_ms"})
+_ROUTING: Final = (h.REPLY_TO, h.ROUTE, h.JOIN, h.ANSWER)
+_FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
+
+
+class Difference(msgspec.Struct, frozen=True):
+    """One way the replay differs from the recording."""
+
+    change: str  # missing, extra, type, routing, field, unsettled
+    agent: str
+    message: str  # its id
+    type: str
+    path: str = ""  # a field's path, or a header's name for routing
+    recorded: Any = None
+    replayed: Any = None
+
+    def line(self) -> str:
+        where = f"{self.agent} {self.type} {self.message}"
+        if self.change == "missing":
+            return f"- {where}: recorded, not sent by the new version"
+        if self.change == "extra":
+            return f"+ {where}: sent by the new version, not in the recording"
+        if self.change == "unsettled":
+            return f"! {where}: the new version did not settle this input in time"
+        return f"~ {where}: {self.path}: {_show(self.recorded)} → {_show(self.replayed)}"
+
+
+@dataclass(slots=True)
+class Report:
+    """What a replay found."""
+
+    conversation: str
+    agents: tuple[str, ...]
+    inputs: int
+    recorded: int  # messages the tested agents sent in the recording
+    replayed: int  # and in the replay
+    differences: list[Difference] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        return not self.differences
+
+    def render(self) -> str:
+        head = (
+            f"replayed conversation {self.conversation} through {', '.join(self.agents)}: "
+            f"{self.inputs} inputs, {self.recorded} messages recorded, {self.replayed} sent"
+        )
+        body = [d.line() for d in self.differences] or ["no differences"]
+        return "\n".join([head, *body, *(f"note: {n}" for n in self.notes)])
+
+    def assert_same(self) -> None:
+        """Fail (AssertionError with the differences) unless the replay matched."""
+        if not self.same:
+            raise AssertionError(self.render())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conversation": self.conversation,
+            "agents": list(self.agents),
+            "inputs": self.inputs,
+            "recorded": self.recorded,
+            "replayed": self.replayed,
+            "same": self.same,
+            "differences": [msgspec.to_builtins(d) for d in self.differences],
+            "notes": self.notes,
+        }
+
+
+@dataclass(slots=True)
+class Recording:
+    """A conversation's record entries, and journaled results (key, value) where kept."""
+
+    conversation: str
+    entries: list[Stored]
+    journal: Journal = field(default_factory=list)
+
+    @classmethod
+    async def from_mesh(cls, transport: Any, conversation: str) -> Recording:
+        pattern = subjects.record_pattern(subjects.conversation_id(conversation))
+        entries = [e async for e in history.entries(transport, pattern)]
+        if not entries:
+            raise ConfigError(
+                f"no record of conversation {conversation!r}: see `mesh conversations` (kept for "
+                f"MESH_RECORD_RETENTION)"
+            )
+        return cls(conversation, entries)
+
+    def dumps(self) -> bytes:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "conversation": self.conversation,
+                "entries": [
+                    {
+                        "subject": e.subject,
+                        "seq": e.seq,
+                        "at": e.at,
+                        "headers": e.headers or {},
+                        "data": base64.b64encode(e.data).decode(),
+                    }
+                    for e in self.entries
+                ],
+                "journal": [{"key": k, "value": base64.b64encode(v).decode()} for k, v in self.journal],
+            },
+            indent=1,
+        ).encode()
+
+    @classmethod
+    def load(cls, path: Path) -> Recording:
+        try:
+            raw = json.loads(Path(path).read_bytes())
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, not {FORMAT}")
+            entries = [
+                Stored(
+                    str(e["subject"]),
+                    base64.b64decode(e["data"]),
+                    dict(e["headers"]),
+                    int(e["seq"]),
+                    float(e["at"]),
+                )
+                for e in raw["entries"]
+            ]
+            journal = [(str(j["key"]), base64.b64decode(j["value"])) for j in raw.get("journal", [])]
+            return cls(subjects.conversation_id(str(raw["conversation"])), entries, journal)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{path} is not a conversation written by `mesh record --export`: {exc}"
+            ) from None
+
+
+async def replay(
+    recording: Recording,
+    agents: Mapping[str, Agent],
+    *,
+    ignore: Iterable[str] = (),
+    live_model: bool = False,
+    settle_timeout: float = 30.0,
+    base: Settings | None = None,
+) -> Report:
+    """Run `recording` through `agents` (name → the new version) on an isolated mesh."""
+    for name, agent in agents.items():
+        if agent.name != name:
+            raise ConfigError(
+                f"--agent {name}=... names an agent called {agent.name!r}: use {agent.name}=..."
+            )
+    tested = frozenset(agents)
+    msgs = history.merge(recording.entries)
+    inputs = _inputs(msgs, tested)
+    recorded = [m for m in msgs if m.sent_by in tested]
+    with tempfile.TemporaryDirectory(prefix="mesh-replay-") as tmp:
+        server = EmbeddedServer(Path(tmp) / "nats", name="mesh-replay")
+        info = await asyncio.to_thread(server.start)
+        try:
+            settings = _isolated(base, info.url, Path(tmp))
+            replayed, unsettled = await _run(recording, agents, inputs, settings, live_model, settle_timeout)
+        finally:
+            await asyncio.to_thread(server.stop)
+    differences = compare(recorded, replayed, CLOCK_FIELDS | frozenset(ignore))
+    for m in unsettled:
+        takers = ",".join(sorted({d.agent for d in m.deliveries if d.agent in tested}))
+        differences.append(Difference("unsettled", takers, m.id, m.type))
+    notes = []
+    if live_model:
+        notes.append("the model answered live (--live-model): its answers may differ from the recording's")
+    elif not recording.journal and any(
+        d.input_tokens for m in msgs for d in m.deliveries if d.agent in tested
+    ):
+        notes.append("the recording holds no journaled model results: the model answered anew")
+    return Report(
+        recording.conversation,
+        tuple(sorted(tested)),
+        len(inputs),
+        len(recorded),
+        len(replayed),
+        differences,
+        notes,
+    )
+
+
+def _isolated(base: Settings | None, url: str, directory: Path) -> Settings:
+    values = base.model_dump() if base is not None else {}
+    values.update(
+        nats_url=url,
+        data_dir=directory / "data",
+        insecure=True,
+        nats_creds=None,
+        identities=None,
+        record=True,
+        storage="memory",
+        retry_backoff=min(base.retry_backoff if base is not None else 1.0, 0.1),  # the same retries, sooner
+        replicas=1,
+    )
+    return Settings.model_validate(values)
+
+
+def _inputs(msgs: list[history.Recorded], tested: frozenset[str]) -> list[history.Recorded]:
+    """What the tested agents took from others, in the order they first took it."""
+    taken = []
+    for m in msgs:
+        firsts = [d.at for d in m.deliveries if d.agent in tested]
+        if firsts and m.sent_by not in tested and m.sender not in tested:
+            taken.append((min(firsts), m.seq, m))
+    return [m for _, _, m in sorted(taken, key=lambda t: (t[0], t[1]))]
+
+
+async def _run(
+    recording: Recording,
+    agents: Mapping[str, Agent],
+    inputs: list[history.Recorded],
+    settings: Settings,
+    live_model: bool,
+    settle_timeout: float,
+) -> tuple[list[history.Recorded], list[history.Recorded]]:
+    """What the tested agents sent on the isolated mesh, and the inputs they did not settle."""
+    conv = recording.conversation
+    unsettled: list[history.Recorded] = []
+    asking: set[asyncio.Task[None]] = set()
+    driver = await NatsTransport.connect(settings, "mesh-replay")
+    runtimes: list[tuple[AgentRuntime, NatsTransport]] = []
+    try:
+        await driver.ensure_streams()
+        if recording.journal and not live_model:
+            await seed_journal(driver, settings, recording.journal)
+        stand_ins = await _stand_ins(driver, history.merge(recording.entries), frozenset(agents), conv)
+        for agent in agents.values():
+            transport = await NatsTransport.connect(settings, agent.name)
+            runtime = AgentRuntime(agent, settings, transport)
+            await runtime.start()
+            runtimes.append((runtime, transport))
+        for m in inputs:
+            await _send(driver, m, asking)
+            if not await _settled(driver, conv, m, frozenset(agents), settle_timeout):
+                unsettled.append(m)
+        await asyncio.sleep(0.3)  # what the last input's handling sent is recorded without a wait
+        replayed = [m for m in await history.conversation(driver, conv) if m.sent_by in agents]
+        for sub in stand_ins:
+            await sub.unsubscribe()
+        return replayed, unsettled
+    finally:
+        for task in asking:
+            task.cancel()
+        for runtime, transport in runtimes:
+            await runtime.stop(timeout=5)
+            await transport.close()
+        await driver.close()
+
+
+async def seed_journal(
+    transport: NatsTransport, settings: Settings, journal: list[tuple[str, bytes]]
+) -> None:
+    """Put journaled results into the isolated mesh's journal (mesh.runtime.journal)."""
+    del transport, settings, journal  # the journal lands with its own change
+
+
+async def _stand_ins(
+    transport: NatsTransport, msgs: list[history.Recorded], tested: frozenset[str], conv: str
+) -> list[Any]:
+    """Answer direct requests to agents not under test with their recorded answers."""
+    answers: dict[str, history.Recorded] = {}
+    for m in msgs:
+        if m.causation and m.sent_by and m.sent_by not in tested and m.kind == subjects.REPLY:
+            answers[m.causation] = m
+    targets = {
+        a.target
+        for m in msgs
+        if (a := subjects.parse(m.subject)) is not None
+        and a.kind == subjects.DIRECT
+        and a.target not in tested
+    }
+    subs = []
+    for target in sorted(targets):
+
+        async def answer(msg: Any) -> None:
+            found = answers.get((msg.headers or {}).get(h.ID, ""))
+            if found is not None and msg.reply:
+                await transport.publish(msg.reply, found.data, dict(found.headers))
+
+        subs.append(await transport.subscribe(subjects.Address.direct(conv, target).subject, answer))
+    return subs
+
+
+async def _send(transport: NatsTransport, m: history.Recorded, asking: set[asyncio.Task[None]]) -> None:
+    headers = dict(m.headers)
+    now = h.now_ns()
+    sent = headers.get(h.SENT_AT, "")
+    if h.DEADLINE in headers and sent.isdigit() and headers[h.DEADLINE].isdigit():
+        shift = (now - int(sent)) // 1_000_000  # the deadline moves with the clock
+        headers[h.DEADLINE] = str(int(headers[h.DEADLINE]) + shift)
+    headers[h.SENT_AT] = str(now)
+    headers[h.NATS_MSG_ID] = m.id
+    if m.kind == subjects.DIRECT:  # asked, and the answer left to the record
+        task = asyncio.ensure_future(_ask(transport, m.subject, m.data, headers))
+        asking.add(task)
+        task.add_done_callback(asking.discard)
+    else:
+        await transport.store(m.subject, m.data, headers)
+
+
+async def _ask(transport: NatsTransport, subject: str, data: bytes, headers: dict[str, str]) -> None:
+    try:
+        await transport.request(subject, data, 30.0, headers=headers)
+    except Exception:  # the answer is in the isolated record, or its absence is a difference
+        return
+
+
+async def _settled(
+    transport: NatsTransport, conv: str, m: history.Recorded, tested: frozenset[str], timeout: float
+) -> bool:
+    """Wait until every tested agent that took `m` in the recording has settled it, and
+    everything the tested agents sent each other since is settled too (a retry included)."""
+    wanted = {d.agent for d in m.deliveries if d.agent in tested}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = await history.conversation(transport, conv)
+        got = next((r for r in now if r.id == m.id), None)
+        if got is not None and wanted <= _settled_by(got) and all(_internal_settled(r, tested) for r in now):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def _settled_by(m: history.Recorded) -> set[str]:
+    return {d.agent for d in m.deliveries if d.outcome in _FINAL}
+
+
+def _internal_settled(m: history.Recorded, tested: frozenset[str]) -> bool:
+    """A message to a tested agent's inbox or direct line was settled by it (timers wait
+    for their time: not counted)."""
+    address = subjects.parse(m.subject)
+    if (
+        address is None
+        or address.kind not in (subjects.AGENT, subjects.DIRECT)
+        or address.target not in tested
+    ):
+        return True
+    return address.target in _settled_by(m)
+
+
+def compare(
+    recorded: list[history.Recorded], replayed: list[history.Recorded], ignore: frozenset[str]
+) -> list[Difference]:
+    """The differences between what the tested agents sent then and now, by message id."""
+    then = {m.id: m for m in recorded}
+    now = {m.id: m for m in replayed}
+    out: list[Difference] = []
+    for m in recorded:
+        got = now.get(m.id)
+        if got is None:
+            out.append(Difference("missing", m.sent_by, m.id, m.type))
+            continue
+        if got.type != m.type or got.headers.get(h.VERSION) != m.headers.get(h.VERSION):
+            out.append(Difference("type", m.sent_by, m.id, m.type, "type", _typed(m), _typed(got)))
+            continue
+        for name, a, b in [("subject", _where(m.subject), _where(got.subject))] + [
+            (k, _where(m.headers.get(k, "")), _where(got.headers.get(k, ""))) for k in _ROUTING
+        ]:
+            if a != b:
+                out.append(Difference("routing", m.sent_by, m.id, m.type, name, a, b))
+        for path, a, b in _fields(m.body(), got.body(), "", ignore):
+            out.append(Difference("field", m.sent_by, m.id, m.type, path, a, b))
+    out += [Difference("extra", m.sent_by, m.id, m.type) for m in replayed if m.id not in then]
+    return out
+
+
+def _typed(m: history.Recorded) -> str:
+    return f"{m.type}@{m.headers.get(h.VERSION, '?')}"
+
+
+def _where(subject: str) -> str:
+    """A subject as compared: a requester's own inbox differs in every run."""
+    return "(the requester's inbox)" if subject.startswith("_INBOX.") else subject
+
+
+def _fields(a: Any, b: Any, path: str, ignore: frozenset[str]) -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            if key in ignore:
+                continue
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in b or key not in a:
+                out.append((sub, a.get(key, "(absent)"), b.get(key, "(absent)")))
+            else:
+                out += _fields(a[key], b[key], sub, ignore)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _fields(x, y, f"{path}[{i}]", ignore)
+        ]
+    return [] if a == b else [(path or "(body)", a, b)]
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
