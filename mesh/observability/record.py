@@ -17,7 +17,9 @@ handled by another is recorded twice, once by each end: the reader merges them b
 id (mesh.observability.history). Messages from clients that do not record (another
 language's NATS client) are still in the record, written by whoever received them.
 
-Recording never fails the work it records, and costs no wait: an entry is a core NATS
+One path writes both this record and the audit trail (mesh.runtime.audit): `keep`, which
+never fails the work it records. The audit waits for the stream's acknowledgement (its
+hash chain must know what was stored); the record does not, and costs no wait: an entry is a core NATS
 publish into the stream, without waiting for an acknowledgement. It goes out on the same
 connection before the acknowledgement of the delivery it belongs to, so an entry lost to a
 crash goes with that acknowledgement: the delivery comes again and is recorded then.
@@ -63,6 +65,29 @@ _ROOM: Final = 2048  # bytes kept free beside a recorded message for the entry's
 _REASON_MAX: Final = 500
 
 log = structlog.get_logger("mesh.record")
+
+
+async def keep(
+    transport: Transport,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+    *,
+    wait: bool,
+    what: str = "record entry",
+) -> bool:
+    """Store a record of something that happened: with `wait`, until the stream acknowledges
+    it; else published at once. False (and a warning) if it could not be: a record is never
+    worth failing the work it records."""
+    try:
+        if wait:
+            await transport.store(subject, data, headers)
+        else:
+            await transport.publish(subject, data, headers)
+    except Exception as exc:
+        log.warning(f"{what} not stored", subject=subject, error=str(exc))
+        return False
+    return True
 
 
 class Recorder:
@@ -139,10 +164,7 @@ class Recorder:
         if len(data) > self.transport.max_payload - _ROOM - sum(len(k) + len(v) for k, v in kept.items()):
             kept[OMITTED] = str(len(data))
             data = b""
-        try:
-            await self.transport.publish(subjects.record_subject(conversation, self.writer), data, kept)
-        except Exception as exc:  # the record is never worth failing the work for
-            log.warning("record entry not written", conversation=conversation, error=str(exc))
+        await keep(self.transport, subjects.record_subject(conversation, self.writer), data, kept, wait=False)
 
 
 def recording(recorder: Recorder) -> PublishMiddleware:

@@ -10,8 +10,9 @@ Tamper-evident: each process keeps one chain. A record carries its position (`se
 SHA-256 of the previous record's bytes (`prev`), so a record changed, removed or slipped in
 afterwards breaks the chain at that point, and `verify` (``mesh audit verify``) says where.
 
-One function appends: `AuditLog.append`. Appending never fails the work it records: a
-record that cannot be stored is logged, and the gap it leaves shows in the chain.
+One function appends: `AuditLog.append`, through the path the conversation record is
+written by too (`mesh.observability.record.keep`). Appending never fails the work it
+records: a record that cannot be stored is logged, and the gap it leaves shows in the chain.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import structlog
 
+from mesh.observability.record import keep
 from mesh.transport.streams import AUDIT
 from mesh.wire import subjects
 
@@ -97,10 +99,7 @@ class AuditLog:
                 detail={k: str(v) for k, v in (detail or {}).items()},
             )
             data = _encode(record)
-            try:
-                await self.transport.store(self.subject, data)
-            except Exception as exc:
-                log.warning("audit record not stored", kind=kind, subject=self.subject, error=str(exc))
+            if not await keep(self.transport, self.subject, data, wait=True, what=f"audit record {kind}"):
                 return
             self._seq, self._prev = record.seq, hashlib.sha256(data).hexdigest()
 
