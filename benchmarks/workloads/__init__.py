@@ -91,8 +91,27 @@ MESH_SAMPLED = System(
     {"MESH_TRACE_SAMPLE": "0.1", "BENCH_DURABLE": "1"},
     note="durable, MESH_TRACE_SAMPLE=0.1 (parent-based: 1 new trace in 10)",
 )
+MESH_UNRECORDED = System(
+    "mesh-unrecorded",
+    "mesh default, unrecorded",
+    "mesh",
+    "-r",
+    {**_TRACED, "BENCH_DURABLE": "1", "MESH_RECORD": "false"},
+    note="the mesh default without the conversation record (MESH_RECORD=false): what recording costs",
+)
 SYSTEMS = {
-    s.key: s for s in (RAW, RAW_JS, FASTSTREAM, MESH, MESH_SECURE, MESH_DIRECT, MESH_UNTRACED, MESH_SAMPLED)
+    s.key: s
+    for s in (
+        RAW,
+        RAW_JS,
+        FASTSTREAM,
+        MESH,
+        MESH_SECURE,
+        MESH_DIRECT,
+        MESH_UNTRACED,
+        MESH_SAMPLED,
+        MESH_UNRECORDED,
+    )
 }
 
 

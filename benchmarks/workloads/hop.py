@@ -33,5 +33,5 @@ WORKLOAD = Workload(
     "W1 hop (request/reply)",
     services,
     phases,
-    systems=("raw", "faststream", "mesh", "mesh-secure", "mesh-untraced", "mesh-sampled"),
+    systems=("raw", "faststream", "mesh", "mesh-secure", "mesh-untraced", "mesh-sampled", "mesh-unrecorded"),
 )

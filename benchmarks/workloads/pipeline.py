@@ -62,6 +62,7 @@ WORKLOAD = Workload(
         "mesh-direct",
         "mesh-untraced",
         "mesh-sampled",
+        "mesh-unrecorded",
     ),
     warmup=100,
 )
