@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+from click.testing import CliRunner
 from sample_agents.echo import Ping, Pong
 from sample_agents.echo import agent as echo
 
@@ -168,3 +169,86 @@ async def test_recording_can_be_turned_off(settings: Settings, client: MeshClien
     stored = [e async for e in history.entries(client.transport, subjects.record_pattern("rec5"))]
     # only the asking client recorded (its own settings record): the agent wrote nothing
     assert [str(e.subject).rsplit(".", 1)[-1] for e in stored] == ["publisher"]
+
+
+async def test_a_compromised_agent_cannot_rewrite_or_break_the_record(
+    settings: Settings, client: MeshClient
+) -> None:
+    """An agent with valid credentials writes garbage and forgeries under its own name into
+    a conversation's record: readers skip the garbage, keep the real messages as their
+    senders and receivers recorded them, and the commands still work."""
+    from mesh.cli.main import cli
+    from mesh.testing import provision
+
+    async with running_agent(echo, settings):
+        pong = await client.request("echo", Ping(text="real"), Pong, conversation="rec6")
+        real = await _until(
+            lambda: history.conversation(client.transport, "rec6"),
+            lambda ms: len(ms) == 2 and all(m.deliveries for m in ms if m.kind == subjects.DIRECT),
+        )
+    question = next(m for m in real if m.kind == subjects.DIRECT)
+    mallory = Agent("mallory", description="compromised")
+
+    @mallory.handler
+    async def noop(ping: Ping) -> None:
+        return None
+
+    own = subjects.record_subject("rec6", "mallory")
+    hostile: list[tuple[bytes, dict[str, str]]] = [
+        (b"\xff\x00not json", {rec.ENTRY: rec.SENT, h.ID: "g1"}),  # undecodable body
+        (b"{}", {rec.ENTRY: "weird", h.ID: "g2"}),  # unknown entry kind
+        (b"{}", {rec.ENTRY: rec.SENT}),  # no id
+        (
+            b"{}",
+            {
+                rec.ENTRY: rec.RECEIVED,
+                h.ID: "g3",
+                rec.DELIVERY: "9" * 40,
+                rec.MILLIS: "nan",
+                rec.TOKENS: "x/y",
+            },
+        ),
+        (b"{}", {rec.ENTRY: rec.RECEIVED, h.ID: "g4", rec.OUTCOME: "?" * 300, rec.COST: "-1e309"}),
+        (b"{}", {rec.ENTRY: rec.SENT, h.ID: "g5", rec.SUBJECT: "not.a.mesh.subject", h.SENT_AT: "soon"}),
+        # a forged copy of the real question, claiming the real sender
+        (
+            b'{"text": "forged"}',
+            {
+                rec.ENTRY: rec.SENT,
+                h.ID: question.id,
+                h.SENDER: question.sender,
+                rec.SUBJECT: question.subject,
+                h.TYPE: "test.ping",
+            },
+        ),
+        # and one as itself
+        (
+            b'{"text": "forged"}',
+            {
+                rec.ENTRY: rec.SENT,
+                h.ID: question.id,
+                h.SENDER: "mallory",
+                rec.SUBJECT: question.subject,
+                h.TYPE: "test.ping",
+            },
+        ),
+    ]
+    agent_settings = await provision(mallory, settings)
+    async with connected(agent_settings, "mallory") as t:
+        for data, headers in hostile:
+            await t.publish(own, data, headers)
+        await t.flush()
+    msgs = await _until(
+        lambda: history.conversation(client.transport, "rec6"),
+        lambda ms: any(m.id == "g5" for m in ms),
+    )
+    kept = next(m for m in msgs if m.id == question.id)
+    assert kept.body()["text"] == "real" and kept.sent_by == "publisher"  # not the forgery
+    assert {m.id for m in msgs} >= {question.id, "g1", "g3", "g4", "g5"} and "g2" not in {m.id for m in msgs}
+    assert "bytes, not json" in str(next(m for m in msgs if m.id == "g1").body())
+    history.summarize("rec6", msgs)  # no exception
+    env = {"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)}
+    for args in (["show", "rec6"], ["show", "rec6", "--json"], ["conversations", "--json"]):
+        result = await asyncio.to_thread(CliRunner().invoke, cli, args, env=env)
+        assert result.exit_code == 0, (args, result.output, result.exception)
+    assert pong.text

@@ -147,8 +147,15 @@ async def entries(transport: Transport, pattern: str, start: int = 1) -> AsyncIt
 
 
 def merge(stored: Iterable[Any]) -> list[Recorded]:
-    """Entries (subject, data, headers, seq, at) merged into messages, in stream order."""
+    """Entries (subject, data, headers, seq, at) merged into messages, in stream order.
+
+    Which copy of a message is shown: a writer records only under its own name, and a
+    receiving agent records what it took after checking who sent it (signed envelopes).
+    So the copy recorded by the sender that receivers saw wins; with no such copy, the
+    copy a receiver took; with no receiver, the first copy whose writer is its sender, else
+    the first."""
     messages: dict[str, Recorded] = {}
+    sent: dict[str, list[tuple[str, str, dict[str, str], bytes]]] = {}
     for entry in stored:
         headers = dict(entry.headers or {})
         msg_id = headers.get(h.ID, "")
@@ -165,15 +172,21 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
                 msg_id, subject, headers, bytes(entry.data), seq=int(entry.seq), at=at
             )
         if kind == rec.SENT:
-            if not found.sent_by:  # the message as it went out
-                found.subject, found.headers, found.data, found.sent_by = (
-                    subject,
-                    headers,
-                    bytes(entry.data),
-                    writer,
-                )
+            sent.setdefault(msg_id, []).append((writer, subject, headers, bytes(entry.data)))
             continue
+        if not found.deliveries:  # the first receiver's copy, until a sender's is chosen
+            found.subject, found.headers, found.data = subject, headers, bytes(entry.data)
         found.deliveries.append(_delivery(writer, outcome, at))
+    for msg_id, copies in sent.items():
+        m = messages[msg_id]
+        if m.deliveries:
+            chosen = next((c for c in copies if c[0] == m.sender), None)
+            if chosen is None:  # a client's, under its role: the one with what receivers saw
+                chosen = next((c for c in copies if c[3] == m.data), None)
+        else:
+            chosen = next((c for c in copies if c[0] == c[2].get(h.SENDER)), copies[0])
+        if chosen is not None:
+            m.sent_by, m.subject, m.headers, m.data = chosen
     return list(messages.values())
 
 
