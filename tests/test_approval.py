@@ -14,6 +14,7 @@ from mesh_user_tools import REFUNDS, Answered, Ask, Refund, agent
 from mesh.agent.identity import provision
 from mesh.cli.llm import decide
 from mesh.cli.main import cli
+from mesh.observability import history
 from mesh.patterns.approval import ApprovalRequest, ApprovalResolved
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
@@ -110,6 +111,13 @@ async def test_an_unanswered_request_expires_into_a_dead_letter(
     [resolved] = [default_codec.decode(m.data, ApprovalResolved) for m in _of(msgs, "approval.resolved")]
     assert resolved.status == "expired"
     assert REFUNDS == []
+    # looked back at, the conversation failed: its work was dead-lettered
+    for _ in range(100):
+        recorded = await history.conversation(client.transport, conv)
+        if any(m.type == "approval.resolved" for m in recorded):
+            break
+        await asyncio.sleep(0.05)
+    assert history.summarize(conv, recorded).status == history.FAILED
 
 
 async def _cli(settings: Settings, *args: str) -> Any:

@@ -8,8 +8,8 @@ it went out), else from a receiver's.
 
 A conversation's status, from its record:
 
-- ``failed``: a message was dead-lettered (on its last delivery), or a request was
-  answered with a delivery failure;
+- ``failed``: a message was dead-lettered (on its last delivery), an approval expired
+  (its parked message is dead-lettered), or a request was answered with a delivery failure;
 - ``waiting``: an approval was requested and not yet resolved;
 - ``running``: a message sent to an agent's inbox or direct line has no final outcome yet
   (not handled, not dead-lettered);
@@ -235,6 +235,8 @@ def summarize(conversation_id: str, messages: list[Recorded]) -> Summary:
         if m.type in (_APPROVAL_REQUEST, _APPROVAL_RESOLVED):
             approval = _field(m, "approval")
             (asked if m.type == _APPROVAL_REQUEST else resolved).add(approval)
+            if m.type == _APPROVAL_RESOLVED and _field(m, "status") == "expired":
+                status_failed = True  # its parked message was dead-lettered
         for d in m.deliveries:
             agents.add(d.agent)
             times.append(d.at)
