@@ -22,6 +22,7 @@ from mesh.transport.nats import NatsTransport
 from mesh.transport.streams import INBOX
 from mesh.wire import envelope as h
 from mesh.wire import subjects
+from mesh.wire.codec import default_codec
 from mesh.wire.settings import Settings
 from mesh.wire.subjects import Address
 
@@ -252,3 +253,22 @@ async def test_a_compromised_agent_cannot_rewrite_or_break_the_record(
         result = await asyncio.to_thread(CliRunner().invoke, cli, args, env=env)
         assert result.exit_code == 0, (args, result.output, result.exception)
     assert pong.text
+
+
+async def test_secret_headers_never_reach_the_record(settings: Settings, client: MeshClient) -> None:
+    from sample_agents.echo import Ping as P
+
+    async with running_agent(echo, settings):
+        headers = client.headers("test.ping", 1, "rec7")
+        headers.update({"Authorization": "Bearer s3cret", "X-Api-Key": "s3cret-2", "X-Tenant": "acme"})
+        await client.send_raw("mesh.rec7.agent.echo", default_codec.encode(P(text="k")), headers, store=True)
+        await _until(
+            lambda: history.conversation(client.transport, "rec7"),
+            lambda ms: any(m.deliveries for m in ms),
+        )
+    stored = [e async for e in history.entries(client.transport, subjects.record_pattern("rec7"))]
+    assert {str(e.subject).rsplit(".", 1)[-1] for e in stored} >= {"publisher", "echo"}  # both ends
+    for e in stored:
+        assert "s3cret" not in repr(e.headers) and "s3cret" not in repr(e.data)
+        if e.headers[h.ID] == headers[h.ID]:  # the ping, as sent and as received
+            assert e.headers.get("X-Tenant") == "acme", (e.subject, e.headers)  # others are kept

@@ -38,7 +38,7 @@ import structlog
 from mesh.middleware.publish import REQUEST, Outgoing, PublishMiddleware, Send
 from mesh.wire import envelope as h
 from mesh.wire import subjects
-from mesh.wire.secrets import without_secrets
+from mesh.wire.secrets import is_secret_header
 
 if TYPE_CHECKING:
     from mesh.transport.base import Transport
@@ -63,6 +63,7 @@ OUTCOMES: Final = (HANDLED, RETRY, DEAD_LETTER, DUPLICATE)
 
 _ROOM: Final = 2048  # bytes kept free beside a recorded message for the entry's own headers
 _REASON_MAX: Final = 500
+_VERDICTS: Final = 1024  # header names whose verdict a recorder remembers
 
 log = structlog.get_logger("mesh.record")
 
@@ -93,7 +94,7 @@ async def keep(
 class Recorder:
     """Writes one process's entries (`writer`: its identity's name) into the record."""
 
-    __slots__ = ("_secret", "enabled", "transport", "writer")
+    __slots__ = ("_secret", "_verdicts", "enabled", "transport", "writer")
 
     def __init__(
         self,
@@ -105,7 +106,8 @@ class Recorder:
     ) -> None:
         self.transport = transport
         self.writer = subjects.agent_name(writer)
-        self._secret = tuple(secret_headers)
+        self._secret = frozenset(secret_headers)
+        self._verdicts: dict[str, bool] = {}  # header name -> left out (secret, or the entry's own)
         self.enabled = enabled
 
     async def sent(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -158,10 +160,19 @@ class Recorder:
     ) -> None:
         if not conversation:
             return
-        kept, _ = without_secrets(headers or {}, self._secret)
-        kept.pop(h.NATS_MSG_ID, None)
+        kept: dict[str, str] = {}
+        verdicts = self._verdicts
+        for name, value in (headers or {}).items():
+            secret = verdicts.get(name)
+            if secret is None:
+                secret = is_secret_header(name, self._secret) or name == h.NATS_MSG_ID
+                if len(verdicts) < _VERDICTS:  # names come from the wire: a bounded cache
+                    verdicts[name] = secret
+            if not secret:
+                kept[name] = value
         kept.update(entry)
-        if len(data) > self.transport.max_payload - _ROOM - sum(len(k) + len(v) for k, v in kept.items()):
+        room = self.transport.max_payload - _ROOM
+        if len(data) > room - 8192 and len(data) > room - sum(len(k) + len(v) for k, v in kept.items()):
             kept[OMITTED] = str(len(data))
             data = b""
         await keep(self.transport, subjects.record_subject(conversation, self.writer), data, kept, wait=False)
