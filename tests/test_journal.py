@@ -14,6 +14,8 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import msgspec
 import pytest
@@ -26,7 +28,7 @@ from sample_agents.journaled import Asked, Done, Task
 from mesh import Agent, Context, Message, message
 from mesh.cli.llm import decide
 from mesh.llm import OfflineLLM, Reply, Request, Router, Text, journal
-from mesh.llm.journal import ModelEntry, ToolEntry, journal_key, recorded
+from mesh.llm.journal import Journal, Journaled, ModelEntry, ToolEntry, journal_key, recorded
 from mesh.llm.streaming import LLMChunk, LLMFinal
 from mesh.patterns.approval import ApprovalRequest, approval_key, decoded
 from mesh.runtime.client import MeshClient
@@ -34,7 +36,7 @@ from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import Recorder, running_agent, secure_nats_server, spawn_agent, stop_process
 from mesh.transport import streams
 from mesh.transport.identities import with_role
-from mesh.transport.state import StateStore
+from mesh.transport.state import MemoryState, StateStore
 from mesh.wire.codec import default_codec
 from mesh.wire.settings import Settings
 
@@ -138,6 +140,25 @@ async def test_different_messages_do_not_share_journal_entries(
     journal = await _journal(operator, settings)
     assert [e.reply.text for e in (await recorded(journal, "japart", "task 1: a")).model] == ["same #1"]
     assert journal_key("japart", "task 1: a", "llm", 0).startswith("japart.=")  # hashed, one token
+
+
+async def test_a_journaled_call_that_asks_something_else_this_time_is_made_live() -> None:
+    """A handler that asks another question at the same call number (its prompt depends on
+    the time, say) is not given the answer to the old one."""
+    model = Counting()
+    journal = Journaled(model)
+    book = Journal("asker", MemoryState())
+    asked: list[str] = []
+
+    async def handler(ctx: Any, prompt: Any) -> None:
+        asked.append(await journal.complete(system="", prompt=prompt))
+
+    run: Any = book.scope(handler)
+    ctx = SimpleNamespace(agent="asker", message_id="m1")  # a handling of message m1, three times
+    for prompt in ("old question", "old question", "new question"):
+        await run(ctx, prompt)
+    assert asked == ["old question #1", "old question #1", "new question #1"]
+    assert model.calls == {"old question": 1, "new question": 1}
 
 
 @message("test.jtools", version=1)

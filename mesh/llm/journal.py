@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 import structlog
 
-from mesh.llm.metering import Metering
 from mesh.llm.tools import ToolError, ToolFailed, ToolInputInvalid, ToolNotAllowed, ToolTimeout, UnknownTool
 from mesh.llm.types import LLM, Base, Delta, Reply, Request, StreamEvent
 from mesh.runtime.audit import digest
 from mesh.transport.streams import id_key
 
 if TYPE_CHECKING:
+    from mesh.llm.metering import Metering
     from mesh.llm.tools import Tool
     from mesh.middleware.base import Call
     from mesh.transport.base import Transport
@@ -166,12 +166,13 @@ class Journal:
 class Journaled(Base):
     """A model whose calls are journaled within a handling (outside one, calls pass through).
     A recorded reply is returned without calling the model; streamed, it comes back as one
-    delta and the reply. A replayed call is metered as ``replayed``, without tokens or cost."""
+    delta and the reply. With `metering` (the inner model's, a `Router`'s), a replayed call is
+    counted as ``replayed``, without tokens or cost; it is never counted as a paid call."""
 
     def __init__(self, inner: LLM, metering: Metering | None = None) -> None:
         self.inner = inner
         self.name = inner.name
-        self.metering = metering or Metering()
+        self.metering = metering
 
     async def chat(self, request: Request) -> Reply:
         handling = _current.get()
@@ -206,7 +207,8 @@ class Journaled(Base):
             yield event
 
     def _replayed(self, reply: Reply) -> None:
-        self.metering.replayed(reply.provider or self.inner.name, reply.model)
+        if self.metering is not None:
+            self.metering.replayed(reply.provider or self.inner.name, reply.model)
 
 
 def journaled(model: LLM) -> Journaled:
