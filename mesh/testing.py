@@ -238,13 +238,17 @@ async def replay_file(
     ignore: tuple[str, ...] = (),
     live_model: bool = False,
     settle_timeout: float = 30.0,
+    llm: LLM | None = None,
 ) -> Report:
     """Replay a conversation exported by `mesh record --export` through `agents` (name → the
-    version to test) on an isolated mesh: `Report.assert_same()` fails with the differences."""
+    version to test) on an isolated mesh: `Report.assert_same()` fails with the differences.
+    `llm` answers the model calls the journal does not (default: as the settings say)."""
+    recording = Recording.load(Path(path))
     return await replay(
-        Recording.load(Path(path)),
+        recording,
         agents,
         ignore=ignore,
         live_model=live_model,
         settle_timeout=settle_timeout,
+        llm=llm,
     )

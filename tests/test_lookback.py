@@ -17,6 +17,8 @@ from mesh_user_tools import agent as clerk
 from sample_agents.checker_v2 import checker as checker_v2
 from sample_agents.lookback import Case, checker, planner
 
+from mesh.llm.offline import OfflineLLM
+from mesh.llm.types import Reply, Request
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.runtime.client import MeshClient
@@ -26,6 +28,16 @@ from mesh.wire.settings import Settings
 
 CONV = "lookback-1"
 TESTS = Path(__file__).parent
+
+
+class Counting(OfflineLLM):
+    """The offline model, counting the calls that reach it."""
+
+    calls = 0
+
+    async def chat(self, request: Request) -> Reply:
+        self.calls += 1
+        return await super().chat(request)
 
 
 async def _mesh(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -139,8 +151,13 @@ async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_rec
     changed = await _mesh(settings, "replay", CONV, "--agent", "checker=sample_agents.checker_v2:checker")
     assert changed.returncode == 1, changed.stdout + changed.stderr
     assert changed.stdout.count("~ checker test.checked") == 2 and "ok: true → false" in changed.stdout
-    report = await replay_file(recording, {"clerk": clerk})  # the approval, decided again from the record
+    # the clerk: its model answers from the journal (no call), the approval decided again from the record
+    counting = Counting()
+    report = await replay_file(recording, {"clerk": clerk}, llm=counting)
     report.assert_same()
-    assert report.inputs == 2 and report.recorded == report.replayed
+    assert report.inputs == 2 and report.recorded == report.replayed and counting.calls == 0
+    assert json.loads(recording.read_text())["journal"]  # exported with the journaled results
+    live = await replay_file(recording, {"clerk": clerk}, llm=counting, live_model=True)
+    assert counting.calls > 0 and any("live" in n for n in live.notes)
     with pytest.raises(AssertionError, match="ok: true → false"):
         (await replay_file(recording, {"checker": checker_v2})).assert_same()

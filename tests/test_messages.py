@@ -7,6 +7,7 @@ import mesh.schemas  # noqa: F401
 import pytest
 from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
 from sample_agents import handoffs as ho
+from sample_agents import journaled
 from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
@@ -42,6 +43,9 @@ SAMPLES: dict[str, Message] = {
     "test.work_done": ho.WorkDone(text="t", n=1, answer="a", by=1),
     "test.summary": ho.Summary(text="t", answers=["a"], missing=[], timed_out=False),
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
+    "test.journal_task": journaled.Task(prompt="p", gate="/tmp/gate"),
+    "test.journal_asked": journaled.Asked(text="t", pid=1),
+    "test.journal_done": journaled.Done(text="t", pid=1),
     "test.invoice_paid": InvoicePaid(invoice="I-1"),
     "test.invoice_booked": InvoiceBooked(invoice="I-1"),
     "mesh.delivery_failed": DeliveryFailed(kind="validation", reason="r", agent="a", message_id="m"),

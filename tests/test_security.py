@@ -26,6 +26,7 @@ from mesh import Agent, Context, Message, message
 from mesh.agent.identity import grant_of
 from mesh.cli.llm import list_tools
 from mesh.join import Gathered, HandedOn, all_of
+from mesh.llm.journal import journal_key
 from mesh.patterns.approval import ApprovalDecision
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import discover
@@ -939,6 +940,63 @@ def test_an_agent_that_parks_tool_calls_writes_only_its_own_approvals(tmp_path: 
     kv = [p for p in perms.publish if "approvals" in p]
     assert "$KV.MESH_STATE.approvals.clerk.>" in kv
     assert all(".approvals.clerk." in p for p in kv), kv  # never approvals.> nor another agent's
+
+
+async def test_an_agent_reads_and_writes_only_its_own_journal(secure: SecureServer) -> None:
+    """vault's journal holds a model reply. mallory may not read it (by key, in a batch, by
+    sequence, through a consumer), overwrite it nor delete it; its own journal works."""
+    _, _, _, spec = streams.bucket_specs(secure.settings)
+    operator = await NatsTransport.connect(secure.identity("role:operator"), "auditor")
+    victim = journal_key("vault", "m1", "llm", 0)
+    recorded = b'{"type":"llm","asked":"x","reply":{"content":[{"type":"text","text":"secret"}]}}'
+    journal = await operator.state(spec, secure.settings)
+    await journal.put(victim, recorded)
+
+    probe = await Probe.connect(secure.url, secure.keyring.creds_path("agent:mallory"))
+    nc = probe.nc
+    mine = nc.new_inbox()
+    kv = f"$KV.{streams.JOURNAL}.{victim}"
+    by_key = f"$JS.API.DIRECT.GET.KV_{streams.JOURNAL}.{kv}"
+    batch = f"$JS.API.DIRECT.GET.KV_{streams.JOURNAL}"
+    by_seq = f"$JS.API.STREAM.MSG.GET.KV_{streams.JOURNAL}"
+    watch = f"$JS.API.CONSUMER.CREATE.KV_{streams.JOURNAL}"
+    attacks: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        (kv, lambda: nc.publish(kv, b'{"type":"llm","asked":"x","reply":{"content":[]}}', reply=mine)),
+        (kv, lambda: nc.publish(kv, b"", headers={"KV-Operation": "DEL"})),
+        (by_key, lambda: nc.publish(by_key, b"", reply=mine)),
+        (batch, lambda: nc.publish(batch, json.dumps({"multi_last": [kv]}).encode(), reply=mine)),
+        (by_seq, lambda: nc.publish(by_seq, json.dumps({"last_by_subj": kv}).encode(), reply=mine)),
+        (watch, lambda: nc.publish(watch, b"{}", reply=mine)),
+    ]
+    try:
+        succeeded = await _count_refusals(probe, attacks)
+    finally:
+        await probe.close()
+    print(f"journal: {len(attacks)} attacks, {len(succeeded)} succeeded")
+    assert succeeded == []
+
+    own = await NatsTransport.connect(secure.identity("agent:mallory"), "mallory")
+    try:
+        mallorys = await own.state(spec, secure.settings)
+        await mallorys.put(journal_key("mallory", "m1", "llm", 0), b"{}")
+        assert (await mallorys.get(journal_key("mallory", "m1", "llm", 0)) or (b"",))[0] == b"{}"
+        got = await journal.get(victim)
+        assert got is not None and got[0] == recorded  # unchanged
+    finally:
+        await own.close()
+        await operator.close()
+
+
+def test_an_agents_journal_permissions_name_only_its_own_keys(tmp_path: Path) -> None:
+    from mesh.transport.auth import AgentGrant, agent_permissions, public_key
+
+    settings = Settings.load(environ={}, data_dir=tmp_path)
+    perms = agent_permissions(AgentGrant("clerk"), settings, public_key(new_seed()))
+    journal = sorted(p for p in perms.publish if streams.JOURNAL in p and "STREAM.INFO" not in p)
+    assert journal == [
+        "$JS.API.DIRECT.GET.KV_MESH_JOURNAL.$KV.MESH_JOURNAL.clerk.>",
+        "$KV.MESH_JOURNAL.clerk.>",
+    ]
 
 
 async def test_the_audit_trail_is_written_only_by_its_writer_and_read_only_by_the_operator(

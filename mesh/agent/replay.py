@@ -37,17 +37,22 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
+import structlog
 
 from mesh.agent.declaration import Agent
 from mesh.agent.runner import AgentRuntime
+from mesh.llm import LLM
+from mesh.llm.journal import journal_key
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.transport.memstreams import Stored
 from mesh.transport.nats import NatsTransport
 from mesh.transport.server import EmbeddedServer
+from mesh.transport.state import StateStore
+from mesh.transport.streams import bucket_specs
 from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError
@@ -58,6 +63,8 @@ Journal = list[tuple[str, bytes]]  # journaled results: (key, value), as the jou
 CLOCK_FIELDS: Final = frozenset({"expires_ms", "due_ms"})
 _ROUTING: Final = (h.REPLY_TO, h.ROUTE, h.JOIN, h.ANSWER)
 _FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
+
+log = structlog.get_logger("mesh.replay")
 
 
 class Difference(msgspec.Struct, frozen=True):
@@ -133,7 +140,11 @@ class Recording:
     journal: Journal = field(default_factory=list)
 
     @classmethod
-    async def from_mesh(cls, transport: Any, conversation: str) -> Recording:
+    async def from_mesh(
+        cls, transport: NatsTransport, conversation: str, settings: Settings | None = None
+    ) -> Recording:
+        """Read a conversation's record, and (given `settings`, as an identity that may read
+        the journal: the operator) the journaled results of each of its handlings."""
         pattern = subjects.record_pattern(subjects.conversation_id(conversation))
         entries = [e async for e in history.entries(transport, pattern)]
         if not entries:
@@ -141,7 +152,21 @@ class Recording:
                 f"no record of conversation {conversation!r}: see `mesh conversations` (kept for "
                 f"MESH_RECORD_RETENTION)"
             )
-        return cls(conversation, entries)
+        journal: Journal = []
+        if settings is not None:
+            try:
+                store = await transport.state(bucket_specs(settings)[3], settings)
+                for m in history.merge(entries):
+                    for agent in sorted({d.agent for d in m.deliveries}):
+                        journal += await _journaled(store, agent, m.id)
+            except Exception as exc:  # the record is still worth having
+                log.warning(
+                    "the journal could not be read (it takes the operator's identity): "
+                    "the recording has no journaled model or tool results",
+                    error=repr(exc),
+                )
+                journal = []
+        return cls(conversation, entries, journal)
 
     def dumps(self) -> bytes:
         return json.dumps(
@@ -195,8 +220,10 @@ async def replay(
     live_model: bool = False,
     settle_timeout: float = 30.0,
     base: Settings | None = None,
+    llm: LLM | None = None,
 ) -> Report:
-    """Run `recording` through `agents` (name → the new version) on an isolated mesh."""
+    """Run `recording` through `agents` (name → the new version) on an isolated mesh. The
+    model answering what the journal does not is `llm`, or the one `base` configures."""
     for name, agent in agents.items():
         if agent.name != name:
             raise ConfigError(
@@ -211,7 +238,9 @@ async def replay(
         info = await asyncio.to_thread(server.start)
         try:
             settings = _isolated(base, info.url, Path(tmp))
-            replayed, unsettled = await _run(recording, agents, inputs, settings, live_model, settle_timeout)
+            replayed, unsettled = await _run(
+                recording, agents, inputs, settings, live_model, settle_timeout, llm
+            )
         finally:
             await asyncio.to_thread(server.stop)
     differences = compare(recorded, replayed, CLOCK_FIELDS | frozenset(ignore))
@@ -269,6 +298,7 @@ async def _run(
     settings: Settings,
     live_model: bool,
     settle_timeout: float,
+    llm: LLM | None,
 ) -> tuple[list[history.Recorded], list[history.Recorded]]:
     """What the tested agents sent on the isolated mesh, and the inputs they did not settle."""
     conv = recording.conversation
@@ -283,7 +313,7 @@ async def _run(
         stand_ins = await _stand_ins(driver, history.merge(recording.entries), frozenset(agents), conv)
         for agent in agents.values():
             transport = await NatsTransport.connect(settings, agent.name)
-            runtime = AgentRuntime(agent, settings, transport)
+            runtime = AgentRuntime(agent, settings, transport, llm=llm)
             await runtime.start()
             runtimes.append((runtime, transport))
         for m in inputs:
@@ -304,11 +334,26 @@ async def _run(
         await driver.close()
 
 
-async def seed_journal(
-    transport: NatsTransport, settings: Settings, journal: list[tuple[str, bytes]]
-) -> None:
-    """Put journaled results into the isolated mesh's journal (mesh.runtime.journal)."""
-    del transport, settings, journal  # the journal lands with its own change
+async def _journaled(store: StateStore, agent: str, message_id: str) -> Journal:
+    """The raw journal entries of one handling, as kept: key and value, each kind in order."""
+    found: Journal = []
+    kinds: tuple[Literal["llm"], Literal["tool"]] = ("llm", "tool")
+    for kind in kinds:
+        for index in range(10_000):
+            key = journal_key(agent, message_id, kind, index)
+            got = await store.get(key)
+            if got is None:
+                break
+            found.append((key, got[0]))
+    return found
+
+
+async def seed_journal(transport: NatsTransport, settings: Settings, journal: Journal) -> None:
+    """Put journaled results into the isolated mesh's journal (mesh.llm.journal), where
+    the tested agents' handlings find them under the same keys."""
+    store = await transport.state(bucket_specs(settings)[3], settings)
+    for key, value in journal:
+        await store.put(key, value)
 
 
 async def _stand_ins(

@@ -17,6 +17,7 @@ from mesh.agent.declaration import Agent, Handler
 from mesh.agent.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
 from mesh.llm import LLM, llm_scope, make_llm
+from mesh.llm.journal import Journal, journaled
 from mesh.middleware.base import chain
 from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
@@ -100,7 +101,8 @@ class AgentRuntime:
         self.transport = transport
         self.codec = codec
         self.instance = instance or new_id()
-        self.llm = llm or make_llm(settings)
+        self.llm: LLM = journaled(llm or make_llm(settings))  # a redelivery does not pay again
+        self.journal = Journal(agent.name)  # its bucket is bound at start
         self._signer = signer_of(settings)
         self.recorder = Recorder(
             transport, agent.name, secret_headers=settings.secret_header_names, enabled=settings.record
@@ -131,7 +133,7 @@ class AgentRuntime:
         self._subs: list[Subscription] = []
         self._consumers: list[Consumer] = []
         self._working: dict[asyncio.Task[Any], Delivery] = {}  # stored deliveries being handled
-        middleware = [tracing, log_context, llm_scope, *agent.middleware]
+        middleware = [tracing, log_context, llm_scope, self.journal.scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
@@ -199,9 +201,10 @@ class AgentRuntime:
             await self.agent.mcp_servers.attach(self.agent.tools)
             self._mcp_attached = True
         await self.transport.ensure_streams()
-        processed_spec, state_spec, seen_spec = streams.bucket_specs(settings)
+        processed_spec, state_spec, seen_spec, journal_spec = streams.bucket_specs(settings)
         processed = await self.transport.state(processed_spec, settings)
         state = await self.transport.state(state_spec, settings)
+        await self.journal.open(self.transport, journal_spec, settings)
         # the ids of direct messages: only where senders are proven (a mesh with identities)
         shared = self.verifier is not None and settings.replay_shared
         seen = await self.transport.state(seen_spec, settings) if shared else None

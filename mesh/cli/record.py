@@ -1,6 +1,7 @@
 """Looking back at conversations, from the record (mesh.observability.history), as the
 observer (what it may watch live): `mesh conversations`, `mesh show`; and using them as
-regression tests (mesh.agent.replay): `mesh record --export`, `mesh replay`."""
+regression tests (mesh.agent.replay), as the operator (who may read the journal of model
+and tool results): `mesh record --export`, `mesh replay`."""
 
 from __future__ import annotations
 
@@ -112,13 +113,13 @@ def register(cli: click.Group, settings_fn: Callable[[Role], Settings], run: Run
         tool results."""
         from mesh.agent.replay import Recording
 
-        settings = settings_fn("observer")
+        settings = settings_fn("operator")  # the journal is read by the operator only
         convs = [subjects.conversation_id(c) for c in conversation_ids]
 
         async def go() -> list[Recording]:
             transport = await NatsTransport.connect(settings, "mesh-history")
             try:
-                return [await Recording.from_mesh(transport, c) for c in convs]
+                return [await Recording.from_mesh(transport, c, settings) for c in convs]
             finally:
                 await transport.close()
 
@@ -171,7 +172,7 @@ def register(cli: click.Group, settings_fn: Callable[[Role], Settings], run: Run
                     f"{spec!r}: write NAME=SPEC, e.g. writer=./writer_v2.py:agent", param_hint="--agent"
                 )
             agents[name] = load_agent(target)
-        settings = settings_fn("observer")
+        settings = settings_fn("operator")  # the journal is read by the operator only
 
         from_file = (
             Recording.load(Path(source)) if source.endswith(".json") or Path(source).is_file() else None
@@ -183,7 +184,8 @@ def register(cli: click.Group, settings_fn: Callable[[Role], Settings], run: Run
             else:
                 transport = await NatsTransport.connect(settings, "mesh-history")
                 try:
-                    recording = await Recording.from_mesh(transport, subjects.conversation_id(source))
+                    conv = subjects.conversation_id(source)
+                    recording = await Recording.from_mesh(transport, conv, settings)
                 finally:
                     await transport.close()
             return await replay(

@@ -2,7 +2,8 @@
 
 `OfflineLLM` is deterministic and needs no network: the default without a key.
 `AnthropicLLM` calls Claude through the official `anthropic` SDK; `OpenAICompatLLM` any
-OpenAI-compatible endpoint. `make_llm` wraps the configured ones in a `Router`.
+OpenAI-compatible endpoint. `make_llm` wraps the configured ones in a `Router`. An agent's
+runtime wraps its model in `Journaled`, so a redelivered message does not pay twice.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 
 from mesh.llm.claude import AnthropicLLM
+from mesh.llm.journal import Journaled
 from mesh.llm.limits import CircuitBreaker, Limits, TokenBucket
 from mesh.llm.metering import Metering, Scope, current_scope, llm_scope
 from mesh.llm.offline import OfflineLLM
@@ -41,6 +43,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpen",
     "Delta",
+    "Journaled",
     "LLMError",
     "LLMUnavailable",
     "Limits",

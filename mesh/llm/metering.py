@@ -68,6 +68,7 @@ class Totals:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    replayed: int = 0  # answers given again from the journal: not paid, not in the counts above
 
     def add(self, usage: Usage, cost: float) -> None:
         self.calls += 1
@@ -85,12 +86,20 @@ class Ledger:
     conversations: OrderedDict[str, Totals] = field(default_factory=OrderedDict)
 
     def add(self, scope: Scope, usage: Usage, cost: float) -> None:
-        self.agents.setdefault(scope.agent, Totals()).add(usage, cost)
+        for totals in self._of(scope):
+            totals.add(usage, cost)
+
+    def replay(self, scope: Scope) -> None:
+        for totals in self._of(scope):
+            totals.replayed += 1
+
+    def _of(self, scope: Scope) -> tuple[Totals, Totals]:
+        """The totals of the scope's agent and conversation (the latter kept as most recent)."""
         conv = self.conversations.setdefault(scope.conversation, Totals())
-        conv.add(usage, cost)
         self.conversations.move_to_end(scope.conversation)
         while len(self.conversations) > self.keep:
             self.conversations.popitem(last=False)
+        return self.agents.setdefault(scope.agent, Totals()), conv
 
 
 class Metering:
@@ -146,6 +155,23 @@ class Metering:
                     "mesh.conversation": scope.conversation,
                 }
             )
+
+    def replayed(self, provider: str, model: str) -> None:
+        """A call answered from the journal (mesh.llm.journal): counted with outcome
+        ``replayed``, no tokens, no cost."""
+        scope = current_scope()
+        self.calls.add(
+            1,
+            {
+                "gen_ai.request.model": model,
+                "gen_ai.operation.name": "chat",
+                "mesh.llm.provider": provider,
+                "mesh.agent": scope.agent,
+                "mesh.tenant": scope.tenant,
+                "outcome": "replayed",
+            },
+        )
+        self.ledger.replay(scope)
 
     def failed(self, system: str, model: str, kind: str) -> None:
         scope = current_scope()

@@ -8,7 +8,8 @@ decides: a tool outside the agent's allow list, one needing a permission the age
 malformed or invalid arguments, a timeout or a failure each become a typed error returned
 to the model as a tool result (and logged), never a crash. A tool marked ``approval=True``
 runs only after a person approves the call; until then the work is parked (mesh.patterns.approval)
-and the handler returns.
+and the handler returns. The model's replies and the tools' results are journaled
+(mesh.llm.journal): when the message comes again, they are given again, not paid or run again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mesh.llm.journal import run_tool
 from mesh.llm.tools import Tool, ToolError, ToolInputInvalid, ToolNotAllowed, UnknownTool
 from mesh.llm.types import Block, Reply, Request, Text, ToolCall, ToolOutput, Turn
 from mesh.runtime.audit import digest
@@ -131,8 +133,10 @@ async def run_tools(
                     return run
             if error is None and tool is not None:
                 try:
-                    content = await tool.run(call.input, _default_timeout(ctx))
-                    if resumed is not None:
+                    if resumed is None:  # journaled: not run again when the message comes again
+                        content = await run_tool(tool, call.input, _default_timeout(ctx))
+                    else:  # an approved call, which its approval runs at most once
+                        content = await tool.run(call.input, _default_timeout(ctx))
                         await approval.ran(ctx, resumed, content)
                     outputs.append(ToolOutput(call.id, tool_block(tool.name, content)))
                     await _record(ctx, run, Called(tool.name, call.input, True, content))

@@ -107,8 +107,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
       takes any), answers to outside requesters (``reply`` subjects and ``_INBOX``), its
       own timers, its own dead letters, its own audit records and its own entries in the
       conversation record;
-    - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN`` and ``MESH_STATE`` (joins,
-      failure histories), read by key; its approvals if it parks calls.
+    - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN``, ``MESH_JOURNAL`` and
+      ``MESH_STATE`` (joins, failure histories), read by key; its approvals if it parks calls.
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.
@@ -145,6 +145,10 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         f"{_API}.DIRECT.GET.KV_{streams.PROCESSED}",  # batched lookups name keys in the body
         # one key at a time, its own, where a batch is not answered (kvbatch)
         f"{_API}.DIRECT.GET.KV_{streams.PROCESSED}.$KV.{streams.PROCESSED}.{a}.>",
+        # its journal of model replies and tool results (mesh.llm.journal), read by key only:
+        # no batched reads, whose keys are in the body where the server cannot check them
+        f"$KV.{streams.JOURNAL}.{a}.>",
+        f"{_API}.DIRECT.GET.KV_{streams.JOURNAL}.$KV.{streams.JOURNAL}.{a}.>",
         *_state_keys(a, grant),
     ]
     if grant.timers:

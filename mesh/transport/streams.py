@@ -14,6 +14,8 @@ KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day
 KV ``MESH_STATE``      joins, failure histories    7 days
 KV ``MESH_SEEN``       ids of signed direct        twice ``MESH_REPLAY_WINDOW`` (10 minutes)
                        messages (replay refusal)
+KV ``MESH_JOURNAL``    model replies and tool      ``MESH_JOURNAL_TTL`` (1 day)
+                       results of each handling
 =====================  ==========================  ==========================================
 
 Each stream holds at most ``MESH_STREAM_MAX_BYTES``. The work queues (inbox, timers) refuse
@@ -53,6 +55,7 @@ STATE: Final = "MESH_STATE"
 AUDIT: Final = "MESH_AUDIT"  # append-only (mesh.runtime.audit)
 RECORD: Final = "MESH_RECORD"  # the conversation record (mesh.observability.record)
 SEEN: Final = "MESH_SEEN"  # ids of signed direct messages, shared by an agent's replicas
+JOURNAL: Final = "MESH_JOURNAL"  # model replies and tool results by handling (mesh.llm.journal)
 STATE_MAX_AGE: Final = 7 * 86400.0
 
 
@@ -143,13 +146,15 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
 
 
 def bucket_specs(settings: Settings) -> list[BucketSpec]:
-    """The KV buckets, in this order: processed ids, state, seen ids. A direct message can be
-    replayed up to the window after it was sent, which can be up to the window after it first
-    arrived: its id is kept for twice the window."""
+    """The KV buckets, in this order: processed ids, state, seen ids, journal (new buckets
+    go at the end). A direct message can be replayed up to the window after it was sent,
+    which can be up to the window after it first arrived: its id is kept for twice the
+    window."""
     return [
         BucketSpec(PROCESSED, settings.processed_ttl),
         BucketSpec(STATE, STATE_MAX_AGE),
         BucketSpec(SEEN, 2 * settings.replay_window),
+        BucketSpec(JOURNAL, settings.journal_ttl),
     ]
 
 

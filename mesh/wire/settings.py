@@ -161,6 +161,12 @@ class Settings(BaseModel):
     processed_ttl: float = Field(
         default=86400.0, gt=0, description="Seconds a processed message id is remembered."
     )
+    journal_ttl: float = Field(
+        default=86400.0,
+        gt=0,
+        description="Seconds the model replies and tool results of a handling are kept, so a "
+        "redelivered message gets them again instead of calling the model again (MESH_JOURNAL).",
+    )
     # limits: see docs/operations.md#limits
     stream_max_bytes: int = Field(
         default=1 << 30,
