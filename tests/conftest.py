@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh.runtime.client import MeshClient
-from mesh.testing import SecureServer, nats_server, secure_nats_server
+from mesh.testing import SecureServer, nats_server, secure_nats_server, stop_process
 from mesh.transport.auth import public_key, read_seed
 from mesh.transport.identities import with_role
 from mesh.transport.server import EmbeddedServer
@@ -118,3 +120,26 @@ def raw_connect(info: bytes, settings: Settings, **options: object) -> bytes:
         signature = nkeys.from_seed(bytearray(seed)).sign(nonce.encode())
         options.update(nkey=public_key(seed), sig=base64.b64encode(signature).decode())
     return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
+
+
+TESTS = Path(__file__).parent
+
+
+async def mesh_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `mesh ...` as its own process, on the machine of `settings` (its server and data
+    dir, so it takes its role's identity from there), in a thread: agents in this process
+    keep working meanwhile. The test agents are importable by module name (``sample_agents.x``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
+    argv = [sys.executable, "-m", "mesh", *args]
+    return await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Agent processes a test starts; stopped when it ends."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        stop_process(p)

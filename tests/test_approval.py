@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import mesh_cli
 from mesh_user_tools import REFUNDS, Answered, Ask, Refund, agent
 
 from mesh.agent.identity import provision
@@ -120,25 +121,6 @@ async def test_an_unanswered_request_expires_into_a_dead_letter(
     assert history.summarize(conv, recorded).status == history.FAILED
 
 
-async def _cli(settings: Settings, *args: str) -> Any:
-    """Run `mesh ...` in a thread: the agent in this process must keep answering meanwhile."""
-    import asyncio
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "mesh", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 async def test_mesh_tools_lists_and_mesh_approve_and_deny_decide(
     client: MeshClient, settings: Settings
 ) -> None:
@@ -147,16 +129,16 @@ async def test_mesh_tools_lists_and_mesh_approve_and_deny_decide(
     REFUNDS.clear()
     rec = await Recorder.start(client.transport, f"mesh.{conv}.evt.>")
     async with running_agent(agent, settings):
-        listed = await _cli(settings, "tools")
+        listed = await mesh_cli(settings, "tools")
         assert listed.returncode == 0, listed.stderr
         assert "refund" in listed.stdout and "clerk" in listed.stdout
         await client.send("clerk", Ask(text=REFUND), conversation=conv)
         _req, approval = await _requested(rec)
-        denied = await _cli(settings, "deny", approval)
+        denied = await mesh_cli(settings, "deny", approval)
         assert denied.returncode != 0 and "--reason" in denied.stderr  # a denial says why
-        approved = await _cli(settings, "approve", approval, "--by", "ada")
+        approved = await mesh_cli(settings, "approve", approval, "--by", "ada")
         assert approved.returncode == 0, approved.stderr
-        again = await _cli(settings, "approve", approval)
+        again = await mesh_cli(settings, "approve", approval)
         assert again.returncode != 0  # decided already (or gone): said, not ignored
         msgs = await rec.wait_for(lambda ms: bool(_of(ms, "test.answered")))
     [answer] = [default_codec.decode(m.data, Answered) for m in _of(msgs, "test.answered")]

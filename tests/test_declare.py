@@ -3,12 +3,9 @@ says when no running agent gets what it published, and where it waits."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-import sys
 
-from conftest import SAMPLES
+from conftest import SAMPLES, mesh_cli
 from sample_agents.ledger import InvoiceBooked, agent
 
 from mesh.runtime.client import MeshClient
@@ -21,23 +18,9 @@ from mesh.wire.subjects import matches
 LEDGER = str(SAMPLES / "ledger.py")
 
 
-async def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `mesh ...` in a thread: an agent in this process keeps answering meanwhile."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "mesh", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 async def _publish(settings: Settings, invoice: str) -> subprocess.CompletedProcess[str]:
     body = f'{{"invoice": "{invoice}"}}'
-    done = await _cli(
+    done = await mesh_cli(
         settings, "publish", "test.invoice_paid", body, "--conversation", invoice, "--types", LEDGER
     )
     assert done.returncode == 0, done.stderr
@@ -54,7 +37,7 @@ async def test_events_reach_an_agent_declared_before_its_first_start(
     assert "warning: no agent handles test.invoice_paid" in lost.stderr
     assert "MESH_EVENTS" in lost.stderr and "mesh agents add" in lost.stderr
 
-    added = await _cli(settings, "agents", "add", f"{LEDGER}:agent")
+    added = await mesh_cli(settings, "agents", "add", f"{LEDGER}:agent")
     assert added.returncode == 0, added.stderr
     assert "MESH_EVENTS  created   mesh.*.evt.test.invoice_paid" in added.stdout
     events = await client.transport.consumer_info(streams.EVENTS, "ledger")
@@ -63,7 +46,7 @@ async def test_events_reach_an_agent_declared_before_its_first_start(
     waiting = await _publish(settings, "inv-waits")
     assert "no agent that handles test.invoice_paid is running" in waiting.stderr
     assert "waits in MESH_EVENTS for ledger" in waiting.stderr
-    again = await _cli(settings, "agents", "add", f"{LEDGER}:agent")
+    again = await mesh_cli(settings, "agents", "add", f"{LEDGER}:agent")
     assert "MESH_EVENTS  kept" in again.stdout  # declaring twice changes nothing
 
     async with running_agent(agent, settings):
@@ -77,30 +60,30 @@ async def test_events_reach_an_agent_declared_before_its_first_start(
 
 
 async def test_publish_to_an_agent_that_never_ran_says_where_the_message_waits(settings: Settings) -> None:
-    await _cli(settings, "agents", "add", f"{LEDGER}:agent")
+    await mesh_cli(settings, "agents", "add", f"{LEDGER}:agent")
     body = '{"invoice": "inv-typo"}'
     typed = ("--type", "test.invoice_paid", "--types", LEDGER, "--conversation", "inv-typo")
-    sent = await _cli(settings, "publish", "agent:ledgr", body, *typed)
+    sent = await mesh_cli(settings, "publish", "agent:ledgr", body, *typed)
     assert sent.returncode == 0, sent.stderr
     assert "no agent named 'ledgr' has run on this server or been declared" in sent.stderr
     assert "waits in MESH_INBOX" in sent.stderr
     assert "Did you mean `agent:ledger`?" in sent.stderr
     assert "`nats stream purge MESH_INBOX --subject mesh.inv-typo.agent.ledgr`" in sent.stderr
 
-    stopped = await _cli(settings, "publish", "agent:ledger", body, *typed)
+    stopped = await mesh_cli(settings, "publish", "agent:ledger", body, *typed)
     assert "no replica of agent 'ledger' is running: the message waits in MESH_INBOX" in stopped.stderr
 
 
 async def test_agents_add_by_name_needs_the_event_types(settings: Settings) -> None:
-    bare = await _cli(settings, "agents", "add", "billing")
+    bare = await mesh_cli(settings, "agents", "add", "billing")
     assert bare.returncode == 2
     assert "mesh agents add billing --events TYPE" in bare.stderr
-    bad = await _cli(settings, "agents", "add", "billing", "--events", "Invoice Paid")
+    bad = await mesh_cli(settings, "agents", "add", "billing", "--events", "Invoice Paid")
     assert bad.returncode == 2 and "not a message type name" in bad.stderr
-    named = await _cli(settings, "agents", "add", "billing", "--events", "test.refund_asked,test.refund")
+    named = await mesh_cli(settings, "agents", "add", "billing", "--events", "test.refund_asked,test.refund")
     assert named.returncode == 0, named.stderr
     assert "mesh.*.evt.test.refund, mesh.*.evt.test.refund_asked" in named.stdout
-    typo = await _cli(settings, "agents", "ad", "billing")
+    typo = await mesh_cli(settings, "agents", "ad", "billing")
     assert typo.returncode == 2
     assert "Did you mean `mesh agents add`?" in typo.stderr
 

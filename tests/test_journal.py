@@ -12,7 +12,6 @@ import signal
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +32,7 @@ from mesh.llm.streaming import LLMChunk, LLMFinal
 from mesh.patterns.approval import ApprovalRequest, approval_key, decoded
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
-from mesh.testing import Recorder, running_agent, secure_nats_server, spawn_agent, stop_process
+from mesh.testing import Recorder, running_agent, secure_nats_server, spawn_agent
 from mesh.transport import streams
 from mesh.transport.identities import with_role
 from mesh.transport.state import MemoryState, StateStore
@@ -326,14 +325,6 @@ async def test_a_journal_that_cannot_be_used_does_not_fail_the_handler(
 
 
 # -- agent processes: kill -9 after the model answered, a replica takes the redelivery ----
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop_process(p)
 
 
 @pytest.mark.slow

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import mesh_cli
 from mesh_user_tools import REFUNDS
 from mesh_user_tools import agent as clerk
 from sample_agents.checker_v2 import checker as checker_v2
@@ -27,7 +25,6 @@ from mesh.wire import subjects
 from mesh.wire.settings import Settings
 
 CONV = "lookback-1"
-TESTS = Path(__file__).parent
 
 
 class Counting(OfflineLLM):
@@ -40,19 +37,12 @@ class Counting(OfflineLLM):
         return await super().chat(request)
 
 
-async def _mesh(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `mesh ...` in a thread (the agents in this process keep working meanwhile)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # agents by module name
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "mesh", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+async def _waiting(settings: Settings, agent: str) -> int:
+    """The WAITING of `agent` in `mesh agents --json`."""
+    listed = await mesh_cli(settings, "agents", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    return int(next(r["waiting"] for r in rows if r["name"] == agent))
 
 
 async def _until(settings: Settings, client: MeshClient, status: str) -> list[history.Recorded]:
@@ -71,20 +61,17 @@ async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_rec
     REFUNDS.clear()
     quick = settings.model_copy(update={"retry_backoff": 0.05})
     async with running_agent(planner, quick), running_agent(checker, quick), running_agent(clerk, quick):
+        before = await _waiting(settings, "clerk")  # other tests' calls may wait on this server
         await client.send("planner", Case(order="B-7"), conversation=CONV)
         waiting = await _until(settings, client, history.WAITING)
         # while it waits: listed as waiting, and `mesh agents` counts the clerk's parked call
-        listed = await _mesh(settings, "conversations", "--status", "waiting", "--json")
+        listed = await mesh_cli(settings, "conversations", "--status", "waiting", "--json")
         assert listed.returncode == 0, listed.stderr
         assert CONV in [json.loads(line)["id"] for line in listed.stdout.splitlines()]
-        agents = await _mesh(settings, "agents", "--json")
-        assert agents.returncode == 0, agents.stderr
-        assert {json.loads(line)["name"]: json.loads(line)["waiting"] for line in agents.stdout.splitlines()}[
-            "clerk"
-        ] == 1
+        assert await _waiting(settings, "clerk") == before + 1  # `mesh agents` counts the parked call
         [ask] = [m for m in waiting if m.type == "approval.request"]
         approval = ask.body()["approval"]
-        approved = await _mesh(settings, "approve", approval, "--by", "ada")
+        approved = await mesh_cli(settings, "approve", approval, "--by", "ada")
         assert approved.returncode == 0, approved.stderr
         msgs = await _until(settings, client, history.DONE)
         assert any(m.type == "test.answered" for m in msgs)
@@ -111,7 +98,7 @@ async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_rec
     assert {"planner", "checker", "clerk"} <= set(summary.agents)
 
     # `mesh show`: the causal tree, the outcomes, the bodies and the trace id
-    shown = await _mesh(settings, "show", CONV)
+    shown = await mesh_cli(settings, "show", CONV)
     assert shown.returncode == 0, shown.stderr
     out = shown.stdout
     assert f"conversation {CONV}  done" in out and f"trace: {traced.pop()}" in out
@@ -120,24 +107,24 @@ async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_rec
     case_line = next(i for i, line in enumerate(out.splitlines()) if "[test.case]" in line)
     check_line = next(i for i, line in enumerate(out.splitlines()) if "[test.check]" in line)
     assert case_line < check_line  # a cause before what it caused
-    as_json = json.loads((await _mesh(settings, "show", CONV, "--json")).stdout)
+    as_json = json.loads((await mesh_cli(settings, "show", CONV, "--json")).stdout)
     assert as_json["status"] == "done" and len(as_json["messages"]) == len(msgs)
 
     # `mesh tap -c --from-start`: the history first (the conversation is over: nothing live)
-    tapped = await _mesh(settings, "tap", "-c", CONV, "--from-start", "--json", "--timeout", "1")
+    tapped = await mesh_cli(settings, "tap", "-c", CONV, "--from-start", "--json", "--timeout", "1")
     assert tapped.returncode == 0, tapped.stderr
     seen = [json.loads(line) for line in tapped.stdout.splitlines()]
     assert sorted(line["id"] for line in seen) == sorted(m.id for m in msgs)
-    missing = await _mesh(settings, "tap", "--from-start")
+    missing = await mesh_cli(settings, "tap", "--from-start")
     assert missing.returncode != 0 and "-c <conversation-id>" in missing.stderr
-    unknown = await _mesh(settings, "show", "no-such-conversation")
+    unknown = await mesh_cli(settings, "show", "no-such-conversation")
     assert unknown.returncode != 0 and "mesh conversations" in unknown.stderr
 
     # replayed as a regression test: the same agents send the same; a changed one is reported
-    exported = await _mesh(settings, "record", CONV, "--export", str(tmp_path))
+    exported = await mesh_cli(settings, "record", CONV, "--export", str(tmp_path))
     assert exported.returncode == 0, exported.stderr
     recording = tmp_path / f"{CONV}.json"
-    same = await _mesh(
+    same = await mesh_cli(
         settings,
         "replay",
         str(recording),
@@ -148,7 +135,7 @@ async def test_a_conversation_with_a_fan_out_a_redelivery_and_an_approval_is_rec
     )
     assert same.returncode == 0, same.stdout + same.stderr
     assert "no differences" in same.stdout
-    changed = await _mesh(settings, "replay", CONV, "--agent", "checker=sample_agents.checker_v2:checker")
+    changed = await mesh_cli(settings, "replay", CONV, "--agent", "checker=sample_agents.checker_v2:checker")
     assert changed.returncode == 1, changed.stdout + changed.stderr
     assert changed.stdout.count("~ checker test.checked") == 2 and "ok: true → false" in changed.stdout
     # the clerk: its model answers from the journal (no call), the approval decided again from the record

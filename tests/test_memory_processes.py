@@ -4,7 +4,6 @@ and acknowledged writes surviving a kill -9 of the service."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from sample_agents.memo import Note, Noted
 from mesh.memory.client import Memory
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
-from mesh.testing import Recorder, spawn_agent, stop_process
+from mesh.testing import Recorder, spawn_agent
 from mesh.wire.codec import default_codec
 from mesh.wire.envelope import new_id
 from mesh.wire.settings import Settings
@@ -24,14 +23,6 @@ pytestmark = pytest.mark.slow
 
 SERVICE = "mesh.services.memory:agent"
 MEMO = f"{SAMPLES / 'memo.py'}:agent"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop_process(p)
 
 
 async def test_concurrent_writers_and_acknowledged_writes_survive_a_killed_service(

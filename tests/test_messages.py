@@ -8,6 +8,7 @@ import pytest
 from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
 from sample_agents import handoffs as ho
 from sample_agents import journaled
+from sample_agents import lookback as lb
 from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
@@ -44,6 +45,9 @@ SAMPLES: dict[str, Message] = {
     "test.summary": ho.Summary(text="t", answers=["a"], missing=[], timed_out=False),
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
     "test.journal_task": journaled.Task(prompt="p", gate="/tmp/gate"),
+    "test.case": lb.Case(order="B-7"),
+    "test.check": lb.Check(order="B-7", n=1),
+    "test.checked": lb.Checked(order="B-7", n=1, ok=True),
     "test.journal_asked": journaled.Asked(text="t", pid=1),
     "test.journal_done": journaled.Done(text="t", pid=1),
     "test.invoice_paid": InvoicePaid(invoice="I-1"),

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ from mesh.wire.subjects import Address
 pytestmark = pytest.mark.slow
 
 ECHO = f"{SAMPLES / 'echo.py'}:agent"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop_process(p)
 
 
 def _env(settings: Settings) -> dict[str, str]:
