@@ -211,6 +211,27 @@ async def test_a_compromised_agent_cannot_rewrite_or_break_the_record(
         ),
         (b"{}", {rec.ENTRY: rec.RECEIVED, h.ID: "g4", rec.OUTCOME: "?" * 300, rec.COST: "-1e309"}),
         (b"{}", {rec.ENTRY: rec.SENT, h.ID: "g5", rec.SUBJECT: "not.a.mesh.subject", h.SENT_AT: "soon"}),
+        (b"\x93garbage", {rec.ENTRY: rec.HANDLING, h.ID: "g6"}),  # a handling that does not decode
+        (
+            rec.encode_handled(rec.Handled(rec.Copy("mesh.rec6.agent.x", {}, b"{}"))),
+            {rec.ENTRY: rec.HANDLING},
+        ),
+        # a handling that claims to have sent the real question
+        (
+            rec.encode_handled(
+                rec.Handled(
+                    rec.Copy("mesh.rec6.agent.mallory", {h.ID: "g7"}, b"{}"),
+                    [
+                        rec.Copy(
+                            question.subject,
+                            {**question.headers, h.SENDER: question.sender},
+                            b'{"text": "x"}',
+                        )
+                    ],
+                )
+            ),
+            {rec.ENTRY: rec.HANDLING, rec.OUTCOME: rec.HANDLED},
+        ),
         # a forged copy of the real question, claiming the real sender
         (
             b'{"text": "forged"}',
@@ -245,7 +266,8 @@ async def test_a_compromised_agent_cannot_rewrite_or_break_the_record(
     )
     kept = next(m for m in msgs if m.id == question.id)
     assert kept.body()["text"] == "real" and kept.sent_by == "publisher"  # not the forgery
-    assert {m.id for m in msgs} >= {question.id, "g1", "g3", "g4", "g5"} and "g2" not in {m.id for m in msgs}
+    ids = {m.id for m in msgs}
+    assert ids >= {question.id, "g1", "g3", "g4", "g5", "g7"} and not ids & {"g2", "g6"}
     assert "bytes, not json" in str(next(m for m in msgs if m.id == "g1").body())
     history.summarize("rec6", msgs)  # no exception
     env = {"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)}
@@ -268,7 +290,7 @@ async def test_secret_headers_never_reach_the_record(settings: Settings, client:
         )
     stored = [e async for e in history.entries(client.transport, subjects.record_pattern("rec7"))]
     assert {str(e.subject).rsplit(".", 1)[-1] for e in stored} >= {"publisher", "echo"}  # both ends
-    for e in stored:
+    for e in stored:  # neither in the entries' headers nor in the copies a handling holds
         assert "s3cret" not in repr(e.headers) and "s3cret" not in repr(e.data)
-        if e.headers[h.ID] == headers[h.ID]:  # the ping, as sent and as received
-            assert e.headers.get("X-Tenant") == "acme", (e.subject, e.headers)  # others are kept
+    [ping] = [m for m in history.merge(stored) if m.id == headers[h.ID]]
+    assert ping.headers.get("X-Tenant") == "acme" and "Authorization" not in ping.headers  # others are kept

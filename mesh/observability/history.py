@@ -155,39 +155,60 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
     copy a receiver took; with no receiver, the first copy whose writer is its sender, else
     the first."""
     messages: dict[str, Recorded] = {}
-    sent: dict[str, list[tuple[str, str, dict[str, str], bytes]]] = {}
+    sent: dict[str, list[tuple[str, rec.Copy]]] = {}
     for entry in stored:
-        headers = dict(entry.headers or {})
-        msg_id = headers.get(h.ID, "")
-        kind = headers.pop(rec.ENTRY, "")
-        subject = headers.pop(rec.SUBJECT, "")
-        if not msg_id or kind not in (rec.SENT, rec.RECEIVED):
-            continue
         writer = str(entry.subject).rsplit(".", 1)[-1]
-        at = float(getattr(entry, "at", 0.0) or 0.0)
-        outcome = {k: headers.pop(k) for k in _ENTRY_HEADERS if k in headers}
-        found = messages.get(msg_id)
-        if found is None:
-            found = messages[msg_id] = Recorded(
-                msg_id, subject, headers, bytes(entry.data), seq=int(entry.seq), at=at
-            )
-        if kind == rec.SENT:
-            sent.setdefault(msg_id, []).append((writer, subject, headers, bytes(entry.data)))
-            continue
-        if not found.deliveries:  # the first receiver's copy, until a sender's is chosen
-            found.subject, found.headers, found.data = subject, headers, bytes(entry.data)
-        found.deliveries.append(_delivery(writer, outcome, at))
-    for msg_id, copies in sent.items():
+        at, seq = float(getattr(entry, "at", 0.0) or 0.0), int(entry.seq)
+        for kind, copy, outcome in _observations(entry):
+            msg_id = copy.headers.get(h.ID, "")
+            if not msg_id:
+                continue
+            m = messages.get(msg_id)
+            if m is None:
+                m = messages[msg_id] = Recorded(msg_id, copy.subject, copy.headers, copy.data, seq=seq, at=at)
+            if kind == rec.SENT:
+                sent.setdefault(msg_id, []).append((writer, copy))
+                continue
+            if not m.deliveries:  # the first receiver's copy, until a sender's is chosen
+                m.subject, m.headers, m.data = copy.subject, copy.headers, copy.data
+            m.deliveries.append(_delivery(writer, outcome, at))
+    for msg_id, candidates in sent.items():
         m = messages[msg_id]
         if m.deliveries:
-            chosen = next((c for c in copies if c[0] == m.sender), None)
+            chosen = next((c for c in candidates if c[0] == m.sender), None)
             if chosen is None:  # a client's, under its role: the one with what receivers saw
-                chosen = next((c for c in copies if c[3] == m.data), None)
+                chosen = next((c for c in candidates if c[1].data == m.data), None)
         else:
-            chosen = next((c for c in copies if c[0] == c[2].get(h.SENDER)), copies[0])
+            chosen = next((c for c in candidates if c[0] == c[1].headers.get(h.SENDER)), candidates[0])
         if chosen is not None:
-            m.sent_by, m.subject, m.headers, m.data = chosen
+            m.sent_by, (m.subject, m.headers, m.data) = (
+                chosen[0],
+                (chosen[1].subject, chosen[1].headers, chosen[1].data),
+            )
     return list(messages.values())
+
+
+def _observations(entry: Any) -> list[tuple[str, rec.Copy, dict[str, str]]]:
+    """What one entry says: (sent or received, the message's copy, the delivery's outcome).
+    A handling is the message received and each message sent meanwhile; garbage says nothing."""
+    headers = dict(entry.headers or {})
+    kind = headers.pop(rec.ENTRY, "")
+    subject = headers.pop(rec.SUBJECT, "")
+    outcome = {k: headers.pop(k) for k in _ENTRY_HEADERS if k in headers}
+    if kind == rec.SENT:
+        return [(rec.SENT, rec.Copy(subject, headers, bytes(entry.data)), {})]
+    if kind == rec.RECEIVED:
+        return [(rec.RECEIVED, rec.Copy(subject, headers, bytes(entry.data)), outcome)]
+    if kind != rec.HANDLING:
+        return []
+    try:
+        handled = rec.decode_handled(entry.data)
+    except msgspec.DecodeError:
+        return []
+    received = handled.received
+    if rec.OMITTED in headers:
+        received = rec.Copy(received.subject, {**received.headers, rec.OMITTED: headers[rec.OMITTED]}, b"")
+    return [(rec.RECEIVED, received, outcome)] + [(rec.SENT, c, {}) for c in handled.sent]
 
 
 _ENTRY_HEADERS: Final = (rec.OUTCOME, rec.REASON, rec.DELIVERY, rec.MILLIS, rec.TOKENS, rec.COST)

@@ -3,36 +3,39 @@
 Work-queue messages are gone once acknowledged and direct messages are never stored, so
 the streams that carry the work cannot tell afterwards what a conversation was. Each mesh
 process therefore records, in the ``MESH_RECORD`` stream (its own subjects, overlapping no
-work stream; ``MESH_RECORD_RETENTION``):
+work stream; ``MESH_RECORD_RETENTION``), on ``mesh_record.<conversation>.<writer>``:
 
-- **sent**: each message it sends (events, inbox handoffs, direct requests, replies,
-  timers), as it went out: the same bytes and headers, signature included, after the
-  publish succeeded (a request: before, so the question precedes its answer);
-- **received**: each delivery it handled, with its outcome (handled, retry, dead_letter,
-  duplicate), the delivery number, the handling time and the model tokens and cost it used.
+- **a handling** (``Mesh-Record: handling``): one entry per delivery an agent settled: the
+  message as it took it, what became of it (handled, retry, dead_letter, duplicate), the
+  delivery number, the handling time, the model tokens and cost it used, and every message
+  the handler sent meanwhile, as it went out (signature included);
+- **sent** (``Mesh-Record: sent``): a message sent outside any handling (a client's), as it
+  went out.
 
-Both go to ``mesh_record.<conversation>.<writer>``: a writer may record only under its own
-name (mesh.transport.auth), so an entry says who wrote it. A message sent by one agent and
-handled by another is recorded twice, once by each end: the reader merges them by message
-id (mesh.observability.history). Messages from clients that do not record (another
-language's NATS client) are still in the record, written by whoever received them.
+A writer may record only under its own name (mesh.transport.auth), so an entry says who
+wrote it. A message sent by one agent and handled by another is in two entries, one by each
+end: the reader merges them by message id (mesh.observability.history). Messages from
+clients that do not record (another language's NATS client) are in the record all the
+same, in the handling of whoever took them. One entry per handling, not one per message:
+each entry is a message the server stores, and that is most of what recording costs.
 
 One path writes both this record and the audit trail (mesh.runtime.audit): `keep`, which
-never fails the work it records. The audit waits for the stream's acknowledgement (its
-hash chain must know what was stored); the record does not, and costs no wait: an entry is a core NATS
-publish into the stream, without waiting for an acknowledgement. It goes out on the same
-connection before the acknowledgement of the delivery it belongs to, so an entry lost to a
-crash goes with that acknowledgement: the delivery comes again and is recorded then.
-Duplicates are dropped by id (``Nats-Msg-Id``). Live-only chunks (``mesh.*.live.>``) are not
-recorded: the final answer they add up to is. Secret headers are left out, as in dead
-letters (mesh.wire.secrets).
+never fails the work it records. The audit waits for the stream's acknowledgement (its hash
+chain must know what was stored); the record does not, and costs no wait: an entry is a
+core NATS publish into the stream. A handling's entry goes out on the connection that then
+acknowledges the delivery, so an entry lost to a crash goes with that acknowledgement: the
+delivery comes again and is recorded then. Copies are dropped by id (``Nats-Msg-Id``).
+Live-only chunks (``mesh.*.live.>``) are not recorded: the final answer they add up to is.
+Secret headers are left out, as in dead letters (mesh.wire.secrets).
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import structlog
 
 from mesh.middleware.publish import REQUEST, Outgoing, PublishMiddleware, Send
@@ -43,7 +46,7 @@ from mesh.wire.secrets import is_secret_header
 if TYPE_CHECKING:
     from mesh.transport.base import Transport
 
-ENTRY: Final = "Mesh-Record"  # "sent" or "received"
+ENTRY: Final = "Mesh-Record"  # "handling", "sent" (or "received": a handling without its sends)
 SUBJECT: Final = "Mesh-Record-Subject"  # where the message went
 OUTCOME: Final = "Mesh-Record-Outcome"  # received: handled, retry, dead_letter, duplicate
 REASON: Final = "Mesh-Record-Reason"  # why, for a retry or a dead letter
@@ -55,6 +58,7 @@ OMITTED: Final = "Mesh-Record-Omitted"  # the body's size, when it did not fit b
 
 SENT: Final = "sent"
 RECEIVED: Final = "received"
+HANDLING: Final = "handling"
 HANDLED: Final = "handled"
 RETRY: Final = "retry"
 DEAD_LETTER: Final = "dead_letter"
@@ -91,6 +95,40 @@ async def keep(
     return True
 
 
+class Copy(msgspec.Struct, array_like=True, frozen=True):
+    """A message as recorded: where it went, its headers (no secret ones) and its body."""
+
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+class Handled(msgspec.Struct, array_like=True, frozen=True):
+    """The body of a handling entry: the message taken, and what was sent meanwhile."""
+
+    received: Copy
+    sent: list[Copy] = []
+
+
+encode_handled = msgspec.msgpack.Encoder().encode
+decode_handled = msgspec.msgpack.Decoder(Handled).decode
+
+
+class _Sends:
+    """What a handler sends while it runs, kept for its handling's entry; once the handling
+    is recorded (`open` False), a late send (a task the handler left behind) is recorded
+    on its own."""
+
+    __slots__ = ("copies", "open")
+
+    def __init__(self) -> None:
+        self.copies: list[Copy] = []
+        self.open = True
+
+
+_sends: contextvars.ContextVar[_Sends | None] = contextvars.ContextVar("mesh_record_sends", default=None)
+
+
 class Recorder:
     """Writes one process's entries (`writer`: its identity's name) into the record."""
 
@@ -111,7 +149,8 @@ class Recorder:
         self.enabled = enabled
 
     async def sent(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        """Record a message this process sent to `subject`."""
+        """Record a message this process sent to `subject`: into the entry of the handling
+        it was sent from, or an entry of its own."""
         if not self.enabled:
             return
         address = subjects.parse(subject)
@@ -120,11 +159,19 @@ class Recorder:
         msg_id = (headers or {}).get(h.ID, "")
         if not msg_id:
             return  # not a mesh message (a raw publish): nothing to merge it by
-        entry = {ENTRY: SENT, SUBJECT: subject, h.NATS_MSG_ID: f"{SENT}.{msg_id}"}
-        await self._write(_conversation(subject, headers), data, headers, entry)
+        sends = _sends.get()
+        if sends is not None and sends.open:
+            sends.copies.append(Copy(subject, self._kept(headers), data))
+            return
+        await self._single(Copy(subject, self._kept(headers), data))
 
-    async def received(
+    def handling(self) -> contextvars.Token[_Sends | None]:
+        """Start keeping what is sent, for the entry of the handling that starts here."""
+        return _sends.set(_Sends())
+
+    async def handled(
         self,
+        token: contextvars.Token[_Sends | None],
         delivery: Any,
         outcome: str,
         *,
@@ -132,34 +179,66 @@ class Recorder:
         millis: float = 0.0,
         usage: Any = None,
     ) -> None:
-        """Record what became of a delivery this process took (`usage`: the model totals of
-        its handling, with ``input_tokens``, ``output_tokens`` and ``cost_usd``)."""
-        if not self.enabled:
-            return
+        """Record a handling: what became of `delivery` ("" if nothing did yet: only its
+        sends are recorded), with what was sent since `handling` (`usage`: the model totals
+        of the handling, with ``calls``, ``input_tokens``, ``output_tokens``, ``cost_usd``)."""
+        sends = _sends.get()
+        _sends.reset(token)
+        copies = sends.copies if sends is not None else []
+        if sends is not None:
+            sends.open = False
         headers = delivery.headers or {}
         msg_id = headers.get(h.ID, "") or delivery.origin
-        if not msg_id or len(msg_id) > 256:
-            return  # no way to name it (a malformed direct message): the dead letter has it
+        if not outcome or not msg_id or len(msg_id) > 256:
+            for copy in copies:  # no handling to put them in (a timer not due, a bad id)
+                await self._single(copy)
+            return
+        conversation = _conversation(delivery.subject, headers)
         entry = {
-            ENTRY: RECEIVED,
+            ENTRY: HANDLING,
             SUBJECT: delivery.subject,
             OUTCOME: outcome,
             DELIVERY: str(delivery.attempt),
             MILLIS: f"{millis:.3f}",
-            h.NATS_MSG_ID: f"{RECEIVED}.{self.writer}.{delivery.attempt}.{msg_id}",
+            h.ID: msg_id,
+            h.NATS_MSG_ID: f"{HANDLING}.{self.writer}.{delivery.attempt}.{msg_id}",
         }
         if reason:
             entry[REASON] = _one_line(reason)
         if usage is not None and usage.calls:
             entry[TOKENS] = f"{usage.input_tokens}/{usage.output_tokens}"
             entry[COST] = f"{usage.cost_usd:.6f}"
-        await self._write(_conversation(delivery.subject, headers), delivery.data, headers, entry)
+        received = Copy(delivery.subject, self._kept(headers), delivery.data)
+        room = self.transport.max_payload - _ROOM
+        size = (
+            len(received.data) + sum(len(c.data) + _size(c.headers) for c in copies) + _size(received.headers)
+        )
+        if size > room:  # too large together: each send on its own, and the body if it fits
+            for copy in copies:
+                await self._single(copy)
+            copies = []
+            if size > room and len(received.data) > room - _size(received.headers):
+                entry[OMITTED] = str(len(received.data))
+                received = Copy(received.subject, received.headers, b"")
+        data = encode_handled(Handled(received, copies))
+        await self._publish(conversation, data, entry)
 
-    async def _write(
-        self, conversation: str, data: bytes, headers: dict[str, str] | None, entry: dict[str, str]
-    ) -> None:
-        if not conversation:
-            return
+    async def _single(self, copy: Copy) -> None:
+        msg_id = copy.headers.get(h.ID, "")
+        entry = {**copy.headers, ENTRY: SENT, SUBJECT: copy.subject, h.NATS_MSG_ID: f"{SENT}.{msg_id}"}
+        data = copy.data
+        if len(data) > self.transport.max_payload - _ROOM - _size(entry):
+            entry[OMITTED] = str(len(data))
+            data = b""
+        await self._publish(_conversation(copy.subject, copy.headers), data, entry)
+
+    async def _publish(self, conversation: str, data: bytes, headers: dict[str, str]) -> None:
+        if conversation:
+            subject = subjects.record_subject(conversation, self.writer)
+            await keep(self.transport, subject, data, headers, wait=False)
+
+    def _kept(self, headers: dict[str, str] | None) -> dict[str, str]:
+        """`headers` without the secret ones (and the stream's own ``Nats-Msg-Id``)."""
         kept: dict[str, str] = {}
         verdicts = self._verdicts
         for name, value in (headers or {}).items():
@@ -170,24 +249,21 @@ class Recorder:
                     verdicts[name] = secret
             if not secret:
                 kept[name] = value
-        kept.update(entry)
-        room = self.transport.max_payload - _ROOM
-        if len(data) > room - 8192 and len(data) > room - sum(len(k) + len(v) for k, v in kept.items()):
-            kept[OMITTED] = str(len(data))
-            data = b""
-        await keep(self.transport, subjects.record_subject(conversation, self.writer), data, kept, wait=False)
+        return kept
 
 
 def recording(recorder: Recorder) -> PublishMiddleware:
-    """Publish middleware: record each message after it is sent (a request, before: its
-    answer may be recorded by the one answering before this returns). Put it last, after
-    signing, so the record keeps the message as it went out."""
+    """Publish middleware: record each message once it is sent (a request, once it is
+    answered or not). Put it last, after signing, so the record keeps the message as it
+    went out."""
 
     def middleware(call_next: Send) -> Send:
         async def send(out: Outgoing) -> Any:
             if out.kind == REQUEST:
-                await recorder.sent(out.subject, out.data, out.headers)
-                return await call_next(out)
+                try:
+                    return await call_next(out)
+                finally:
+                    await recorder.sent(out.subject, out.data, out.headers)
             result = await call_next(out)
             await recorder.sent(out.subject, out.data, out.headers)
             return result
@@ -195,6 +271,10 @@ def recording(recorder: Recorder) -> PublishMiddleware:
         return send
 
     return middleware
+
+
+def _size(headers: dict[str, str]) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 def _conversation(subject: str, headers: dict[str, str] | None) -> str:

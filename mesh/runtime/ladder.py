@@ -236,11 +236,11 @@ class SettleDirect:
 
 
 class Recorded:
-    """Write what became of each delivery into the conversation record
-    (mesh.observability.record), before the rung above settles it: handled, retry,
-    dead_letter or duplicate, with the handling time and the model usage of the run. A
-    delivery still waiting (a timer not due) and one cut short by a stop are not recorded:
-    they come again."""
+    """Write each handling into the conversation record (mesh.observability.record): what
+    became of the delivery (handled, retry, dead_letter or duplicate), the handling time,
+    the model usage of the run, and what the handler sent meanwhile, in one entry, before
+    the rung above settles it. A delivery still waiting (a timer not due) and one cut short
+    by a stop get no outcome: they come again (what they sent is recorded on its own)."""
 
     def __init__(self, below: Take, recorder: Recorder, max_deliver: int) -> None:
         self.below = below
@@ -249,6 +249,7 @@ class Recorded:
 
     async def __call__(self, w: Work) -> Later | None:
         started = time.perf_counter_ns()
+        token = self.recorder.handling()
         outcome, reason = "handled", ""
         try:
             result = await self.below(w)
@@ -273,10 +274,9 @@ class Recorded:
                 outcome = ""
             return result
         finally:
-            if outcome:
-                millis = (time.perf_counter_ns() - started) / 1e6
-                usage = getattr(w.ctx, "usage", None)
-                await self.recorder.received(w.delivery, outcome, reason=reason, millis=millis, usage=usage)
+            millis = (time.perf_counter_ns() - started) / 1e6
+            usage = getattr(w.ctx, "usage", None)
+            await self.recorder.handled(token, w.delivery, outcome, reason=reason, millis=millis, usage=usage)
 
 
 class Guard:
