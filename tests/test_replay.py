@@ -33,11 +33,11 @@ async def test_a_checked_in_recording_replays_through_todays_agents() -> None:
 
 
 def _sent(msg_id: str, subject: str, body: bytes, **headers: str) -> Stored:
-    base = {h.ID: msg_id, h.TYPE: "test.checked", h.VERSION: "1", h.SENDER: "checker", rec.ENTRY: rec.SENT}
+    base = {h.ID: msg_id, h.TYPE: "test.checked", h.VERSION: "1", h.SENDER: "checker", **headers}
     return Stored(
-        f"mesh_record.c.{headers.pop('writer', 'checker')}",
-        body,
-        {**base, rec.SUBJECT: subject, **headers},
+        "mesh_record.c.checker",
+        rec.encode_entry(rec.Entry(sent=[rec.Copy(subject, base, body)])),
+        None,
         1,
         0.0,
     )

@@ -67,6 +67,7 @@ class Recorded:
     headers: dict[str, str]
     data: bytes
     sent_by: str = ""  # the writer of the sender's entry ("" if only receivers recorded it)
+    omitted: int = 0  # the size of a body too large to record
     seq: int = 0  # the stream sequence of its first entry
     at: float = 0.0  # when its first entry was stored
     deliveries: list[Delivery] = field(default_factory=list)
@@ -99,8 +100,8 @@ class Recorded:
         return address.kind if address is not None else subjects.REPLY
 
     def body(self) -> Any:
-        if rec.OMITTED in self.headers:
-            return f"<{self.headers[rec.OMITTED]} bytes, too large to record>"
+        if self.omitted:
+            return f"<{self.omitted} bytes, too large to record>"
         return decode_any(self.data, self.headers.get(h.CONTENT_TYPE, ""))
 
     def line(self) -> TapLine:
@@ -153,25 +154,34 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
     receiving agent records what it took after checking who sent it (signed envelopes).
     So the copy recorded by the sender that receivers saw wins; with no such copy, the
     copy a receiver took; with no receiver, the first copy whose writer is its sender, else
-    the first."""
+    the first. An entry that does not decode is skipped."""
     messages: dict[str, Recorded] = {}
     sent: dict[str, list[tuple[str, rec.Copy]]] = {}
-    for entry in stored:
-        writer = str(entry.subject).rsplit(".", 1)[-1]
-        at, seq = float(getattr(entry, "at", 0.0) or 0.0), int(entry.seq)
-        for kind, copy, outcome in _observations(entry):
-            msg_id = copy.headers.get(h.ID, "")
-            if not msg_id:
-                continue
-            m = messages.get(msg_id)
-            if m is None:
-                m = messages[msg_id] = Recorded(msg_id, copy.subject, copy.headers, copy.data, seq=seq, at=at)
-            if kind == rec.SENT:
-                sent.setdefault(msg_id, []).append((writer, copy))
-                continue
+
+    def message(copy: rec.Copy, seq: int, at: float) -> Recorded:
+        msg_id = copy.headers[h.ID]
+        found = messages.get(msg_id)
+        if found is None:
+            found = messages[msg_id] = Recorded(msg_id, copy.subject, copy.headers, copy.data, seq=seq, at=at)
+        return found
+
+    for stored_entry in stored:
+        try:
+            entry = rec.decode_entry(stored_entry.data)
+        except msgspec.DecodeError:
+            continue
+        writer = str(stored_entry.subject).rsplit(".", 1)[-1]
+        at, seq = float(getattr(stored_entry, "at", 0.0) or 0.0), int(stored_entry.seq)
+        got = entry.received
+        if got is not None and got.headers.get(h.ID):
+            m = message(got, seq, at)
             if not m.deliveries:  # the first receiver's copy, until a sender's is chosen
-                m.subject, m.headers, m.data = copy.subject, copy.headers, copy.data
-            m.deliveries.append(_delivery(writer, outcome, at))
+                m.subject, m.headers, m.data, m.omitted = got.subject, got.headers, got.data, entry.omitted
+            m.deliveries.append(_delivery(writer, entry, at))
+        for copy in entry.sent:
+            if copy.headers.get(h.ID):
+                message(copy, seq, at)
+                sent.setdefault(copy.headers[h.ID], []).append((writer, copy))
     for msg_id, candidates in sent.items():
         m = messages[msg_id]
         if m.deliveries:
@@ -181,50 +191,21 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
         else:
             chosen = next((c for c in candidates if c[0] == c[1].headers.get(h.SENDER)), candidates[0])
         if chosen is not None:
-            m.sent_by, (m.subject, m.headers, m.data) = (
-                chosen[0],
-                (chosen[1].subject, chosen[1].headers, chosen[1].data),
-            )
+            m.sent_by, copy = chosen
+            m.subject, m.headers, m.data, m.omitted = copy.subject, copy.headers, copy.data, 0
     return list(messages.values())
 
 
-def _observations(entry: Any) -> list[tuple[str, rec.Copy, dict[str, str]]]:
-    """What one entry says: (sent or received, the message's copy, the delivery's outcome).
-    A handling is the message received and each message sent meanwhile; garbage says nothing."""
-    headers = dict(entry.headers or {})
-    kind = headers.pop(rec.ENTRY, "")
-    subject = headers.pop(rec.SUBJECT, "")
-    outcome = {k: headers.pop(k) for k in _ENTRY_HEADERS if k in headers}
-    if kind == rec.SENT:
-        return [(rec.SENT, rec.Copy(subject, headers, bytes(entry.data)), {})]
-    if kind == rec.RECEIVED:
-        return [(rec.RECEIVED, rec.Copy(subject, headers, bytes(entry.data)), outcome)]
-    if kind != rec.HANDLING:
-        return []
-    try:
-        handled = rec.decode_handled(entry.data)
-    except msgspec.DecodeError:
-        return []
-    received = handled.received
-    if rec.OMITTED in headers:
-        received = rec.Copy(received.subject, {**received.headers, rec.OMITTED: headers[rec.OMITTED]}, b"")
-    return [(rec.RECEIVED, received, outcome)] + [(rec.SENT, c, {}) for c in handled.sent]
-
-
-_ENTRY_HEADERS: Final = (rec.OUTCOME, rec.REASON, rec.DELIVERY, rec.MILLIS, rec.TOKENS, rec.COST)
-
-
-def _delivery(writer: str, entry: dict[str, str], at: float) -> Delivery:
-    tokens_in, _, tokens_out = entry.get(rec.TOKENS, "0/0").partition("/")
+def _delivery(writer: str, entry: rec.Entry, at: float) -> Delivery:
     return Delivery(
         agent=writer,
-        outcome=entry.get(rec.OUTCOME, "?"),
-        attempt=_int(entry.get(rec.DELIVERY, "1")),
-        millis=_float(entry.get(rec.MILLIS, "0")),
-        reason=entry.get(rec.REASON, ""),
-        input_tokens=_int(tokens_in),
-        output_tokens=_int(tokens_out),
-        cost_usd=_float(entry.get(rec.COST, "0")),
+        outcome=entry.outcome or "?",
+        attempt=entry.delivery,
+        millis=entry.millis,
+        reason=entry.reason,
+        input_tokens=entry.input_tokens,
+        output_tokens=entry.output_tokens,
+        cost_usd=entry.cost_usd,
         at=at,
     )
 
@@ -303,20 +284,6 @@ async def recent(transport: Transport, *, limit: int = 20, scan: int = 20_000) -
 def _field(m: Recorded, name: str) -> str:
     body = m.body()
     return str(body.get(name, "")) if isinstance(body, dict) else ""
-
-
-def _int(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        return 0
-
-
-def _float(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        return 0.0
 
 
 async def follow(

@@ -3,30 +3,35 @@
 Work-queue messages are gone once acknowledged and direct messages are never stored, so
 the streams that carry the work cannot tell afterwards what a conversation was. Each mesh
 process therefore records, in the ``MESH_RECORD`` stream (its own subjects, overlapping no
-work stream; ``MESH_RECORD_RETENTION``), on ``mesh_record.<conversation>.<writer>``:
+work stream; ``MESH_RECORD_RETENTION``), on ``mesh_record.<conversation>.<writer>``, one
+`Entry` per:
 
-- **a handling** (``Mesh-Record: handling``): one entry per delivery an agent settled: the
-  message as it took it, what became of it (handled, retry, dead_letter, duplicate), the
-  delivery number, the handling time, the model tokens and cost it used, and every message
-  the handler sent meanwhile, as it went out (signature included);
-- **sent** (``Mesh-Record: sent``): a message sent outside any handling (a client's), as it
-  went out.
+- **handling**: a delivery an agent settled: the message as it took it, what became of it
+  (handled, retry, dead_letter, duplicate), the delivery number, the handling time, the
+  model tokens and cost it used, and every message the handler sent meanwhile, as it went
+  out (signature included);
+- **send outside a handling** (a client's): the message as it went out. A client leaves
+  what it sends to an agent (its inbox, direct line or timers) to that agent's handling,
+  and records the rest (events, answers): one entry fewer per message it starts.
 
 A writer may record only under its own name (mesh.transport.auth), so an entry says who
 wrote it. A message sent by one agent and handled by another is in two entries, one by each
 end: the reader merges them by message id (mesh.observability.history). Messages from
 clients that do not record (another language's NATS client) are in the record all the
-same, in the handling of whoever took them. One entry per handling, not one per message:
-each entry is a message the server stores, and that is most of what recording costs.
+same, in the handling of whoever took them.
+
+What recording costs is the entries, so there are few and they are cheap: one per handling,
+not one per message, and everything in its msgpack body (`Entry`), beside one header, its
+``Nats-Msg-Id`` (a second copy is dropped).
 
 One path writes both this record and the audit trail (mesh.runtime.audit): `keep`, which
 never fails the work it records. The audit waits for the stream's acknowledgement (its hash
 chain must know what was stored); the record does not, and costs no wait: an entry is a
 core NATS publish into the stream. A handling's entry goes out on the connection that then
 acknowledges the delivery, so an entry lost to a crash goes with that acknowledgement: the
-delivery comes again and is recorded then. Copies are dropped by id (``Nats-Msg-Id``).
-Live-only chunks (``mesh.*.live.>``) are not recorded: the final answer they add up to is.
-Secret headers are left out, as in dead letters (mesh.wire.secrets).
+delivery comes again and is recorded then. Live-only chunks (``mesh.*.live.>``) are not
+recorded: the final answer they add up to is. Secret headers are left out, as in dead
+letters (mesh.wire.secrets).
 """
 
 from __future__ import annotations
@@ -46,30 +51,48 @@ from mesh.wire.secrets import is_secret_header
 if TYPE_CHECKING:
     from mesh.transport.base import Transport
 
-ENTRY: Final = "Mesh-Record"  # "handling", "sent" (or "received": a handling without its sends)
-SUBJECT: Final = "Mesh-Record-Subject"  # where the message went
-OUTCOME: Final = "Mesh-Record-Outcome"  # received: handled, retry, dead_letter, duplicate
-REASON: Final = "Mesh-Record-Reason"  # why, for a retry or a dead letter
-DELIVERY: Final = "Mesh-Record-Delivery"  # received: which delivery of the message it was
-MILLIS: Final = "Mesh-Record-Ms"  # received: handling time
-TOKENS: Final = "Mesh-Record-Tokens"  # received: model tokens used, "<input>/<output>"
-COST: Final = "Mesh-Record-Cost"  # received: model cost, USD
-OMITTED: Final = "Mesh-Record-Omitted"  # the body's size, when it did not fit beside the headers
-
-SENT: Final = "sent"
-RECEIVED: Final = "received"
-HANDLING: Final = "handling"
 HANDLED: Final = "handled"
 RETRY: Final = "retry"
 DEAD_LETTER: Final = "dead_letter"
 DUPLICATE: Final = "duplicate"
 OUTCOMES: Final = (HANDLED, RETRY, DEAD_LETTER, DUPLICATE)
 
-_ROOM: Final = 2048  # bytes kept free beside a recorded message for the entry's own headers
+_NOT_HERE: Final = frozenset({subjects.LIVE, subjects.AGENT, subjects.DIRECT, subjects.TIMER})
+_ROOM: Final = 1024  # bytes kept free beside an entry's body for its header and the protocol's
 _REASON_MAX: Final = 500
 _VERDICTS: Final = 1024  # header names whose verdict a recorder remembers
 
 log = structlog.get_logger("mesh.record")
+
+
+class Copy(msgspec.Struct, array_like=True, frozen=True):
+    """A message as recorded: where it went, its headers (no secret ones) and its body."""
+
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+class Entry(msgspec.Struct, array_like=True, frozen=True, kw_only=True):
+    """One entry of the record (msgpack, as an array): a handling, with the message taken
+    (`received`) and what became of it, or a send outside any handling (`received` None).
+    `sent`: the messages sent, as they went out. `omitted`: the size of a body left out,
+    too large to record beside the rest."""
+
+    received: Copy | None = None
+    sent: list[Copy] = []
+    outcome: str = ""
+    reason: str = ""
+    delivery: int = 0
+    millis: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    omitted: int = 0
+
+
+encode_entry = msgspec.msgpack.Encoder().encode
+decode_entry = msgspec.msgpack.Decoder(Entry).decode
 
 
 async def keep(
@@ -95,25 +118,6 @@ async def keep(
     return True
 
 
-class Copy(msgspec.Struct, array_like=True, frozen=True):
-    """A message as recorded: where it went, its headers (no secret ones) and its body."""
-
-    subject: str
-    headers: dict[str, str]
-    data: bytes
-
-
-class Handled(msgspec.Struct, array_like=True, frozen=True):
-    """The body of a handling entry: the message taken, and what was sent meanwhile."""
-
-    received: Copy
-    sent: list[Copy] = []
-
-
-encode_handled = msgspec.msgpack.Encoder().encode
-decode_handled = msgspec.msgpack.Decoder(Handled).decode
-
-
 class _Sends:
     """What a handler sends while it runs, kept for its handling's entry; once the handling
     is recorded (`open` False), a late send (a task the handler left behind) is recorded
@@ -132,7 +136,7 @@ _sends: contextvars.ContextVar[_Sends | None] = contextvars.ContextVar("mesh_rec
 class Recorder:
     """Writes one process's entries (`writer`: its identity's name) into the record."""
 
-    __slots__ = ("_secret", "_verdicts", "enabled", "transport", "writer")
+    __slots__ = ("_secret", "_verdicts", "enabled", "leave_to_agents", "transport", "writer")
 
     def __init__(
         self,
@@ -141,11 +145,15 @@ class Recorder:
         *,
         secret_headers: Collection[str] = (),
         enabled: bool = True,
+        leave_to_agents: bool = False,
     ) -> None:
         self.transport = transport
+        # a client's: what it sends to an agent's inbox, direct line or timers is recorded by
+        # the agent that takes it, in its handling; only the rest (events, answers) here
+        self.leave_to_agents = leave_to_agents
         self.writer = subjects.agent_name(writer)
         self._secret = frozenset(secret_headers)
-        self._verdicts: dict[str, bool] = {}  # header name -> left out (secret, or the entry's own)
+        self._verdicts: dict[str, bool] = {}  # header name -> left out (secret, or the stream's own)
         self.enabled = enabled
 
     async def sent(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -154,16 +162,21 @@ class Recorder:
         if not self.enabled:
             return
         address = subjects.parse(subject)
-        if address is not None and address.kind == subjects.LIVE:
+        if (
+            address is not None
+            and address.kind in _NOT_HERE
+            and (address.kind == subjects.LIVE or self.leave_to_agents)
+        ):
             return
         msg_id = (headers or {}).get(h.ID, "")
         if not msg_id:
             return  # not a mesh message (a raw publish): nothing to merge it by
+        copy = Copy(subject, self._kept(headers), data)
         sends = _sends.get()
         if sends is not None and sends.open:
-            sends.copies.append(Copy(subject, self._kept(headers), data))
-            return
-        await self._single(Copy(subject, self._kept(headers), data))
+            sends.copies.append(copy)
+        else:
+            await self._write(_conversation(subject, headers), f"sent.{msg_id}", Entry(sent=[copy]))
 
     def handling(self) -> contextvars.Token[_Sends | None]:
         """Start keeping what is sent, for the entry of the handling that starts here."""
@@ -191,51 +204,48 @@ class Recorder:
         msg_id = headers.get(h.ID, "") or delivery.origin
         if not outcome or not msg_id or len(msg_id) > 256:
             for copy in copies:  # no handling to put them in (a timer not due, a bad id)
-                await self._single(copy)
+                await self._write(_conversation(copy.subject, copy.headers), "", Entry(sent=[copy]))
             return
-        conversation = _conversation(delivery.subject, headers)
-        entry = {
-            ENTRY: HANDLING,
-            SUBJECT: delivery.subject,
-            OUTCOME: outcome,
-            DELIVERY: str(delivery.attempt),
-            MILLIS: f"{millis:.3f}",
-            h.ID: msg_id,
-            h.NATS_MSG_ID: f"{HANDLING}.{self.writer}.{delivery.attempt}.{msg_id}",
-        }
-        if reason:
-            entry[REASON] = _one_line(reason)
-        if usage is not None and usage.calls:
-            entry[TOKENS] = f"{usage.input_tokens}/{usage.output_tokens}"
-            entry[COST] = f"{usage.cost_usd:.6f}"
-        received = Copy(delivery.subject, self._kept(headers), delivery.data)
-        room = self.transport.max_payload - _ROOM
-        size = (
-            len(received.data) + sum(len(c.data) + _size(c.headers) for c in copies) + _size(received.headers)
+        used = usage is not None and usage.calls
+        entry = Entry(
+            received=Copy(delivery.subject, self._kept(headers), delivery.data),
+            sent=copies,
+            outcome=outcome,
+            reason=_one_line(reason) if reason else "",
+            delivery=delivery.attempt,
+            millis=round(millis, 3),
+            input_tokens=usage.input_tokens if used else 0,
+            output_tokens=usage.output_tokens if used else 0,
+            cost_usd=usage.cost_usd if used else 0.0,
         )
-        if size > room:  # too large together: each send on its own, and the body if it fits
-            for copy in copies:
-                await self._single(copy)
-            copies = []
-            if size > room and len(received.data) > room - _size(received.headers):
-                entry[OMITTED] = str(len(received.data))
-                received = Copy(received.subject, received.headers, b"")
-        data = encode_handled(Handled(received, copies))
-        await self._publish(conversation, data, entry)
+        conversation = _conversation(delivery.subject, headers)
+        await self._write(conversation, f"handling.{self.writer}.{delivery.attempt}.{msg_id}", entry)
 
-    async def _single(self, copy: Copy) -> None:
-        msg_id = copy.headers.get(h.ID, "")
-        entry = {**copy.headers, ENTRY: SENT, SUBJECT: copy.subject, h.NATS_MSG_ID: f"{SENT}.{msg_id}"}
-        data = copy.data
-        if len(data) > self.transport.max_payload - _ROOM - _size(entry):
-            entry[OMITTED] = str(len(data))
-            data = b""
-        await self._publish(_conversation(copy.subject, copy.headers), data, entry)
-
-    async def _publish(self, conversation: str, data: bytes, headers: dict[str, str]) -> None:
-        if conversation:
-            subject = subjects.record_subject(conversation, self.writer)
-            await keep(self.transport, subject, data, headers, wait=False)
+    async def _write(self, conversation: str, msg_id: str, entry: Entry) -> None:
+        """Publish `entry`; one too large goes as a handling without its sends, each send
+        on its own, and the message taken without its body if that is still too large."""
+        if not conversation:
+            return
+        data = encode_entry(entry)
+        room = self.transport.max_payload - _ROOM
+        if len(data) > room:
+            for copy in entry.sent if entry.received is not None else []:
+                await self._write(_conversation(copy.subject, copy.headers), "", Entry(sent=[copy]))
+            received, sent = entry.received, entry.sent
+            if received is not None:
+                sent = []
+                if len(received.data) > room // 2:
+                    entry = msgspec.structs.replace(entry, omitted=len(received.data))
+                    received = Copy(received.subject, received.headers, b"")
+            elif sent and len(sent[0].data) > room // 2:
+                sent = [Copy(sent[0].subject, sent[0].headers, b"")]
+                entry = msgspec.structs.replace(entry, omitted=len(entry.sent[0].data))
+            data = encode_entry(msgspec.structs.replace(entry, received=received, sent=sent))
+            if len(data) > room:
+                log.warning("record entry too large even without bodies", conversation=conversation)
+                return
+        subject = subjects.record_subject(conversation, self.writer)
+        await keep(self.transport, subject, data, {h.NATS_MSG_ID: msg_id} if msg_id else None, wait=False)
 
     def _kept(self, headers: dict[str, str] | None) -> dict[str, str]:
         """`headers` without the secret ones (and the stream's own ``Nats-Msg-Id``)."""
@@ -271,10 +281,6 @@ def recording(recorder: Recorder) -> PublishMiddleware:
         return send
 
     return middleware
-
-
-def _size(headers: dict[str, str]) -> int:
-    return sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 def _conversation(subject: str, headers: dict[str, str] | None) -> str:

@@ -129,7 +129,8 @@ class MeshClient:
         if settings.record:
             writer = record_writer(sender, signer, directory)
             secret = settings.secret_header_names
-            middleware.append(recording(Recorder(transport, writer, secret_headers=secret)))
+            recorder = Recorder(transport, writer, secret_headers=secret, leave_to_agents=True)
+            middleware.append(recording(recorder))
         client = cls(transport, sender, publish_middleware=middleware, signer=signer)
         client.directory = directory
         return client
