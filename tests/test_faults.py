@@ -26,6 +26,7 @@ from conftest import SAMPLES
 from sample_agents import handoffs as ho
 from sample_agents.echo import Ping
 
+from mesh.observability import history
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
 from mesh.testing import Recorder, SecureServer, secure_nats_server, spawn_agent, stop_process
@@ -244,6 +245,18 @@ async def test_kill_9_workers_mid_handler_loses_and_doubles_nothing(
     assert not effect_problems, f"effects applied other than once: {list(effect_problems.items())[:10]}"
     assert sum(dead.values()) == 0
     assert kills >= 3 and deaths > kills, "the run must include external kills and self-inflicted crashes"
+    # and the record holds every conversation whole, though handlers died mid-handling: a
+    # handling's entry goes with its delivery's acknowledgement, so a lost one is written again
+    unwhole = []
+    for c in accepted:
+        msgs = await history.conversation(mc.transport, c)
+        types = sorted(m.type for m in msgs)
+        if (
+            types != ["test.chain"] * 3 + ["test.chain_done"]
+            or history.summarize(c, msgs).status != history.DONE
+        ):
+            unwhole.append((c, [(m.type, [d.outcome for d in m.deliveries]) for m in msgs]))
+    assert not unwhole, f"{len(unwhole)} conversations not recorded whole: {unwhole[:3]}"
 
 
 async def test_killing_and_restarting_nats_server_loses_no_acknowledged_event(

@@ -359,28 +359,37 @@ async def seed_journal(transport: NatsTransport, settings: Settings, journal: Jo
 async def _stand_ins(
     transport: NatsTransport, msgs: list[history.Recorded], tested: frozenset[str], conv: str
 ) -> list[Any]:
-    """Answer direct requests to agents not under test with their recorded answers."""
-    answers: dict[str, history.Recorded] = {}
+    """Answer direct requests to agents not under test with their recorded answers. A request
+    has an id of its own each time, so it is matched by its place: who asked, handling which
+    message, to which agent, the how-many-th time (a retried handler asks again from the start)."""
+    others = [m for m in msgs if m.sent_by and m.sent_by not in tested]
+    answers = {m.causation: m for m in others if m.kind == subjects.REPLY}
+    asked: dict[tuple[str, str, str], list[history.Recorded]] = {}
     for m in msgs:
-        if m.causation and m.sent_by and m.sent_by not in tested and m.kind == subjects.REPLY:
-            answers[m.causation] = m
-    targets = {
-        a.target
-        for m in msgs
-        if (a := subjects.parse(m.subject)) is not None
-        and a.kind == subjects.DIRECT
-        and a.target not in tested
-    }
-    subs = []
-    for target in sorted(targets):
+        address = subjects.parse(m.subject)
+        if (
+            address is None
+            or address.kind != subjects.DIRECT
+            or address.target in tested
+            or m.id not in answers
+        ):
+            continue
+        asked.setdefault((m.sender, m.causation, address.target), []).append(answers[m.id])
+    seen: dict[tuple[str, str, str], int] = {}
 
-        async def answer(msg: Any) -> None:
-            found = answers.get((msg.headers or {}).get(h.ID, ""))
-            if found is not None and msg.reply:
-                await transport.publish(msg.reply, found.data, dict(found.headers))
+    async def answer(msg: Any) -> None:
+        headers = msg.headers or {}
+        address = subjects.parse(msg.subject)
+        key = (headers.get(h.SENDER, ""), headers.get(h.CAUSATION, ""), address.target if address else "")
+        recorded = asked.get(key)
+        if recorded and msg.reply:
+            n = seen.get(key, 0)
+            seen[key] = n + 1
+            found = recorded[n % len(recorded)]
+            await transport.publish(msg.reply, found.data, dict(found.headers))
 
-        subs.append(await transport.subscribe(subjects.Address.direct(conv, target).subject, answer))
-    return subs
+    targets = sorted({target for _, _, target in asked})
+    return [await transport.subscribe(subjects.Address.direct(conv, t).subject, answer) for t in targets]
 
 
 async def _send(transport: NatsTransport, m: history.Recorded, asking: set[asyncio.Task[None]]) -> None:
@@ -443,12 +452,14 @@ def _internal_settled(m: history.Recorded, tested: frozenset[str]) -> bool:
 def compare(
     recorded: list[history.Recorded], replayed: list[history.Recorded], ignore: frozenset[str]
 ) -> list[Difference]:
-    """The differences between what the tested agents sent then and now, by message id."""
-    then = {m.id: m for m in recorded}
-    now = {m.id: m for m in replayed}
+    """The differences between what the tested agents sent then and now, message by message:
+    matched by their slot (who sent it, handling which message, as its how-many-th send), so
+    a message matches its counterpart even where its id is not derived (a request's)."""
+    then = {m.slot: m for m in recorded}
+    now = {m.slot: m for m in replayed}
     out: list[Difference] = []
-    for m in recorded:
-        got = now.get(m.id)
+    for m in then.values():
+        got = now.get(m.slot)
         if got is None:
             out.append(Difference("missing", m.sent_by, m.id, m.type))
             continue
@@ -462,7 +473,7 @@ def compare(
                 out.append(Difference("routing", m.sent_by, m.id, m.type, name, a, b))
         for path, a, b in _fields(m.body(), got.body(), "", ignore):
             out.append(Difference("field", m.sent_by, m.id, m.type, path, a, b))
-    out += [Difference("extra", m.sent_by, m.id, m.type) for m in replayed if m.id not in then]
+    out += [Difference("extra", m.sent_by, m.id, m.type) for m in now.values() if m.slot not in then]
     return out
 
 

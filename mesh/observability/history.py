@@ -33,6 +33,7 @@ from mesh.wire import subjects
 if TYPE_CHECKING:
     from mesh.transport.base import Subscription, Transport
 
+Slot = tuple[str, str, int]
 FAILED: Final = "failed"
 WAITING: Final = "waiting"
 RUNNING: Final = "running"
@@ -68,6 +69,9 @@ class Recorded:
     data: bytes
     sent_by: str = ""  # the writer of the sender's entry ("" if only receivers recorded it)
     omitted: int = 0  # the size of a body too large to record
+    # where its sender sent it: (sender, the message it was handling, the how-many-th send of
+    # that handling it was); the same work sends the same messages from the same slots
+    slot: Slot = ("", "", 0)
     seq: int = 0  # the stream sequence of its first entry
     at: float = 0.0  # when its first entry was stored
     deliveries: list[Delivery] = field(default_factory=list)
@@ -156,7 +160,7 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
     copy a receiver took; with no receiver, the first copy whose writer is its sender, else
     the first. An entry that does not decode is skipped."""
     messages: dict[str, Recorded] = {}
-    sent: dict[str, list[tuple[str, rec.Copy]]] = {}
+    sent: dict[str, list[tuple[str, rec.Copy, Slot]]] = {}
 
     def message(copy: rec.Copy, seq: int, at: float) -> Recorded:
         msg_id = copy.headers[h.ID]
@@ -178,10 +182,11 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
             if not m.deliveries:  # the first receiver's copy, until a sender's is chosen
                 m.subject, m.headers, m.data, m.omitted = got.subject, got.headers, got.data, entry.omitted
             m.deliveries.append(_delivery(writer, entry, at))
-        for copy in entry.sent:
+        handled = got.headers.get(h.ID, "") if got is not None else f"#{seq}"
+        for n, copy in enumerate(entry.sent):
             if copy.headers.get(h.ID):
                 message(copy, seq, at)
-                sent.setdefault(copy.headers[h.ID], []).append((writer, copy))
+                sent.setdefault(copy.headers[h.ID], []).append((writer, copy, (writer, handled, n)))
     for msg_id, candidates in sent.items():
         m = messages[msg_id]
         if m.deliveries:
@@ -191,7 +196,7 @@ def merge(stored: Iterable[Any]) -> list[Recorded]:
         else:
             chosen = next((c for c in candidates if c[0] == c[1].headers.get(h.SENDER)), candidates[0])
         if chosen is not None:
-            m.sent_by, copy = chosen
+            m.sent_by, copy, m.slot = chosen
             m.subject, m.headers, m.data, m.omitted = copy.subject, copy.headers, copy.data, 0
     return list(messages.values())
 
