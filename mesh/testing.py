@@ -33,9 +33,10 @@ from typing import Any
 
 from mesh.agent import launch
 from mesh.agent.declaration import Agent
+from mesh.agent.diff import Report
 from mesh.agent.identity import grant_of, provision
 from mesh.agent.launch import stop_process as stop_process  # re-exported for tests
-from mesh.agent.replay import Recording, Report, replay
+from mesh.agent.replay import Recording, replay
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
 from mesh.transport.auth import Keyring, Role

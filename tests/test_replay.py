@@ -14,7 +14,8 @@ from sample_agents.echo import agent as echo
 from sample_agents.lookback import checker, planner
 
 from mesh import Agent, Context, Message, message
-from mesh.agent.replay import Recording, compare, replay
+from mesh.agent.diff import compare
+from mesh.agent.replay import Recording, replay
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.runtime.client import MeshClient
