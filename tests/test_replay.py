@@ -123,12 +123,12 @@ async def test_replay_of_an_unknown_conversation_says_where_to_look(settings: Se
     assert done.returncode == 2 and "mesh conversations" in done.stderr, done.stderr
 
 
-@message("test.question")
+@message("test.replay_question")
 class Question(Message, frozen=True):
     text: str
 
 
-@message("test.answer")
+@message("test.replay_answer")
 class Answer(Message, frozen=True):
     text: str
     by: int
