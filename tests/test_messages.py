@@ -7,7 +7,7 @@ import mesh.schemas  # noqa: F401
 import pytest
 from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
 from sample_agents import handoffs as ho
-from sample_agents import journaled
+from sample_agents import journaled, slowpoke
 from sample_agents import lookback as lb
 from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
@@ -46,6 +46,8 @@ SAMPLES: dict[str, Message] = {
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
     "test.journal_task": journaled.Task(prompt="p", gate="/tmp/gate"),
     "test.case": lb.Case(order="B-7"),
+    "test.slow_task": slowpoke.SlowTask(n=1, mode="tool"),
+    "test.slow_done": slowpoke.SlowDone(n=1),
     "test.check": lb.Check(order="B-7", n=1),
     "test.checked": lb.Checked(order="B-7", n=1, ok=True),
     "test.journal_asked": journaled.Asked(text="t", pid=1),

@@ -26,7 +26,8 @@ from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
 from mesh.patterns.fanin import JoinKeeper, JoinState
 from mesh.runtime import retries
-from mesh.runtime.audit import AUTH_FAILURES, AuditLog
+from mesh.runtime.audit import AUTH_FAILURES, AuditLog, audit_refusal
+from mesh.runtime.cancel import Cancellations
 from mesh.runtime.client import Answer, MeshClient
 from mesh.runtime.deadletter import answer_failure, dead_letter
 from mesh.runtime.discovery import Endpoint, ServiceResponder, Stats
@@ -57,7 +58,6 @@ from mesh.transport.delivery import Consumer, Delivery, Later
 from mesh.transport.keys import signer_of
 from mesh.transport.outbox import Outbox
 from mesh.transport.state import StateStore
-from mesh.wire import envelope as h
 from mesh.wire import subjects
 from mesh.wire.codec import Codec, default_codec
 from mesh.wire.envelope import Envelope, new_id, open_envelope
@@ -125,6 +125,7 @@ class AgentRuntime:
         if self.verifier is not None:  # and the answers to its own requests are checked too
             self.client.directory = self.verifier.directory
         self.audit = AuditLog(transport, agent.name, self.instance)
+        self.cancels = Cancellations(transport, agent.name, self.instance)  # `mesh cancel`, deadlines
         self.stats = Stats()
         self.log = structlog.get_logger("mesh.agent").bind(agent=agent.name, instance=self.instance)
         self._capacity = agent.concurrency or settings.concurrency
@@ -153,7 +154,7 @@ class AgentRuntime:
     ) -> tuple[Take, Take]:
         """What happens to each stored and each direct delivery, top rung first."""
         settings, stats = self.settings, self.stats
-        run = Run(self._run)
+        run = self.cancels.rung(Run(self._run))  # a cancellation or a deadline ends it
         stored: Take = TimeLimit(run, settings.handler_timeout)
         stored = GiveUp(stored, failures, settings.max_deliver)
         stored = Accept(stored, self._accept)
@@ -234,6 +235,7 @@ class AgentRuntime:
         self._subs.append(
             await self.transport.listen(subjects.direct_pattern(name), self._on_direct, queue=name)
         )
+        self._subs.append(await self.transport.subscribe(subjects.cancel_pattern(), self.cancels.on_cancel))
         self._responder = ServiceResponder(
             self.transport,
             name=name,
@@ -458,7 +460,7 @@ class AgentRuntime:
         self, msg: Any, kind: str, reason: str, extra: dict[str, str] | None = None
     ) -> bool:
         if kind in AUTH_FAILURES:
-            await self._audit_refusal(msg, kind, reason)
+            await audit_refusal(self.audit, msg, kind, reason)
         return await dead_letter(
             self.transport,
             agent=self.agent.name,
@@ -467,19 +469,6 @@ class AgentRuntime:
             reason=reason,
             extra=extra,
             secret_headers=self.settings.secret_header_names,
-        )
-
-    async def _audit_refusal(self, msg: Any, kind: str, reason: str) -> None:
-        """An authorization failure, with who the message says it is from (it was refused,
-        so that claim is all there is) and its trace."""
-        headers = getattr(msg, "headers", None) or {}
-        traceparent = str(headers.get("traceparent", ""))
-        await self.audit.append(
-            kind,
-            actor=str(headers.get(h.SENDER, ""))[: h.MAX_NAME],
-            trace_id=traceparent.split("-")[1] if traceparent.count("-") == 3 else "",
-            conversation=str(headers.get(h.CONVERSATION, ""))[:128],
-            detail={"subject": str(getattr(msg, "subject", ""))[:256], "reason": reason[:512]},
         )
 
     async def _fail_direct(self, msg: Delivery, kind: str, reason: str) -> None:

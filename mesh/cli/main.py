@@ -82,13 +82,14 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh.cli import audit, creds, declare, dlq, llm, record, server
+    from mesh.cli import audit, cancel, creds, declare, dlq, llm, record, server
 
     server.register(cli, _settings)
     creds.register(cli, lambda: _settings(role=None))
     dlq.register(cli, _settings, _run)
     audit.register(cli, _settings, _run)
     record.register(cli, _settings, _run)
+    cancel.register(cli, _settings, _run)
     llm.register(cli, _settings, _run)
     declare.register(agents, _settings, _run)
 

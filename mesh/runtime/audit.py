@@ -29,6 +29,7 @@ import structlog
 
 from mesh.observability.record import keep
 from mesh.transport.streams import AUDIT
+from mesh.wire import envelope as h
 from mesh.wire import subjects
 
 if TYPE_CHECKING:
@@ -102,6 +103,20 @@ class AuditLog:
             if not await keep(self.transport, self.subject, data, wait=True, what=f"audit record {kind}"):
                 return
             self._seq, self._prev = record.seq, hashlib.sha256(data).hexdigest()
+
+
+async def audit_refusal(audit: AuditLog, msg: Any, kind: str, reason: str) -> None:
+    """Append an authorization failure, with who the message says it is from (it was
+    refused, so that claim is all there is) and its trace."""
+    headers = getattr(msg, "headers", None) or {}
+    traceparent = str(headers.get("traceparent", ""))
+    await audit.append(
+        kind,
+        actor=str(headers.get(h.SENDER, ""))[: h.MAX_NAME],
+        trace_id=traceparent.split("-")[1] if traceparent.count("-") == 3 else "",
+        conversation=str(headers.get(h.CONVERSATION, ""))[:128],
+        detail={"subject": str(getattr(msg, "subject", ""))[:256], "reason": reason[:512]},
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,6 +162,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         "$SRV.STATS",
         f"$SRV.*.{a}",
         f"$SRV.*.{a}.*",
+        subjects.cancel_pattern(),  # `mesh cancel`: every process of every agent hears it
     ]
     return Permissions(tuple(publish), tuple(subscribe))
 
@@ -179,8 +180,8 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
     """A person's or a tool's permissions:
 
     - ``operator``: everything (streams, dead letters, approvals, `mesh up`, `mesh dlq`);
-    - ``publisher``: start work and watch it (`mesh publish`, your programs): send to
-      inboxes, direct lines and events, and what an observer may; no timers (approval
+    - ``publisher``: start work, watch it and cancel it (`mesh publish`, `mesh cancel`, your
+      programs): send to inboxes, direct lines and events, and what an observer may; no timers (approval
       decisions and join deadlines), no dead letters, no state;
     - ``observer``: watch (`mesh tap`, `mesh agents`): every mesh subject but dead letters,
       discovery, consumer state, stored events by subject; publishes nothing on the mesh.
@@ -209,6 +210,7 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
             f"{_MESH}.*.{subjects.DIRECT}.*",
             f"{_MESH}.*.{subjects.EVENT}.>",
             subjects.record_pattern(writer=role),  # what it sends, in the conversation record
+            subjects.cancel_pattern(),  # stop work it started (`mesh cancel`)
         ]
         # and watch what it started (`mesh publish --wait-for`), as an observer does
         return Permissions(

@@ -11,6 +11,7 @@ pattern ``mesh.<conversation>.>``:
 ``mesh.<conv>.timer.<agent name>``      an agent's durable timers (JetStream: join deadlines)
 ``mesh.<conv>.reply.<token>``           a reply to a requester outside the mesh
 ``mesh.<conv>.dlq.<agent name>``        a dead letter rejected by that agent
+``mesh.<conv>.cancel.all``              stop the conversation (core NATS, to every agent process)
 =====================================  ===============================================
 
 Audit records live outside the mesh's root, ``mesh_audit.<writer>.<instance>`` (one chain per
@@ -36,9 +37,10 @@ REPLY: Final = "reply"
 DEAD_LETTER: Final = "dlq"
 TIMER: Final = "timer"
 LIVE: Final = "live"
+CANCEL: Final = "cancel"
 
-Kind = Literal["evt", "agent", "direct", "reply", "dlq", "timer", "live"]
-_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER, TIMER, LIVE))
+Kind = Literal["evt", "agent", "direct", "reply", "dlq", "timer", "live", "cancel"]
+_KINDS: Final = frozenset((EVENT, AGENT, DIRECT, REPLY, DEAD_LETTER, TIMER, LIVE, CANCEL))
 
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _CONVERSATION = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -128,6 +130,11 @@ class Address(msgspec.Struct, frozen=True):
         return cls(LIVE, conversation, type_name)
 
     @classmethod
+    def cancel(cls, conversation: str) -> Address:
+        """Stop a conversation: every agent process cancels its running handlers of it."""
+        return cls(CANCEL, conversation, "all")
+
+    @classmethod
     def inbox(cls, conversation: str, agent: str) -> Address:
         return cls(AGENT, conversation, agent)
 
@@ -179,6 +186,11 @@ def conversation_pattern(conversation: str) -> str:
 def timer_pattern(agent: str) -> str:
     """An agent's timers, in any conversation."""
     return f"{ROOT}.*.{TIMER}.{agent}"
+
+
+def cancel_pattern() -> str:
+    """Every conversation's cancellations."""
+    return f"{ROOT}.*.{CANCEL}.*"
 
 
 def dead_letter_pattern() -> str:
