@@ -9,6 +9,7 @@ from mesh.agent.declaration import Agent
 from mesh.agent.serving import serve
 from mesh.llm import LLM
 from mesh.middleware.base import Call, Middleware
+from mesh.patterns.escalation import HUMAN
 from mesh.runtime.client import MeshClient, Sent
 from mesh.wire.codec import JSON, MSGPACK
 from mesh.wire.errors import ConfigError, DeliveryError, MeshError, Reject, RequestError
@@ -16,6 +17,7 @@ from mesh.wire.messages import Message, message
 from mesh.wire.settings import Settings
 
 __all__ = [
+    "HUMAN",
     "JSON",
     "LLM",
     "MSGPACK",

@@ -16,6 +16,7 @@ from sample_agents.relay import Baton, Finished
 from mesh.join import HandedOn, JoinTimer, JudgeRequest, JudgeVerdict
 from mesh.llm.streaming import LLMChunk, LLMFinal
 from mesh.patterns.approval import ApprovalDecision, ApprovalRequest, ApprovalResolved, ApprovalTimer
+from mesh.patterns.escalation import EscalationRequest, EscalationResolved
 from mesh.runtime.client import MeshClient
 from mesh.runtime.deadletter import DeliveryFailed
 from mesh.testing import Recorder
@@ -46,6 +47,8 @@ SAMPLES: dict[str, Message] = {
     "mesh.join_timer": JoinTimer(join="j1", due_ms=1),
     "test.journal_task": journaled.Task(prompt="p", gate="/tmp/gate"),
     "test.case": lb.Case(order="B-7"),
+    "escalation.request": EscalationRequest(escalation="E1", agent="a", type="t.x", reason="r"),
+    "escalation.resolved": EscalationResolved(escalation="E1", status="retried", by="op", to="a"),
     "test.slow_task": slowpoke.SlowTask(n=1, mode="tool"),
     "test.slow_done": slowpoke.SlowDone(n=1),
     "test.check": lb.Check(order="B-7", n=1),

@@ -24,6 +24,7 @@ from mesh.join import Join, Policy, Resolver, all_of
 from mesh.llm.mcp import Declaration, Declared
 from mesh.llm.tools import Toolbox
 from mesh.memory.scopes import namespace_patterns
+from mesh.patterns.escalation import HUMAN
 from mesh.wire import subjects
 from mesh.wire.errors import RegistrationError
 from mesh.wire.messages import Message, MessageType, type_of
@@ -44,6 +45,7 @@ class Handler:
     mtype: MessageType
     takes_context: bool
     events: bool  # also receive this type's events, not only inbox deliveries
+    escalate: str = ""  # after the last retry: a fallback agent, or HUMAN (mesh.patterns.escalation)
 
     @property
     def name(self) -> str:
@@ -64,8 +66,12 @@ class Agent:
         publish_middleware: Sequence[PublishMiddleware] = (),
         permissions: Sequence[str] = (),
         memory_scopes: Sequence[str] | None = None,
+        escalate: str = "",
     ) -> None:
         self.name = subjects.agent_name(name)
+        # where a message goes that failed its last retry, unless its handler says otherwise:
+        # a fallback agent's name, or HUMAN (a queue people work through: `mesh escalations`)
+        self.escalate = _escalation(escalate, name)
         self.permissions = frozenset(permissions)  # what this agent's tools may require
         # the memory namespaces it may use (None: not declared, any the operator allows)
         self.memory_scopes = (
@@ -176,16 +182,21 @@ class Agent:
     def handler(self, fn: F, /) -> F: ...
 
     @overload
-    def handler(self, *, events: bool = True) -> Callable[[F], F]: ...
+    def handler(self, *, events: bool = True, escalate: str | None = None) -> Callable[[F], F]: ...
 
-    def handler(self, fn: Callable[..., Any] | None = None, *, events: bool = True) -> Any:
+    def handler(
+        self, fn: Callable[..., Any] | None = None, *, events: bool = True, escalate: str | None = None
+    ) -> Any:
         """Register an `async def` handler; its first parameter's type selects messages.
 
-        ``events=False`` keeps it to messages sent to this agent's inbox.
+        ``events=False`` keeps it to messages sent to this agent's inbox. ``escalate``: where
+        a message goes that failed its last retry, instead of the dead letters (a fallback
+        agent, or ``HUMAN``); the agent's ``escalate`` by default.
         """
+        target = self.escalate if escalate is None else _escalation(escalate, self.name)
 
         def register(f: Callable[..., Any]) -> Callable[..., Any]:
-            for h in _inspect_handler(self.name, f, events):
+            for h in _inspect_handler(self.name, f, events, target):
                 key = (h.mtype.name, h.mtype.version)
                 if key in self._handlers:
                     raise RegistrationError(
@@ -201,7 +212,17 @@ class Agent:
         return register(fn) if fn is not None else register
 
 
-def _inspect_handler(agent: str, fn: Callable[..., Any], events: bool) -> list[Handler]:
+def _escalation(target: str, agent: str) -> str:
+    if target and target != HUMAN and not subjects.is_agent_name(target):
+        raise RegistrationError(
+            f"agent {agent!r}: escalate={target!r} is neither an agent's name nor mesh.HUMAN"
+        )
+    if target == agent:
+        raise RegistrationError(f"agent {agent!r}: escalate to itself would retry for ever; name another")
+    return target
+
+
+def _inspect_handler(agent: str, fn: Callable[..., Any], events: bool, escalate: str = "") -> list[Handler]:
     where = f"agent {agent!r}, handler {getattr(fn, '__name__', fn)!r}"
     example = "write `async def handle(msg: MyMessage, ctx: mesh.Context) -> None`"
     if not inspect.iscoroutinefunction(fn):
@@ -227,5 +248,9 @@ def _inspect_handler(agent: str, fn: Callable[..., Any], events: bool) -> list[H
                 f"{where}: the first parameter is annotated {cls!r}, which is not a mesh.Message "
                 f"subclass declared with @mesh.message(...); {example}"
             )
-        found.append(Handler(fn=fn, mtype=type_of(cls), takes_context=len(params) == 2, events=events))
+        found.append(
+            Handler(
+                fn=fn, mtype=type_of(cls), takes_context=len(params) == 2, events=events, escalate=escalate
+            )
+        )
     return found

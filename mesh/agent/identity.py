@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from mesh.agent.declaration import Agent
+from mesh.patterns.escalation import HUMAN
 from mesh.transport import streams
 from mesh.transport.auth import AgentGrant
 from mesh.transport.identities import with_agent, with_role
@@ -20,6 +21,7 @@ def grant_of(agent: Agent) -> AgentGrant:
         events=tuple(streams.event_types(agent)),
         joins=bool(agent.joins),
         approvals=approvals,
+        escalates=any(h.escalate == HUMAN for h in agent.handlers),
         memory=agent.memory_scopes,
     )
 

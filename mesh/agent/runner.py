@@ -24,6 +24,7 @@ from mesh.observability.logs import log_context
 from mesh.observability.record import Recorder, recording
 from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
+from mesh.patterns.escalation import Escalations
 from mesh.patterns.fanin import JoinKeeper, JoinState
 from mesh.runtime import retries
 from mesh.runtime.audit import AUTH_FAILURES, AuditLog, audit_refusal
@@ -35,6 +36,7 @@ from mesh.runtime.keepers import Keepers, Outcome
 from mesh.runtime.ladder import (
     Accept,
     Count,
+    Escalate,
     GiveUp,
     Guard,
     Quota,
@@ -150,7 +152,7 @@ class AgentRuntime:
         self._mcp_attached = False
 
     def _ladders(
-        self, processed: StateStore, failures: Failures, seen: StateStore | None
+        self, processed: StateStore, failures: Failures, seen: StateStore | None, escalate: Escalate
     ) -> tuple[Take, Take]:
         """What happens to each stored and each direct delivery, top rung first."""
         settings, stats = self.settings, self.stats
@@ -179,6 +181,7 @@ class AgentRuntime:
             failures=failures,
             dead_letter=self._dead_letter,
             log=self.log,
+            escalate=escalate,
         )
         direct = SettleDirect(direct, stats, self._fail_direct, self.log)
         return Count(stored, stats), Count(direct, stats)
@@ -210,7 +213,8 @@ class AgentRuntime:
         shared = self.verifier is not None and settings.replay_shared
         seen = await self.transport.state(seen_spec, settings) if shared else None
         self._failures = Failures(state, name, self.instance)
-        self._stored, self._direct = self._ladders(processed, self._failures, seen)
+        escalations = Escalations(name, state, self.client, settings.secret_header_names)
+        self._stored, self._direct = self._ladders(processed, self._failures, seen, escalations.escalate)
         self._joins = JoinKeeper(
             name,
             self.agent.joins,

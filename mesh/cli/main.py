@@ -82,7 +82,7 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh.cli import audit, cancel, creds, declare, dlq, llm, record, server
+    from mesh.cli import audit, cancel, creds, declare, dlq, escalations, llm, record, server
 
     server.register(cli, _settings)
     creds.register(cli, lambda: _settings(role=None))
@@ -90,6 +90,7 @@ def _register_groups() -> None:
     audit.register(cli, _settings, _run)
     record.register(cli, _settings, _run)
     cancel.register(cli, _settings, _run)
+    escalations.register(cli, _settings, _run)
     llm.register(cli, _settings, _run)
     declare.register(agents, _settings, _run)
 

@@ -48,6 +48,7 @@ class Stats:
     retried: int = 0  # failed and handed back for a later delivery
     redelivered: int = 0  # deliveries that were not the first
     duplicates: int = 0  # redeliveries of an already processed message, skipped
+    escalated: int = 0  # failed their last retry and went to a fallback agent or to people
     processing_ns: int = 0
     last_error: str = ""
 

@@ -63,6 +63,7 @@ class Work:
 
 Take = Callable[[Work], Awaitable["Later | None"]]
 DeadLetter = Callable[[Delivery, str, str, "dict[str, str] | None"], Awaitable[bool]]
+Escalate = Callable[[Work, str], Awaitable[bool]]  # hand failed work on (mesh.patterns.escalation)
 
 
 # ---------------------------------------------------------------- signals
@@ -129,8 +130,10 @@ class Settle:
         failures: Failures,
         dead_letter: DeadLetter,
         log: Any,
+        escalate: Escalate | None = None,
     ) -> None:
         self.below = below
+        self.escalate = escalate  # where failed work goes instead of the dead letters, if declared
         self.agent = agent
         self.settings = settings
         self.stats = stats
@@ -148,7 +151,8 @@ class Settle:
             await d.ack()
             return None
         except Exhausted as exc:
-            if await self.reject(d, exc.kind, exc.reason, exc.extra) and w.env is not None:
+            handed_on = await self._escalated(w, exc.reason)
+            if (handed_on or await self.reject(d, exc.kind, exc.reason, exc.extra)) and w.env is not None:
                 await self.failures.forget(w.env.id)
             return None
         except DeliveryError as exc:  # bad input, Reject, depth limit, an unknown join...
@@ -181,11 +185,27 @@ class Settle:
         history = await self.failures.record(w.env.id, d.attempt, error)
         if d.attempt >= settings.max_deliver:
             extra = retries.history_headers(history, d.attempt)
-            if await self.reject(d, "handler_error", f"{error} (delivery {d.attempt})", extra):
+            reason = f"{error} (delivery {d.attempt})"
+            if await self._escalated(w, reason) or await self.reject(d, "handler_error", reason, extra):
                 await self.failures.forget(w.env.id)
             return
         stats.retried += 1
         await d.nak(delay=retries.backoff(settings, d.attempt))
+
+    async def _escalated(self, w: Work, reason: str) -> bool:
+        """Hand the failed work on where its handler says (then acknowledge it); False if it
+        does not escalate, or the escalation could not be stored (it is dead-lettered)."""
+        if self.escalate is None:
+            return False
+        try:
+            if not await self.escalate(w, reason):
+                return False
+        except Exception as exc:
+            self.log.warning("escalation failed: dead-lettering instead", error=repr(exc))
+            return False
+        self.stats.escalated += 1
+        await w.delivery.ack()
+        return True
 
     async def reject(self, d: Delivery, kind: str, reason: str, extra: dict[str, str] | None = None) -> bool:
         """Dead-letter and acknowledge; if the dead letter cannot be stored, hand the

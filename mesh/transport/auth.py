@@ -77,6 +77,7 @@ class AgentGrant:
     events: tuple[str, ...] = ()
     joins: bool = False
     approvals: bool = False
+    escalates: bool = False  # parks failed work for people (`mesh escalations`)
     memory: tuple[str, ...] | None = None
 
     @property
@@ -169,6 +170,7 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
 
 def _state_keys(agent: str, grant: AgentGrant) -> list[str]:
     spaces = [f"failures.{agent}", f"joins.{agent}"] + ([f"approvals.{agent}"] if grant.approvals else [])
+    spaces += [f"escalations.{agent}"] if grant.escalates else []
     out = []
     for space in spaces:
         out.append(f"$KV.{streams.STATE}.{space}.>")
