@@ -59,6 +59,9 @@ async def test_a_message_that_fails_its_last_retry_goes_to_the_fallback_agent(
         await operator.send("flaky", Chore(name="dishes"), conversation="esc-1")
         [m] = await done.wait_count(1, timeout=20)
         assert f.stats.escalated == 1
+        listed = await mesh_cli(settings, "agents", "--json")  # and `mesh agents` counts it
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert next(r for r in rows if r["name"] == "flaky")["stats"]["escalated"] == 1
     assert default_codec.decode(m.data, ChoreDone).by == "rescuer"
     assert seen[0][ESCALATED_FROM] == "flaky" and "cannot do dishes (delivery 2)" in seen[0][ESCALATION]
     assert seen[0][h.SENDER] == "flaky"  # flaky hands it on, signed as itself

@@ -126,6 +126,7 @@ class ServiceResponder:
                         "retried": s.retried,
                         "redelivered": s.redelivered,
                         "duplicates": s.duplicates,
+                        "escalated": s.escalated,
                     }
                     if i == 0
                     else {},
