@@ -139,6 +139,11 @@ class MemoryStore:
     async def close(self) -> None:
         await self.run(self.backend.close)
 
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held around every read-modify-write of this store (merges, deletes, entities)."""
+        return self._write
+
     @staticmethod
     async def run(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
