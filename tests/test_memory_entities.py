@@ -246,3 +246,9 @@ async def test_an_entity_is_found_by_semantic_recall(graph: EntityGraph) -> None
     assert "Ada Lovelace" in found[0].payload["text"]
     only, _ = await graph.store.recall("refunds", tenant="default", k=10, where={"kind": "entity"})
     assert all(f.payload["kind"] == "entity" for f in only) and only
+    # a free-text memory of kind entity, even word for word, never merges into a structured one
+    text = found[0].payload["text"]
+    note = await graph.store.remember(text, tenant="default", origin=origin(10), kind="entity")
+    assert not note.merged and note.id != found[0].id
+    [ada] = (await around(graph, depth=0)).entities
+    assert ada.seen == 1 and ada.attributes["name"] == "Ada Lovelace"  # untouched by the remember
