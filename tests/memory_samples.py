@@ -21,6 +21,18 @@ _hit = m.MemoryHit(
     meta={"k": "v"},
 )
 _turn = m.Turn(role="user", text="hi", agent="a", at=1.0)
+_works_on = m.Relation(name="works_on", to="apollo")
+_entity = m.Entity(
+    id="ada",
+    type="person",
+    namespace="default",
+    attributes={"name": "Ada", "age": 36, "lead": True, "score": 0.5},
+    relations=[_works_on],
+    provenance=_prov,
+    updated_at=2.0,
+    seen=2,
+    depth=1,
+)
 
 ALL: list[Message] = [
     m.Remember(text="t", kind="episode", ttl=60.0, meta={"k": "v"}, vector=[0.1, 0.2]),
@@ -33,6 +45,14 @@ ALL: list[Message] = [
     m.GetHistory(tenant="acme"),
     m.History(conversation="c1", summary="s", turns=[_turn], tokens=3, compressed=1),
     m.MemoryFailed(kind="oversize", reason="too long"),
+    m.UpsertEntity(
+        id="ada", type="person", attributes={"name": "Ada", "gone": None}, relations=[_works_on], unrelate=[]
+    ),
+    m.EntityStored(entity=_entity, created=True),
+    m.GetNeighbourhood(id="ada", depth=2, direction="out", limit=10, namespace="kb"),
+    m.Neighbourhood(
+        root="ada", entities=[_entity], edges=[m.Edge(source="ada", name="works_on", target="apollo")]
+    ),
     Note(text="n", recall="q", writer="w"),
     Noted(text="n", id="i", recalled=["r"], sources=["a/b/c"], pid=1),
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from mesh.agents.support import research
-from mesh.schemas.memory import MemoryFailed, Recall, Recalled, Remember, Remembered
+from mesh.schemas.memory import MemoryFailed, Recall, Recalled, Relation, Remember, Remembered
 from mesh.schemas.support import ResearchFindings, ResearchRequest, TicketOpened
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sample_agents.memo import Note, Noted
@@ -259,3 +259,70 @@ async def test_in_the_demo_one_customers_ticket_never_recalls_anothers(
     assert first.findings == [] and other.findings == []
     assert len(again.findings) == 1 and "T-1" in again.findings[0] and "T-2" not in again.findings[0]
     assert research.customer_namespace("Ada Lovelace!") == "customer-ada-lovelace"
+
+
+async def test_entities_through_the_mesh_scoped_by_the_callers_tenant_and_audited(
+    client: MeshClient, operator: MeshClient, mem_settings: Settings, service: MemoryService
+) -> None:
+    """Upserted and merged over the wire, walked at depth 2, found by recall; alice (tenant
+    acme) and bob (default) each see only their own entities, whatever ids they name; bad
+    input is a typed refusal; each operation is in the audit trail (read with the operator
+    role, as `mesh audit` reads it)."""
+    from mesh.cli.audit import stored_records
+    from mesh.runtime import audit
+
+    memory = Memory(client, mem_settings)
+    await memory.entity("apollo", type="project", attributes={"goal": "the moon"})
+    await memory.entity("grace", type="person", relations=[("works_on", "apollo")])
+    ada = await memory.entity(
+        "ada", type="person", attributes={"name": "Ada Lovelace"}, relations=[("reports_to", "grace")]
+    )
+    assert (ada.id, ada.type, ada.provenance and ada.provenance.agent) == ("ada", "person", "test-client")
+    ada = await memory.entity(
+        "ada", attributes={"role": "analyst"}, relations=[Relation(name="works_on", to="apollo")]
+    )
+    assert ada.attributes == {"name": "Ada Lovelace", "role": "analyst"} and ada.seen == 2
+    around = await memory.neighbourhood("ada", depth=1)
+    assert [(e.id, e.depth) for e in around.entities] == [("ada", 0), ("grace", 1), ("apollo", 1)]
+    wider = await memory.neighbourhood("apollo", depth=2, limit=2)
+    assert wider.truncated and len(wider.entities) == 2
+    assert {(e.source, e.name, e.target) for e in (await memory.neighbourhood("apollo", depth=2)).edges} == {
+        ("ada", "reports_to", "grace"),
+        ("ada", "works_on", "apollo"),
+        ("grace", "works_on", "apollo"),
+    }
+    [top] = await memory.recall("Ada Lovelace the analyst", k=1, where={"kind": "entity"})
+    assert top.meta == {"entity": "ada", "type": "person"} and top.kind == "entity"
+
+    alice = Memory(await _caller(mem_settings, "alice-agent"), mem_settings)
+    bob = Memory(await _caller(mem_settings, "bob-agent"), mem_settings)
+    await alice.entity("apollo", type="project", attributes={"budget": "secret"}, namespace="customer-alice")
+    # bob, in tenant default, names alice's namespace and her entity's id: he reaches only his own
+    await bob.entity("eve", type="person", relations=[("works_on", "apollo")], namespace="customer-alice")
+    theirs = await bob.neighbourhood("eve", depth=2, namespace="customer-alice")
+    assert ([e.id for e in theirs.entities], theirs.edges) == (["eve"], [])
+    assert (await bob.neighbourhood("apollo", namespace="customer-alice")).entities == []
+    hers = await alice.neighbourhood("apollo", depth=2, namespace="customer-alice")
+    assert [(e.id, e.attributes) for e in hers.entities] == [("apollo", {"budget": "secret"})]
+    assert [e.id for e in (await memory.neighbourhood("apollo")).entities] == ["apollo", "ada", "grace"]
+
+    cases: list[tuple[Any, str, str]] = [
+        (memory.entity("bad id!", type="person"), "invalid", "entity id 'bad id!'"),
+        (memory.entity("newcomer"), "invalid", "give it a type"),
+        (memory.entity("ada", relations=[("Reports-To", "grace")]), "invalid", "relation name"),
+        (memory.entity("ada", attributes={"bio": "x" * 5000}), "oversize", "5000 characters"),
+        (memory.entity("ada", attributes={"tags": ["a"]}), "invalid", "got list"),
+        (memory.neighbourhood("ada", depth=9), "invalid", "depth"),
+        (memory.neighbourhood("ada", limit=10_000), "invalid", "limit"),
+        (alice.neighbourhood("apollo", namespace="customer-bob"), "not_allowed", "customer-bob"),
+    ]
+    for call, kind, fragment in cases:
+        with pytest.raises(MemoryRefused) as refused:
+            await call
+        assert (refused.value.kind, fragment in refused.value.reason) == (kind, True), refused.value.reason
+
+    records = [audit.decoded(data) async for _, _, data in stored_records(operator.transport)]
+    ops = [(r.kind, r.detail["status"]) for r in records if r.writer == mem_settings.memory_agent]
+    assert ops.count(("memory.upsert_entity", "ok")) == 6
+    assert ("memory.neighbourhood", "ok") in ops and ("memory.neighbourhood", "not_allowed") in ops
+    assert ops.count(("memory.upsert_entity", "invalid")) == 4

@@ -20,7 +20,8 @@ DENSE = "dense"
 SPARSE = "bm25"
 
 # payload fields with an index: keyword fields first, then float fields
-KEYWORD_FIELDS = ("tenant", "namespace", "kind", "agent", "conversation", "message_id")
+# (`targets`: the ids an entity's relations point to, for following relations backwards)
+KEYWORD_FIELDS = ("tenant", "namespace", "kind", "agent", "conversation", "message_id", "targets")
 FLOAT_FIELDS = ("at", "expires_at")
 
 
@@ -72,6 +73,8 @@ class Where:
     after: float | None = None  # written at or after
     before: float | None = None  # written before
     alive_at: float | None = None  # not expired at this time
+    ids: tuple[str, ...] = ()  # one of these point ids
+    targets: tuple[str, ...] = ()  # an entity with a relation to one of these entity ids
 
     def __post_init__(self) -> None:
         if not self.tenant:
@@ -86,6 +89,7 @@ class Where:
             ("kind", self.kinds),
             ("agent", self.agents),
             ("conversation", self.conversations),
+            ("targets", self.targets),
         ):
             if values:
                 fields.append((name, values))

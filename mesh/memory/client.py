@@ -3,6 +3,8 @@
     hits = await ctx.memory.recall("refund policy for duplicate charges", k=3)
     await ctx.memory.remember("Ada prefers email", kind="entity")
     await ctx.memory.forget(where={"conversation": ctx.conversation_id})
+    await ctx.memory.entity("ada", type="person", relations=[("works_on", "apollo")])
+    around = await ctx.memory.neighbourhood("ada", depth=2)
 
 Each call is one typed request/reply. If the service does not answer within
 MESH_MEMORY_TIMEOUT it raises `MemoryUnavailable`; bad input raises `MemoryRefused` with
@@ -12,20 +14,26 @@ have the message retried and then dead-lettered like any failing handler.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from mesh.memory.messages import (
     AddTurn,
+    Entity,
+    EntityStored,
     Forget,
     Forgotten,
     GetHistory,
+    GetNeighbourhood,
     History,
     MemoryFailed,
+    Neighbourhood,
     Recall,
     Recalled,
+    Relation,
     Remember,
     Remembered,
+    UpsertEntity,
 )
 from mesh.wire.errors import MemoryRefused, MemoryUnavailable, RequestError, RequestRefused
 from mesh.wire.messages import Message
@@ -122,6 +130,47 @@ class Memory:
         answer: Any = await self._ask(msg, Forgotten, timeout)
         return int(answer.count)
 
+    async def entity(
+        self,
+        id: str,
+        *,
+        type: str = "",
+        attributes: Mapping[str, Any] | None = None,
+        relations: Iterable[Relation | tuple[str, str]] = (),
+        unrelate: Iterable[Relation | tuple[str, str]] = (),
+        namespace: str = "default",
+        timeout: float | None = None,
+    ) -> Entity:
+        """Create entity `id` or merge into it: attributes overwrite key by key (None removes
+        one), `relations` (``(name, target id)`` pairs) are added, `unrelate` removed. `type`
+        is needed for a new entity; left empty, the stored type stays. Returns the entity."""
+
+        msg = UpsertEntity(
+            id=id,
+            type=type,
+            namespace=namespace,
+            attributes=dict(attributes or {}),
+            relations=_relations(relations),
+            unrelate=_relations(unrelate),
+        )
+        return (await self._ask(msg, EntityStored, timeout)).entity
+
+    async def neighbourhood(
+        self,
+        id: str,
+        *,
+        depth: int = 1,
+        direction: str = "both",
+        limit: int = 50,
+        namespace: str = "default",
+        timeout: float | None = None,
+    ) -> Neighbourhood:
+        """Entity `id` and the entities within `depth` relations of it (0-3; ``both``
+        directions or ``out`` only), at most `limit` (1-200), with the relations among them."""
+
+        msg = GetNeighbourhood(id=id, depth=depth, direction=direction, limit=limit, namespace=namespace)
+        return await self._ask(msg, Neighbourhood, timeout)
+
     async def add_turn(self, role: str, text: str, *, timeout: float | None = None) -> Any:
         """Append a turn to this conversation's working memory; returns its `History`."""
 
@@ -131,6 +180,10 @@ class Memory:
         """This conversation's working memory: summary of older turns, then recent turns."""
 
         return await self._ask(GetHistory(tenant=self.tenant), History, timeout)
+
+
+def _relations(pairs: Iterable[Relation | tuple[str, str]]) -> list[Relation]:
+    return [p if isinstance(p, Relation) else Relation(name=p[0], to=p[1]) for p in pairs]
 
 
 _DEFAULTS: Settings | None = None

@@ -42,6 +42,7 @@ def _filter(where: Where, ids: Sequence[str] = ()) -> qe.Filter:
         must.append(qe.FieldCondition("at", range=qe.RangeFloat(gte=where.after, lt=where.before)))
     if where.alive_at is not None:
         must.append(qe.FieldCondition("expires_at", range=qe.RangeFloat(gt=where.alive_at)))
+    ids = (*where.ids, *ids)
     if ids:
         must.append(qe.HasIdCondition(set(ids)))
     return qe.Filter(must=must)

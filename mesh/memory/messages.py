@@ -135,6 +135,81 @@ class History(Message, frozen=True):
     compressed: int = 0  # turns folded into the summary so far
 
 
+class Relation(msgspec.Struct, frozen=True, kw_only=True):
+    """A typed relation from an entity to another of the same tenant and namespace:
+    ``Relation(name="works_on", to="apollo")``."""
+
+    name: str
+    to: str
+
+
+class Entity(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored entity: its id, type, attributes and outgoing relations, with provenance.
+    In a `Neighbourhood`, `depth` is its distance from the entity asked about."""
+
+    id: str
+    type: str
+    namespace: str
+    attributes: dict[str, Any] = {}
+    relations: list[Relation] = []
+    provenance: Provenance | None = None  # the first write
+    updated_at: float = 0.0
+    seen: int = 1  # upserts merged into it
+    depth: int = 0
+
+
+class Edge(msgspec.Struct, frozen=True, kw_only=True):
+    """A relation between two entities of a neighbourhood, in the direction it was stored."""
+
+    source: str
+    name: str
+    target: str
+
+
+@message("memory.upsert_entity", version=1)
+class UpsertEntity(Message, frozen=True):
+    """Create entity `id`, or merge into it: attributes are overwritten key by key (a null
+    value removes the key), `relations` are added, `unrelate` removed. `type` may be left
+    empty to keep the stored one; a new entity needs one."""
+
+    id: str
+    type: str = ""
+    namespace: str = "default"
+    attributes: dict[str, Any] = {}
+    relations: list[Relation] = []
+    unrelate: list[Relation] = []
+
+
+@message("memory.entity", version=1)
+class EntityStored(Message, frozen=True):
+    entity: Entity
+    created: bool = False  # False: merged into an existing entity
+
+
+@message("memory.get_neighbourhood", version=1)
+class GetNeighbourhood(Message, frozen=True):
+    """Entity `id` and the entities within `depth` relations of it (0-3), at most `limit`
+    entities (1-200). `direction` is ``both`` (relations followed either way) or ``out``."""
+
+    id: str
+    depth: int = 1
+    namespace: str = "default"
+    direction: str = "both"
+    limit: int = 50
+
+
+@message("memory.neighbourhood", version=1)
+class Neighbourhood(Message, frozen=True):
+    """The entities reached (the root first, then by depth) and the relations among them.
+    `truncated`: the limit cut the answer (there is more within `depth`). An unknown root is
+    an empty neighbourhood."""
+
+    root: str
+    entities: list[Entity]
+    edges: list[Edge]
+    truncated: bool = False
+
+
 @message("memory.failed", version=1)
 class MemoryFailed(Message, frozen=True):
     """The typed error answer: `kind` is ``oversize``, ``dimension``, ``unknown_tenant``,

@@ -41,6 +41,7 @@ def _filter(where: Where, ids: Sequence[str] = ()) -> models.Filter:
         must.append(models.FieldCondition(key="at", range=models.Range(gte=where.after, lt=where.before)))
     if where.alive_at is not None:
         must.append(models.FieldCondition(key="expires_at", range=models.Range(gt=where.alive_at)))
+    ids = (*where.ids, *ids)
     if ids:
         must.append(models.HasIdCondition(has_id=list(ids)))
     return models.Filter(must=must)

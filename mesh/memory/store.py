@@ -139,6 +139,11 @@ class MemoryStore:
     async def close(self) -> None:
         await self.run(self.backend.close)
 
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held around every read-modify-write of this store (merges, deletes, entities)."""
+        return self._write
+
     @staticmethod
     async def run(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -224,7 +229,8 @@ class MemoryStore:
         async with self._write:
             scope = Where(tenant=tenant, namespace=namespace, kinds=(kind,), alive_at=now)
             near = await self.run(self.backend.search, scope, 1, dense, None) if merge else []
-            if near and near[0].score >= self.dedupe:
+            # a structured entity (mesh.memory.entities) is merged into only by an upsert
+            if near and near[0].score >= self.dedupe and "entity" not in near[0].payload:
                 return await self._merge(near[0], source, expires)
             pid = pid or point_id(tenant, namespace, kind, " ".join(text.lower().split()))
             payload = {

@@ -26,20 +26,25 @@ from mesh.agent.context import Context
 from mesh.agent.declaration import Agent
 from mesh.llm import LLM
 from mesh.memory.backend import Found
+from mesh.memory.entities import EntityGraph
 from mesh.memory.messages import (
     AddTurn,
+    EntityStored,
     Forget,
     Forgotten,
     GetHistory,
+    GetNeighbourhood,
     History,
     MemoryFailed,
     MemoryHit,
+    Neighbourhood,
     Provenance,
     Recall,
     Recalled,
     Remember,
     Remembered,
     Turn,
+    UpsertEntity,
 )
 from mesh.memory.scopes import Scope, Scopes
 from mesh.memory.store import MemoryStore, Origin
@@ -216,7 +221,7 @@ async def _answer(
 
 def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
     """The memory service's agent, answering over its direct line."""
-    agent = Agent(name, description="Shared semantic memory on Qdrant (remember, recall, forget)")
+    agent = Agent(name, description="Shared semantic memory on Qdrant (remember, recall, forget, entities)")
 
     @agent.handler(events=False)
     async def remember(msg: Remember, ctx: Context) -> Remembered | MemoryFailed:
@@ -266,6 +271,43 @@ def memory_agent(service: MemoryService, name: str = "memory") -> Agent:
             return Forgotten(count=count)
 
         return await _answer("forget", ctx, work, msg.namespace)
+
+    @agent.handler(events=False)
+    async def upsert_entity(msg: UpsertEntity, ctx: Context) -> EntityStored | MemoryFailed:
+        async def work() -> EntityStored:
+            store = await service.store(ctx.llm)
+            caller, scope = _caller(service, ctx)
+            entity, created = await EntityGraph(store).upsert(
+                msg.id,
+                tenant=scope.tenant,
+                origin=origin_of(ctx),
+                namespace=scope.check(caller, msg.namespace),
+                type=msg.type,
+                attributes=msg.attributes,
+                relations=msg.relations,
+                unrelate=msg.unrelate,
+            )
+            return EntityStored(entity=entity, created=created)
+
+        return await _answer("upsert_entity", ctx, work, msg.namespace)
+
+    @agent.handler(events=False)
+    async def neighbourhood(msg: GetNeighbourhood, ctx: Context) -> Neighbourhood | MemoryFailed:
+        async def work() -> Neighbourhood:
+            store = await service.store(ctx.llm)
+            caller, scope = _caller(service, ctx)
+            found = await EntityGraph(store).neighbourhood(
+                msg.id,
+                tenant=scope.tenant,
+                namespace=scope.check(caller, msg.namespace),
+                depth=msg.depth,
+                direction=msg.direction,
+                limit=msg.limit,
+            )
+            trace.get_current_span().set_attribute("mesh.memory.entities", len(found.entities))
+            return found
+
+        return await _answer("neighbourhood", ctx, work, msg.namespace)
 
     @agent.handler(events=False)
     async def add_turn(msg: AddTurn, ctx: Context) -> History | MemoryFailed:
