@@ -132,7 +132,7 @@ async def test_a_blocking_tool_is_killed_at_its_timeout_without_blocking_the_cal
     [
         ("crash", "its sandbox process died of SIGSEGV"),
         ("spin", "stopped by SIGXCPU: it used up its CPU limit of 1s"),
-        ("hog", "raised MemoryError.*its sandbox allows 200 MB"),
+        ("hog", r"raised MemoryError \(its sandbox allows 200 MB of address space\)"),
     ],
 )
 async def test_a_worker_that_dies_is_a_tool_error_that_says_how(tool: str, death: str) -> None:
@@ -211,6 +211,9 @@ async def test_an_agent_process_keeps_serving_while_a_tool_blocks_and_the_model_
     ]
     assert not _alive(tool_pid)
 
+    brief = await ask(client, "sbx-brief", f'call block_briefly({{"path": "{tmp_path / "brief.pid"}"}})')
+    killed = "did not finish within 0.5s; its sandbox process was killed"
+    assert brief.errors == [f"block_briefly:timeout:tool 'block_briefly': {killed}"]
     # a crash is an error the model is told about; the agent goes on
     crashed = await ask(client, "sbx-crash", "call crash({})")
     assert crashed.errors == ["crash:failed:tool 'crash': its sandbox process died of SIGSEGV"]

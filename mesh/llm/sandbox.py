@@ -215,7 +215,7 @@ def _outcome(tool: str, sandbox: Sandbox, code: int | None, out: bytes, err: byt
     if result is not None:
         hint = ""
         if "MemoryError" in result.error and sandbox.memory_mb is not None:
-            hint = f" (its sandbox allows {sandbox.memory_mb} MB of address space)"
+            hint = f" (its sandbox allows {sandbox.memory_mb} MB of address space)"  # RLIMIT_AS
         raise ToolFailed(tool, f"{result.error}{hint}")
     raise ToolFailed(tool, f"its sandbox process {_death(sandbox, code)}{_tail(err)}")
 

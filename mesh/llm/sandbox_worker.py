@@ -125,7 +125,8 @@ def call(request: CallRequest) -> CallResult:
     try:
         output = render(asyncio.run(fn(value)))
     except BaseException as exc:  # the tool's own failure, SystemExit included
-        return CallResult(ok=False, error=f"raised {type(exc).__name__}: {exc}", isolation=ISOLATION)
+        said = f": {exc}" if str(exc) else ""
+        return CallResult(ok=False, error=f"raised {type(exc).__name__}{said}", isolation=ISOLATION)
     return CallResult(ok=True, output=output, isolation=ISOLATION)
 
 
