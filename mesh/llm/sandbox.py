@@ -178,16 +178,20 @@ async def run_worker(tool: str, sandbox: Sandbox, request: CallRequest) -> str:
     Cancelled (the tool's timeout), the worker's process group is killed before this
     returns; any process the tool left behind is killed too."""
     workdir = tempfile.mkdtemp(prefix=f"mesh-tool-{tool}-")
-    proc = await asyncio.create_subprocess_exec(
-        *WORKER,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=sandbox.environment(),
-        cwd=workdir,
-        start_new_session=True,  # its own process group, killed whole
-        limit=OUTPUT_LIMIT,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *WORKER,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=sandbox.environment(),
+            cwd=workdir,
+            start_new_session=True,  # its own process group, killed whole
+            limit=OUTPUT_LIMIT,
+        )
+    except OSError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise ToolFailed(tool, f"its sandbox process could not be started: {exc}") from None
     try:
         out, err = await proc.communicate(msgspec.json.encode(request))
     finally:
