@@ -50,7 +50,8 @@ async def lookup_order(q: OrderQuery) -> str:
     return f"Order {q.order_id} shipped on Monday"
 
 
-@agent.tool(permissions=["payments:write"], approval=True)
+# in this process, not sandboxed as approval tools are by default: the tests read REFUNDS
+@agent.tool(permissions=["payments:write"], approval=True, sandbox=False)
 async def refund(r: Refund) -> str:
     """Refund an order (high risk: a person approves each refund)."""
     REFUNDS.append(r)

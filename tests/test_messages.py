@@ -9,6 +9,7 @@ from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, Res
 from sample_agents import handoffs as ho
 from sample_agents import journaled, slowpoke
 from sample_agents import lookback as lb
+from sample_agents import sandboxed as sbx
 from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
@@ -56,6 +57,10 @@ SAMPLES: dict[str, Message] = {
     "test.journal_asked": journaled.Asked(text="t", pid=1),
     "test.journal_done": journaled.Done(text="t", pid=1),
     "test.invoice_paid": InvoicePaid(invoice="I-1"),
+    "test.sbx_ask": sbx.SbxAsk(text="call probe({})"),
+    "test.sbx_answered": sbx.SbxAnswered(outputs=["o"], errors=["crash:failed:died"]),
+    "test.sbx_ping": sbx.SbxPing(marker="/tmp/pid"),
+    "test.sbx_pong": sbx.SbxPong(tool_pid=1, tool_alive=True),
     "test.invoice_booked": InvoiceBooked(invoice="I-1"),
     "mesh.delivery_failed": DeliveryFailed(kind="validation", reason="r", agent="a", message_id="m"),
     "mesh.judge_request": JudgeRequest(join="j/1", candidates=['{"a":1}'], agents=["x"]),

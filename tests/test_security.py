@@ -366,7 +366,7 @@ async def test_an_approval_decision_sent_to_an_inbox_is_refused_by_the_agent() -
 
     clerk = Agent("clerk")
 
-    @clerk.tool(approval=True)
+    @clerk.tool(approval=True, sandbox=False)  # a local function: a sandbox could not import it
     async def refund(args: Ping) -> str:
         """Refund."""
         return "refunded"

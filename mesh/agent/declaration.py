@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mesh.join import Join, Policy, Resolver, all_of
 from mesh.llm.mcp import Declaration, Declared
+from mesh.llm.sandbox import Sandbox
 from mesh.llm.tools import Toolbox
 from mesh.memory.scopes import namespace_patterns
 from mesh.patterns.escalation import HUMAN
@@ -133,12 +134,17 @@ class Agent:
         timeout: float | None = None,
         permissions: Sequence[str] = (),
         approval: bool = False,
+        sandbox: Sandbox | bool | None = None,
     ) -> Callable[[F], F]:
         """Register a tool this agent's model may call: ``async def f(args: SomeStruct) -> ...``
-        with a docstring. ``approval=True``: it runs only after a person approves each call."""
+        with a docstring. ``approval=True``: it runs only after a person approves each call.
+        ``sandbox``: run it out of process with limits (mesh.llm.sandbox); the default for
+        ``approval=True`` tools, ``sandbox=False`` to run it in the agent's process."""
 
         def register(f: F) -> F:
-            self.tools.register(f, name=name, timeout=timeout, permissions=permissions, approval=approval)
+            self.tools.register(
+                f, name=name, timeout=timeout, permissions=permissions, approval=approval, sandbox=sandbox
+            )
             return f
 
         return register
@@ -156,6 +162,7 @@ class Agent:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         start_timeout: float = 10.0,
+        sandbox: Sandbox | bool = True,
     ) -> None:
         """Declare an MCP server (stdio) whose tools this agent's model may call: it is
         started and its tools imported when the agent starts, and closed when it stops.
@@ -175,6 +182,7 @@ class Agent:
                 env=env,
                 cwd=cwd,
                 start_timeout=start_timeout,
+                sandbox=sandbox,
             )
         )
 

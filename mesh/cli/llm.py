@@ -44,6 +44,21 @@ async def list_tools(
     return [seen[k] for k in sorted(seen)]
 
 
+def _sandbox_line(box: dict[str, Any]) -> str:
+    """A tool's sandbox, as `mesh tools` shows it."""
+    limits = [
+        f"{label} {box[key]}{unit}" if box.get(key) is not None else f"{label} unlimited"
+        for key, label, unit in (
+            ("cpu_seconds", "cpu", "s"),
+            ("memory_mb", "memory", " MB"),
+            ("open_files", "files", ""),
+            ("processes", "processes", ""),
+        )
+    ]
+    network = "network on" if box.get("network") else "no network"
+    return f"sandboxed: {', '.join(limits)}, {network}, env {' '.join(box.get('env') or []) or '(none)'}"
+
+
 FIND_WAIT = 2.0  # seconds `decide` looks for an approval that is not listed yet
 
 
@@ -113,6 +128,7 @@ def register(
             for t in found:
                 flags = [f"needs {', '.join(t['permissions'])}"] if t["permissions"] else []
                 flags += ["approval required"] if t["approval"] else []
+                flags += [_sandbox_line(t["sandbox"])] if t.get("sandbox") else []
                 click.echo(f"{t['agent']}.{t['name']}  {t['description'].splitlines()[0]}")
                 if flags:
                     click.echo(f"    ({'; '.join(flags)})")

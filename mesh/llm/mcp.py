@@ -19,6 +19,11 @@ server's own input schema; arguments are checked against it (`mesh.llm.tools._ch
 before the call goes to the server. A name already in the toolbox is a `RegistrationError`
 unless ``prefix=True``, which names the tools ``<name>_<tool>``.
 
+The server runs sandboxed by default (mesh.llm.sandbox): its environment holds only the
+variables its `Sandbox` names (PATH by default) plus ``env``, it has no network, and
+`Sandbox.server()` rlimits; its directory is ``cwd``, or a fresh one removed when it
+closes. ``sandbox=False`` starts it as a plain child of the agent, with its environment.
+
 A server that exits, writes something that is not JSON, or does not answer in time gives
 an `MCPError` (a `ToolError`, so a `MeshError`) saying which and with the end of its
 stderr; nothing waits forever. A call answered with ``isError: true`` is a `ToolFailed`
@@ -36,6 +41,7 @@ from typing import Any
 import structlog
 
 from mesh.llm.mcpclient import MCPError, MCPServer, MCPTimeout, content_text
+from mesh.llm.sandbox import Sandbox
 from mesh.llm.tools import Tool, Toolbox
 from mesh.wire.errors import RegistrationError
 
@@ -67,6 +73,7 @@ def _tool(server: MCPServer, remote: str, local: str, raw: dict[str, Any], **opt
         permissions=opts["permissions"],
         approval=opts["approval"],
         source=server.source,
+        sandbox=server.sandbox,
     )
 
 
@@ -83,6 +90,7 @@ async def import_tools(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     start_timeout: float = 10.0,
+    sandbox: Sandbox | bool = True,
 ) -> MCPServer:
     """Start the MCP server ``command``, and add its tools to ``toolbox``.
 
@@ -91,10 +99,12 @@ async def import_tools(
     ``approval``: tools a person approves each call of. ``timeout``: per call (default
     ``MESH_TOOL_TIMEOUT`` in the tool loop, 30 s otherwise). ``prefix``: name the tools
     ``<name>_<tool>``; without it a name already in the toolbox is a `RegistrationError`.
-    Nothing is added if anything fails. Returns the running server: ``await
+    ``sandbox``: the limits it runs under (True: `Sandbox.server()`; False: none, and it
+    inherits the agent's environment). Nothing is added if anything fails. Returns the running server: ``await
     server.close()`` when the agent stops (its tools then fail with `MCPError`).
     """
-    server = MCPServer(command, name, timeout=timeout or 30.0, env=env, cwd=cwd)
+    box = Sandbox.server() if sandbox is True else sandbox or None
+    server = MCPServer(command, name, timeout=timeout or 30.0, env=env, cwd=cwd, sandbox=box)
     await server.start(timeout=start_timeout)
     try:
         listed = await server.list_tools(timeout=start_timeout)
@@ -152,6 +162,7 @@ class Declaration:
     env: Mapping[str, str] | None = None
     cwd: str | os.PathLike[str] | None = None
     start_timeout: float = 10.0
+    sandbox: Sandbox | bool = True
 
 
 @dataclass
@@ -192,6 +203,7 @@ class Declared:
                         env=s.env,
                         cwd=s.cwd,
                         start_timeout=s.start_timeout,
+                        sandbox=s.sandbox,
                     )
                     self.live.append(server)
             except BaseException:

@@ -8,6 +8,8 @@ import collections
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -15,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from mesh.llm.sandbox import Sandbox, exec_command, kill_group
 from mesh.llm.tools import Tool, ToolFailed, ToolTimeout
 from mesh.wire.errors import RegistrationError
 
@@ -51,6 +54,7 @@ class MCPServer:
     timeout: float = 30.0  # per request, unless the request says otherwise
     env: Mapping[str, str] | None = None
     cwd: str | os.PathLike[str] | None = None
+    sandbox: Sandbox | None = None  # the limits it runs under (None: a plain child process)
     tools: list[Tool] = field(default_factory=list)  # what import_tools added
     server_info: dict[str, Any] = field(default_factory=dict)
     protocol_version: str = ""
@@ -63,6 +67,7 @@ class MCPServer:
     )
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _workdir: str = field(default="", repr=False)  # made for a sandboxed server without a cwd
 
     @property
     def source(self) -> str:
@@ -90,17 +95,26 @@ class MCPServer:
         """Start the process and do the `initialize` handshake."""
         if not self.command:
             raise RegistrationError(f"MCP server {self.name!r}: give the command that starts it")
+        command, env, cwd = list(self.command), dict(self.env) if self.env is not None else None, self.cwd
+        if self.sandbox is not None:
+            if shutil.which(command[0]) is None:  # found on the agent's PATH: the sandbox may have none
+                raise MCPError(self.source, f"could not start {command}: no executable {command[0]!r} found")
+            command, env = exec_command(command, self.sandbox), self.sandbox.environment(self.env)
+            if cwd is None:
+                cwd = self._workdir = tempfile.mkdtemp(prefix=f"mesh-mcp-{self.name}-")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.command,
+                *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=dict(self.env) if self.env is not None else None,
-                cwd=self.cwd,
+                env=env,
+                cwd=cwd,
                 limit=LINE_LIMIT,
+                start_new_session=self.sandbox is not None,  # its process group is killed whole
             )
         except OSError as exc:
+            self._cleanup()
             raise MCPError(self.source, f"could not start {list(self.command)}: {exc}") from None
         self._tasks = [
             asyncio.create_task(self._read_stdout(), name=f"mcp-{self.name}-stdout"),
@@ -153,6 +167,15 @@ class MCPServer:
         if proc is not None and proc.stdin is not None:
             with contextlib.suppress(Exception):
                 await proc.stdin.wait_closed()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        """A sandboxed server's leftovers: what it started, and the directory made for it."""
+        if self.sandbox is not None and self._proc is not None:
+            kill_group(self._proc.pid)
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = ""
 
     def _fail(self, error: MCPError) -> None:
         """Mark the connection unusable and fail every waiting request with ``error``."""

@@ -8,7 +8,8 @@ The parameter's msgspec type gives the JSON Schema the model sees, and validates
 model's arguments before the function runs. Each tool has a timeout and the permissions it
 needs; an agent calls only the tools registered with it, and only if its declaration grants
 those permissions. ``approval=True`` marks a high-risk tool: it runs only after a person
-approves the call (mesh.patterns.approval).
+approves the call (mesh.patterns.approval). ``sandbox=`` runs it out of the agent's process,
+with limits (mesh.llm.sandbox); tools marked ``approval=True`` are sandboxed by default.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import json
 import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from mesh.llm.types import ToolSpec
 from mesh.wire.errors import MeshError, RegistrationError
+
+if TYPE_CHECKING:
+    from mesh.llm.sandbox import Sandbox
 
 
 class ToolError(MeshError):
@@ -73,6 +77,7 @@ class Tool:
     permissions: frozenset[str] = frozenset()
     approval: bool = False
     source: str = "python"  # or "mcp:<server>"
+    sandbox: Sandbox | None = None  # where it runs out of process (mesh.llm.sandbox)
 
     @property
     def spec(self) -> ToolSpec:
@@ -87,6 +92,7 @@ class Tool:
             "approval": self.approval,
             "timeout": self.timeout,
             "source": self.source,
+            "sandbox": self.sandbox.describe() if self.sandbox is not None else None,
         }
 
     def validate(self, args: dict[str, Any]) -> Any:
@@ -107,7 +113,8 @@ class Tool:
             async with asyncio.timeout(limit):
                 result = await self.call(value)
         except TimeoutError:
-            raise ToolTimeout(self.name, f"did not finish within {limit:g}s") from None
+            killed = "; its sandbox process was killed" if self.sandbox is not None else ""
+            raise ToolTimeout(self.name, f"did not finish within {limit:g}s{killed}") from None
         except ToolError:
             raise
         except Exception as exc:
@@ -201,7 +208,12 @@ class Toolbox:
         timeout: float | None = None,
         permissions: Iterable[str] = (),
         approval: bool = False,
+        sandbox: Sandbox | bool | None = None,
     ) -> Tool:
+        """Add ``fn`` as a tool. ``sandbox``: a `Sandbox` or True to run it out of process,
+        False to run it here; by default tools with ``approval=True`` are sandboxed."""
+        from mesh.llm.sandbox import resolve, sandboxed
+
         where = f"tool {getattr(fn, '__name__', fn)!r}"
         example = "write `async def my_tool(args: MyArgs) -> str` with MyArgs a msgspec.Struct"
         if not inspect.iscoroutinefunction(fn):
@@ -217,16 +229,19 @@ class Toolbox:
         doc = inspect.getdoc(fn) or ""
         if not doc:
             raise RegistrationError(f"{where}: give it a docstring; the model reads it to choose the tool")
+        box = resolve(sandbox, approval)
+        tool_name = name or fn.__name__
         return self.add(
             Tool(
-                name=name or fn.__name__,
+                name=tool_name,
                 description=doc,
                 input_schema=schema_of(ann),
-                call=fn,
+                call=fn if box is None else sandboxed(fn, tool_name, box),
                 params=ann,
                 timeout=timeout,
                 permissions=frozenset(permissions),
                 approval=approval,
+                sandbox=box,
             )
         )
 
