@@ -13,8 +13,9 @@ from mesh.wire.settings import Settings
 
 def grant_of(agent: Agent) -> AgentGrant:
     """What `agent` declares: the event types it handles, its joins, its parked tool calls
-    (tools declared with ``approval=True``, and MCP servers with tools needing approval)."""
-    approvals = any(t.approval for t in agent.tools) or any(s.approval for s in agent.mcp_servers.specs)
+    (any tool: a policy rule may ask for approval of any call, mesh.patterns.policy; and MCP
+    servers with tools needing approval)."""
+    approvals = len(agent.tools) > 0 or any(s.approval for s in agent.mcp_servers.specs)
     return AgentGrant(
         name=agent.name,
         events=tuple(streams.event_types(agent)),

@@ -204,7 +204,7 @@ def event_types(agent: Agent) -> list[str]:
 def agent_consumer_specs(agent: Agent, settings: Settings) -> list[ConsumerSpec]:
     """The consumers an agent pulls from: created by its first replica to start, or before
     that by `mesh agents add`."""
-    timers = bool(agent.joins) or any(t.approval for t in agent.tools)
+    timers = bool(agent.joins) or len(agent.tools) > 0  # any call may be parked (a policy rule)
     return consumer_specs(agent.name, event_types(agent), settings, timers=timers)
 
 
