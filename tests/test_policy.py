@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import TESTS
 from mesh_user_policy import REFUNDED
@@ -21,6 +23,8 @@ from mesh.agent.runner import AgentRuntime
 from mesh.cli.audit import stored_records
 from mesh.cli.llm import decide
 from mesh.llm.types import Reply, Text
+from mesh.middleware.publish import Outgoing
+from mesh.patterns import policy as policy_module
 from mesh.patterns import rules
 from mesh.patterns.approval import ApprovalRequest
 from mesh.patterns.policy import Policy, PolicyDenied
@@ -28,7 +32,8 @@ from mesh.runtime import audit
 from mesh.runtime.audit import AuditRecord
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
-from mesh.wire.codec import default_codec
+from mesh.wire import envelope as h
+from mesh.wire.codec import JSON, default_codec
 from mesh.wire.errors import ConfigError
 from mesh.wire.settings import Settings
 
@@ -284,3 +289,68 @@ async def test_mesh_run_stops_on_a_bad_rule_file_with_exit_code_2(settings: Sett
     done = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert f"{path}:4: rule 1 ('bad'): the condition does not parse" in done.stderr
+
+
+async def test_a_denied_outgoing_message_dead_letters_the_handling_with_the_rule(
+    client: MeshClient, settings: Settings
+) -> None:
+    conv = "policy-deny-message"
+    governed = _with_rules(
+        settings,
+        """
+[[rule]]
+name = "no-legal-hold-orders-out"
+on = "message"
+when = 'type == "test.answered" && body.text.contains("A-66")'
+decision = "deny"
+reason = "A-66 is under legal hold"
+""",
+    )
+    rec = await Recorder.start(client.transport, f"mesh.{conv}.>")
+    async with running_agent(agent, governed):
+        await client.send("clerk", Ask(text='call lookup_order({"order_id": "A-66"})'), conversation=conv)
+        msgs = await rec.wait_for(lambda ms: any(m.subject.endswith("dlq.clerk") for m in ms), timeout=30)
+    [dead] = [m for m in msgs if m.subject.endswith("dlq.clerk")]
+    assert dead.headers[h.DLQ_KIND] == "policy_denied"
+    assert "'no-legal-hold-orders-out'" in dead.headers[h.DLQ_REASON]
+    assert "A-66 is under legal hold" in dead.headers[h.DLQ_REASON]
+    assert not [m for m in msgs if m.subject.endswith("test.answered")]  # it never went out
+    [record] = await _policy_records(client, conv)
+    assert record.detail["rule"] == "no-legal-hold-orders-out" and record.detail["on"] == "message"
+
+
+async def test_the_example_rule_keeps_other_customers_out_of_a_reply() -> None:
+    """`no-other-customers-in-a-reply` of policies/examples.toml, on the writer's outgoing
+    reply, while it handles the findings of a ticket of customer C-1."""
+    policy = Policy(rules.load(EXAMPLES), "writer")
+    received = {"request": {"ticket": {"customer": "C-1"}}}
+    ctx = SimpleNamespace(
+        envelope=SimpleNamespace(data=msgspec.json.encode(received), content_type=JSON, type_name="x"),
+        sender="research",
+        conversation_id="c",
+        audit=None,
+        trace_id="",
+    )
+    sent: list[Outgoing] = []
+
+    async def deliver(out: Outgoing) -> None:
+        sent.append(out)
+
+    send = policy.outgoing(deliver)
+
+    def reply(text: str) -> Outgoing:
+        body = msgspec.json.encode({"ticket_id": "T-1", "reply": text})
+        return Outgoing("mesh.c.evt.support.reply_drafted", body, {h.TYPE: "support.reply_drafted"}, "store")
+
+    token = policy_module._current.set((policy, policy_module.Handling(ctx)))  # type: ignore[arg-type]
+    try:
+        await send(reply("Dear C-1, your refund is on its way."))
+        with pytest.raises(PolicyDenied, match="no-other-customers-in-a-reply"):
+            await send(reply("Dear C-1, like C-2 you will be refunded."))
+        await send(reply("Card 4111 1111 1111 1111 was refunded."))
+    finally:
+        policy_module._current.reset(token)
+    assert [msgspec.json.decode(o.data)["reply"] for o in sent] == [
+        "Dear C-1, your refund is on its way.",
+        "Card [redacted] was refunded.",
+    ]

@@ -167,7 +167,7 @@ class Policy:
             verdict = await self.decide("message", names, "body", str(names["type"]))
             if verdict.decision == "deny":
                 raise PolicyDenied(_name(verdict), verdict.reason)
-            if verdict.value is not body:
+            if verdict.redacted and verdict.value != body:
                 out.data = _encode(verdict.value, content_type)
             return await call_next(out)
 
@@ -190,7 +190,7 @@ class Policy:
         self._calls[conversation] = self._calls.pop(conversation, 0) + 1
         while len(self._calls) > MAX_CONVERSATIONS:
             self._calls.popitem(last=False)
-        if verdict.value is not call.input:
+        if verdict.redacted and verdict.value != call.input:
             call = replace(call, input=verdict.value)
         return call, None, verdict.decision == "approve"
 
@@ -346,7 +346,7 @@ def _body(data: bytes, content_type: str) -> dict[str, Any]:
         value = msgspec.msgpack.decode(data) if content_type == MSGPACK else msgspec.json.decode(data)
     except msgspec.DecodeError:
         return {}
-    return value if isinstance(value, dict) else {"value": value}
+    return value if isinstance(value, dict) else {}  # a body that is no object has no fields
 
 
 def _encode(value: Any, content_type: str) -> bytes:
