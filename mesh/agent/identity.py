@@ -14,8 +14,9 @@ from mesh.wire.settings import Settings
 
 def grant_of(agent: Agent) -> AgentGrant:
     """What `agent` declares: the event types it handles, its joins, its parked tool calls
-    (tools declared with ``approval=True``, and MCP servers with tools needing approval)."""
-    approvals = any(t.approval for t in agent.tools) or any(s.approval for s in agent.mcp_servers.specs)
+    (any tool, its own or an MCP server's: a policy rule may ask for approval of any call,
+    mesh.patterns.policy)."""
+    approvals = len(agent.tools) > 0 or bool(agent.mcp_servers)
     return AgentGrant(
         name=agent.name,
         events=tuple(streams.event_types(agent)),

@@ -26,6 +26,7 @@ from mesh.observability.tracing import extract_context, inject_trace, tracing
 from mesh.patterns.approval import ApprovalKeeper
 from mesh.patterns.escalation import Escalations
 from mesh.patterns.fanin import JoinKeeper, JoinState
+from mesh.patterns.policy import Policy
 from mesh.runtime import retries
 from mesh.runtime.audit import AUTH_FAILURES, AuditLog, audit_refusal
 from mesh.runtime.cancel import Cancellations
@@ -103,7 +104,8 @@ class AgentRuntime:
         self.transport = transport
         self.codec = codec
         self.instance = instance or new_id()
-        self.llm: LLM = journaled(llm or make_llm(settings))  # a redelivery does not pay again
+        self.policy = policy = Policy.load(settings, agent.name)  # MESH_POLICY_FILE: a bad rule stops here
+        self.llm: LLM = policy.govern(journaled(llm or make_llm(settings)))  # a redelivery does not pay again
         self.journal = Journal(agent.name)  # its bucket is bound at start
         self._signer = signer_of(settings)
         self.recorder = Recorder(
@@ -113,11 +115,11 @@ class AgentRuntime:
             transport,
             sender=agent.name,
             codec=codec,
-            # signing last but the record: it signs the headers as everything before it left
-            # them, and the record keeps the message as it went out
+            # the policy's rules, then the signature over what they let out, then the record of it
             publish_middleware=(
                 inject_trace,
                 *agent.publish_middleware,
+                policy.outgoing,
                 *((signing(self._signer),) if self._signer is not None else ()),
                 *((recording(self.recorder),) if settings.record else ()),
             ),
@@ -136,7 +138,7 @@ class AgentRuntime:
         self._subs: list[Subscription] = []
         self._consumers: list[Consumer] = []
         self._working: dict[asyncio.Task[Any], Delivery] = {}  # stored deliveries being handled
-        middleware = [tracing, log_context, llm_scope, self.journal.scope, *agent.middleware]
+        middleware = [tracing, log_context, llm_scope, self.journal.scope, policy.scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None

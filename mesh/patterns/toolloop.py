@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mesh.llm.journal import run_tool
 from mesh.llm.tools import Tool, ToolError, ToolInputInvalid, ToolNotAllowed, UnknownTool
 from mesh.llm.types import Block, Reply, Request, Text, ToolCall, ToolOutput, Turn
+from mesh.patterns import policy
 from mesh.runtime.audit import digest
 
 if TYPE_CHECKING:
@@ -113,8 +114,11 @@ async def run_tools(
         for index in range(start, len(pending)):
             call = pending[index]
             tool, error = _admit(ctx, call, allowed)
+            ask = False
+            if tool is not None:  # the agent's policy rules (mesh.patterns.policy)
+                call, error, ask = await policy.check_tool(ctx, call)
             resumed: approval.Resume | None = None
-            if tool is not None and tool.approval:
+            if tool is not None and error is None and (tool.approval or ask):
                 if decided is not None and decided.call_id == call.id:
                     resumed, decided = decided, None
                     error = resumed.refusal()

@@ -109,7 +109,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
       own timers, its own dead letters, its own audit records and its own entries in the
       conversation record;
     - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN``, ``MESH_JOURNAL`` and
-      ``MESH_STATE`` (joins, failure histories), read by key; its approvals if it parks calls.
+      ``MESH_STATE`` (joins, failure histories), read by key; its approvals if it has tools
+      (any call may be parked).
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.

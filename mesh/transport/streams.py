@@ -204,7 +204,8 @@ def event_types(agent: Agent) -> list[str]:
 def agent_consumer_specs(agent: Agent, settings: Settings) -> list[ConsumerSpec]:
     """The consumers an agent pulls from: created by its first replica to start, or before
     that by `mesh agents add`."""
-    timers = bool(agent.joins) or any(t.approval for t in agent.tools)
+    # any tool call may be parked (a policy rule); an MCP server's tools come only at start
+    timers = bool(agent.joins) or len(agent.tools) > 0 or bool(agent.mcp_servers)
     return consumer_specs(agent.name, event_types(agent), settings, timers=timers)
 
 

@@ -110,6 +110,16 @@ class Settings(BaseModel):
     approval_timeout: float = Field(
         default=3600.0, gt=0, description="Seconds an approval request waits for a decision, then expires."
     )
+    policy_file: Path | None = Field(
+        default=None,
+        description="Policy rules (TOML, docs/llm-and-tools.md#policies) checked on every tool call, "
+        "outgoing message and model reply of an agent; read and compiled at start, where a bad rule "
+        "stops the agent with its file, line and reason. Unset: no rules.",
+    )
+    policy_report_only: bool = Field(
+        default=False,
+        description="Record what the policy rules would do (trace, audit) without enforcing any of them.",
+    )
     types: str = Field(
         default="",
         description="Extra modules or .py files declaring message types, comma-separated; the CLI "
@@ -283,6 +293,13 @@ class Settings(BaseModel):
                     f"{name!r} is one of the mesh's own headers, which a dead letter needs; "
                     f"only other headers can be secret"
                 )
+        return value
+
+    @field_validator("policy_file")
+    @classmethod
+    def _policy_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file: give the path of a TOML file of [[rule]] tables")
         return value
 
     @property
