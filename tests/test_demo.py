@@ -58,6 +58,9 @@ def test_demo_runs_the_support_desk_and_prints_the_causal_tree(tmp_path: Path) -
     assert "tool: refund for T-1001 issued to Ada" in out
     assert out.count("(the answer was streamed in") == 2
     assert "reply drafted (billing, high, model offline" in out
+    # the support desk's policy rules: the card number in T-1001 never leaves the agent that took it
+    assert "policy: rule no-card-numbers-out redacted a card number in" in out
+    assert "4111 1111 1111 1111" not in out and "4111" not in out
     assert "reply drafted (bug, urgent, model offline" in out
     # the server it started is gone, and later commands are told so
     assert not (tmp_path / "server" / "server.json").exists()
@@ -81,3 +84,6 @@ def test_interactive_demo_asks_before_a_refund_and_a_denial_is_respected(tmp_pat
     assert '"status":"denied"' in out  # approval.resolved, as the tap shows it
     assert "tool: refund" not in out  # the refund never ran
     assert "reply drafted (billing, high, model offline" in out
+    # the support desk's policy rules: the card number in T-1001 never leaves the agent that took it
+    assert "policy: rule no-card-numbers-out redacted a card number in" in out
+    assert "4111 1111 1111 1111" not in out and "4111" not in out

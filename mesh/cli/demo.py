@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 from typing import Any
 
 import msgspec
@@ -38,7 +39,7 @@ TICKETS = [
         "ticket_id": "T-1001",
         "customer": "Ada",
         "subject": "Charged twice for my subscription",
-        "body": "My card shows two charges for the March invoice. Can I get a refund?",
+        "body": "My card 4111 1111 1111 1111 shows two charges for the March invoice. Can I get a refund?",
     },
     {
         "ticket_id": "T-1002",
@@ -62,6 +63,9 @@ AGENT_SPECS = {
     "writer": "mesh.agents.support.writer:agent",
 }
 REPLICAS = {"research": 2}
+# every agent runs under the support desk's policy rules: card numbers are redacted on the way out
+RULES = "rules.toml"  # in the mesh.agents.support package
+REDACTED = "[redacted]"
 
 
 Ask = Callable[[str], Awaitable[bool]]
@@ -106,8 +110,11 @@ async def run_demo(
         for name, spec in AGENT_SPECS.items():
             for i in range(REPLICAS.get(name, 1)):
                 log = logs / f"{name}{i or ''}.log"
+                rules = {"MESH_POLICY_FILE": str(files("mesh.agents.support") / RULES)}
                 procs.append(
-                    spawn_agent(spec, url=url, data_dir=settings.data_dir, log=log, settings=settings)
+                    spawn_agent(
+                        spec, url=url, data_dir=settings.data_dir, log=log, settings=settings, env=rules
+                    )
                 )
                 out(f"started agent {name:<9} pid {procs[-1].pid}  (log: {log})")
         out("tip: in another shell, `mesh tap` shows the same traffic; `mesh agents` lists the agents")
@@ -158,6 +165,7 @@ async def _one_conversation(
     replies: list[ReplyDrafted] = []
     chunks: list[str] = []
     decisions: list[asyncio.Task[None]] = []
+    redacted: list[str] = []  # messages a policy rule redacted something in
 
     async def on_message(msg: Any) -> None:
         line = observe(msg)
@@ -169,6 +177,8 @@ async def _one_conversation(
                 out(f"  … writer streams ({len(chunks)} chunks): …{''.join(chunks)[-80:]}")
             return
         lines.append(line)
+        if REDACTED.encode() in msg.data:
+            redacted.append(line.type)
         out("  " + format_line(line, subject=False))
         if line.type == "approval.request":
             request = default_codec.decode(msg.data, ApprovalRequest)
@@ -198,6 +208,11 @@ async def _one_conversation(
         await task
     if chunks:
         out(f"  (the answer was streamed in {len(chunks)} chunks, then sent whole as llm.final)")
+    if redacted:
+        out(
+            f"  policy: rule no-card-numbers-out redacted a card number in {len(redacted)} messages "
+            f"({', '.join(sorted(set(redacted)))})"
+        )
     out(f"\nconversation {conversation} as a causal tree (trace {trace_id}):")
     out(render_tree(lines))
     for reply in replies:
