@@ -16,9 +16,10 @@ from mesh.agent.context import Context
 from mesh.agent.declaration import Agent, Handler
 from mesh.agent.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
-from mesh.llm import LLM, llm_scope, make_llm
+from mesh.llm import LLM, budgeted, llm_scope, make_llm
 from mesh.llm.journal import Journal, journaled
 from mesh.middleware.base import chain
+from mesh.middleware.loops import carry_trail, loop_guard
 from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
 from mesh.observability.record import Recorder, recording
@@ -101,7 +102,7 @@ class AgentRuntime:
         self.transport = transport
         self.codec = codec
         self.instance = instance or new_id()
-        self.llm: LLM = journaled(llm or make_llm(settings))  # a redelivery does not pay again
+        self.llm: LLM = journaled(budgeted(llm or make_llm(settings), settings, transport))  # no pay twice
         self.journal = Journal(agent.name)  # its bucket is bound at start
         self._signer = signer_of(settings)
         self.recorder = Recorder(
@@ -115,6 +116,7 @@ class AgentRuntime:
             # them, and the record keeps the message as it went out
             publish_middleware=(
                 inject_trace,
+                carry_trail,  # the loop guard's trail (mesh.middleware.loops)
                 *agent.publish_middleware,
                 *((signing(self._signer),) if self._signer is not None else ()),
                 *((recording(self.recorder),) if settings.record else ()),
@@ -133,7 +135,7 @@ class AgentRuntime:
         self._subs: list[Subscription] = []
         self._consumers: list[Consumer] = []
         self._working: dict[asyncio.Task[Any], Delivery] = {}  # stored deliveries being handled
-        middleware = [tracing, log_context, llm_scope, self.journal.scope, *agent.middleware]
+        middleware = [tracing, log_context, loop_guard, llm_scope, self.journal.scope, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None
