@@ -7,17 +7,24 @@ calls, so what was paid is known exactly."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
+from pathlib import Path
 
 import msgspec
 import pytest
+from conftest import SAMPLES
+from llm_servers import ChatCompletionsAPI, Script, serve
+from sample_agents.budgeted import Answer, Question
 
 from mesh import Agent, Context, Message, message
+from mesh.agent.launch import stop_process
 from mesh.llm import OfflineLLM, Reply, Request, Text, Usage
 from mesh.llm.budget import Budget, Spent, add, conversation_key, tenant_key
 from mesh.llm.metering import Scope
 from mesh.runtime.client import MeshClient
-from mesh.testing import Recorder, running_agent
+from mesh.runtime.discovery import wait_for_agents
+from mesh.testing import Recorder, running_agent, spawn_agent
 from mesh.transport import streams
 from mesh.transport.identities import with_role
 from mesh.transport.nats import NatsTransport
@@ -106,6 +113,57 @@ async def test_two_replicas_share_a_conversation_budget_and_its_breach_fails_the
     assert spent.tokens == paid
     [dead] = await dlq.wait_count(1, timeout=10)
     assert dead.headers[h.DLQ_KIND] == "budget_exceeded"
+
+
+@pytest.mark.slow
+async def test_two_agent_processes_share_a_conversation_budget(
+    client: MeshClient,
+    operator: MeshClient,
+    settings: Settings,
+    procs: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The same across processes, with a model over HTTP that reports 18 tokens a call and a
+    limit of 40: process A answers one question, then process B starts and A stops. B
+    answers two (at 18 and 36 spent, below 40) and refuses the third: alone it would have
+    answered three. The model was asked three times, 54 tokens, within the limit plus one
+    call, and the bucket counted all three."""
+    script = Script()
+    conv = f"budget-procs-{uuid.uuid4().hex[:8]}"
+    with serve(ChatCompletionsAPI, script) as url:
+        env = {
+            "MESH_LLM": "openai",
+            "MESH_OPENAI_BASE_URL": url + "/v1",
+            "MESH_BUDGET_CONVERSATION_TOKENS": "40",
+            "MESH_LOG_LEVEL": "warning",
+        }
+
+        def start(i: int) -> subprocess.Popen[bytes]:
+            spec = f"{SAMPLES / 'budgeted.py'}:agent"
+            procs.append(spawn_agent(spec, settings, log=tmp_path / f"b{i}.log", env=env))
+            return procs[-1]
+
+        async def ask(n: int) -> Answer:
+            question = Question(prompt=f"question {n}")
+            return await client.request("budgeted", question, Answer, conversation=conv, timeout=20)
+
+        a = start(0)
+        await wait_for_agents(client.transport, {"budgeted": 1}, timeout=30)
+        first = await ask(0)
+        b = start(1)
+        await wait_for_agents(client.transport, {"budgeted": 2}, timeout=30)
+        assert await asyncio.to_thread(stop_process, a) == 0
+        later = []
+        with pytest.raises(RequestFailed) as failed:
+            for n in range(1, 5):
+                later.append(await ask(n))
+        requests = len(script.requests)
+    assert failed.value.kind == "budget_exceeded"
+    assert first.pid == a.pid and [x.pid for x in later] == [b.pid, b.pid]
+    assert requests == 3
+    assert (
+        (await _spent(await _state(operator, settings), conversation_key(conv))).tokens == 3 * 18 <= 40 + 18
+    )
 
 
 async def test_a_tenant_budget_spans_conversations_and_ends_stored_work_without_retries(
