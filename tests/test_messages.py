@@ -6,8 +6,8 @@ import memory_samples
 import mesh.schemas  # noqa: F401
 import pytest
 from mesh.schemas.support import PolicyNote, ReplyDrafted, ResearchFindings, ResearchRequest, TicketOpened
+from sample_agents import budgeted, journaled, slowpoke
 from sample_agents import handoffs as ho
-from sample_agents import journaled, slowpoke
 from sample_agents import lookback as lb
 from sample_agents import sandboxed as sbx
 from sample_agents.echo import Ping, Pong
@@ -56,6 +56,8 @@ SAMPLES: dict[str, Message] = {
     "test.checked": lb.Checked(order="B-7", n=1, ok=True),
     "test.journal_asked": journaled.Asked(text="t", pid=1),
     "test.journal_done": journaled.Done(text="t", pid=1),
+    "test.budget_question": budgeted.Question(prompt="p"),
+    "test.budget_answer": budgeted.Answer(text="t", pid=1),
     "test.invoice_paid": InvoicePaid(invoice="I-1"),
     "test.sbx_ask": sbx.SbxAsk(text="call probe({})"),
     "test.sbx_answered": sbx.SbxAnswered(outputs=["o"], errors=["crash:failed:died"]),

@@ -16,9 +16,10 @@ from mesh.agent.context import Context
 from mesh.agent.declaration import Agent, Handler
 from mesh.agent.invoke import handler_call, join_call
 from mesh.join import Gathered, Join
-from mesh.llm import LLM, llm_scope, make_llm
+from mesh.llm import LLM, budgeted, llm_scope, make_llm
 from mesh.llm.journal import Journal, journaled
 from mesh.middleware.base import chain
+from mesh.middleware.loops import carry_trail, loop_guard
 from mesh.middleware.signing import signing
 from mesh.observability.logs import log_context
 from mesh.observability.record import Recorder, recording
@@ -105,7 +106,8 @@ class AgentRuntime:
         self.codec = codec
         self.instance = instance or new_id()
         self.policy = policy = Policy.load(settings, agent.name)  # MESH_POLICY_FILE: a bad rule stops here
-        self.llm: LLM = policy.govern(journaled(llm or make_llm(settings)))  # a redelivery does not pay again
+        # budgets before the model, the journal around them (a replay is free), the rules outside
+        self.llm: LLM = policy.govern(journaled(budgeted(llm or make_llm(settings), settings, transport)))
         self.journal = Journal(agent.name)  # its bucket is bound at start
         self._signer = signer_of(settings)
         self.recorder = Recorder(
@@ -118,6 +120,7 @@ class AgentRuntime:
             # the policy's rules, then the signature over what they let out, then the record of it
             publish_middleware=(
                 inject_trace,
+                carry_trail,  # the loop guard's trail (mesh.middleware.loops)
                 *agent.publish_middleware,
                 policy.outgoing,
                 *((signing(self._signer),) if self._signer is not None else ()),
@@ -138,7 +141,8 @@ class AgentRuntime:
         self._subs: list[Subscription] = []
         self._consumers: list[Consumer] = []
         self._working: dict[asyncio.Task[Any], Delivery] = {}  # stored deliveries being handled
-        middleware = [tracing, log_context, llm_scope, self.journal.scope, policy.scope, *agent.middleware]
+        scopes = (self.journal.scope, policy.scope)  # each handling's journal and rules
+        middleware = [tracing, log_context, loop_guard, llm_scope, *scopes, *agent.middleware]
         self._calls = {id(h): chain(handler_call(h), middleware) for h in agent.handlers}
         self._join_calls = {name: chain(join_call(j), middleware) for name, j in agent.joins.items()}
         self._responder: ServiceResponder | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from mesh.llm.budget import Budget, Budgeted, budgeted
 from mesh.llm.claude import AnthropicLLM
 from mesh.llm.journal import Journaled
 from mesh.llm.limits import CircuitBreaker, Limits, TokenBucket
@@ -40,6 +41,8 @@ from mesh.wire.settings import Settings
 __all__ = [
     "LLM",
     "AnthropicLLM",
+    "Budget",
+    "Budgeted",
     "CircuitBreaker",
     "CircuitOpen",
     "Delta",
@@ -63,6 +66,7 @@ __all__ = [
     "ToolSpec",
     "Turn",
     "Usage",
+    "budgeted",
     "current_scope",
     "llm_scope",
     "make_llm",

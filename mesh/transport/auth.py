@@ -110,7 +110,8 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
       conversation record;
     - state: its own keys of ``MESH_PROCESSED``, ``MESH_SEEN``, ``MESH_JOURNAL`` and
       ``MESH_STATE`` (joins, failure histories), read by key; its approvals if it has tools
-      (any call may be parked).
+      (any call may be parked); the model budgets' counts in ``MESH_STATE`` (``budget.>``),
+      which are everyone's.
 
     Never: another agent's consumers, stream or consumer administration, reading stored
     messages (dead letters), other agents' state.
@@ -172,6 +173,10 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
 def _state_keys(agent: str, grant: AgentGrant) -> list[str]:
     spaces = [f"failures.{agent}", f"joins.{agent}"] + ([f"approvals.{agent}"] if grant.approvals else [])
     spaces += [f"escalations.{agent}"] if grant.escalates else []
+    # model budgets (mesh.llm.budget) are shared: a conversation's by every agent it reaches,
+    # a tenant's by every agent working for it (the tenant is a setting, not the identity's),
+    # so any agent may count in any of them; the price is that one could also reset them
+    spaces.append("budget")
     out = []
     for space in spaces:
         out.append(f"$KV.{streams.STATE}.{space}.>")

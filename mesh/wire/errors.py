@@ -40,7 +40,8 @@ class DeliveryError(MeshError):
     `kind` is a short machine-readable reason that also appears on dead letters:
     ``decode``, ``validation``, ``unknown_type``, ``oversize``, ``hop_limit``,
     ``deadline_expired``, ``bad_header``, ``bad_subject``, ``depth_limit``, ``handler_error``,
-    ``max_deliveries``, ``rejected`` or ``drain_timeout``.
+    ``max_deliveries``, ``rejected``, ``drain_timeout``, ``budget_exceeded`` or
+    ``loop_detected``.
     """
 
     def __init__(self, kind: str, reason: str) -> None:
@@ -63,6 +64,15 @@ class Reject(DeliveryError):
 
     def __init__(self, reason: str, kind: str = "rejected") -> None:
         super().__init__(kind, reason)
+
+
+class BudgetExceeded(DeliveryError):
+    """A conversation's or a tenant's model budget (MESH_BUDGET_*) is spent: the model is
+    not called, and the message is dead-lettered as ``budget_exceeded`` at once (a retry
+    would find the budget spent too); a requester gets `RequestFailed` with that kind."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("budget_exceeded", reason)
 
 
 class RequestError(MeshError):

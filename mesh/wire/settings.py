@@ -106,6 +106,26 @@ class Settings(BaseModel):
         default=30.0, gt=0, description="Seconds an open breaker waits before it lets a probe call through."
     )
     tenant: str = Field(default="default", description="Tenant this process works for (model limits, costs).")
+    budget_conversation_tokens: int = Field(
+        default=0, ge=0, description="Model tokens (input + output) one conversation may spend; 0: no limit."
+    )
+    budget_conversation_usd: float = Field(
+        default=0.0, ge=0, description="Estimated model cost in USD one conversation may spend; 0: no limit."
+    )
+    budget_tenant_tokens: int = Field(
+        default=0, ge=0, description="Model tokens the tenant may spend per UTC day; 0: no limit."
+    )
+    budget_tenant_usd: float = Field(
+        default=0.0,
+        ge=0,
+        description="Estimated model cost in USD the tenant may spend per UTC day; 0: no limit.",
+    )
+    loop_repeats: int = Field(
+        default=3,
+        ge=0,
+        description="Times the same message (type, sender, receiver, body) may come back in one chain of "
+        "messages before it is dead-lettered as loop_detected; 0: no check.",
+    )
     tool_timeout: float = Field(default=30.0, gt=0, description="Default seconds a tool may run.")
     approval_timeout: float = Field(
         default=3600.0, gt=0, description="Seconds an approval request waits for a decision, then expires."
