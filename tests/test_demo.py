@@ -13,6 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+SPENT = re.compile(r"model calls used ([\d,]+) of its 20,000 tokens")
+
 
 def test_demo_runs_the_support_desk_and_prints_the_causal_tree(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "ANTHROPIC_", "OTEL_"))}
@@ -61,6 +63,9 @@ def test_demo_runs_the_support_desk_and_prints_the_causal_tree(tmp_path: Path) -
     # the support desk's policy rules: the card number in T-1001 never leaves the agent that took it
     assert "policy: rule no-card-numbers-out redacted a card number in" in out
     assert "4111 1111 1111 1111" not in out and "4111" not in out
+    # and its budget: each conversation's model calls are counted against it, shared by the agents
+    spent = [int(n.replace(",", "")) for n in SPENT.findall(out)]
+    assert len(spent) == 2 and all(n > 0 for n in spent)
     assert "reply drafted (bug, urgent, model offline" in out
     # the server it started is gone, and later commands are told so
     assert not (tmp_path / "server" / "server.json").exists()
@@ -87,3 +92,6 @@ def test_interactive_demo_asks_before_a_refund_and_a_denial_is_respected(tmp_pat
     # the support desk's policy rules: the card number in T-1001 never leaves the agent that took it
     assert "policy: rule no-card-numbers-out redacted a card number in" in out
     assert "4111 1111 1111 1111" not in out and "4111" not in out
+    # and its budget: each conversation's model calls are counted against it, shared by the agents
+    spent = [int(n.replace(",", "")) for n in SPENT.findall(out)]
+    assert len(spent) == 1 and spent[0] > 0  # one ticket

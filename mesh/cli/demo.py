@@ -66,6 +66,7 @@ REPLICAS = {"research": 2}
 # every agent runs under the support desk's policy rules: card numbers are redacted on the way out
 RULES = "rules.toml"  # in the mesh.agents.support package
 REDACTED = "[redacted]"
+BUDGET_TOKENS = 20_000  # each conversation's model budget (MESH_BUDGET_CONVERSATION_TOKENS)
 
 
 Ask = Callable[[str], Awaitable[bool]]
@@ -110,7 +111,10 @@ async def run_demo(
         for name, spec in AGENT_SPECS.items():
             for i in range(REPLICAS.get(name, 1)):
                 log = logs / f"{name}{i or ''}.log"
-                rules = {"MESH_POLICY_FILE": str(files("mesh.agents.support") / RULES)}
+                rules = {
+                    "MESH_POLICY_FILE": str(files("mesh.agents.support") / RULES),
+                    "MESH_BUDGET_CONVERSATION_TOKENS": str(BUDGET_TOKENS),
+                }
                 procs.append(
                     spawn_agent(
                         spec, url=url, data_dir=settings.data_dir, log=log, settings=settings, env=rules
@@ -215,6 +219,7 @@ async def _one_conversation(
         )
     out(f"\nconversation {conversation} as a causal tree (trace {trace_id}):")
     out(render_tree(lines))
+    await _show_budget(client, settings, conversation, out)
     for reply in replies:
         out(
             f"\nreply drafted ({reply.category}, {reply.priority}, model {reply.model}, "
@@ -224,6 +229,22 @@ async def _one_conversation(
             out(f"  tool: {action}")
         out("  | " + reply.reply.replace("\n", "\n  | ") + "\n")
     return trace_id
+
+
+async def _show_budget(
+    client: MeshClient, settings: Settings, conversation: str, out: Callable[[str], None]
+) -> None:
+    """What the conversation spent of its model budget, as the agents counted it (MESH_STATE)."""
+    from mesh.llm.budget import Spent, conversation_key
+    from mesh.transport.streams import bucket_specs
+
+    state = await client.transport.state(bucket_specs(settings)[1], settings)
+    got = await state.get(conversation_key(conversation))
+    spent = msgspec.json.decode(got[0], type=Spent) if got is not None else Spent()
+    out(
+        f"budget: this conversation's model calls used {spent.tokens:,} of its {BUDGET_TOKENS:,} tokens "
+        f"(MESH_BUDGET_CONVERSATION_TOKENS; past it, the next call ends the conversation as budget_exceeded)"
+    )
 
 
 async def _decide(
