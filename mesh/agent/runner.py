@@ -53,6 +53,7 @@ from mesh.runtime.ladder import (
     Work,
     cancelled_by_stop,
 )
+from mesh.runtime.metered import Measure, metered
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.runtime.verify import UNPROVEN, SeenIds, verifier_of
@@ -178,6 +179,7 @@ class AgentRuntime:
             stored, direct = Recorded(stored, recorder, most), Recorded(direct, recorder, most)
         if self.verifier is not None:  # first: the quota then counts the proven sender
             stored, direct = Verify(stored, self.verifier), Verify(direct, self.verifier)
+        stored, direct, meters = metered(stored, direct, self.agent.name, settings.max_deliver)
         stored = Settle(
             stored,
             agent=self.agent.name,
@@ -190,7 +192,7 @@ class AgentRuntime:
             escalate=escalate,
         )
         direct = SettleDirect(direct, stats, self._fail_direct, self.log)
-        return Count(stored, stats), Count(direct, stats)
+        return Measure(Count(stored, stats), meters), Measure(Count(direct, stats), meters)
 
     def endpoints(self) -> list[Endpoint]:
         name = self.agent.name

@@ -115,6 +115,8 @@ async def run_demo(
                     "MESH_POLICY_FILE": str(files("mesh.agents.support") / RULES),
                     "MESH_BUDGET_CONVERSATION_TOKENS": str(BUDGET_TOKENS),
                 }
+                if settings.metrics_port:  # one scrape endpoint each: the next ports up
+                    rules["MESH_METRICS_PORT"] = str(settings.metrics_port + len(procs))
                 procs.append(
                     spawn_agent(
                         spec, url=url, data_dir=settings.data_dir, log=log, settings=settings, env=rules

@@ -121,6 +121,7 @@ def run(spec: str, insecure: bool) -> None:
     from mesh.agent.loader import load_agent
     from mesh.agent.serving import serve
     from mesh.observability.logs import configure_logging
+    from mesh.observability.metrics import configure_metrics
     from mesh.observability.tracing import configure_tracing
     from mesh.wire.envelope import new_id
 
@@ -137,6 +138,7 @@ def run(spec: str, insecure: bool) -> None:
     instance = new_id()
     configure_logging(settings, agent=agent.name)
     shutdown_tracing = configure_tracing(settings, agent.name, instance)
+    shutdown_metrics = configure_metrics(settings, agent.name, instance, scrape=True)
     try:
         _run(lambda: serve(agent, settings, instance=instance))
     finally:
@@ -144,6 +146,7 @@ def run(spec: str, insecure: bool) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         shutdown_tracing()
+        shutdown_metrics()
 
 
 @cli.group(cls=_Group, invoke_without_command=True)

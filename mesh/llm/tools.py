@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from mesh.llm.toolmeters import tool_meters
 from mesh.llm.types import ToolSpec
 from mesh.wire.errors import MeshError, RegistrationError
 
@@ -106,20 +107,22 @@ class Tool:
         return args
 
     async def run(self, args: dict[str, Any], default_timeout: float = 30.0) -> str:
-        """Validate, run within the timeout, and render the result as text for the model."""
-        value = self.validate(args)
-        limit = self.timeout or default_timeout
-        try:
-            async with asyncio.timeout(limit):
-                result = await self.call(value)
-        except TimeoutError:
-            killed = "; its sandbox process was killed" if self.sandbox is not None else ""
-            raise ToolTimeout(self.name, f"did not finish within {limit:g}s{killed}") from None
-        except ToolError:
-            raise
-        except Exception as exc:
-            raise ToolFailed(self.name, f"raised {type(exc).__name__}: {exc}") from None
-        return render(result)
+        """Validate, run within the timeout, and render the result as text for the model
+        (counted in the tool metrics, mesh.llm.toolmeters)."""
+        with tool_meters().measured(self.name):
+            value = self.validate(args)
+            limit = self.timeout or default_timeout
+            try:
+                async with asyncio.timeout(limit):
+                    result = await self.call(value)
+            except TimeoutError:
+                killed = "; its sandbox process was killed" if self.sandbox is not None else ""
+                raise ToolTimeout(self.name, f"did not finish within {limit:g}s{killed}") from None
+            except ToolError:
+                raise
+            except Exception as exc:
+                raise ToolFailed(self.name, f"raised {type(exc).__name__}: {exc}") from None
+            return render(result)
 
 
 def render(result: Any) -> str:

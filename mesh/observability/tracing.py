@@ -138,14 +138,7 @@ def configure_tracing(settings: Settings, service_name: str, instance: str = "")
     resource = Resource.create(attrs)
     provider = tracer_provider(exporter, resource, settings.trace_sample)
     trace.set_tracer_provider(provider)
-    meters = _meter_provider(settings, resource)
-
-    def shutdown() -> None:
-        provider.shutdown()
-        if meters is not None:
-            meters.shutdown()
-
-    return shutdown
+    return provider.shutdown
 
 
 def tracer_provider(exporter: SpanExporter, resource: Resource, sample: float) -> TracerProvider:
@@ -158,32 +151,6 @@ def tracer_provider(exporter: SpanExporter, resource: Resource, sample: float) -
     provider.add_span_processor(batches)
     provider.recorder = Recorder.of(provider, batches, sample)
     return provider
-
-
-def _meter_provider(settings: Settings, resource: Resource) -> Any:
-    """Metrics (model tokens and cost, docs/llm-and-tools.md) go where spans go, for the
-    OTLP and console exporters; the span file carries the same numbers as span attributes."""
-    from opentelemetry import metrics
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import (
-        ConsoleMetricExporter,
-        MetricExporter,
-        PeriodicExportingMetricReader,
-    )
-
-    choice = exporter_kind(settings)
-    exporter: MetricExporter
-    if choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        exporter = OTLPMetricExporter()
-    elif choice == "console":
-        exporter = ConsoleMetricExporter()
-    else:
-        return None
-    meters = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)])
-    metrics.set_meter_provider(meters)
-    return meters
 
 
 def sampler(fraction: float) -> Sampler:

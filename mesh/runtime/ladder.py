@@ -55,6 +55,8 @@ class Work:
     message: Message | None = None
     handler: Handler | None = None
     processed_key: str = ""  # where the duplicate guard looked, and Settle marks it done
+    outcome: str = ""  # what became of it, for its metrics (mesh.runtime.metered)
+    reason: str = ""  # the kind of its dead letter, if it became one
 
     @property
     def handler_name(self) -> str:
@@ -204,6 +206,7 @@ class Settle:
             self.log.warning("escalation failed: dead-lettering instead", error=repr(exc))
             return False
         self.stats.escalated += 1
+        w.outcome = "escalated"
         await w.delivery.ack()
         return True
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TypeVar
 
 import structlog
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from mesh.agent.context import Context
 from mesh.agent.declaration import Agent
@@ -55,6 +56,28 @@ from mesh.wire.senders import sender_of
 from mesh.wire.settings import Settings
 
 _tracer = trace.get_tracer("mesh.memory")
+
+
+class MemoryMeters:
+    """Metrics of the service's operations (docs/operations.md#metrics): each one by kind
+    (``mesh.memory.operation``: remember, recall...) and outcome (ok, or the failure's kind)."""
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter("mesh.memory")
+        self.operations = meter.create_counter(
+            "mesh.memory.operations", unit="{operation}", description="Memory operations by kind and outcome"
+        )
+        self.duration = meter.create_histogram(
+            "mesh.memory.duration", unit="s", description="Memory operation time"
+        )
+
+    def record(self, op: str, outcome: str, seconds: float) -> None:
+        self.operations.add(1, {"mesh.memory.operation": op, "outcome": outcome})
+        self.duration.record(seconds, {"mesh.memory.operation": op})
+
+
+_meters = MemoryMeters()  # through the global provider, whenever it is installed
+
 log = structlog.get_logger("mesh.memory")
 
 T = TypeVar("T")
@@ -198,6 +221,7 @@ async def _answer(
     """Run one operation in its own span; any failure becomes a typed `MemoryFailed`. Each
     one, done or refused, is appended to the audit trail with the caller's identity."""
     with _tracer.start_as_current_span(f"memory {op}") as span:
+        started = time.perf_counter()
         try:
             answer: T | MemoryFailed = await work()
         except MemoryRefused as exc:
@@ -207,8 +231,9 @@ async def _answer(
             ctx.log.exception("memory operation failed", op=op)
             span.record_exception(exc)
             answer = MemoryFailed(kind="internal", reason=f"{op} failed: {type(exc).__name__}: {exc}")
+        status = answer.kind if isinstance(answer, MemoryFailed) else "ok"
+        _meters.record(op, status, time.perf_counter() - started)
         if ctx.audit is not None:
-            status = answer.kind if isinstance(answer, MemoryFailed) else "ok"
             await ctx.audit.append(
                 f"memory.{op}",
                 actor=sender_of(ctx.envelope),

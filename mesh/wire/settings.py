@@ -71,6 +71,14 @@ class Settings(BaseModel):
     trace_file: Path | None = Field(
         default=None, description="Span file for the file exporter (default: <data_dir>/traces.jsonl)."
     )
+    metrics_port: int = Field(
+        default=0,
+        description="TCP port of each agent process's Prometheus scrape endpoint (/metrics); 0: none. "
+        "Replicas on one host each need their own (docs/operations.md#metrics).",
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0", min_length=1, description="Address the metrics endpoint listens on."
+    )
     max_message_bytes: int = Field(default=1 << 20, gt=0, description="Bigger bodies are dead-lettered.")
     max_hops: int = Field(default=32, gt=0, description="Messages past this hop count are dead-lettered.")
     concurrency: int = Field(default=64, gt=0, description="Handlers running at once per agent process.")
@@ -313,6 +321,13 @@ class Settings(BaseModel):
                     f"{name!r} is one of the mesh's own headers, which a dead letter needs; "
                     f"only other headers can be secret"
                 )
+        return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("not a TCP port: give 1-65535 for the metrics endpoint, or 0 for none")
         return value
 
     @field_validator("policy_file")
