@@ -16,8 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from conftest import TESTS
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sample_agents.echo import Ping, Pong
 from sample_agents.echo import agent as echo
 
+from mesh import Agent, Context
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth, sign
 from mesh.gateway.wire import idempotent_ids
@@ -69,7 +72,7 @@ async def _finished(http: httpx.AsyncClient, conversation: str) -> dict[str, Any
 
 
 async def test_a_signed_webhook_starts_a_conversation_whose_result_comes_back_over_http(
-    settings: Settings, http: httpx.AsyncClient
+    settings: Settings, http: httpx.AsyncClient, spans: InMemorySpanExporter
 ) -> None:
     raw, headers = signed({"text": "hello from a webhook", "n": 7})
     async with running_agent(echo, settings):
@@ -84,6 +87,15 @@ async def test_a_signed_webhook_starts_a_conversation_whose_result_comes_back_ov
     assert status["result"]["type"] == "test.pong"
     assert status["result"]["body"]["text"] == "hello from a webhook"
     assert status["result"]["body"]["n"] == 7
+    # the call was a span, and the message it sent carries that span's trace
+    calls = [
+        s
+        for s in spans.get_finished_spans()
+        if s.name == "gateway send_to_agent" and s.context is not None
+        if format(s.context.trace_id, "032x") in status["trace_ids"]
+    ]
+    assert len(calls) == 1 and calls[0].attributes is not None
+    assert calls[0].attributes["http.response.status_code"] == 202
 
 
 async def test_a_wrong_or_missing_signature_or_token_is_401(http: httpx.AsyncClient) -> None:
@@ -171,6 +183,24 @@ async def test_a_request_returns_the_answer_and_a_timeout_is_504(
         "/v1/agents/echo/request?type=test.ping&timeout=100", json={"text": "x"}, headers=BEARER
     )
     assert r.status_code == 400 and r.json()["error"] == "invalid_timeout"
+
+
+broken = Agent("gw-broken", description="Fails every ping")
+
+
+@broken.handler
+async def on_ping(ping: Ping, ctx: Context) -> Pong:
+    raise RuntimeError("the database is down")
+
+
+async def test_a_request_the_agent_cannot_handle_is_502_with_the_failure_kind(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    async with running_agent(broken, settings):
+        r = await http.post("/v1/agents/gw-broken/request?type=test.ping", json={"text": "x"}, headers=BEARER)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"] == "handler_error" and r.json()["agent"] == "gw-broken"
+    assert "the database is down" in r.json()["detail"]
 
 
 async def test_an_unknown_conversation_is_404(http: httpx.AsyncClient) -> None:

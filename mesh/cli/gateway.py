@@ -35,10 +35,15 @@ def register(cli: click.Group, settings_of: Callable[[Role], Settings]) -> None:
         from mesh.agent.loader import import_types
         from mesh.gateway.app import Gateway
         from mesh.gateway.auth import GatewayAuth
+        from mesh.observability.tracing import configure_tracing
 
         settings = settings_of("publisher")
         import_types(",".join(filter(None, [settings.types, types_])))
         auth = GatewayAuth.load(tokens, secrets)
         gw = Gateway(settings, auth)
         click.echo(f"mesh gateway on http://{host}:{port} (docs/gateway.md)", err=True)
-        uvicorn.run(gw.app, host=host, port=port, log_level=settings.log_level.lower(), lifespan="on")
+        shutdown_tracing = configure_tracing(settings, "mesh-gateway")
+        try:
+            uvicorn.run(gw.app, host=host, port=port, log_level=settings.log_level, lifespan="on")
+        finally:
+            shutdown_tracing()

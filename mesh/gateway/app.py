@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -87,13 +89,19 @@ class Gateway:
     # -- guarding every endpoint: size, authentication, errors as JSON ---------------------
 
     def _guard(self, handler: Callable[[Request, bytes, str], Awaitable[Response]]) -> Handler:
+        name = f"gateway {handler.__name__}"
+
         async def guarded(request: Request) -> Response:
-            try:
-                body = await self._body(request)
-                principal = self._principal(request, body)
-                return await handler(request, body, principal)
-            except wire.Refused as exc:
-                return JSONResponse(exc.body, exc.status, headers=_challenge(exc.status))
+            # one span per call: what it sends carries its trace context (Mesh trace ids)
+            with trace.get_tracer("mesh").start_as_current_span(name, kind=SpanKind.SERVER) as span:
+                try:
+                    body = await self._body(request)
+                    principal = self._principal(request, body)
+                    response = await handler(request, body, principal)
+                except wire.Refused as exc:
+                    response = JSONResponse(exc.body, exc.status, headers=_challenge(exc.status))
+                span.set_attribute("http.response.status_code", response.status_code)
+                return response
 
         return guarded
 
