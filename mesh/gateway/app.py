@@ -16,7 +16,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -38,6 +37,7 @@ from mesh.wire.settings import Settings
 
 SENDER = "gateway"
 DEFAULT_TIMEOUT = 10.0
+MAX_STREAMS = 256  # conversations followed at once (each is a subscription)
 _RESULT_KINDS = (subjects.EVENT, subjects.REPLY)
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -51,6 +51,7 @@ class Gateway:
         self.auth = auth
         self.client = client
         self._own_client = client is None
+        self._streams = 0
         self.app = Starlette(
             routes=[
                 Route("/v1/events/{type}", self._guard(self.publish_event), methods=["POST"]),
@@ -187,38 +188,44 @@ class Gateway:
 
     async def events(self, request: Request, body: bytes, principal: str) -> Response:
         conv = wire.conversation(request.path_params["id"])
+        if self._streams >= MAX_STREAMS:
+            raise wire.Refused(503, "busy", f"{MAX_STREAMS} conversations are being followed already")
+        return StreamingResponse(
+            self._sse(conv, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def _sse(self, conv: str, request: Request) -> AsyncIterator[bytes]:
+        """Each line as a server-sent event (``event: <type>``, ``id: <message id>``, ``data:``
+        the tap line as JSON); a comment every 15 s keeps proxies from closing the stream. The
+        subscription lives exactly as long as the response is being sent."""
         queue: asyncio.Queue[TapLine] = asyncio.Queue(maxsize=1024)
 
         def on_line(line: TapLine) -> None:
             if not queue.full():  # a reader that does not keep up loses lines, never the gateway
                 queue.put_nowait(line)
 
-        sub = await history.follow(self.mesh.transport, conv, on_line, full=True)
-        return StreamingResponse(
-            _sse(queue, sub, request),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        self._streams += 1
+        try:
+            sub = await history.follow(self.mesh.transport, conv, on_line, full=True)
+            try:
+                yield b": following\n\n"
+                while not await request.is_disconnected():
+                    try:
+                        line = await asyncio.wait_for(queue.get(), 15.0)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    data = json.dumps(line.to_dict(), default=str, separators=(",", ":"))
+                    yield f"event: {line.type or 'message'}\nid: {line.id}\ndata: {data}\n\n".encode()
+            finally:
+                await sub.unsubscribe()
+        finally:
+            self._streams -= 1
 
     async def schema(self, request: Request, body: bytes, principal: str) -> Response:
         return JSONResponse(openapi())
-
-
-async def _sse(queue: asyncio.Queue[TapLine], sub: Any, request: Request) -> AsyncIterator[bytes]:
-    """Each line as a server-sent event (``event: <type>``, ``id: <message id>``, ``data:``
-    the tap line as JSON); a comment every 15 s keeps proxies from closing the stream."""
-    try:
-        yield b": following\n\n"
-        while not await request.is_disconnected():
-            try:
-                line = await asyncio.wait_for(queue.get(), 15.0)
-            except TimeoutError:
-                yield b": keep-alive\n\n"
-                continue
-            data = json.dumps(line.to_dict(), default=str, separators=(",", ":"))
-            yield f"event: {line.type or 'message'}\nid: {line.id}\ndata: {data}\n\n".encode()
-    finally:
-        await sub.unsubscribe()
 
 
 def _type_param(request: Request) -> str:
