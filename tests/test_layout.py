@@ -77,7 +77,7 @@ LAYERS = [
     ("mesh.patterns",),
     ("mesh.memory",),
     ("mesh.agent",),
-    ("mesh.services",),
+    ("mesh.services", "mesh.gateway"),
     ("mesh.cli",),
     ("mesh", "mesh.testing", "mesh.__main__"),
 ]

@@ -82,7 +82,7 @@ def cli() -> None:
 
 
 def _register_groups() -> None:
-    from mesh.cli import audit, cancel, creds, declare, dlq, escalations, llm, record, server
+    from mesh.cli import audit, cancel, creds, declare, dlq, escalations, gateway, llm, record, server
 
     server.register(cli, _settings)
     creds.register(cli, lambda: _settings(role=None))
@@ -93,6 +93,7 @@ def _register_groups() -> None:
     escalations.register(cli, _settings, _run)
     llm.register(cli, _settings, _run)
     declare.register(agents, _settings, _run)
+    gateway.register(cli, _settings)
 
 
 def main() -> None:

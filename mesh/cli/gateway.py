@@ -1,0 +1,49 @@
+"""`mesh gateway`: the HTTP ingress (docs/gateway.md), on uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from mesh.transport.auth import Role
+from mesh.wire.settings import Settings
+
+
+def register(cli: click.Group, settings_of: Callable[[Role], Settings]) -> None:
+    @cli.command("gateway")
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    @click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+    @click.option(
+        "--tokens",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="File of name=token lines: bearer tokens (or MESH_GATEWAY_TOKENS).",
+    )
+    @click.option(
+        "--secrets",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="File of source=secret lines: webhook HMAC secrets (or MESH_GATEWAY_SECRETS).",
+    )
+    @click.option("--types", "types_", default="", help="Modules/.py files declaring your message types.")
+    def gateway(host: str, port: int, tokens: Path | None, secrets: Path | None, types_: str) -> None:
+        """Serve the mesh over HTTP: webhooks and programs publish events, send to agents,
+        ask them, and follow conversations. Every caller authenticates (a bearer token or an
+        HMAC-signed body); the gateway acts on the mesh as the publisher role."""
+        import uvicorn
+
+        from mesh.agent.loader import import_types
+        from mesh.gateway.app import Gateway
+        from mesh.gateway.auth import GatewayAuth
+        from mesh.observability.tracing import configure_tracing
+
+        settings = settings_of("publisher")
+        import_types(",".join(filter(None, [settings.types, types_])))
+        auth = GatewayAuth.load(tokens, secrets)
+        gw = Gateway(settings, auth)
+        click.echo(f"mesh gateway on http://{host}:{port} (docs/gateway.md)", err=True)
+        shutdown_tracing = configure_tracing(settings, "mesh-gateway")
+        try:
+            uvicorn.run(gw.app, host=host, port=port, log_level=settings.log_level, lifespan="on")
+        finally:
+            shutdown_tracing()

@@ -1,0 +1,96 @@
+"""What the gateway takes from HTTP, checked before it reaches the mesh: path values, the
+Idempotency-Key, timeouts and bodies. Each check raises `Refused` with its HTTP status."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Final
+
+import msgspec
+
+from mesh.wire import subjects
+from mesh.wire.errors import ConfigError, UnknownTypeError
+from mesh.wire.messages import Message, MessageType, is_type_name, registry
+
+MAX_KEY: Final = 128
+MAX_TIMEOUT: Final = 60.0
+_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class Refused(Exception):
+    """A request the gateway answers with `status` and a JSON error body."""
+
+    def __init__(self, status: int, error: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, "detail": detail, **extra}
+
+
+def agent(name: str) -> str:
+    try:
+        return subjects.agent_name(name)
+    except ConfigError as exc:
+        raise Refused(400, "invalid_agent", str(exc)) from None
+
+
+def conversation(value: str) -> str:
+    if not subjects.is_conversation_id(value):
+        raise Refused(400, "invalid_conversation", "a conversation id is 1-128 of A-Z a-z 0-9 - _")
+    return value
+
+
+def message_type(name: str) -> MessageType:
+    if len(name) > subjects.MAX_TYPE_NAME or not is_type_name(name):
+        raise Refused(400, "invalid_type", f"{name[:64]!r} is not a message type name")
+    try:
+        return registry.get(name)
+    except UnknownTypeError:
+        raise Refused(404, "unknown_type", f"no message type {name!r} is declared on this gateway") from None
+
+
+def timeout(value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_TIMEOUT:
+        said = f"a timeout is seconds, more than 0 and at most {MAX_TIMEOUT:g}"
+        raise Refused(400, "invalid_timeout", said)
+    return seconds
+
+
+def idempotent_ids(principal: str, key: str | None) -> tuple[str | None, str | None]:
+    """(message id, conversation id) for an Idempotency-Key, or (None, None) without one.
+
+    Both are derived from the key and the caller (two callers' equal keys are two messages),
+    so a repeat carries the same Nats-Msg-Id (the stream drops it) into the same conversation.
+    """
+    if key is None:
+        return None, None
+    if not _KEY.match(key):
+        said = f"an Idempotency-Key is 1-{MAX_KEY} of A-Z a-z 0-9 _ . : -"
+        raise Refused(400, "invalid_idempotency_key", said)
+    digest = hashlib.sha256(f"{principal}\n{key}".encode()).hexdigest()
+    return digest[:32], digest[32:]
+
+
+def decode(body: bytes, mtype: MessageType) -> Message:
+    """The body as a `mtype`; 422 with where and what is wrong."""
+    try:
+        return msgspec.json.decode(body, type=mtype.cls)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, _, path = text.rpartition(" - at `")
+        if not message:
+            message, path = text, "$`"
+        raise Refused(
+            422,
+            "invalid_body",
+            f"the body is not a valid {mtype}: {text}",
+            errors=[{"path": path.rstrip("`"), "message": message}],
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise Refused(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
