@@ -140,7 +140,8 @@ def test_qdrant_and_the_gateway() -> None:
     assert qdrant["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "storage"
     assert _objects("Service")["qdrant"]["spec"]["ports"][0]["port"] == 6333
     gateway = _objects("Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0]
-    assert gateway["args"] == ["gateway"]  # the image's entrypoint is `mesh`
+    assert gateway["args"][0] == "gateway"  # the image's entrypoint is `mesh`
+    assert gateway["args"][1:3] == ["--host", "0.0.0.0"]  # reachable from its Service
     assert _objects("Service")["gateway"]["spec"]["selector"] == {"app.kubernetes.io/name": "gateway"}
 
 

@@ -287,6 +287,13 @@ class Settings(BaseModel):
     )
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL for the memory service.")
     qdrant_api_key: str | None = Field(default=None, repr=False, description="Qdrant server API key.")
+    # `mesh gateway` (mesh.gateway.auth reads them): files of name=secret lines
+    gateway_tokens: Path | None = Field(
+        default=None, description="`mesh gateway`: a file of name=token lines, the bearer tokens it accepts."
+    )
+    gateway_secrets: Path | None = Field(
+        default=None, description="`mesh gateway`: a file of source=secret lines, the webhook HMAC secrets."
+    )
     qdrant_collection: str = Field(default="mesh_memory", pattern=r"^[A-Za-z0-9_-]+$")
     qdrant_shards: int = Field(default=1, ge=1, description="Qdrant server: shards of a new collection.")
     qdrant_replicas: int = Field(default=1, ge=1, description="Qdrant server: replicas of each shard.")
