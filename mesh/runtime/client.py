@@ -216,43 +216,19 @@ class MeshClient:
         `answered_by` (the agent at the end of a handoff chain); anything else is a
         `RequestError`.
         """
-        conv = _conversation(conversation or lineage.conversation)
-        if lineage.deadline_ms is None:
-            lineage = _with_deadline(lineage, timeout)
-        mtype = type_of(type(msg))
-        headers = self.headers(mtype.name, mtype.version, conv, lineage, content_type)
-        if self.signer is not None:  # the answer comes to this sender's own inbox
-            headers[REPLY_GRANT] = self.signer.grant(conv)
-        subject = Address.direct(conv, agent).subject
-        data = self.codec.encode(msg, content_type)
-        loop = asyncio.get_running_loop()
-        started, pause = loop.time(), NO_RESPONDERS_PAUSE
-        while True:
-            try:
-                answer = await self._send(Outgoing(subject, data, dict(headers), REQUEST, timeout))
-                break
-            except TimeoutError:
-                late = f"no answer from agent {agent!r} within {timeout:g}s ({subject})"
-                raise RequestError(late) from None
-            except Exception as exc:
-                if type(exc).__name__ != "NoRespondersError":
-                    raise
-                # a replica restarting, or one whose subscription the server has not yet
-                # matched: ask again for a moment before saying nobody is there
-                waited = loop.time() - started
-                if waited + pause > min(timeout, NO_RESPONDERS_WAIT):
-                    raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
-                await asyncio.sleep(pause)
-                pause *= 2
-        if self.directory is not None:
-            self._check_answerer(answer, agent, answered_by or (agent,))
+        try:
+            answer = await self.ask(
+                agent,
+                msg,
+                timeout=timeout,
+                lineage=lineage,
+                conversation=conversation,
+                content_type=content_type,
+                answered_by=answered_by,
+            )
+        except TimeoutError:
+            raise RequestError(f"no answer from agent {agent!r} within {timeout:g}s") from None
         got = (answer.headers or {}).get(h.TYPE, "")
-        if got == "mesh.delivery_failed":
-            try:
-                failed = self.codec.decode(answer.data, DeliveryFailed, JSON)
-            except DecodeError:
-                raise RequestError(f"agent {agent!r} could not handle the request") from None
-            raise RequestFailed(agent, failed.kind, failed.reason)
         want = type_of(reply_type).name
         refusal = next((e for e in errors if got and type_of(e).name == got), None)
         if refusal is not None:
@@ -270,6 +246,56 @@ class MeshClient:
             )
         except DecodeError as exc:
             raise RequestError(f"agent {agent!r} answered with an invalid {want}: {exc.reason}") from None
+
+    async def ask(
+        self,
+        agent: str,
+        msg: Message,
+        *,
+        timeout: float = 5.0,
+        lineage: Lineage = ROOT,
+        conversation: str | None = None,
+        content_type: str = JSON,
+        answered_by: Sequence[str] = (),
+    ) -> Any:
+        """`request` for a caller that does not know the answer's type (the gateway): the raw
+        answer, checked as `request` checks it (signed by the agent asked, or one of
+        `answered_by`, on a mesh with identities; a delivery failure raised as `RequestFailed`).
+        TimeoutError if no answer comes within `timeout`."""
+        conv = _conversation(conversation or lineage.conversation)
+        if lineage.deadline_ms is None:
+            lineage = _with_deadline(lineage, timeout)
+        mtype = type_of(type(msg))
+        headers = self.headers(mtype.name, mtype.version, conv, lineage, content_type)
+        if self.signer is not None:  # the answer comes to this sender's own inbox
+            headers[REPLY_GRANT] = self.signer.grant(conv)
+        subject = Address.direct(conv, agent).subject
+        data = self.codec.encode(msg, content_type)
+        loop = asyncio.get_running_loop()
+        started, pause = loop.time(), NO_RESPONDERS_PAUSE
+        while True:
+            try:
+                answer = await self._send(Outgoing(subject, data, dict(headers), REQUEST, timeout))
+                break
+            except Exception as exc:  # TimeoutError included: the caller says what it means
+                if type(exc).__name__ != "NoRespondersError":
+                    raise
+                # a replica restarting, or one whose subscription the server has not yet
+                # matched: ask again for a moment before saying nobody is there
+                waited = loop.time() - started
+                if waited + pause > min(timeout, NO_RESPONDERS_WAIT):
+                    raise RequestError(f"no replica of agent {agent!r} is running ({subject})") from None
+                await asyncio.sleep(pause)
+                pause *= 2
+        if self.directory is not None:
+            self._check_answerer(answer, agent, answered_by or (agent,))
+        if (answer.headers or {}).get(h.TYPE, "") == "mesh.delivery_failed":
+            try:
+                failed = self.codec.decode(answer.data, DeliveryFailed, JSON)
+            except DecodeError:
+                raise RequestError(f"agent {agent!r} could not handle the request") from None
+            raise RequestFailed(agent, failed.kind, failed.reason)
+        return answer
 
     def _check_answerer(self, answer: Any, agent: str, allowed: Sequence[str]) -> None:
         assert self.directory is not None
