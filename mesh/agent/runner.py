@@ -42,7 +42,6 @@ from mesh.runtime.ladder import (
     GiveUp,
     Guard,
     Quota,
-    Recorded,
     Run,
     Seen,
     Settle,
@@ -54,6 +53,7 @@ from mesh.runtime.ladder import (
     cancelled_by_stop,
 )
 from mesh.runtime.metered import Measure, metered
+from mesh.runtime.outcome import Recorded
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
 from mesh.runtime.verify import UNPROVEN, SeenIds, verifier_of

@@ -8,7 +8,9 @@ below it. The runtime builds two ladders, top rung first:
 
 (`Quota` only when MESH_SENDER_RATE is not 0; `Verify` and `Seen` only when identities are
 on: the quota then counts the proven sender, so no one can spend another's. `Recorded`
-only when MESH_RECORD is on: below `Verify`, so the record holds only proven messages.)
+(mesh.runtime.outcome) only when MESH_RECORD is on: below `Verify`, so the record holds only
+proven messages. The metrics add `Measure` on top and `Outcome` below `Settle`,
+mesh.runtime.metered; both read a delivery's outcome with `outcome.settled_as`.)
 
 `Run` calls the handler (or a join or an approval). The rungs between turn what happened
 into one of a few signals, and `Settle` turns each signal into what the stream is told:
@@ -34,7 +36,6 @@ from mesh.wire.errors import DeliveryError
 if TYPE_CHECKING:
     from mesh.agent.context import Context
     from mesh.agent.declaration import Handler
-    from mesh.observability.record import Recorder
     from mesh.runtime.discovery import Stats
     from mesh.runtime.quota import Quotas
     from mesh.runtime.retries import Failures
@@ -256,50 +257,6 @@ class SettleDirect:
             )
             await self.fail(d, "handler_error", f"{w.handler_name} raised {stats.last_error}")
         return None
-
-
-class Recorded:
-    """Write each handling into the conversation record (mesh.observability.record): what
-    became of the delivery (handled, retry, dead_letter or duplicate), the handling time,
-    the model usage of the run, and what the handler sent meanwhile, in one entry, before
-    the rung above settles it. A delivery still waiting (a timer not due) and one cut short
-    by a stop get no outcome: they come again (what they sent is recorded on its own)."""
-
-    def __init__(self, below: Take, recorder: Recorder, max_deliver: int) -> None:
-        self.below = below
-        self.recorder = recorder
-        self.max_deliver = max_deliver
-
-    async def __call__(self, w: Work) -> Later | None:
-        started = time.perf_counter_ns()
-        token = self.recorder.handling()
-        outcome, reason = "handled", ""
-        try:
-            result = await self.below(w)
-        except Duplicate:
-            outcome = "duplicate"
-            raise
-        except DeliveryError as exc:  # bad input, a refusal, the last delivery (Exhausted)
-            outcome, reason = "dead_letter", f"{exc.kind}: {exc.reason}"
-            raise
-        except HandlerFailed as exc:
-            last = w.delivery.attempt >= self.max_deliver
-            outcome, reason = ("dead_letter" if last else "retry"), exc.error
-            raise
-        except asyncio.CancelledError:
-            outcome = ""
-            raise
-        except Exception as exc:  # a direct delivery's handler: dead-lettered at once
-            outcome, reason = "dead_letter", f"{w.handler_name} raised {type(exc).__name__}: {exc}"
-            raise
-        else:
-            if isinstance(result, Later):
-                outcome = ""
-            return result
-        finally:
-            millis = (time.perf_counter_ns() - started) / 1e6
-            usage = getattr(w.ctx, "usage", None)
-            await self.recorder.handled(token, w.delivery, outcome, reason=reason, millis=millis, usage=usage)
 
 
 class Guard:

@@ -13,13 +13,13 @@ in-flight count.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
 
-from mesh.runtime.ladder import Duplicate, Exhausted, HandlerFailed, Take, Work
+from mesh.runtime.ladder import Duplicate, HandlerFailed, Take, Work
+from mesh.runtime.outcome import settled_as
 from mesh.transport.delivery import Later
 from mesh.wire.errors import DeliveryError
 
@@ -101,30 +101,25 @@ class Outcome:
         self.max_deliver = max_deliver
 
     async def __call__(self, w: Work) -> Later | None:
+        failure: BaseException | None = None
+        result: Later | None = None
         try:
             result = await self.below(w)
-        except Duplicate:
-            w.outcome = "duplicate"
+            return result
+        except BaseException as exc:
+            failure = exc
             raise
-        except Exhausted as exc:
-            w.outcome, w.reason = "dead_lettered", exc.kind
-            raise
-        except DeliveryError as exc:
-            w.outcome, w.reason = "dead_lettered", exc.kind
-            raise
-        except HandlerFailed:
-            self.meters.failure(w)
-            last = w.delivery.attempt >= self.max_deliver
-            w.outcome, w.reason = ("dead_lettered", "handler_error") if last else ("retried", "")
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a direct delivery's handler: dead-lettered at once
-            self.meters.failure(w)
-            w.outcome, w.reason = "dead_lettered", "handler_error"
-            raise
-        w.outcome = "deferred" if isinstance(result, Later) else "handled"
-        return result
+        finally:
+            outcome, kind, _ = settled_as(w, failure, result, self.max_deliver)
+            if isinstance(failure, HandlerFailed) or (
+                isinstance(failure, Exception) and not isinstance(failure, (Duplicate, DeliveryError))
+            ):
+                self.meters.failure(w)
+            if outcome:  # a stop's cancellation is counted as such by `Measure`
+                w.outcome, w.reason = _METRIC.get(outcome, outcome), kind
+
+
+_METRIC = {"retry": "retried", "dead_letter": "dead_lettered"}  # the metrics' words for them
 
 
 class Measure:
