@@ -310,3 +310,23 @@ async def test_the_ladder_counts_each_outcome_once_settled() -> None:
     }.items():
         assert value(got, "mesh_handler_duration_seconds_count", **ping, outcome=outcome) == n
     assert value(got, "mesh_messages_in_flight", mesh_agent="a") == 0
+
+
+def test_the_metric_rungs_are_left_out_where_nothing_keeps_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import metrics
+
+    from mesh.runtime.metered import Measure, Outcome, measured, metered
+
+    async def below(w: Any) -> None:
+        return None
+
+    # this process (the tests') installs no meter provider: every instrument is a no-op
+    stored, direct, meters = metered(below, below, "a", 3)
+    assert (stored, direct, meters) == (below, below, None)
+    assert measured(below, meters) is below
+    # with the SDK's provider (what configure_metrics installs) both rungs are there
+    _, provider = _registry()
+    monkeypatch.setattr(metrics, "get_meter_provider", lambda: provider)
+    stored, direct, meters = metered(below, below, "a", 3)
+    assert isinstance(stored, Outcome) and isinstance(direct, Outcome) and meters is not None
+    assert isinstance(measured(below, meters), Measure)

@@ -52,7 +52,7 @@ from mesh.runtime.ladder import (
     Work,
     cancelled_by_stop,
 )
-from mesh.runtime.metered import Measure, metered
+from mesh.runtime.metered import measured, metered
 from mesh.runtime.outcome import Recorded
 from mesh.runtime.quota import Quotas
 from mesh.runtime.retries import Failures
@@ -192,7 +192,7 @@ class AgentRuntime:
             escalate=escalate,
         )
         direct = SettleDirect(direct, stats, self._fail_direct, self.log)
-        return Measure(Count(stored, stats), meters), Measure(Count(direct, stats), meters)
+        return measured(Count(stored, stats), meters), measured(Count(direct, stats), meters)
 
     def endpoints(self) -> list[Endpoint]:
         name = self.agent.name

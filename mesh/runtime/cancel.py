@@ -125,9 +125,10 @@ class Cancellations:
             task = asyncio.current_task()
             assert task is not None
             self._running.setdefault(conversation, set()).add(task)
-            deadline = None if env.deadline_ms is None else env.deadline_ms / 1000 - time.time()
-            limit = asyncio.timeout(deadline)
+            limit = None if env.deadline_ms is None else asyncio.timeout(env.deadline_ms / 1000 - time.time())
             try:
+                if limit is None:  # no deadline: no timer to schedule and cancel per delivery
+                    return await below(w)
                 async with limit:
                     return await below(w)
             except asyncio.CancelledError:
@@ -137,7 +138,7 @@ class Cancellations:
                 task.uncancel()
                 raise DeliveryError("cancelled", why) from None
             except TimeoutError:
-                if not limit.expired():
+                if limit is None or not limit.expired():
                     raise  # a timeout inside the handler: its own failure
                 raise DeliveryError(
                     "deadline_exceeded", f"the deadline {env.deadline_ms} ms passed while it was handled"

@@ -141,8 +141,27 @@ class Measure:
             meters.settled(w, time.perf_counter() - started)
 
 
-def metered(stored: Take, direct: Take, agent: str, max_deliver: int) -> tuple[Take, Take, MessageMeters]:
+def metered(
+    stored: Take, direct: Take, agent: str, max_deliver: int
+) -> tuple[Take, Take, MessageMeters | None]:
     """`Outcome` under both ladders (to go right below their `Settle`), and the meters for
-    the `Measure` on top."""
+    the `Measure` on top; the ladders unchanged and no meters when this process exports no
+    metrics (`enabled`), so an agent without them pays nothing per delivery."""
+    if not enabled():
+        return stored, direct, None
     meters = MessageMeters(agent)
     return Outcome(stored, meters, max_deliver), Outcome(direct, meters), meters
+
+
+def measured(top: Take, meters: MessageMeters | None) -> Take:
+    """`Measure` on top of a ladder, when there are meters."""
+    return top if meters is None else Measure(top, meters)
+
+
+def enabled() -> bool:
+    """Whether this process has a meter provider that keeps what is counted: the SDK's, as
+    `mesh.observability.metrics.configure_metrics` (or a test) installs it. Without one
+    every instrument is a no-op, and the rungs that feed them are left out."""
+    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+
+    return isinstance(metrics.get_meter_provider(), SdkMeterProvider)
