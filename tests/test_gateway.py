@@ -19,6 +19,7 @@ from conftest import TESTS
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sample_agents.echo import Ping, Pong
 from sample_agents.echo import agent as echo
+from test_metrics import free_port, samples, scrape_until, value
 
 from mesh import Agent, Context
 from mesh.gateway.app import Gateway
@@ -239,6 +240,8 @@ async def test_mesh_gateway_serves_over_uvicorn_and_streams_a_conversation_as_ss
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({"MESH_NATS_URL": settings.nats_url or "", "MESH_DATA_DIR": str(settings.data_dir)})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
+    metrics_port = free_port()
+    env.update({"MESH_METRICS_PORT": str(metrics_port), "MESH_METRICS_HOST": "127.0.0.1"})
     argv = [sys.executable, "-m", "mesh", "gateway", "--port", str(port), "--tokens", str(tokens)]
     with (tmp_path / "gateway.log").open("wb") as log:
         argv += ["--types", "sample_agents.echo"]
@@ -277,3 +280,46 @@ async def test_mesh_gateway_serves_over_uvicorn_and_streams_a_conversation_as_ss
                         break
     assert [e for e, _ in seen] == ["test.ping", "test.pong"]
     assert seen[1][1]["body"]["text"] == "streamed"
+    # the gateway's own scrape endpoint counts its requests by route template and status
+    duration = "http_server_request_duration_seconds_count"
+    got = await scrape_until(
+        metrics_port, lambda g: value(g, duration, http_route="/v1/conversations/{id}/events") >= 1
+    )
+    assert value(got, duration, http_route="/v1/agents/{agent}", http_response_status_code="202") == 1
+    assert value(got, duration, http_route="/openapi.json", http_response_status_code="200") >= 1
+    assert value(got, "http_server_active_requests") == 0
+
+
+async def test_requests_are_counted_by_route_template_never_by_what_the_caller_wrote(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mesh.gateway.meters import RequestMeters
+    from mesh.observability.metrics import prometheus_reader
+
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[prometheus_reader(registry)])
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ci={TOKEN}\n")
+    gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}))
+    await gw.start()
+    try:
+        metered = httpx.ASGITransport(app=RequestMeters(gw.app, provider))
+        async with httpx.AsyncClient(transport=metered, base_url="http://gw", timeout=30) as c:
+            assert (await c.get("/v1/conversations/" + "a" * 22)).status_code == 401  # no token
+            assert (await c.get("/v1/conversations/" + "b" * 22, headers=BEARER)).status_code == 404
+            assert (await c.get("/<script>/" + "x" * 500, headers=BEARER)).status_code == 404
+            assert (await c.request("BREW", "/openapi.json", headers=BEARER)).status_code == 405
+    finally:
+        await gw.close()
+    got = samples(generate_latest(registry).decode())
+    count = "http_server_request_duration_seconds_count"
+    route = "/v1/conversations/{id}"
+    assert value(got, count, http_route=route, http_response_status_code="401") == 1
+    assert value(got, count, http_route=route, http_response_status_code="404") == 1
+    assert value(got, count, http_route="unmatched", http_response_status_code="404") == 1
+    assert value(got, count, http_request_method="_OTHER") == 1
+    labels = {v for (_, ls) in got for _, v in ls}
+    assert not any("script" in v or "BREW" in v or "xxx" in v for v in labels)

@@ -145,6 +145,17 @@ def test_qdrant_and_the_gateway() -> None:
     assert _objects("Service")["gateway"]["spec"]["selector"] == {"app.kubernetes.io/name": "gateway"}
 
 
+def test_every_agent_and_gateway_pod_serves_its_metrics_where_prometheus_looks() -> None:
+    port = _objects("ConfigMap")["mesh-config"]["data"]["MESH_METRICS_PORT"]
+    assert Settings.load(environ={"MESH_METRICS_PORT": port}).metrics_port == int(port)
+    for name in [*_agent_names(), "gateway"]:
+        template = _objects("Deployment")[name]["spec"]["template"]
+        notes = template["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == port
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == int(port)
+
+
 # -- the agents ---------------------------------------------------------------------------
 
 

@@ -35,11 +35,14 @@ def register(cli: click.Group, settings_of: Callable[[Role], Settings]) -> None:
         from mesh.agent.loader import import_types
         from mesh.gateway.app import Gateway
         from mesh.gateway.auth import GatewayAuth
+        from mesh.observability.metrics import configure_metrics
         from mesh.observability.tracing import configure_tracing
 
         settings = settings_of("publisher")
         import_types(",".join(filter(None, [settings.types, types_])))
         auth = GatewayAuth.load(tokens, secrets)
+        # its requests, and the mesh client's, on MESH_METRICS_PORT (scraped) or by OTLP
+        shutdown_metrics = configure_metrics(settings, "mesh-gateway", scrape=True)
         gw = Gateway(settings, auth)
         click.echo(f"mesh gateway on http://{host}:{port} (docs/gateway.md)", err=True)
         shutdown_tracing = configure_tracing(settings, "mesh-gateway")
@@ -47,3 +50,4 @@ def register(cli: click.Group, settings_of: Callable[[Role], Settings]) -> None:
             uvicorn.run(gw.app, host=host, port=port, log_level=settings.log_level, lifespan="on")
         finally:
             shutdown_tracing()
+            shutdown_metrics()

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -27,6 +28,7 @@ from starlette.routing import Route
 from mesh.gateway import wire
 from mesh.gateway.asking import ask
 from mesh.gateway.auth import SIGNATURE_HEADER, GatewayAuth
+from mesh.gateway.meters import RequestMeters
 from mesh.gateway.openapi import openapi
 from mesh.observability import history
 from mesh.observability.tap import TapLine
@@ -61,6 +63,7 @@ class Gateway:
                 Route("/v1/conversations/{id}/events", self._guard(self.events), methods=["GET"]),
                 Route("/openapi.json", self._guard(self.schema), methods=["GET"]),
             ],
+            middleware=[Middleware(RequestMeters)],  # http.server.* metrics (mesh.gateway.meters)
             lifespan=self._lifespan,
         )
 
