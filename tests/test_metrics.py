@@ -22,12 +22,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sample_agents.echo import Ping, Pong
 
+from mesh import Agent
 from mesh.gateway.meters import RequestMeters
 from mesh.llm import toolmeters
 from mesh.llm.metering import Metering, Scope, _scope
 from mesh.llm.tools import Tool, ToolError
 from mesh.llm.types import Usage
 from mesh.observability.metrics import metrics_exporter_kind, prometheus_reader
+from mesh.runtime.backlog import Backlog
 from mesh.runtime.client import MeshClient
 from mesh.runtime.discovery import wait_for_agents
 from mesh.runtime.metered import MessageMeters
@@ -111,7 +113,11 @@ async def test_the_scrape_endpoint_shows_the_counters_moving(
     procs.append(spawn_agent(f"{agent_file}:agent", settings, log=tmp_path / "gauged.log", env=env))
     await wait_for_agents(client.transport, {"gauged": 1})
     ping = {"mesh_agent": "gauged", "mesh_message_type": "test.ping"}
-    before = await scrape(port)
+    before = await scrape_until(port, lambda s: value(s, "mesh_consumer_pending", mesh_agent="gauged") == 0)
+    # its consumers' backlog, read from the server at start (then every 15 s): nothing waits
+    inbox = {"mesh_agent": "gauged", "mesh_stream": "MESH_INBOX", "mesh_consumer": "gauged"}
+    assert any(n == "mesh_consumer_pending" and set(inbox.items()) <= ls for n, ls in before)
+    assert value(before, "mesh_consumer_ack_pending", **inbox) == 0
     handled0 = value(before, "mesh_messages_handled_total", **ping)
     latency0 = value(before, "mesh_handler_duration_seconds_count", **ping, outcome="handled")
 
@@ -225,6 +231,8 @@ def _exported_names() -> set[str]:
     meters = [MessageMeters("a", provider), toolmeters.ToolMeters(provider), Metering(provider)]
     meters.append(MemoryMeters(provider))
     meters.append(RequestMeters(lambda *_: None, provider))  # type: ignore[arg-type]  # the gateway's
+    backlog = Backlog(None, "a", [], provider)  # type: ignore[arg-type]  # observed, not read
+    backlog.readings[("MESH_INBOX", "a")] = (1, 1)
     for m in meters:
         for instrument in vars(m).values():
             if isinstance(instrument, (Counter, UpDownCounter)):
@@ -253,6 +261,7 @@ def test_the_dashboard_queries_only_exported_metrics() -> None:
         "gen_ai_client_token_usage_sum",
         "mesh_llm_cost_USD_total",
         "http_server_request_duration_seconds_count",
+        "mesh_consumer_pending",
     }
     assert wanted <= queried, f"the dashboard does not show {sorted(wanted - queried)}"
 
@@ -333,3 +342,37 @@ def test_the_metric_rungs_are_left_out_where_nothing_keeps_metrics(monkeypatch: 
     stored, direct, meters = metered(below, below, "a", 3)
     assert isinstance(stored, Outcome) and isinstance(direct, Outcome) and meters is not None
     assert isinstance(measured(below, meters), Measure)
+
+
+async def test_the_backlog_gauges_read_the_consumers_pending_counts_from_the_server(
+    settings: Settings, operator: MeshClient
+) -> None:
+    from mesh.transport import streams
+
+    agent = Agent("backlogged", description="never started: its inbox only fills")
+
+    @agent.handler
+    async def on_ping(ping: Ping) -> None:
+        return None
+
+    specs = streams.agent_consumer_specs(agent, settings)
+    for spec in specs:  # as `mesh agents add` makes them before any replica runs
+        await operator.transport.ensure_consumer(spec)
+    for i in range(3):
+        await operator.send("backlogged", Ping(text="waiting", n=i), conversation="backlog")
+    registry, provider = _registry()
+    backlog = Backlog(operator.transport, "backlogged", specs, provider)
+    assert not _scraped(registry)  # nothing is reported before the first reading
+    await backlog.read()
+    got = _scraped(registry)
+    inbox = {"mesh_agent": "backlogged", "mesh_stream": "MESH_INBOX", "mesh_consumer": "backlogged"}
+    assert value(got, "mesh_consumer_pending", **inbox) == 3
+    assert value(got, "mesh_consumer_ack_pending", **inbox) == 0
+    # the number KEDA's trigger reads is the same consumer info
+    info = await operator.transport.consumer_info("MESH_INBOX", "backlogged")
+    assert info.num_pending + info.num_ack_pending == 3
+    # a consumer the server does not have keeps no reading, and reading it does not fail
+    missing = streams.consumer_specs("never-declared", [], settings)
+    gone = Backlog(operator.transport, "never-declared", missing, provider)
+    await gone.read()
+    assert gone.readings == {}

@@ -11,7 +11,9 @@ from mesh.agent.declaration import Agent
 from mesh.agent.identity import provision
 from mesh.agent.runner import AgentRuntime
 from mesh.llm import LLM
+from mesh.runtime import backlog as backlogs
 from mesh.runtime.discovery import PREFIX
+from mesh.transport import streams
 from mesh.transport.base import Transport
 from mesh.transport.nats import NatsTransport
 from mesh.wire.errors import ServerError
@@ -52,6 +54,7 @@ async def serve(
         except (NotImplementedError, RuntimeError):
             pass
     watchdog: asyncio.Task[None] | None = None
+    backlog: asyncio.Task[None] | None = None  # the consumers' backlog, as metrics
     try:
         await runtime.start()
         # what start-up made (modules, the agent, its schemas and clients) lives as long as
@@ -61,6 +64,7 @@ async def serve(
             ready.set()
         probe = f"{PREFIX}.PING.{agent.name}.{runtime.instance}"  # answered by this process
         watchdog = asyncio.create_task(_watch_connection(transport, stop, probe))
+        backlog = backlogs.watch(transport, agent.name, streams.agent_consumer_specs(agent, settings))
         await stop.wait()
         await runtime.stop()
         if watchdog.done() and watchdog.exception() is not None:
@@ -71,8 +75,9 @@ async def serve(
                 "(see the log line before this one); exiting so a supervisor restarts this replica"
             )
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
+        for task in (watchdog, backlog):
+            if task is not None:
+                task.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
         await transport.close()
