@@ -1,0 +1,239 @@
+"""A2A at the edge: mesh agents as A2A agents on the gateway (mesh.gateway.a2a), talked to by
+the A2A SDK's own client over a real loopback HTTP server, on the session's real nats-server
+with auth on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from a2a.client import A2ACardResolver, AgentCardResolutionError, Client, ClientConfig, ClientFactory
+from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    Part,
+    Role,
+    SendMessageConfiguration,
+    SendMessageRequest,
+    StreamResponse,
+    Task,
+    TaskState,
+)
+from a2a.types import Message as A2AMessage
+from a2a.utils.errors import A2AError
+from mesh_user_streaming import agent as streamer
+from sample_agents.echo import agent as echo
+
+from mesh import Agent, Context, Message, message
+from mesh.gateway.app import Gateway
+from mesh.gateway.auth import GatewayAuth
+from mesh.testing import running_agent
+from mesh.transport.identities import with_role
+from mesh.wire.settings import Settings
+
+TOKEN = "a2a-t0ken-for-the-ci-robot-0123456789"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@message("test.a2a_slow")
+class SlowJob(Message, frozen=True):
+    text: str
+
+
+slow = Agent("a2a-slow", description="Works until it is cancelled")
+STARTED = asyncio.Event()
+STOPPED = asyncio.Event()
+
+
+@slow.handler
+async def on_slow(job: SlowJob, ctx: Context) -> None:
+    STARTED.set()
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        STOPPED.set()  # the mesh's cancellation reached the handler
+        raise
+
+
+@pytest.fixture
+async def gateway(settings: Settings, tmp_path: Path) -> AsyncIterator[str]:
+    """The gateway's app served by uvicorn on a loopback port; its base URL."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ci={TOKEN}\n")
+    gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}))
+    await gw.start()
+    server = uvicorn.Server(
+        uvicorn.Config(gw.app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(200):  # listening within 10 s
+            if server.started:
+                break
+            assert not serving.done(), "uvicorn stopped while starting"
+            await asyncio.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        await gw.close()
+
+
+@asynccontextmanager
+async def sdk_client(base: str, agent: str, *, streaming: bool) -> AsyncIterator[Client]:
+    """The A2A SDK's client of one agent, from its card (read with the token)."""
+    async with httpx.AsyncClient(headers=BEARER, timeout=30) as http:
+        factory = ClientFactory(ClientConfig(httpx_client=http, streaming=streaming))
+        client = await factory.create_from_url(f"{base}/a2a/{agent}")
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+def user(*parts: Part, **metadata: Any) -> SendMessageRequest:
+    msg = A2AMessage(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=list(parts), metadata=metadata)
+    return SendMessageRequest(message=msg)
+
+
+async def only_task(client: Client, request: SendMessageRequest) -> Task:
+    got = [r async for r in client.send_message(request)]
+    assert len(got) == 1 and got[0].HasField("task"), got
+    return got[0].task
+
+
+async def test_the_sdk_client_reads_a_card_and_a_message_becomes_a_completed_task(
+    settings: Settings, gateway: str
+) -> None:
+    async with running_agent(echo, settings):
+        async with httpx.AsyncClient(headers=BEARER) as http:
+            card = await A2ACardResolver(http, f"{gateway}/a2a/echo").get_agent_card()
+        assert card.name == "echo" and card.description == "Answers every ping with a pong"
+        assert [s.id for s in card.skills] == ["test.ping@1"]
+        assert card.supported_interfaces[0].url == f"{gateway}/a2a/echo"
+        assert card.supported_interfaces[0].protocol_version == "1.0"
+        assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "bearer"
+        assert card.capabilities.streaming
+
+        async with sdk_client(gateway, "echo", streaming=False) as client:
+            task = await only_task(client, user(new_text_part("hello over a2a")))
+            assert task.status.state == TaskState.TASK_STATE_COMPLETED, task
+            [result] = [a for a in task.artifacts if a.name == "result"]
+            [pong] = get_data_parts(list(result.parts))
+            assert pong["text"] == "hello over a2a"
+            assert result.metadata["mesh.type"] == "test.pong"
+
+            typed = await only_task(client, user(new_data_part({"text": "typed", "n": 3})))
+            [pong] = get_data_parts(list(next(a for a in typed.artifacts if a.name == "result").parts))
+            assert pong["text"] == "typed" and pong["n"] == 3
+
+            again = await client.get_task(GetTaskRequest(id=task.id))
+            assert again.status.state == TaskState.TASK_STATE_COMPLETED
+            assert [a.name for a in again.artifacts] == ["result"]
+
+    # the task is the conversation: the mesh's record has it, under the task id
+    async with httpx.AsyncClient(base_url=gateway, headers=BEARER) as web:
+        status = (await web.get(f"/v1/conversations/{task.id}")).json()
+    assert status["status"] == "done" and status["result"]["body"]["text"] == "hello over a2a"
+
+
+async def test_a_streamed_answer_arrives_as_artifact_updates_then_the_task_completes(
+    settings: Settings, gateway: str
+) -> None:
+    updates: list[StreamResponse] = []
+    request = user(new_text_part("- The mesh streams its answers.\n- Word by word"))
+    async with running_agent(streamer, settings), sdk_client(gateway, "streamer", streaming=True) as client:
+        async for update in client.send_message(request):
+            updates.append(update)
+    kinds = [u.WhichOneof("payload") for u in updates]
+    assert kinds[-1] == "status_update"
+    assert updates[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    streamed = [u.artifact_update for u in updates if u.HasField("artifact_update")]
+    chunks = [a for a in streamed if a.artifact.name == "stream"]
+    assert len(chunks) > 1 and not chunks[0].append and all(c.append for c in chunks[1:])
+    text = "".join(t for c in chunks for t in get_text_parts(list(c.artifact.parts)))
+    [final] = [a for a in streamed if a.artifact.name == "result"]
+    [answer] = get_data_parts(list(final.artifact.parts))
+    assert text == answer["text"] == "The mesh streams its answers. Word by word."
+    assert kinds.index("artifact_update") < len(kinds) - 1  # tokens came before the end
+
+
+async def test_cancelling_a_task_cancels_the_mesh_handler(settings: Settings, gateway: str) -> None:
+    STARTED.clear()
+    STOPPED.clear()
+    async with running_agent(slow, settings), sdk_client(gateway, "a2a-slow", streaming=False) as client:
+        request = user(new_text_part("take your time"))
+        request.configuration.CopyFrom(SendMessageConfiguration(return_immediately=True))
+        task = await only_task(client, request)
+        assert task.status.state in (TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING)
+        await asyncio.wait_for(STARTED.wait(), 10)
+        cancelled = await client.cancel_task(CancelTaskRequest(id=task.id))
+        assert cancelled.status.state == TaskState.TASK_STATE_CANCELED
+        await asyncio.wait_for(STOPPED.wait(), 10)
+        seen = await client.get_task(GetTaskRequest(id=task.id))
+        assert seen.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def test_bad_messages_are_invalid_params_with_what_is_wrong(settings: Settings, gateway: str) -> None:
+    async with running_agent(echo, settings), sdk_client(gateway, "echo", streaming=False) as client:
+        with pytest.raises(A2AError) as bad:
+            await only_task(client, user(new_data_part({"text": 5})))
+        assert bad.value.data == {"errors": [{"field": "$.text", "message": "Expected `str`, got `int`"}]}
+        with pytest.raises(A2AError, match="at most 16 parts"):
+            await only_task(client, user(*[new_text_part("x")] * 17))
+        with pytest.raises(A2AError, match="takes none of type"):
+            await only_task(client, user(new_text_part("x"), **{"mesh.type": "test.a2a_slow"}))
+        with pytest.raises(A2AError, match="one message per task"):
+            follow_up = user(new_text_part("x"))
+            follow_up.message.task_id = "some-task"
+            await only_task(client, follow_up)
+
+
+async def test_no_token_no_card_no_call_and_hostile_values_are_refused(
+    settings: Settings, gateway: str
+) -> None:
+    async with running_agent(echo, settings), httpx.AsyncClient(base_url=gateway, timeout=10) as web:
+        with pytest.raises(AgentCardResolutionError) as refused:
+            await A2ACardResolver(web, f"{gateway}/a2a/echo").get_agent_card()
+        assert refused.value.status_code == 401
+        call = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "x"}}
+        r = await web.post("/a2a/echo", json=call)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        wrong = {"Authorization": "Bearer " + TOKEN[:-1] + "X"}
+        assert (await web.post("/a2a/echo", json=call, headers=wrong)).status_code == 401
+        r = await web.post("/a2a/Bad.Name", json=call, headers=BEARER)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_agent"
+        r = await web.get("/a2a/no-such-agent/.well-known/agent-card.json", headers=BEARER)
+        assert r.status_code == 404 and r.json()["error"] == "unknown_agent"
+        big = {**call, "params": {"id": "x" * settings.max_message_bytes}}
+        r = await web.post("/a2a/echo", json=big, headers=BEARER)
+        assert r.status_code == 413
+        # someone else's task, or one of another agent, is not found
+        unknown = await web.post("/a2a/echo", json=call, headers={**BEARER, "A2A-Version": "1.0"})
+        assert unknown.status_code == 200 and unknown.json()["error"]["code"] == -32001
+
+
+async def test_the_0_3_method_names_are_taken_too(settings: Settings, gateway: str) -> None:
+    old = {
+        "jsonrpc": "2.0",
+        "id": "1",
+        "method": "message/send",
+        "params": {
+            "message": {"role": "user", "messageId": "m-1", "parts": [{"kind": "text", "text": "old"}]}
+        },
+    }
+    async with running_agent(echo, settings), httpx.AsyncClient(base_url=gateway, timeout=30) as web:
+        r = await web.post("/a2a/echo", json=old, headers=BEARER)
+    assert r.status_code == 200, r.text
+    task = r.json()["result"]
+    assert task["kind"] == "task" and task["status"]["state"] == "completed"
+    assert task["artifacts"][0]["parts"][0]["data"]["text"] == "old"
