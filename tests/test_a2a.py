@@ -1,6 +1,6 @@
 """A2A at the edge: mesh agents as A2A agents on the gateway (mesh.gateway.a2a), talked to by
-the A2A SDK's own client over a real loopback HTTP server, on the session's real nats-server
-with auth on."""
+the A2A SDK's own client over a real loopback HTTP server, and a remote A2A agent as a mesh
+agent's tool (mesh.llm.a2a), on the session's real nats-server with auth on."""
 
 from __future__ import annotations
 
@@ -35,8 +35,12 @@ from sample_agents.echo import agent as echo
 from mesh import Agent, Context, Message, message
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
-from mesh.testing import running_agent
+from mesh.llm import a2a_tool
+from mesh.llm.tools import ToolFailed
+from mesh.runtime.client import MeshClient
+from mesh.testing import Recorder, running_agent
 from mesh.transport.identities import with_role
+from mesh.wire.codec import default_codec
 from mesh.wire.settings import Settings
 
 TOKEN = "a2a-t0ken-for-the-ci-robot-0123456789"
@@ -46,6 +50,18 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 @message("test.a2a_slow")
 class SlowJob(Message, frozen=True):
     text: str
+
+
+@message("test.a2a_ask")
+class AskRemote(Message, frozen=True):
+    text: str
+
+
+@message("test.a2a_answered")
+class AnsweredRemote(Message, frozen=True):
+    text: str
+    calls: list[str]
+    errors: list[str]
 
 
 slow = Agent("a2a-slow", description="Works until it is cancelled")
@@ -61,6 +77,19 @@ async def on_slow(job: SlowJob, ctx: Context) -> None:
     except asyncio.CancelledError:
         STOPPED.set()  # the mesh's cancellation reached the handler
         raise
+
+
+caller = Agent("a2a-caller", description="Asks a remote A2A agent through its tool")
+
+
+@caller.handler(events=False)
+async def on_ask(ask: AskRemote, ctx: Context) -> AnsweredRemote:
+    run = await ctx.run_tools(system="You relay questions.", prompt=ask.text)
+    return AnsweredRemote(
+        text=run.text,
+        calls=[c.tool for c in run.calls if c.ok],
+        errors=[f"{c.tool}:{c.error_kind}" for c in run.calls if not c.ok],
+    )
 
 
 @pytest.fixture
@@ -237,3 +266,38 @@ async def test_the_0_3_method_names_are_taken_too(settings: Settings, gateway: s
     task = r.json()["result"]
     assert task["kind"] == "task" and task["status"]["state"] == "completed"
     assert task["artifacts"][0]["parts"][0]["data"]["text"] == "old"
+
+
+async def test_a_mesh_agent_calls_a_remote_a2a_agent_as_a_tool(
+    settings: Settings, gateway: str, client: MeshClient
+) -> None:
+    async with running_agent(echo, settings):
+        tool = await a2a_tool(f"{gateway}/a2a/echo/.well-known/agent-card.json", token=TOKEN, timeout=20)
+        assert tool.name == "ask_echo" and "Answers every ping with a pong" in tool.description
+        assert "test.ping" in tool.description and TOKEN not in repr(tool.describe())
+        caller.tools.add(tool)
+        try:
+            rec = await Recorder.start(client.transport, "mesh.a2a-tool-1.evt.test.a2a_answered")
+            async with running_agent(caller, settings):
+                prompt = 'Ask it. call ask_echo({"text": "relayed over a2a"})'
+                await client.send("a2a-caller", AskRemote(text=prompt), conversation="a2a-tool-1")
+                [got] = await rec.wait_count(1, timeout=30)
+            await rec.stop()
+        finally:
+            caller.tools.remove(tool.name)
+    answer = default_codec.decode(got.data, AnsweredRemote)
+    assert answer.calls == ["ask_echo"] and answer.errors == []
+    assert '"text":"relayed over a2a"' in answer.text  # the remote's pong, as the tool's result
+
+
+async def test_a_remote_agent_that_cannot_be_reached_or_refuses_is_a_tool_error(
+    settings: Settings, gateway: str
+) -> None:
+    with pytest.raises(ToolFailed, match="cannot be read") as unread:
+        await a2a_tool(f"{gateway}/a2a/echo", token="not-the-token-" + "x" * 20, timeout=5)
+    assert "not-the-token" not in str(unread.value)
+    async with running_agent(echo, settings):
+        tool = await a2a_tool(f"{gateway}/a2a/echo", token=TOKEN, timeout=20)
+        with pytest.raises(ToolFailed, match="refused the call") as refused:
+            await tool.run({"data": {"text": 5}})
+        assert "$.text" in str(refused.value) and TOKEN not in str(refused.value)
