@@ -45,6 +45,7 @@ from mesh.wire.settings import Settings
 
 TOKEN = "a2a-t0ken-for-the-ci-robot-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
+OTHER = {"Authorization": "Bearer another-caller-s-t0ken-9876543210"}
 
 
 @message("test.a2a_slow")
@@ -96,7 +97,7 @@ async def on_ask(ask: AskRemote, ctx: Context) -> AnsweredRemote:
 async def gateway(settings: Settings, tmp_path: Path) -> AsyncIterator[str]:
     """The gateway's app served by uvicorn on a loopback port; its base URL."""
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"ci={TOKEN}\n")
+    tokens.write_text(f"ci={TOKEN}\nother={OTHER['Authorization'][7:]}\n")
     gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}))
     await gw.start()
     server = uvicorn.Server(
@@ -205,11 +206,35 @@ async def test_cancelling_a_task_cancels_the_mesh_handler(settings: Settings, ga
         task = await only_task(client, request)
         assert task.status.state in (TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING)
         await asyncio.wait_for(STARTED.wait(), 10)
+        async with httpx.AsyncClient(base_url=gateway, headers={**OTHER, "A2A-Version": "1.0"}) as web:
+            call = {"jsonrpc": "2.0", "id": 1, "method": "CancelTask", "params": {"id": task.id}}
+            refused = (await web.post("/a2a/a2a-slow", json=call)).json()
+        assert refused["error"]["code"] == -32002 and not STOPPED.is_set()  # not theirs to cancel
         cancelled = await client.cancel_task(CancelTaskRequest(id=task.id))
         assert cancelled.status.state == TaskState.TASK_STATE_CANCELED
         await asyncio.wait_for(STOPPED.wait(), 10)
         seen = await client.get_task(GetTaskRequest(id=task.id))
         assert seen.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def test_a_conversation_not_started_here_is_a_task_read_from_the_record(
+    settings: Settings, gateway: str
+) -> None:
+    async with running_agent(echo, settings), httpx.AsyncClient(base_url=gateway, headers=BEARER) as web:
+        r = await web.post("/v1/agents/echo/request?type=test.ping", json={"text": "over rest"})
+        assert r.status_code == 200, r.text
+        conversation = r.json()["conversation"]
+        async with sdk_client(gateway, "echo", streaming=False) as client:
+            task = await client.get_task(GetTaskRequest(id=conversation))
+            assert task.id == conversation and task.status.state == TaskState.TASK_STATE_COMPLETED
+            [result] = task.artifacts
+            assert get_data_parts(list(result.parts))[0]["text"] == "over rest"
+            with pytest.raises(A2AError, match="cancel"):  # read, not cancelled, over A2A
+                await client.cancel_task(CancelTaskRequest(id=conversation))
+        # a conversation the agent of the URL took no part in is no task of it
+        call = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": conversation}}
+        other = await web.post("/a2a/a2a-slow", json=call, headers={"A2A-Version": "1.0"})
+        assert other.json()["error"]["code"] == -32001
 
 
 async def test_bad_messages_are_invalid_params_with_what_is_wrong(settings: Settings, gateway: str) -> None:

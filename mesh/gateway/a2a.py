@@ -24,7 +24,6 @@ from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes import DefaultServerCallContextBuilder
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
-from a2a.server.tasks import InMemoryTaskStore
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from starlette.requests import Request
@@ -34,7 +33,8 @@ from starlette.types import Message as ASGIMessage
 
 from mesh.gateway import wire
 from mesh.gateway.a2a_card import Agents, agent_card, handler_card
-from mesh.gateway.a2a_tasks import AGENT, PRINCIPAL, MeshExecutor, MeshRequestHandler, owner
+from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks
+from mesh.gateway.a2a_tasks import MeshExecutor, MeshRequestHandler
 
 if TYPE_CHECKING:
     from mesh.gateway.app import Gateway
@@ -100,10 +100,12 @@ class A2A:
     @property
     def dispatcher(self) -> JsonRpcDispatcher:
         if self._dispatcher is None:
+            mesh = self.gateway.mesh
             self._handler = MeshRequestHandler(
+                mesh,
                 self.agents,
-                MeshExecutor(self.gateway.mesh),
-                task_store=InMemoryTaskStore(owner_resolver=owner),
+                MeshExecutor(mesh),
+                task_store=RecordedTasks(mesh),
                 agent_card=handler_card(),
             )
             self._dispatcher = JsonRpcDispatcher(self._handler, _Context(), enable_v0_3_compat=True)

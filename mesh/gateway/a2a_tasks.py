@@ -29,18 +29,19 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from a2a.helpers import new_artifact, new_message, new_task, new_text_message, new_text_part
+from a2a.helpers import new_message, new_task, new_text_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.tasks import TaskUpdater
+from a2a.types import CancelTaskRequest, SendMessageRequest, Task, TaskState
 from a2a.types import Message as A2AMessage
-from a2a.types import SendMessageRequest, Task, TaskState
-from a2a.utils.errors import InvalidParamsError
+from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError
 
 from mesh.gateway.a2a_card import Agents
-from mesh.gateway.a2a_parts import answer_parts, chosen_type, handled_types, to_message
+from mesh.gateway.a2a_parts import chosen_type, handled_types, to_message
+from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, failure_of, result_artifact, result_of
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.observability.tap import TapLine
@@ -49,14 +50,11 @@ from mesh.runtime.client import MeshClient
 from mesh.wire import subjects
 from mesh.wire.messages import Message
 
-AGENT: Final = "mesh.agent"  # call-context state: the agent named by the URL
-PRINCIPAL: Final = "mesh.principal"  # who called (token:<name>)
 MESSAGE: Final = "mesh.message"  # the checked typed message
 DEADLINE: Final = 600.0  # seconds a task's work may take on the mesh (its messages' deadline)
 POLL: Final = 0.5  # seconds between reads of the record while nothing happens live
 SETTLE: Final = 0.05  # after a live message, the wait for its record entries
 _FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
-_RESULT_KINDS: Final = (subjects.EVENT, subjects.REPLY)
 _CHUNK: Final = "llm.chunk"
 WORKING: Final = TaskState.TASK_STATE_WORKING
 INPUT_REQUIRED: Final = TaskState.TASK_STATE_INPUT_REQUIRED
@@ -64,16 +62,12 @@ INPUT_REQUIRED: Final = TaskState.TASK_STATE_INPUT_REQUIRED
 log = structlog.get_logger("mesh.gateway.a2a")
 
 
-def owner(context: ServerCallContext) -> str:
-    """Whose tasks: a caller sees and cancels only the tasks it started, with that agent."""
-    return f"{context.state.get(PRINCIPAL, '')}/{context.state.get(AGENT, '')}"
-
-
 class MeshRequestHandler(DefaultRequestHandler):
     """The SDK's request handler, with the message checked against the agent's type first."""
 
-    def __init__(self, agents: Agents, executor: AgentExecutor, **kwargs: Any) -> None:
+    def __init__(self, mesh: MeshClient, agents: Agents, executor: AgentExecutor, **kwargs: Any) -> None:
         super().__init__(executor, **kwargs)
+        self.mesh = mesh
         self.agents = agents
 
     async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> None:
@@ -100,6 +94,24 @@ class MeshRequestHandler(DefaultRequestHandler):
         async for event in super().on_message_send_stream(params, context):
             yield event
 
+    async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
+        """The SDK cancels the task (here or in the store); then every agent process cancels
+        the conversation's handlers and refuses what still comes for it."""
+        assert isinstance(self.task_store, RecordedTasks)
+        if await self.task_store.held(params.id, context) is None:
+            raise TaskNotCancelableError(
+                "only a task this caller started on this gateway is cancelled over A2A (mesh cancel "
+                "stops any conversation)"
+            )
+        task: Task | None = await super().on_cancel_task(params, context)
+        conv = subjects.conversation_id(params.id)
+        by = str(context.state.get(PRINCIPAL, "a2a"))
+        body = msgspec.json.encode(Cancel(reason="cancelled over A2A (tasks/cancel)", by=by))
+        await self.mesh.transport.publish(subjects.Address.cancel(conv).subject, body)
+        await self.mesh.transport.flush()
+        log.info("a2a task cancelled", conversation=conv, by=by)
+        return task
+
 
 class MeshExecutor(AgentExecutor):
     """Runs an A2A task as a mesh conversation (see the module's docstring)."""
@@ -120,13 +132,9 @@ class MeshExecutor(AgentExecutor):
         await task.run(msg)
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """The task's state; the mesh's cancellation is the request handler's
+        (`MeshRequestHandler.on_cancel_task`), for tasks running here or not."""
         assert context.task_id and context.context_id
-        conv = subjects.conversation_id(context.task_id)
-        by = str(context.call_context.state.get(PRINCIPAL, "a2a"))
-        body = msgspec.json.encode(Cancel(reason="cancelled over A2A (tasks/cancel)", by=by))
-        await self.mesh.transport.publish(subjects.Address.cancel(conv).subject, body)
-        await self.mesh.transport.flush()
-        log.info("a2a task cancelled", conversation=conv, by=by)
         await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
 
 
@@ -173,13 +181,9 @@ class Run:
                 await self._completed(messages)
                 return
             if status == history.FAILED:
-                await self.updater.failed(self._said(_failure(messages)))
+                await self.updater.failed(self._said(failure_of(messages)))
                 return
-            now = (
-                TaskState.TASK_STATE_INPUT_REQUIRED
-                if status == history.WAITING
-                else TaskState.TASK_STATE_WORKING
-            )
+            now = INPUT_REQUIRED if status == history.WAITING else WORKING
             if now != shown:
                 shown = now
                 await self.updater.update_status(now, self._said(_waiting(status)))
@@ -201,37 +205,19 @@ class Run:
         )
 
     async def _completed(self, messages: list[history.Recorded]) -> None:
-        last = next(
-            (
-                m
-                for m in reversed(messages)
-                if m.kind in _RESULT_KINDS and m.sender not in ("gateway", "") and m.type != _CHUNK
-            ),
-            None,
-        )
+        last = result_of(messages)
         if last is None:
             await self.updater.complete(self._said(f"{self.agent} finished without an answer"))
             return
-        parts = answer_parts(last.body())
-        artifact = new_artifact(parts, name="result", description=f"a {last.type} from {last.sender}")
+        artifact = result_artifact(last)
+        parts = list(artifact.parts)
         await self.updater.add_artifact(
-            list(artifact.parts),
-            artifact_id=artifact.artifact_id,
-            name="result",
-            metadata={"mesh.type": last.type},
+            parts, artifact_id=artifact.artifact_id, name=artifact.name, metadata={"mesh.type": last.type}
         )
         await self.updater.complete(new_message(parts, self.updater.context_id, self.updater.task_id))
 
     def _said(self, text: str) -> A2AMessage:
         return new_text_message(text, context_id=self.updater.context_id, task_id=self.updater.task_id)
-
-
-def _failure(messages: list[history.Recorded]) -> str:
-    for m in messages:
-        for d in m.deliveries:
-            if d.outcome == rec.DEAD_LETTER:
-                return f"{d.agent} could not handle a {m.type}: {d.reason}"
-    return "the conversation failed (mesh show for its record)"
 
 
 def _waiting(status: str) -> str:
