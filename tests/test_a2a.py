@@ -30,13 +30,17 @@ from a2a.types import (
 from a2a.types import Message as A2AMessage
 from a2a.utils.errors import A2AError
 from mesh_user_streaming import agent as streamer
+from mesh_user_tools import REFUNDS, Refund
+from mesh_user_tools import agent as clerk
 from sample_agents.echo import agent as echo
 
 from mesh import Agent, Context, Message, message
+from mesh.cli.llm import decide
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
 from mesh.llm.tools import ToolFailed
+from mesh.observability import history
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
 from mesh.transport.identities import with_role
@@ -215,6 +219,30 @@ async def test_cancelling_a_task_cancels_the_mesh_handler(settings: Settings, ga
         await asyncio.wait_for(STOPPED.wait(), 10)
         seen = await client.get_task(GetTaskRequest(id=task.id))
         assert seen.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def test_a_tool_call_waiting_for_approval_is_input_required_until_a_person_decides(
+    settings: Settings, gateway: str, operator: MeshClient
+) -> None:
+    REFUNDS.clear()
+    refund = 'Please call refund({"order_id": "A-2A", "amount_eur": 12})'
+    async with running_agent(clerk, settings), sdk_client(gateway, "clerk", streaming=False) as client:
+        task = await only_task(client, user(new_text_part(refund)))
+        assert task.status.state == TaskState.TASK_STATE_INPUT_REQUIRED, task
+        assert "approval" in get_text_parts(list(task.status.message.parts))[0]
+        [asked] = [
+            m for m in await history.conversation(operator.transport, task.id) if m.type == "approval.request"
+        ]
+        await decide(operator, settings, asked.body()["approval"], approved=True, by="ada", reason="ok")
+        for _ in range(200):  # the task follows the conversation to its end (at most 10 s)
+            seen = await client.get_task(GetTaskRequest(id=task.id))
+            if seen.status.state == TaskState.TASK_STATE_COMPLETED:
+                break
+            await asyncio.sleep(0.05)
+    assert seen.status.state == TaskState.TASK_STATE_COMPLETED, seen
+    assert [Refund(order_id="A-2A", amount_eur=12)] == REFUNDS
+    [result] = [a for a in seen.artifacts if a.name == "result"]
+    assert get_data_parts(list(result.parts))[0]["calls"] == ["refund"]
 
 
 async def test_a_conversation_not_started_here_is_a_task_read_from_the_record(
