@@ -84,17 +84,21 @@ async def on_slow(job: SlowJob, ctx: Context) -> None:
         raise
 
 
-caller = Agent("a2a-caller", description="Asks a remote A2A agent through its tool")
+def relay(url: str) -> Agent:
+    """An agent whose model may ask the A2A agent at `url` (declared: its card is read at start)."""
+    caller = Agent("a2a-caller", description="Asks a remote A2A agent through its tool")
+    caller.a2a_agent(url, token=TOKEN, timeout=20)
 
+    @caller.handler(events=False)
+    async def on_ask(ask: AskRemote, ctx: Context) -> AnsweredRemote:
+        run = await ctx.run_tools(system="You relay questions.", prompt=ask.text)
+        return AnsweredRemote(
+            text=run.text,
+            calls=[c.tool for c in run.calls if c.ok],
+            errors=[f"{c.tool}:{c.error_kind}" for c in run.calls if not c.ok],
+        )
 
-@caller.handler(events=False)
-async def on_ask(ask: AskRemote, ctx: Context) -> AnsweredRemote:
-    run = await ctx.run_tools(system="You relay questions.", prompt=ask.text)
-    return AnsweredRemote(
-        text=run.text,
-        calls=[c.tool for c in run.calls if c.ok],
-        errors=[f"{c.tool}:{c.error_kind}" for c in run.calls if not c.ok],
-    )
+    return caller
 
 
 @pytest.fixture
@@ -324,20 +328,18 @@ async def test_the_0_3_method_names_are_taken_too(settings: Settings, gateway: s
 async def test_a_mesh_agent_calls_a_remote_a2a_agent_as_a_tool(
     settings: Settings, gateway: str, client: MeshClient
 ) -> None:
-    async with running_agent(echo, settings):
-        tool = await a2a_tool(f"{gateway}/a2a/echo/.well-known/agent-card.json", token=TOKEN, timeout=20)
-        assert tool.name == "ask_echo" and "Answers every ping with a pong" in tool.description
+    caller = relay(f"{gateway}/a2a/echo/.well-known/agent-card.json")
+    rec = await Recorder.start(client.transport, "mesh.a2a-tool-1.evt.test.a2a_answered")
+    async with running_agent(echo, settings), running_agent(caller, settings):
+        tool = caller.tools.get("ask_echo")
+        assert tool is not None and "Answers every ping with a pong" in tool.description
         assert "test.ping" in tool.description and TOKEN not in repr(tool.describe())
-        caller.tools.add(tool)
-        try:
-            rec = await Recorder.start(client.transport, "mesh.a2a-tool-1.evt.test.a2a_answered")
-            async with running_agent(caller, settings):
-                prompt = 'Ask it. call ask_echo({"text": "relayed over a2a"})'
-                await client.send("a2a-caller", AskRemote(text=prompt), conversation="a2a-tool-1")
-                [got] = await rec.wait_count(1, timeout=30)
-            await rec.stop()
-        finally:
-            caller.tools.remove(tool.name)
+        assert TOKEN not in repr(caller.mcp_servers.specs)
+        prompt = 'Ask it. call ask_echo({"text": "relayed over a2a"})'
+        await client.send("a2a-caller", AskRemote(text=prompt), conversation="a2a-tool-1")
+        [got] = await rec.wait_count(1, timeout=30)
+    await rec.stop()
+    assert caller.tools.get("ask_echo") is None  # gone with the agent
     answer = default_codec.decode(got.data, AnsweredRemote)
     assert answer.calls == ["ask_echo"] and answer.errors == []
     assert '"text":"relayed over a2a"' in answer.text  # the remote's pong, as the tool's result
