@@ -317,8 +317,11 @@ async def test_the_0_3_method_names_are_taken_too(settings: Settings, gateway: s
             "message": {"role": "user", "messageId": "m-1", "parts": [{"kind": "text", "text": "old"}]}
         },
     }
+    new = {"jsonrpc": "2.0", "id": "2", "method": "GetTask", "params": {"id": "x"}}
     async with running_agent(echo, settings), httpx.AsyncClient(base_url=gateway, timeout=30) as web:
         r = await web.post("/a2a/echo", json=old, headers=BEARER)
+        unsaid = await web.post("/a2a/echo", json=new, headers=BEARER)  # no A2A-Version: 0.3
+    assert "version" in unsaid.json()["error"]["message"].lower()
     assert r.status_code == 200, r.text
     task = r.json()["result"]
     assert task["kind"] == "task" and task["status"]["state"] == "completed"
