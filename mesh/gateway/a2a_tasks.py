@@ -123,17 +123,17 @@ class MeshExecutor(AgentExecutor):
         state = context.call_context.state
         agent, msg = str(state[AGENT]), state[MESSAGE]
         assert isinstance(msg, Message) and context.task_id and context.context_id
-        history = [context.message] if context.message is not None else []
+        asked = [context.message] if context.message is not None else []
         submitted = TaskState.TASK_STATE_SUBMITTED
         await event_queue.enqueue_event(
-            new_task(context.task_id, context.context_id, submitted, history=history)
+            new_task(context.task_id, context.context_id, submitted, history=asked)
         )
         task = Run(self.mesh, agent, TaskUpdater(event_queue, context.task_id, context.context_id))
         await task.run(msg)
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """The task's state; the mesh's cancellation is the request handler's
-        (`MeshRequestHandler.on_cancel_task`), for tasks running here or not."""
+        (`MeshRequestHandler.on_cancel_task`), sent once the SDK has cancelled the task."""
         assert context.task_id and context.context_id
         await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
 
