@@ -39,7 +39,7 @@ from mesh.cli.llm import decide
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
-from mesh.llm.tools import ToolFailed
+from mesh.llm.tools import ToolFailed, ToolTimeout
 from mesh.observability import history
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
@@ -82,6 +82,14 @@ async def on_slow(job: SlowJob, ctx: Context) -> None:
     except asyncio.CancelledError:
         STOPPED.set()  # the mesh's cancellation reached the handler
         raise
+
+
+broken = Agent("a2a-broken", description="Fails every job")
+
+
+@broken.handler
+async def on_broken(job: SlowJob, ctx: Context) -> None:
+    raise RuntimeError("the database is down")
 
 
 def relay(url: str) -> Agent:
@@ -359,3 +367,39 @@ async def test_a_remote_agent_that_cannot_be_reached_or_refuses_is_a_tool_error(
         with pytest.raises(ToolFailed, match="refused the call") as refused:
             await tool.run({"data": {"text": 5}})
         assert "$.text" in str(refused.value) and TOKEN not in str(refused.value)
+
+
+async def test_a_failed_remote_task_is_a_failed_task_and_a_tool_error_with_the_reason(
+    settings: Settings, gateway: str
+) -> None:
+    async with running_agent(broken, settings):
+        async with sdk_client(gateway, "a2a-broken", streaming=False) as client:
+            task = await only_task(client, user(new_text_part("fail")))
+        assert task.status.state == TaskState.TASK_STATE_FAILED
+        [said] = get_text_parts(list(task.status.message.parts))
+        assert said.startswith("a2a-broken could not handle a test.a2a_slow") and "database is down" in said
+        tool = await a2a_tool(f"{gateway}/a2a/a2a-broken", token=TOKEN, timeout=20)
+        with pytest.raises(ToolFailed, match=r"the remote task is failed: .*the database is down"):
+            await tool.run({"text": "fail again"})
+
+
+async def test_a_tool_call_given_up_on_cancels_the_remote_task(
+    settings: Settings, gateway: str, operator: MeshClient
+) -> None:
+    marker = f"give up on me {uuid.uuid4().hex}"
+    async with running_agent(slow, settings):
+        tool = await a2a_tool(f"{gateway}/a2a/a2a-slow", token=TOKEN, timeout=2)
+        with pytest.raises(ToolTimeout):
+            await tool.run({"text": marker})
+        # the remote conversation was cancelled over A2A: its handler stopped, or its message
+        # was refused if it had not started yet; either way dead-lettered as cancelled
+        reasons: list[str] = []
+        for _ in range(200):  # at most 10 s
+            for summary in await history.recent(operator.transport, limit=10):
+                messages = await history.conversation(operator.transport, summary.id)
+                if any(m.type == "test.a2a_slow" and m.body().get("text") == marker for m in messages):
+                    reasons = [d.reason for m in messages for d in m.deliveries if d.outcome == "dead_letter"]
+            if reasons:
+                break
+            await asyncio.sleep(0.05)
+    assert reasons and "cancelled over A2A" in reasons[0]

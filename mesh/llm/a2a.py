@@ -9,7 +9,8 @@ description and skills) and whose arguments are ``text`` and/or ``data``. A call
 message (a text part, a data part) and waits for the task to end: a completed task's
 artifacts (text, data as JSON) are the tool's result; a failed, cancelled or rejected one, a
 remote error, an unreachable agent or no answer within ``timeout`` is a `ToolError` the
-model sees, never a crash of the handler.
+model sees, never a crash of the handler. A call given up on (its timeout, the handler's
+cancellation) cancels the remote task it started.
 
 The token travels only in the ``Authorization`` header of those requests: it is in no log
 line, no error message and no dead letter. A card is another party's text: its description
@@ -18,6 +19,8 @@ reaches the model cut to `MAX_DESCRIPTION` characters, and is as trustworthy as 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import Iterable
@@ -26,9 +29,25 @@ from typing import Any, Final
 import httpx
 import msgspec
 import structlog
-from a2a.client import A2ACardResolver, A2AClientError, A2AClientTimeoutError, ClientConfig, ClientFactory
+from a2a.client import (
+    A2ACardResolver,
+    A2AClientError,
+    A2AClientTimeoutError,
+    Client,
+    ClientConfig,
+    ClientFactory,
+)
 from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
-from a2a.types import AgentCard, Part, Role, SendMessageRequest, StreamResponse, TaskState
+from a2a.types import (
+    AgentCard,
+    CancelTaskRequest,
+    GetTaskRequest,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    TaskState,
+)
 from a2a.types import Message as A2AMessage
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from a2a.utils.errors import A2AError
@@ -37,6 +56,7 @@ from mesh.llm.tools import Tool, ToolFailed, ToolInputInvalid, ToolTimeout, sche
 
 MAX_DESCRIPTION: Final = 2000
 MAX_RESULT: Final = 64_000  # characters of an answer given to the model
+CANCEL_WAIT: Final = 5.0  # seconds a given-up call waits for the remote task's cancellation
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")
 
 log = structlog.get_logger("mesh.llm.a2a")
@@ -108,30 +128,63 @@ async def a2a_tool(
 async def _ask(
     tool: str, card: AgentCard, headers: dict[str, str], timeout: float, request: SendMessageRequest
 ) -> str:
-    last: StreamResponse | None = None
-    async with httpx.AsyncClient(headers=headers, timeout=timeout) as http:
-        client = ClientFactory(ClientConfig(httpx_client=http, streaming=False)).create(card)
+    """Send, follow the task to its end, and read it. Streamed when the agent streams: the
+    task's id is known from its first update, so a call given up on (its timeout, the
+    handler's cancellation) cancels the remote task instead of leaving it running."""
+    # the HTTP timeout a little past the call's own: the call's deadline (Tool.run's, which
+    # cancels it, and so the remote task) comes first; the HTTP one is a backstop
+    async with httpx.AsyncClient(headers=headers, timeout=timeout + CANCEL_WAIT) as http:
+        client = ClientFactory(ClientConfig(httpx_client=http, streaming=True)).create(card)
+        task_id = ""
         try:
+            last: StreamResponse | None = None
             async for response in client.send_message(request):
                 last = response
+                task_id = task_id or _task_id(response)
+            if last is not None and last.HasField("message"):
+                return _text(list(last.message.parts))
+            if last is not None and last.HasField("task"):
+                task = last.task  # not streamed: the task as it ended
+            elif task_id:
+                task = await client.get_task(GetTaskRequest(id=task_id))
+            else:
+                raise ToolFailed(tool, "the remote agent sent nothing back")
         except A2AClientTimeoutError:
+            await _give_up(client, task_id)
             raise ToolTimeout(tool, f"the remote agent did not answer within {timeout:g}s") from None
         except (A2AClientError, A2AError) as exc:
             detail = f" {exc.data}" if isinstance(exc, A2AError) and exc.data else ""
             raise ToolFailed(tool, f"the remote agent refused the call: {exc}{detail}") from None
+        except asyncio.CancelledError:  # the tool's timeout, or the handler's cancellation
+            await _give_up(client, task_id)
+            raise
         finally:
             await client.close()
-    if last is None:
-        raise ToolFailed(tool, "the remote agent sent nothing back")
-    if last.HasField("message"):
-        return _text(list(last.message.parts))
-    task = last.task
     said = _text(list(task.status.message.parts)) if task.status.HasField("message") else ""
     if task.status.state != TaskState.TASK_STATE_COMPLETED:
         state = TaskState.Name(task.status.state).removeprefix("TASK_STATE_").lower()
-        raise ToolFailed(tool, f"the remote task ended {state}" + (f": {said}" if said else ""))
+        raise ToolFailed(tool, f"the remote task is {state}" + (f": {said}" if said else ""))
     answer = "\n".join(t for a in task.artifacts if (t := _text(list(a.parts))))
     return (answer or said or "(the remote agent completed without an answer)")[:MAX_RESULT]
+
+
+async def _give_up(client: Client, task_id: str) -> None:
+    """A call given up on here: cancel its task there too, within `CANCEL_WAIT` seconds
+    whatever happens meanwhile (a second cancellation of this call included)."""
+    if task_id:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            cancel = client.cancel_task(CancelTaskRequest(id=task_id))
+            await asyncio.wait_for(asyncio.shield(cancel), CANCEL_WAIT)
+
+
+def _task_id(response: StreamResponse) -> str:
+    if response.HasField("task"):
+        return str(response.task.id)
+    if response.HasField("status_update"):
+        return str(response.status_update.task_id)
+    if response.HasField("artifact_update"):
+        return str(response.artifact_update.task_id)
+    return ""
 
 
 def _text(parts: list[Part]) -> str:
