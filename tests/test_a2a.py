@@ -316,6 +316,27 @@ async def test_no_token_no_card_no_call_and_hostile_values_are_refused(
         assert unknown.status_code == 200 and unknown.json()["error"]["code"] == -32001
 
 
+async def test_public_cards_are_served_without_a_token_but_calls_still_need_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ci={TOKEN}\n")
+    gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}), public_cards=True)
+    await gw.start()
+    try:
+        transport = httpx.ASGITransport(app=gw.app)
+        async with (
+            running_agent(echo, settings),
+            httpx.AsyncClient(transport=transport, base_url="http://gw") as web,
+        ):
+            card = await web.get("/a2a/echo/.well-known/agent-card.json")
+            assert card.status_code == 200 and card.json()["name"] == "echo"
+            call = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "x"}}
+            assert (await web.post("/a2a/echo", json=call)).status_code == 401
+    finally:
+        await gw.close()
+
+
 async def test_the_0_3_method_names_are_taken_too(settings: Settings, gateway: str) -> None:
     old = {
         "jsonrpc": "2.0",
