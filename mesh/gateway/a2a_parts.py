@@ -52,7 +52,12 @@ def chosen_type(message: A2AMessage, agent: str, types: Sequence[MessageType]) -
         for t in types:
             if t.name == said:
                 return t
-        raise InvalidParamsError(f"agent {agent!r} takes none of type {said!r} here; it takes: {names}")
+        raise InvalidParamsError(f"agent {agent!r} does not take a {said!r} here; it takes: {names}")
+    if not types:
+        raise InvalidParamsError(
+            f"agent {agent!r} takes no message type declared on this gateway: start the gateway "
+            "with --types naming the module that declares them"
+        )
     if len(types) != 1:
         raise InvalidParamsError(
             f"agent {agent!r} takes several message types ({names}): "
