@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mesh.join import Join, Policy, Resolver, all_of
+from mesh.llm.a2a_declared import A2ADeclaration
 from mesh.llm.mcp import Declaration, Declared
 from mesh.llm.sandbox import Sandbox
 from mesh.llm.tools import Toolbox
@@ -81,7 +82,8 @@ class Agent:
             else None
         )
         self.tools = Toolbox()  # the only tools its model may call (mesh.llm.tools)
-        self.mcp_servers = Declared()  # imported into `tools` while the agent runs (mesh.llm.mcp)
+        # MCP servers and A2A agents whose tools are in `tools` while the agent runs
+        self.mcp_servers = Declared()
         self.description = description
         self.version = version
         self.concurrency = concurrency
@@ -185,6 +187,23 @@ class Agent:
                 sandbox=sandbox,
             )
         )
+
+    def a2a_agent(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+        permissions: Sequence[str] = (),
+        approval: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Declare a remote A2A agent this agent's model may call as a tool: its card is read
+        when the agent starts (a card that cannot be read stops the start, saying why) and
+        the tool (mesh.llm.a2a.a2a_tool, with these arguments) leaves when it stops."""
+        decl = A2ADeclaration(url, name, token, timeout, tuple(permissions), approval, metadata)
+        self.mcp_servers.add(decl)
 
     @overload
     def handler(self, fn: F, /) -> F: ...

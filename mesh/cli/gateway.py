@@ -26,7 +26,14 @@ def register(cli: click.Group, settings_of: Callable[[Role], Settings]) -> None:
         help="File of source=secret lines: webhook HMAC secrets (or MESH_GATEWAY_SECRETS).",
     )
     @click.option("--types", "types_", default="", help="Modules/.py files declaring your message types.")
-    def gateway(host: str, port: int, tokens: Path | None, secrets: Path | None, types_: str) -> None:
+    @click.option(
+        "--public-cards",
+        is_flag=True,
+        help="Serve A2A Agent Cards (/a2a/<agent>/.well-known/agent-card.json) without a token.",
+    )
+    def gateway(
+        host: str, port: int, tokens: Path | None, secrets: Path | None, types_: str, public_cards: bool
+    ) -> None:
         """Serve the mesh over HTTP: webhooks and programs publish events, send to agents,
         ask them, and follow conversations. Every caller authenticates (a bearer token or an
         HMAC-signed body); the gateway acts on the mesh as the publisher role."""
@@ -43,7 +50,7 @@ def register(cli: click.Group, settings_of: Callable[[Role], Settings]) -> None:
         auth = GatewayAuth.load(tokens, secrets)
         # its requests, and the mesh client's, on MESH_METRICS_PORT (scraped) or by OTLP
         shutdown_metrics = configure_metrics(settings, "mesh-gateway", scrape=True)
-        gw = Gateway(settings, auth)
+        gw = Gateway(settings, auth, public_cards=public_cards)
         click.echo(f"mesh gateway on http://{host}:{port} (docs/gateway.md)", err=True)
         shutdown_tracing = configure_tracing(settings, "mesh-gateway")
         try:

@@ -7,6 +7,7 @@
 ``GET /v1/conversations/{id}``              status and result of a conversation
 ``GET /v1/conversations/{id}/events``       its messages live, as server-sent events
 ``GET /openapi.json``                       the API, with every message type's schema
+``/a2a/{agent}``                            each agent as an A2A agent (mesh.gateway.a2a)
 =========================================  =================================================
 """
 
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mesh.gateway import wire
+from mesh.gateway.a2a import A2A
 from mesh.gateway.asking import ask
 from mesh.gateway.auth import SIGNATURE_HEADER, GatewayAuth
 from mesh.gateway.meters import RequestMeters
@@ -48,12 +50,20 @@ class Gateway:
     """One MeshClient shared by every request. `app` starts and closes it with the server;
     a test may `start()` it itself and drive `app` in-process."""
 
-    def __init__(self, settings: Settings, auth: GatewayAuth, *, client: MeshClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: GatewayAuth,
+        *,
+        client: MeshClient | None = None,
+        public_cards: bool = False,
+    ) -> None:
         self.settings = settings
         self.auth = auth
         self.client = client
         self._own_client = client is None
         self._streams = 0
+        self.a2a = A2A(self, public_cards=public_cards)
         self.app = Starlette(
             routes=[
                 Route("/v1/events/{type}", self._guard(self.publish_event), methods=["POST"]),
@@ -62,6 +72,7 @@ class Gateway:
                 Route("/v1/conversations/{id}", self._guard(self.status), methods=["GET"]),
                 Route("/v1/conversations/{id}/events", self._guard(self.events), methods=["GET"]),
                 Route("/openapi.json", self._guard(self.schema), methods=["GET"]),
+                *self.a2a.routes(),
             ],
             middleware=[Middleware(RequestMeters)],  # http.server.* metrics (mesh.gateway.meters)
             lifespan=self._lifespan,
@@ -72,6 +83,7 @@ class Gateway:
             self.client = await MeshClient.connect(self.settings, SENDER)
 
     async def close(self) -> None:
+        await self.a2a.close()
         if self._own_client and self.client is not None:
             await self.client.close()
             self.client = None
@@ -99,7 +111,7 @@ class Gateway:
             # one span per call: what it sends carries its trace context (Mesh trace ids)
             with trace.get_tracer("mesh").start_as_current_span(name, kind=SpanKind.SERVER) as span:
                 try:
-                    body = await self._body(request)
+                    body = await self.read_body(request)
                     principal = self._principal(request, body)
                     response = await handler(request, body, principal)
                 except wire.Refused as exc:
@@ -109,7 +121,7 @@ class Gateway:
 
         return guarded
 
-    async def _body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_message_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):

@@ -1,6 +1,7 @@
 """Model providers behind one interface, used by every agent as ``ctx.llm``.
 
 `OfflineLLM` is deterministic and needs no network: the default without a key.
+`a2a_tool` makes a remote A2A agent a tool.
 `AnthropicLLM` calls Claude through the official `anthropic` SDK; `OpenAICompatLLM` any
 OpenAI-compatible endpoint. `make_llm` wraps the configured ones in a `Router`. An agent's
 runtime wraps its model in `Journaled`, so a redelivered message does not pay twice.
@@ -9,6 +10,7 @@ runtime wraps its model in `Journaled`, so a redelivered message does not pay tw
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from mesh.llm.budget import Budget, Budgeted, budgeted
 from mesh.llm.claude import AnthropicLLM
@@ -38,6 +40,9 @@ from mesh.llm.types import (
 from mesh.wire.errors import ConfigError
 from mesh.wire.settings import Settings
 
+if TYPE_CHECKING:
+    from mesh.llm.a2a import a2a_tool
+
 __all__ = [
     "LLM",
     "AnthropicLLM",
@@ -66,11 +71,22 @@ __all__ = [
     "ToolSpec",
     "Turn",
     "Usage",
+    "a2a_tool",
     "budgeted",
     "current_scope",
     "llm_scope",
     "make_llm",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the A2A client (mesh.llm.a2a) is imported when it is first asked for: it costs every
+    # agent's start a fifth of a second otherwise
+    if name == "a2a_tool":
+        from mesh.llm.a2a import a2a_tool
+
+        return a2a_tool
+    raise AttributeError(f"module 'mesh.llm' has no attribute {name!r}")
 
 
 def make_provider(kind: str, settings: Settings) -> Provider:

@@ -36,7 +36,7 @@ import asyncio
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -164,24 +164,60 @@ class Declaration:
     start_timeout: float = 10.0
     sandbox: Sandbox | bool = True
 
+    async def open(self, toolbox: Toolbox) -> MCPServer:
+        return await import_tools(
+            toolbox,
+            self.command,
+            name=self.name,
+            allow=self.allow,
+            permissions=self.permissions,
+            approval=self.approval,
+            timeout=self.timeout,
+            prefix=self.prefix,
+            env=self.env,
+            cwd=self.cwd,
+            start_timeout=self.start_timeout,
+            sandbox=self.sandbox,
+        )
+
+
+class Opened(Protocol):
+    """A declared source of tools, open: the tools it added, and how to close it."""
+
+    tools: list[Tool]
+
+    async def close(self) -> None: ...
+
+
+class Source(Protocol):
+    """Something declared on an agent that adds tools when it starts: an MCP server
+    (`Declaration`), a remote A2A agent (mesh.llm.a2a_declared)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def open(self, toolbox: Toolbox) -> Opened: ...
+
 
 @dataclass
 class Declared:
-    """An agent's declared MCP servers. The runtime attaches when an agent starts and
-    detaches when it stops: the servers start with the first replica of the agent in a
-    process and close, their tools leaving the toolbox, with the last."""
+    """An agent's declared tool sources (MCP servers, A2A agents). The runtime attaches when
+    an agent starts and detaches when it stops: the sources open with the first replica of
+    the agent in a process and close, their tools leaving the toolbox, with the last."""
 
-    specs: list[Declaration] = field(default_factory=list)
-    live: list[MCPServer] = field(default_factory=list)
+    specs: list[Source] = field(default_factory=list)
+    live: list[Opened] = field(default_factory=list)
     users: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.specs)
 
-    def add(self, spec: Declaration) -> None:
+    def add(self, spec: Source) -> None:
         if any(s.name == spec.name for s in self.specs):
-            raise RegistrationError(f"an MCP server named {spec.name!r} is already declared")
+            raise RegistrationError(
+                f"a tool source (MCP server, A2A agent) named {spec.name!r} is already declared"
+            )
         self.specs.append(spec)
 
     async def attach(self, toolbox: Toolbox) -> None:
@@ -191,21 +227,7 @@ class Declared:
                 return
             try:
                 for s in self.specs:
-                    server = await import_tools(
-                        toolbox,
-                        s.command,
-                        name=s.name,
-                        allow=s.allow,
-                        permissions=s.permissions,
-                        approval=s.approval,
-                        timeout=s.timeout,
-                        prefix=s.prefix,
-                        env=s.env,
-                        cwd=s.cwd,
-                        start_timeout=s.start_timeout,
-                        sandbox=s.sandbox,
-                    )
-                    self.live.append(server)
+                    self.live.append(await s.open(toolbox))
             except BaseException:
                 self.users -= 1
                 await self._close(toolbox)

@@ -1,0 +1,226 @@
+"""A2A tasks as mesh conversations: the task id is the conversation id.
+
+`MeshExecutor` (the SDK's `AgentExecutor`) sends the message to the agent's durable inbox
+in the conversation named by the task id, then follows the conversation: live lines give
+streamed model tokens (``llm.chunk``) as artifact updates, and the conversation record gives
+the task's state:
+
+=================  ==========================================================
+record             task state
+=================  ==========================================================
+running            ``working``
+waiting            ``input-required`` (a tool call waits for a person's approval)
+done               ``completed``, the last event or reply as the ``result`` artifact
+failed             ``failed``, with the dead letter's reason
+=================  ==========================================================
+
+``tasks/cancel`` is the mesh's cancellation (mesh.runtime.cancel): every agent process
+cancels its handlers of the conversation and refuses the rest; the task is ``canceled``.
+`MeshRequestHandler` checks the message against the agent's type before any task exists,
+so a bad message is a JSON-RPC error, not a failed task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import Any, Final
+
+import msgspec
+import structlog
+from a2a.helpers import new_message, new_task, new_text_message, new_text_part
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
+from a2a.server.events import Event, EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.tasks import TaskUpdater
+from a2a.types import CancelTaskRequest, SendMessageRequest, Task, TaskState
+from a2a.types import Message as A2AMessage
+from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError
+
+from mesh.gateway.a2a_card import Agents
+from mesh.gateway.a2a_parts import chosen_type, handled_types, to_message
+from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, failure_of, result_artifact, result_of
+from mesh.observability import history
+from mesh.observability import record as rec
+from mesh.observability.tap import TapLine
+from mesh.runtime.cancel import Cancel
+from mesh.runtime.client import MeshClient
+from mesh.wire import subjects
+from mesh.wire.messages import Message
+
+MESSAGE: Final = "mesh.message"  # the checked typed message
+DEADLINE: Final = 600.0  # seconds a task's work may take on the mesh (its messages' deadline)
+POLL: Final = 0.5  # seconds between reads of the record while nothing happens live
+SETTLE: Final = 0.05  # after a live message, the wait for its record entries
+_FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
+_CHUNK: Final = "llm.chunk"
+WORKING: Final = TaskState.TASK_STATE_WORKING
+INPUT_REQUIRED: Final = TaskState.TASK_STATE_INPUT_REQUIRED
+
+log = structlog.get_logger("mesh.gateway.a2a")
+
+
+class MeshRequestHandler(DefaultRequestHandler):
+    """The SDK's request handler, with the message checked against the agent's type first."""
+
+    def __init__(self, mesh: MeshClient, agents: Agents, executor: AgentExecutor, **kwargs: Any) -> None:
+        super().__init__(executor, **kwargs)
+        self.mesh = mesh
+        self.agents = agents
+
+    async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> None:
+        agent = str(context.state[AGENT])
+        if params.message.task_id:
+            raise InvalidParamsError("a mesh agent takes one message per task: start a new task")
+        found = await self.agents.get(agent)
+        if found is None:
+            raise InvalidParamsError(f"no agent {agent!r} is running on the mesh")
+        mtype = chosen_type(params.message, agent, handled_types(found.handles))
+        context.state[MESSAGE] = to_message(params.message, mtype)
+
+    async def on_message_send(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> Task | A2AMessage:
+        await self._checked(params, context)
+        result: Task | A2AMessage = await super().on_message_send(params, context)
+        return result
+
+    async def on_message_send_stream(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event, None]:
+        await self._checked(params, context)
+        async for event in super().on_message_send_stream(params, context):
+            yield event
+
+    async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
+        """The SDK cancels the task (here or in the store); then every agent process cancels
+        the conversation's handlers and refuses what still comes for it."""
+        assert isinstance(self.task_store, RecordedTasks)
+        if await self.task_store.held(params.id, context) is None:
+            raise TaskNotCancelableError(
+                "only a task this caller started on this gateway is cancelled over A2A (mesh cancel "
+                "stops any conversation)"
+            )
+        task: Task | None = await super().on_cancel_task(params, context)
+        conv = subjects.conversation_id(params.id)
+        by = str(context.state.get(PRINCIPAL, "a2a"))
+        body = msgspec.json.encode(Cancel(reason="cancelled over A2A (tasks/cancel)", by=by))
+        await self.mesh.transport.publish(subjects.Address.cancel(conv).subject, body)
+        await self.mesh.transport.flush()
+        log.info("a2a task cancelled", conversation=conv, by=by)
+        return task
+
+
+class MeshExecutor(AgentExecutor):
+    """Runs an A2A task as a mesh conversation (see the module's docstring)."""
+
+    def __init__(self, mesh: MeshClient) -> None:
+        self.mesh = mesh
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        state = context.call_context.state
+        agent, msg = str(state[AGENT]), state[MESSAGE]
+        assert isinstance(msg, Message) and context.task_id and context.context_id
+        asked = [context.message] if context.message is not None else []
+        submitted = TaskState.TASK_STATE_SUBMITTED
+        await event_queue.enqueue_event(
+            new_task(context.task_id, context.context_id, submitted, history=asked)
+        )
+        task = Run(self.mesh, agent, TaskUpdater(event_queue, context.task_id, context.context_id))
+        await task.run(msg)
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """The task's state; the mesh's cancellation is the request handler's
+        (`MeshRequestHandler.on_cancel_task`), sent once the SDK has cancelled the task."""
+        assert context.task_id and context.context_id
+        await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
+
+
+class Run:
+    """One task's run: send, then follow the conversation to its end."""
+
+    def __init__(self, mesh: MeshClient, agent: str, updater: TaskUpdater) -> None:
+        self.mesh = mesh
+        self.agent = agent
+        self.updater = updater
+        self.conv = subjects.conversation_id(updater.task_id)
+        self.lines: asyncio.Queue[TapLine] = asyncio.Queue(maxsize=1024)
+        self.streams: set[str] = set()
+
+    def _on_line(self, line: TapLine) -> None:
+        if not self.lines.full():  # a slow reader loses tokens, never the gateway's memory
+            self.lines.put_nowait(line)
+
+    async def run(self, msg: Message) -> None:
+        sub = await history.follow(self.mesh.transport, self.conv, self._on_line, full=True)
+        try:
+            sent = await self.mesh.send(self.agent, msg, conversation=self.conv, deadline=DEADLINE)
+            await self.updater.start_work()
+            await self._follow(sent.id, time.monotonic() + DEADLINE + 10 * POLL)
+        finally:
+            await sub.unsubscribe()
+
+    async def _follow(self, sent: str, give_up: float) -> None:
+        shown = WORKING
+        while time.monotonic() < give_up:
+            try:
+                await self._live(await asyncio.wait_for(self.lines.get(), POLL))
+                await asyncio.sleep(SETTLE)
+            except TimeoutError:
+                pass
+            messages = await history.conversation(self.mesh.transport, self.conv)
+            while not self.lines.empty():  # what came live before the record was read
+                await self._live(self.lines.get_nowait())
+            ours = next((m for m in messages if m.id == sent), None)
+            if ours is None or not any(d.outcome in _FINAL for d in ours.deliveries):
+                continue  # not yet taken, or not yet handled
+            status = history.summarize(self.conv, messages).status
+            if status == history.DONE:
+                await self._completed(messages)
+                return
+            if status == history.FAILED:
+                await self.updater.failed(self._said(failure_of(messages)))
+                return
+            now = INPUT_REQUIRED if status == history.WAITING else WORKING
+            if now != shown:
+                shown = now
+                await self.updater.update_status(now, self._said(_waiting(status)))
+        await self.updater.failed(
+            self._said(f"no end within {DEADLINE:g}s; the gateway stopped following it")
+        )
+
+    async def _live(self, line: TapLine) -> None:
+        """A streamed token becomes an artifact update of that stream (appended to)."""
+        if line.type != _CHUNK or not isinstance(line.body, dict):
+            return
+        text, stream = line.body.get("text"), str(line.body.get("stream", ""))
+        if not isinstance(text, str) or not stream:
+            return
+        first = stream not in self.streams
+        self.streams.add(stream)
+        await self.updater.add_artifact(
+            [new_text_part(text)], artifact_id=f"stream-{stream}"[:128], name="stream", append=not first
+        )
+
+    async def _completed(self, messages: list[history.Recorded]) -> None:
+        last = result_of(messages)
+        if last is None:
+            await self.updater.complete(self._said(f"{self.agent} finished without an answer"))
+            return
+        artifact = result_artifact(last)
+        parts = list(artifact.parts)
+        await self.updater.add_artifact(
+            parts, artifact_id=artifact.artifact_id, name=artifact.name, metadata={"mesh.type": last.type}
+        )
+        await self.updater.complete(new_message(parts, self.updater.context_id, self.updater.task_id))
+
+    def _said(self, text: str) -> A2AMessage:
+        return new_text_message(text, context_id=self.updater.context_id, task_id=self.updater.task_id)
+
+
+def _waiting(status: str) -> str:
+    if status == history.WAITING:
+        return "a tool call waits for a person's approval (mesh approvals)"
+    return "working"
