@@ -7,6 +7,7 @@
 ``GET /v1/conversations/{id}``              status and result of a conversation
 ``GET /v1/conversations/{id}/events``       its messages live, as server-sent events
 ``GET /openapi.json``                       the API, with every message type's schema
+``/ui/...``                                 the web view (mesh.gateway.web)
 =========================================  =================================================
 """
 
@@ -28,6 +29,7 @@ from mesh.gateway import wire
 from mesh.gateway.asking import ask
 from mesh.gateway.auth import SIGNATURE_HEADER, GatewayAuth
 from mesh.gateway.openapi import openapi
+from mesh.gateway.web import WebConfig, WebView
 from mesh.observability import history
 from mesh.observability.tap import TapLine
 from mesh.runtime.client import MeshClient
@@ -46,12 +48,20 @@ class Gateway:
     """One MeshClient shared by every request. `app` starts and closes it with the server;
     a test may `start()` it itself and drive `app` in-process."""
 
-    def __init__(self, settings: Settings, auth: GatewayAuth, *, client: MeshClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: GatewayAuth,
+        *,
+        client: MeshClient | None = None,
+        web: WebConfig | None = None,
+    ) -> None:
         self.settings = settings
         self.auth = auth
         self.client = client
         self._own_client = client is None
         self._streams = 0
+        self.web = WebView(self, web)
         self.app = Starlette(
             routes=[
                 Route("/v1/events/{type}", self._guard(self.publish_event), methods=["POST"]),
@@ -60,6 +70,7 @@ class Gateway:
                 Route("/v1/conversations/{id}", self._guard(self.status), methods=["GET"]),
                 Route("/v1/conversations/{id}/events", self._guard(self.events), methods=["GET"]),
                 Route("/openapi.json", self._guard(self.schema), methods=["GET"]),
+                *self.web.routes,
             ],
             lifespan=self._lifespan,
         )
@@ -67,8 +78,10 @@ class Gateway:
     async def start(self) -> None:
         if self.client is None:
             self.client = await MeshClient.connect(self.settings, SENDER)
+        await self.web.start()
 
     async def close(self) -> None:
+        await self.web.close()
         if self._own_client and self.client is not None:
             await self.client.close()
             self.client = None
@@ -127,6 +140,8 @@ class Gateway:
             principal = self.auth.bearer(authorization)
         elif signature is not None:
             principal = self.auth.signed(request.query_params.get("source", ""), signature, body)
+        elif request.method == "GET" and (session := self.web.session(request)) is not None:
+            principal = session.principal  # a browser of the web view: reading only
         if principal is None:
             raise wire.Refused(
                 401,
