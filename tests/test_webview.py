@@ -275,6 +275,12 @@ async def test_the_pages_need_a_session_and_say_so_with_security_headers(served:
         wrong = await http.post("/ui/login", data={"token": "not-a-token-of-this-gateway"})
         assert wrong.status_code == 303 and wrong.headers["location"] == "/ui/login#failed"
         assert "set-cookie" not in wrong.headers
+        elsewhere = {"Origin": "https://evil.example"}  # another site's form, with a good token
+        planted = await http.post("/ui/login", data={"token": BOB}, headers=elsewhere)
+        assert planted.status_code == 303 and "set-cookie" not in planted.headers
+        good = await http.post("/ui/login", data={"token": BOB})
+        assert good.status_code == 303 and good.headers["location"] == "/ui/"
+        assert "mesh_session=" in good.headers["set-cookie"] and BOB not in good.headers["set-cookie"]
         assert (await http.get("/ui/static/../web.py")).status_code == 404
         assert (
             (await http.get("/ui/static/conversation.js"))

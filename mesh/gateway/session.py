@@ -79,8 +79,7 @@ class Sessions:
     def may_change(self, request: Request, session: Session) -> bool:
         """Whether a state-changing request carries the session's CSRF token and, when the
         browser names its origin, comes from this host."""
-        origin = request.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        if not same_origin(request):
             return False
         given = request.headers.get(CSRF_HEADER, "")
         return hmac.compare_digest(given.encode(), session.csrf.encode())
@@ -98,6 +97,12 @@ class Sessions:
 
     def clear_cookie(self, response: Response, request: Request) -> None:
         response.delete_cookie(COOKIE, path="/", secure=_tls(request), httponly=True, samesite="strict")
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from a page of another host."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def _tls(request: Request) -> bool:

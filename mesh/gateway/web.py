@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from mesh.gateway import wire
 from mesh.gateway.auth import GatewayAuth
-from mesh.gateway.session import Session, Sessions
+from mesh.gateway.session import Session, Sessions, same_origin
 from mesh.gateway.views import conversation_json
 from mesh.observability import history
 from mesh.patterns.deciding import decide
@@ -52,7 +52,7 @@ SECURITY_HEADERS: Final = {
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make the forms' Origin null
     "Cache-Control": "no-store",
 }
 _TYPES: Final = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
@@ -169,7 +169,7 @@ class WebView:
         """The form's token for a session cookie; back to the form on a wrong one. The token
         is in the body only (never a URL) and is not logged."""
         body = await request.body()
-        if len(body) > 4096:
+        if len(body) > 4096 or not same_origin(request):  # no signing in from another site's form
             return RedirectResponse("/ui/login#failed", 303, headers=SECURITY_HEADERS)
         token = parse_qs(body.decode(errors="replace")).get("token", [""])[0].strip()
         principal = self.gateway.auth.bearer(f"Bearer {token}") if token else None
