@@ -7,6 +7,7 @@ Chromium is the system's (`make test` installs it; or MESH_BROWSER=/path/to/chro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from mesh_user_streaming import agent as streamer
 from mesh_user_tools import REFUNDS
 from mesh_user_tools import agent as clerk
 from playwright.async_api import Browser, Page, async_playwright, expect
@@ -27,6 +29,9 @@ from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.gateway.session import Sessions
 from mesh.gateway.web import WebConfig
+from mesh.gateway.wire import idempotent_ids
+from mesh.llm.offline import OfflineLLM
+from mesh.llm.types import Delta, Request, StreamEvent
 from mesh.observability import history
 from mesh.runtime.client import MeshClient
 from mesh.testing import running_agent
@@ -227,6 +232,50 @@ async def test_the_web_view_follows_a_conversation_live_and_an_approver_finishes
     msgs = await history.conversation(client.transport, conv)
     [resolved] = [m for m in msgs if m.type == "approval.resolved"]
     assert resolved.body()["status"] == "approved" and resolved.body()["person"] == "token:alice"
+
+
+class HeldLLM(OfflineLLM):
+    """The offline model, streaming its first words and then holding the rest until `go`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def stream(self, request: Request) -> AsyncIterator[StreamEvent]:
+        n = 0
+        async for event in super().stream(request):
+            if isinstance(event, Delta) and n == 3:
+                await self.go.wait()
+            n += 1
+            yield event
+
+
+async def test_a_streamed_answer_grows_on_the_page_until_it_is_final(
+    served: Served, browser: Browser, settings: Settings
+) -> None:
+    held = HeldLLM()
+    # the conversation's id is known before it starts (from the Idempotency-Key): the page
+    # is open first, since streamed chunks are live only, never recorded
+    conv = idempotent_ids("token:alice", "stream-1")[1]
+    assert conv is not None
+    async with running_agent(streamer, settings, llm=held):
+        alice = await _signed_in(browser, served.url, ALICE)
+        await alice.goto(f"{served.url}/ui/c/{conv}")
+        await expect(alice.locator("#live")).to_have_text("live", timeout=WAIT)
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
+            started = await http.post(
+                "/v1/agents/streamer?type=test.question",
+                json={"text": "The web view shows a streamed answer while it is written."},
+                headers={"Authorization": f"Bearer {ALICE}", "Idempotency-Key": "stream-1"},
+            )
+        assert started.status_code == 202 and started.json()["conversation"] == conv
+        growing = alice.locator('.node[data-type="llm.chunk"]')
+        await expect(growing).to_contain_text("streaming…", timeout=WAIT)
+        await expect(growing.locator("pre.body")).to_have_text("The web view ")
+        held.go.set()
+        final = alice.locator('.node[data-type="llm.final"]')
+        await expect(final).to_contain_text("a streamed answer while it is written.", timeout=WAIT)
+        await expect(growing).to_have_count(0)  # the final answer replaces the chunks
 
 
 def test_approvals_from_the_web_view_are_configured_whole_or_not_at_all(tmp_path: Path) -> None:

@@ -143,7 +143,9 @@
   function drawSummary() {
     if (!record) return;
     const s = record;
-    document.getElementById("status").replaceChildren(statusBadge(s.status));
+    // an empty record is a conversation not started yet (or not recorded), not a finished one
+    const status = s.messages.length ? s.status : "no messages yet";
+    document.getElementById("status").replaceChildren(statusBadge(status));
     document.getElementById("summary").replaceChildren(
       fact("Started", when(s.started)),
       fact("Took", took(s.duration)),
