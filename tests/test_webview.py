@@ -276,6 +276,12 @@ async def test_a_streamed_answer_grows_on_the_page_until_it_is_final(
         final = alice.locator('.node[data-type="llm.final"]')
         await expect(final).to_contain_text("a streamed answer while it is written.", timeout=WAIT)
         await expect(growing).to_have_count(0)  # the final answer replaces the chunks
+        # signing out ends the session: the pages ask for a token again
+        await alice.click("#logout")
+        await expect(alice).to_have_url(f"{served.url}/ui/login", timeout=WAIT)
+        assert await alice.context.cookies() == []
+        await alice.goto(f"{served.url}/ui/c/{conv}")
+        await expect(alice).to_have_url(f"{served.url}/ui/login")
 
 
 def test_approvals_from_the_web_view_are_configured_whole_or_not_at_all(tmp_path: Path) -> None:
