@@ -80,16 +80,21 @@ class Served:
 
 
 @pytest.fixture
-def served(settings: Settings, tmp_path: Path) -> Iterator[Served]:
+def served(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     """A real gateway on a loopback port (uvicorn in a thread, with its own event loop), with
-    alice as an approver and the operator's credentials for her decisions."""
+    alice as an approver and the operator's credentials for her decisions (and a trace UI,
+    unless the test's parameter says ``trace_url=""``)."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice={ALICE}\nbob={BOB}\n")
     publisher = with_role(settings, "publisher")
     operator_creds = with_role(settings, "operator").nats_creds
     auth = GatewayAuth.load(tokens, environ={})
     web = WebConfig.load(
-        publisher, auth, approvers="alice", decider_creds=operator_creds, trace_url=TRACE_URL
+        publisher,
+        auth,
+        approvers="alice",
+        decider_creds=operator_creds,
+        trace_url=getattr(request, "param", {}).get("trace_url", TRACE_URL),
     )
     gateway = Gateway(publisher, auth, web=web)
     port = _free_port()
@@ -250,6 +255,7 @@ class HeldLLM(OfflineLLM):
             yield event
 
 
+@pytest.mark.parametrize("served", [{"trace_url": ""}], indirect=True)
 async def test_a_streamed_answer_grows_on_the_page_until_it_is_final(
     served: Served, browser: Browser, settings: Settings
 ) -> None:
@@ -276,6 +282,10 @@ async def test_a_streamed_answer_grows_on_the_page_until_it_is_final(
         final = alice.locator('.node[data-type="llm.final"]')
         await expect(final).to_contain_text("a streamed answer while it is written.", timeout=WAIT)
         await expect(growing).to_have_count(0)  # the final answer replaces the chunks
+        # no trace UI configured: the trace id, and the command that shows it
+        await expect(alice.locator("#trace code.trace-id")).to_have_count(1, timeout=WAIT)
+        await expect(alice.locator("#trace")).to_contain_text(f"mesh trace {conv}")
+        assert await alice.locator("a.trace-link").count() == 0
         # signing out ends the session: the pages ask for a token again
         await alice.click("#logout")
         await expect(alice).to_have_url(f"{served.url}/ui/login", timeout=WAIT)
