@@ -17,8 +17,8 @@ class WebOrder(Message, frozen=True):
 
 @message("test.web_done")
 class WebDone(Message, frozen=True):
-    order: str
     answer: str
+    calls: list[str]
 
 
 intake = Agent("intake", description="takes an order from the web and asks the clerk to refund it")
@@ -33,4 +33,4 @@ async def on_order(order: WebOrder, ctx: Context) -> None:
 
 @intake.handler(events=False)
 async def on_answered(answer: Answered, ctx: Context) -> None:
-    await ctx.publish(WebDone(order=",".join(answer.calls), answer=answer.text))
+    await ctx.publish(WebDone(answer=answer.text, calls=answer.calls))
