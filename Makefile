@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean browser
 
 # Create .venv and install the project with its dev tools; re-runs when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -18,7 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mesh demo
 
-test: $(STAMP)
+# The web view's browser test (tests/test_webview.py) drives the system's Chromium through
+# Playwright, never a downloaded browser: install Debian's when it is missing (CI runs as root).
+browser:
+	command -v chromium >/dev/null || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@
 ``GET /v1/conversations/{id}/events``       its messages live, as server-sent events
 ``GET /openapi.json``                       the API, with every message type's schema
 ``/a2a/{agent}``                            each agent as an A2A agent (mesh.gateway.a2a)
+``/ui/...``                                 the web view (mesh.gateway.web)
 =========================================  =================================================
 """
 
@@ -32,6 +33,7 @@ from mesh.gateway.asking import ask
 from mesh.gateway.auth import SIGNATURE_HEADER, GatewayAuth
 from mesh.gateway.meters import RequestMeters
 from mesh.gateway.openapi import openapi
+from mesh.gateway.web import WebConfig, WebView
 from mesh.observability import history
 from mesh.observability.tap import TapLine
 from mesh.runtime.client import MeshClient
@@ -57,6 +59,7 @@ class Gateway:
         *,
         client: MeshClient | None = None,
         public_cards: bool = False,
+        web: WebConfig | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth
@@ -64,6 +67,7 @@ class Gateway:
         self._own_client = client is None
         self._streams = 0
         self.a2a = A2A(self, public_cards=public_cards)
+        self.web = WebView(self, web)
         self.app = Starlette(
             routes=[
                 Route("/v1/events/{type}", self._guard(self.publish_event), methods=["POST"]),
@@ -73,6 +77,7 @@ class Gateway:
                 Route("/v1/conversations/{id}/events", self._guard(self.events), methods=["GET"]),
                 Route("/openapi.json", self._guard(self.schema), methods=["GET"]),
                 *self.a2a.routes(),
+                *self.web.routes,
             ],
             middleware=[Middleware(RequestMeters)],  # http.server.* metrics (mesh.gateway.meters)
             lifespan=self._lifespan,
@@ -81,9 +86,11 @@ class Gateway:
     async def start(self) -> None:
         if self.client is None:
             self.client = await MeshClient.connect(self.settings, SENDER)
+        await self.web.start()
 
     async def close(self) -> None:
         await self.a2a.close()
+        await self.web.close()
         if self._own_client and self.client is not None:
             await self.client.close()
             self.client = None
@@ -142,6 +149,8 @@ class Gateway:
             principal = self.auth.bearer(authorization)
         elif signature is not None:
             principal = self.auth.signed(request.query_params.get("source", ""), signature, body)
+        elif request.method == "GET" and (session := self.web.session(request)) is not None:
+            principal = session.principal  # a browser of the web view: reading only
         if principal is None:
             raise wire.Refused(
                 401,

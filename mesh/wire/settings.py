@@ -294,6 +294,21 @@ class Settings(BaseModel):
     gateway_secrets: Path | None = Field(
         default=None, description="`mesh gateway`: a file of source=secret lines, the webhook HMAC secrets."
     )
+    gateway_approvers: str = Field(
+        default="",
+        description="`mesh gateway`: token names (comma-separated) that may decide approvals in the web "
+        "view; needs MESH_GATEWAY_DECIDER_CREDS.",
+    )
+    gateway_decider_creds: Path | None = Field(
+        default=None,
+        description="`mesh gateway`: operator credentials, used only to send the web view's "
+        "approval decisions.",
+    )
+    trace_url: str = Field(
+        default="",
+        description="A trace UI's URL with {trace_id} in it (e.g. http://jaeger:16686/trace/{trace_id}), "
+        "linked from the web view.",
+    )
     qdrant_collection: str = Field(default="mesh_memory", pattern=r"^[A-Za-z0-9_-]+$")
     qdrant_shards: int = Field(default=1, ge=1, description="Qdrant server: shards of a new collection.")
     qdrant_replicas: int = Field(default=1, ge=1, description="Qdrant server: replicas of each shard.")

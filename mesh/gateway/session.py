@@ -1,0 +1,109 @@
+"""Browser sessions of the web view (docs/gateway.md, "Web view").
+
+A browser cannot send ``Authorization: Bearer`` when it follows a link, so the user pastes a
+gateway token once into the login form and gets a session cookie instead:
+
+- the cookie is ``<name>.<expiry>.<nonce>.<HMAC-SHA256>`` under a key made at random when
+  the process starts (a restart signs everyone out; it holds no token, only the token's
+  name), HttpOnly, SameSite=Strict, Secure when the request came over TLS, for 8 hours;
+- a state-changing request (a decision, signing out) must carry the session's CSRF token
+  in ``X-CSRF-Token`` (an HMAC of the cookie, which the page reads from ``/ui/api/me``;
+  another site can neither read it nor send the cookie) and, when the browser sends an
+  ``Origin``, come from this host.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Final
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+COOKIE: Final = "mesh_session"
+CSRF_HEADER: Final = "x-csrf-token"
+LIFETIME: Final = 8 * 3600  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    name: str  # the token's name: the principal is token:<name>
+    expires: int  # seconds since the epoch
+    csrf: str
+
+    @property
+    def principal(self) -> str:
+        return f"token:{self.name}"
+
+
+class Sessions:
+    """Issues and checks session cookies and their CSRF tokens."""
+
+    def __init__(
+        self, *, key: bytes | None = None, lifetime: int = LIFETIME, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._key = key or secrets.token_bytes(32)
+        self.lifetime = lifetime
+        self._clock = clock
+
+    def _mac(self, purpose: str, text: str) -> str:
+        return hmac.new(self._key, f"{purpose}\n{text}".encode(), sha256).hexdigest()
+
+    def issue(self, name: str) -> str:
+        """A cookie value for the holder of token `name`."""
+        payload = f"{name}.{int(self._clock()) + self.lifetime}.{secrets.token_urlsafe(12)}"
+        return f"{payload}.{self._mac('session', payload)}"
+
+    def read(self, value: str | None) -> Session | None:
+        """The session of a cookie value; None if it is missing, forged or expired."""
+        if not value or len(value) > 512:
+            return None
+        payload, _, mac = value.rpartition(".")
+        if not hmac.compare_digest(mac.encode(), self._mac("session", payload).encode()):
+            return None
+        name, _, rest = payload.partition(".")
+        expires = rest.partition(".")[0]
+        if not expires.isdigit() or int(expires) <= self._clock():
+            return None
+        return Session(name, int(expires), self._mac("csrf", value))
+
+    def of(self, request: Request) -> Session | None:
+        return self.read(request.cookies.get(COOKIE))
+
+    def may_change(self, request: Request, session: Session) -> bool:
+        """Whether a state-changing request carries the session's CSRF token and, when the
+        browser names its origin, comes from this host."""
+        if not same_origin(request):
+            return False
+        given = request.headers.get(CSRF_HEADER, "")
+        return hmac.compare_digest(given.encode(), session.csrf.encode())
+
+    def set_cookie(self, response: Response, value: str, request: Request) -> None:
+        response.set_cookie(
+            COOKIE,
+            value,
+            max_age=self.lifetime,
+            path="/",
+            secure=_tls(request),
+            httponly=True,
+            samesite="strict",
+        )
+
+    def clear_cookie(self, response: Response, request: Request) -> None:
+        response.delete_cookie(COOKIE, path="/", secure=_tls(request), httponly=True, samesite="strict")
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from a page of another host."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+def _tls(request: Request) -> bool:
+    return request.url.scheme == "https"
