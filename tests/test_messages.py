@@ -13,6 +13,7 @@ from sample_agents import sandboxed as sbx
 from sample_agents.echo import Ping, Pong
 from sample_agents.ledger import InvoiceBooked, InvoicePaid
 from sample_agents.relay import Baton, Finished
+from sample_agents.webview import WebDone, WebOrder
 
 from mesh.join import HandedOn, JoinTimer, JudgeRequest, JudgeVerdict
 from mesh.llm.streaming import LLMChunk, LLMFinal
@@ -36,6 +37,8 @@ SAMPLES: dict[str, Message] = {
     "support.policy_note": PolicyNote(ticket_id="T-1", rules=["r"], escalate=True),
     "support.reply_drafted": ReplyDrafted(ticket_id="T-1", category="billing", priority="high", reply="Hi"),
     "test.ping": Ping(text="p", n=1),
+    "test.web_order": WebOrder(order="o-1", note="<img src=x onerror=alert(1)>"),
+    "test.web_done": WebDone(answer="a", calls=["refund"]),
     "test.pong": Pong(text="p", n=1, pid=2, instance="i"),
     "test.baton": Baton(token="t", path=["a"]),
     "test.finished": Finished(token="t", path=["a", "b"]),
