@@ -38,6 +38,7 @@ FAILED: Final = "failed"
 WAITING: Final = "waiting"
 RUNNING: Final = "running"
 DONE: Final = "done"
+SKEW_NS: Final = 3600 * 10**9  # how far a sender's clock may be from the server's
 _FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
 _APPROVAL_REQUEST: Final = "approval.request"
 _APPROVAL_RESOLVED: Final = "approval.resolved"
@@ -90,8 +91,15 @@ class Recorded:
 
     @property
     def sent_ns(self) -> int:
+        """When its sender says it sent it, if that is within `SKEW` of when it was stored
+        (the server's clock); else when it was stored: a sender's claim is not trusted to
+        move a conversation into another year."""
+        stored = int(self.at * 1e9)
         raw = self.headers.get(h.SENT_AT, "")
-        return int(raw) if raw.isdigit() else int(self.at * 1e9)
+        if not raw.isdigit() or len(raw) > 20:
+            return stored
+        claimed = int(raw)
+        return claimed if not stored or abs(claimed - stored) <= SKEW_NS else stored
 
     @property
     def trace_id(self) -> str:
