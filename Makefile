@@ -23,10 +23,14 @@ demo: $(STAMP)
 browser:
 	command -v chromium >/dev/null || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))
 
+# Two workers (each with its own nats-server) keep the suite under 10 minutes on 2 cores;
+# the heaviest fault tests share one worker (xdist_group "heavy"), so they never overlap.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -56,6 +56,7 @@ def _check_run(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")  # one worker runs these one after another (Makefile)
 def test_smoke_starts_every_kind_of_system(tmp_path: Path) -> None:
     out = tmp_path / "bench-results.json"
     lines: list[str] = []

@@ -187,6 +187,7 @@ async def test_mesh_demo_on_the_secured_cluster_runs_every_agent_on_its_identity
     assert set(replicas.values()) == {3}, replicas
 
 
+@pytest.mark.xdist_group("heavy")  # one worker runs these one after another (Makefile)
 async def test_leader_killed_and_quorum_lost_under_load_loses_and_doubles_nothing(
     cluster: EmbeddedCluster, cluster_settings: Settings, operator: Settings, mc: MeshClient, fleet: Fleet
 ) -> None:

@@ -178,6 +178,7 @@ async def wait_until(predicate: Any, timeout: float, every: float = 0.25) -> Non
             await asyncio.sleep(every)
 
 
+@pytest.mark.xdist_group("heavy")  # one worker runs these one after another (Makefile)
 async def test_kill_9_workers_mid_handler_loses_and_doubles_nothing(
     fault_settings: Settings, mc: MeshClient, fleet: Fleet
 ) -> None:
@@ -259,6 +260,7 @@ async def test_kill_9_workers_mid_handler_loses_and_doubles_nothing(
     assert not unwhole, f"{len(unwhole)} conversations not recorded whole: {unwhole[:3]}"
 
 
+@pytest.mark.xdist_group("heavy")  # one worker runs these one after another (Makefile)
 async def test_killing_and_restarting_nats_server_loses_no_acknowledged_event(
     own_server: SecureServer, fault_settings: Settings, mc: MeshClient, fleet: Fleet
 ) -> None:
@@ -317,6 +319,7 @@ async def test_killing_and_restarting_nats_server_loses_no_acknowledged_event(
     assert len(acked) == n and not lost and not unhandled and not doubled
 
 
+@pytest.mark.xdist_group("heavy")  # one worker runs these one after another (Makefile)
 async def test_kill_9_the_fan_in_holder_and_another_replica_completes(
     fault_settings: Settings, mc: MeshClient, fleet: Fleet
 ) -> None:

@@ -519,6 +519,7 @@ class Watch:
             await rec.stop()
 
 
+@pytest.mark.xdist_group("heavy")  # one worker runs these one after another (Makefile)
 async def test_thousands_of_bad_messages_silence_no_agent_and_each_is_dead_lettered(
     own_server: EmbeddedServer, fleet: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
