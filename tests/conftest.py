@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import nkeys  # type: ignore[import-untyped]
 import pytest
@@ -143,3 +144,16 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     yield started
     for p in started:
         stop_process(p)
+
+
+async def stored_dead_letters(transport: Any, stream: str, conversation: str, count: int = 1) -> list[Any]:
+    """The conversation's dead letters once `count` are in the stream: a tap sees a letter as
+    the server routes it, and the stream may store it a moment later (on a loaded machine)."""
+    from mesh.cli.dlq import list_dead_letters
+
+    async with asyncio.timeout(10):
+        while True:
+            letters = await list_dead_letters(transport, stream, conversation=conversation)
+            if len(letters) >= count:
+                return letters
+            await asyncio.sleep(0.02)

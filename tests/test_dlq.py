@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import stored_dead_letters
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
@@ -61,12 +62,7 @@ async def test_a_dead_letter_is_listed_and_redriven_once_the_cause_is_fixed(
         [dead] = await dlq.wait_count(1)
         assert dead.headers[h.DLQ_DELIVERIES] == str(settings.max_deliver)
 
-        letters = await list_dead_letters(
-            client.transport,  # type: ignore[arg-type]
-            settings.dead_letter_stream,
-            conversation="dlq-redrive",
-        )
-        [letter] = letters
+        [letter] = await stored_dead_letters(client.transport, settings.dead_letter_stream, "dlq-redrive")
         assert (letter.agent, letter.kind, letter.message_id) == ("moody", "handler_error", sent.id)
         listed = _cli(settings, "dlq", "ls", "--conversation", "dlq-redrive", "--json")
         assert listed.returncode == 0, listed.stderr
@@ -222,11 +218,7 @@ async def test_a_dead_letter_keeps_no_secret_header_and_a_redrive_does_not_bring
         assert not set(SECRETS) & set(dead.headers)
         assert dead.headers["Kunde"] == "Müller"  # other headers are kept
 
-        [letter] = await list_dead_letters(
-            client.transport,  # type: ignore[arg-type]
-            settings.dead_letter_stream,
-            conversation="dlq-secret",
-        )
+        [letter] = await stored_dead_letters(client.transport, settings.dead_letter_stream, "dlq-secret")
         shown = _cli(settings, "dlq", "show", str(letter.seq))
         assert shown.returncode == 0, shown.stderr
         assert not any(value in shown.stdout for value in SECRETS.values())

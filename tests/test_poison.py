@@ -8,6 +8,7 @@ from typing import Any
 
 import nats
 import pytest
+from conftest import stored_dead_letters
 from sample_agents.echo import Ping, Pong
 
 from mesh import Agent, Context
@@ -120,7 +121,7 @@ async def test_a_body_near_max_payload_is_dead_lettered_whole_in_two_parts(
         await _alive(client, conv)
         # `mesh dlq redrive` joins the two parts again; the continuation alone is refused
         stream = settings.dead_letter_stream
-        letters = await list_dead_letters(client.transport, stream, conversation=conv)
+        letters = await stored_dead_letters(client.transport, stream, conv, 2)
         [seq, rest_seq] = [d.seq for d in letters]
         with pytest.raises(ConfigError, match="rest of a truncated"):
             await redrive(client.transport, stream, rest_seq)
