@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,64 @@ async def test_an_idempotency_key_repeat_gets_the_same_ids_and_the_stream_keeps_
     stored = await operator.transport.stored_many(EVENTS, 1, first.json()["subject"])
     assert len(stored) == 1
     assert stored[0].headers["Nats-Msg-Id"] == first.json()["id"]
+
+
+def stamped(body: dict[str, Any], at: float | None = None, *secrets: bytes) -> tuple[bytes, dict[str, str]]:
+    """A body signed as Stripe signs it: t=<unix seconds>,v1=<HMAC of "<t>.<body>"> per secret."""
+    raw = json.dumps(body).encode()
+    t = int(time.time() if at is None else at)
+    v1 = ",".join(f"v1={sign(secret, f'{t}.'.encode() + raw)}" for secret in secrets or (SECRET,))
+    return raw, {"Stripe-Signature": f"t={t},{v1}", "Content-Type": "application/json"}
+
+
+async def test_a_timestamped_signature_is_good_for_five_minutes_and_a_replay_of_it_is_one_message(
+    http: httpx.AsyncClient, operator: MeshClient
+) -> None:
+    url = "/v1/events/test.ping?source=github"
+    raw, headers = stamped({"text": "stamped"})
+    first = await http.post(url, content=raw, headers=headers)
+    replayed = await http.post(url, content=raw, headers=headers)  # captured and sent again
+    assert first.status_code == replayed.status_code == 202, first.text
+    assert first.json() == replayed.json()  # the same delivery: the same ids, dropped by the stream
+    stored = await operator.transport.stored_many(EVENTS, 1, first.json()["subject"])
+    assert [m.headers["Nats-Msg-Id"] for m in stored] == [first.json()["id"]]
+    # one good signature among others passes (a secret being rotated), and is the same delivery
+    _, both = stamped({"text": "stamped"}, float(headers["Stripe-Signature"][2:12]), b"o" * 20, SECRET)
+    again = await http.post(url, content=raw, headers=both)
+    assert again.status_code == 202 and again.json() == first.json()
+    # a new second is a new delivery
+    later = await http.post(url, content=raw, headers=stamped({"text": "stamped"}, time.time() + 2)[1])
+    assert later.status_code == 202 and later.json()["id"] != first.json()["id"]
+    refused = [
+        stamped({"text": "x"}, time.time() - 301)[1],  # too old
+        stamped({"text": "x"}, time.time() + 301)[1],  # too far ahead
+        stamped({"text": "x"}, None, b"not-the-secret-0123")[1],
+        {"Stripe-Signature": "v1=" + "0" * 64},  # no time
+        {"Stripe-Signature": f"t={int(time.time())}"},  # no signature
+        {"Stripe-Signature": "t=" + "9" * 40 + ",v1=00"},
+        {"Stripe-Signature": ",".join(["v1=" + "a" * 64] * 500) + f",t={int(time.time())}"},
+        {"Stripe-Signature": "\x00garbage=,=,t=,v1="},
+    ]
+    for bad in refused:
+        r = await http.post(url, content=json.dumps({"text": "x"}).encode(), headers=bad)
+        assert r.status_code == 401, (bad, r.text)
+    r = await http.post(
+        "/v1/events/test.ping?source=nobody", content=raw, headers=stamped({"text": "stamped"})[1]
+    )
+    assert r.status_code == 401
+
+
+async def test_a_github_delivery_id_makes_a_redelivery_the_same_message(http: httpx.AsyncClient) -> None:
+    raw, headers = signed({"text": "pushed"})
+    url = "/v1/events/test.ping?source=github"
+    delivery = {**headers, "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}
+    first = await http.post(url, content=raw, headers=delivery)
+    redelivered = await http.post(url, content=raw, headers=delivery)
+    other = await http.post(url, content=raw, headers={**headers, "X-GitHub-Delivery": "8d1f-other"})
+    plain = await http.post(url, content=raw, headers=headers)
+    assert {r.status_code for r in (first, redelivered, other, plain)} == {202}
+    assert first.json() == redelivered.json()
+    assert len({first.json()["id"], other.json()["id"], plain.json()["id"]}) == 3
 
 
 async def test_a_request_returns_the_answer_and_a_timeout_is_504(

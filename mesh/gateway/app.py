@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -30,7 +31,7 @@ from starlette.routing import Route
 from mesh.gateway import wire
 from mesh.gateway.a2a import A2A
 from mesh.gateway.asking import ask
-from mesh.gateway.auth import SIGNATURE_HEADER, GatewayAuth
+from mesh.gateway.auth import SIGNATURE_HEADER, TIMESTAMPED_HEADER, TOLERANCE, GatewayAuth
 from mesh.gateway.meters import RequestMeters
 from mesh.gateway.openapi import openapi
 from mesh.gateway.web import WebConfig, WebView
@@ -149,6 +150,9 @@ class Gateway:
             principal = self.auth.bearer(authorization)
         elif signature is not None:
             principal = self.auth.signed(request.query_params.get("source", ""), signature, body)
+        elif (stamped := request.headers.get(TIMESTAMPED_HEADER)) is not None:
+            source = request.query_params.get("source", "")
+            principal = self.auth.timestamped(source, stamped, body, time.time())
         elif request.method == "GET" and (session := self.web.session(request)) is not None:
             principal = session.principal  # a browser of the web view: reading only
         if principal is None:
@@ -156,7 +160,8 @@ class Gateway:
                 401,
                 "unauthorized",
                 "give Authorization: Bearer <token>, or sign the body: ?source=<name> and "
-                "X-Hub-Signature-256: sha256=<hex HMAC-SHA256>",
+                "X-Hub-Signature-256: sha256=<hex HMAC-SHA256>, or Stripe-Signature: t=<unix "
+                f"seconds, within {TOLERANCE} s of ours>,v1=<hex HMAC-SHA256 of '<t>.<body>'>",
             )
         return principal
 
@@ -165,7 +170,7 @@ class Gateway:
     async def publish_event(self, request: Request, body: bytes, principal: str) -> Response:
         mtype = wire.message_type(request.path_params["type"])
         msg = wire.decode(body, mtype)
-        msg_id, conv = wire.idempotent_ids(principal, request.headers.get("idempotency-key"))
+        msg_id, conv = wire.idempotent_ids(principal, wire.delivery_key(request.headers, body))
         sent = await self.mesh.publish(msg, conversation=conv, msg_id=msg_id)
         return _accepted(sent.id, sent.conversation, str(mtype), sent.subject)
 
@@ -173,7 +178,7 @@ class Gateway:
         agent = wire.agent(request.path_params["agent"])
         mtype = wire.message_type(_type_param(request))
         msg = wire.decode(body, mtype)
-        msg_id, conv = wire.idempotent_ids(principal, request.headers.get("idempotency-key"))
+        msg_id, conv = wire.idempotent_ids(principal, wire.delivery_key(request.headers, body))
         sent = await self.mesh.send(agent, msg, conversation=conv, msg_id=msg_id)
         return _accepted(sent.id, sent.conversation, str(mtype), sent.subject)
 

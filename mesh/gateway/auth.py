@@ -5,7 +5,9 @@ Both come from files of ``name=secret`` lines (blank lines and ``#`` comments sk
 - tokens (``--tokens``, MESH_GATEWAY_TOKENS): ``Authorization: Bearer <token>``;
 - webhook secrets (``--secrets``, MESH_GATEWAY_SECRETS): the caller names its source in the
   URL (``?source=github``) and signs the raw body as GitHub does,
-  ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body under that source's secret>``.
+  ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body under that source's secret>``,
+  or with a timestamp as Stripe does, ``Stripe-Signature: t=<unix seconds>,v1=<hex
+  HMAC-SHA256 of "<t>.<body>">``, good for `TOLERANCE` seconds.
 
 Every comparison is constant-time. The caller that passed is a principal (``token:<name>``,
 ``hmac:<source>``): idempotency keys are scoped to it.
@@ -26,6 +28,9 @@ from mesh.wire.errors import ConfigError
 
 SIGNATURE_HEADER: Final = "x-hub-signature-256"
 SIGNATURE_PREFIX: Final = "sha256="
+TIMESTAMPED_HEADER: Final = "stripe-signature"  # t=<unix seconds>,v1=<hex HMAC of "<t>.<body>">
+TOLERANCE: Final = 300  # seconds a timestamped signature stays good (the dedupe window's default)
+_MAX_SIGNATURE_HEADER: Final = 1024
 TOKENS_ENV: Final = "MESH_GATEWAY_TOKENS"
 SECRETS_ENV: Final = "MESH_GATEWAY_SECRETS"
 
@@ -83,6 +88,37 @@ class GatewayAuth:
         given = signature[len(SIGNATURE_PREFIX) :].strip().lower()
         ok = hmac.compare_digest(given.encode(), expected.encode())
         return f"hmac:{source}" if ok else None
+
+    def timestamped(self, source: str, header: str, body: bytes, now: float) -> str | None:
+        """The principal of a body signed with a timestamp under `source`'s secret, Stripe's
+        scheme: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` (several ``v1``
+        while a secret is rotated). None if the source is unknown, the header malformed,
+        the time more than `TOLERANCE` seconds from ours, or no ``v1`` matches."""
+        secret = self.secrets.get(source)
+        if secret is None or len(header) > _MAX_SIGNATURE_HEADER:
+            return None
+        stamp, given = signature_parts(header)
+        if stamp is None or abs(now - stamp) > TOLERANCE or not given:
+            return None
+        expected = sign(secret, f"{stamp}.".encode() + body).encode()
+        ok = False
+        for candidate in given:  # every one compared: the time says nothing of which matched
+            ok |= hmac.compare_digest(candidate.encode(), expected)
+        return f"hmac:{source}" if ok else None
+
+
+def signature_parts(header: str) -> tuple[int | None, list[str]]:
+    """The timestamp and the ``v1`` signatures of a timestamped signature header (at most
+    eight); (None, []) when there is no timestamp of up to 12 digits."""
+    stamp: int | None = None
+    given: list[str] = []
+    for item in header.split(",")[:16]:
+        key, _, value = item.strip().partition("=")
+        if key == "t" and value.isdigit() and len(value) <= 12:
+            stamp = int(value)
+        elif key == "v1" and len(given) < 8:
+            given.append(value.strip().lower())
+    return (stamp, given) if stamp is not None else (None, [])
 
 
 def sign(secret: bytes, body: bytes) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
 
+from mesh.gateway.auth import TIMESTAMPED_HEADER, signature_parts
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError, UnknownTypeError
 from mesh.wire.messages import Message, MessageType, is_type_name, registry
@@ -60,6 +62,27 @@ def timeout(value: str | None, default: float) -> float:
         said = f"a timeout is seconds, more than 0 and at most {MAX_TIMEOUT:g}"
         raise Refused(400, "invalid_timeout", said)
     return seconds
+
+
+def delivery_key(headers: Mapping[str, str], body: bytes) -> str | None:
+    """What makes a repeat of this request the same message: its ``Idempotency-Key``; else
+    a webhook's own delivery id, GitHub's ``X-GitHub-Delivery``; else the time of a
+    timestamped signature and the body it signs (the same body signed at the same second is
+    the same delivery: a captured request sent again within the dedupe window is dropped,
+    and after it its signature is too old; the ``v1`` list is left out, since one good
+    signature among others passes). None: each request is a new message."""
+    key = headers.get("idempotency-key")
+    if key is not None:
+        return key
+    delivery = headers.get("x-github-delivery")
+    if delivery is not None and _KEY.match(delivery):
+        return f"github:{delivery}"
+    signature = headers.get(TIMESTAMPED_HEADER)
+    if signature is not None and len(signature) <= 1024:
+        stamp, _ = signature_parts(signature)
+        if stamp is not None:
+            return f"signed:{stamp}:{hashlib.sha256(body).hexdigest()[:48]}"
+    return None
 
 
 def idempotent_ids(principal: str, key: str | None) -> tuple[str | None, str | None]:
