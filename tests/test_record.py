@@ -149,6 +149,35 @@ async def test_recent_lists_conversations_newest_first(settings: Settings, clien
     assert b.status == history.DONE and "echo" in b.agents and b.messages == 2
 
 
+async def test_a_kept_recent_list_reads_only_what_was_recorded_since(
+    settings: Settings, client: MeshClient
+) -> None:
+    async def done(conv: str, messages: int = 2) -> None:
+        await client.request("echo", Ping(text=conv), Pong, conversation=conv)
+        await _until(lambda: history.conversation(client.transport, conv), lambda ms: len(ms) == messages)
+
+    async with running_agent(echo, settings):
+        await done("recKa")
+        listing = history.Recent(client.transport, scan=100_000)
+        small = history.Recent(client.transport, scan=1)  # holds one entry at most
+        assert [s.id for s in await small.read(10)] == ["recKa"]
+        first = [s.id for s in await listing.read(500)]
+        assert first[0] == "recKa"
+        read_once = listing.fetched
+        _, last = await client.transport.stream_bounds(history.RECORD)
+        await done("recKb")
+        await done("recKa", 4)  # an older conversation touched again comes back to the top
+        _, now = await client.transport.stream_bounds(history.RECORD)
+        again = await listing.read(500)
+    assert listing.fetched - read_once == now - last  # only the new entries were read
+    assert [s.id for s in again][:2] == ["recKa", "recKb"]
+    ka = again[0]
+    assert ka.messages == 4 and ka.status == history.DONE  # its summary covers both exchanges
+    assert [s.id for s in again] == [s.id for s in await history.recent(client.transport, limit=500)]
+    # one echo handling is one entry here: the small reader let the older ones go as it read
+    assert [s.id for s in await small.read(10)] == ["recKa"] and small.held == 1
+
+
 async def test_an_agent_may_record_only_under_its_own_name(settings: Settings) -> None:
     from mesh.testing import provision
 

@@ -113,6 +113,7 @@ class WebView:
         self._recent: list[dict[str, Any]] = []
         self._recent_at = 0.0
         self._recent_lock = asyncio.Lock()
+        self._recent_reader: history.Recent | None = None
         self._watchers = 0
         page = self._page
         self.routes = [
@@ -232,7 +233,10 @@ class WebView:
         """The recent conversations, read at most once each LIST_EVERY for every watcher."""
         async with self._recent_lock:
             if time.monotonic() - self._recent_at >= LIST_EVERY:
-                found = await history.recent(self.gateway.mesh.transport, limit=LIST_LIMIT)
+                transport = self.gateway.mesh.transport
+                if self._recent_reader is None or self._recent_reader.transport is not transport:
+                    self._recent_reader = history.Recent(transport)  # kept: later readings take what is new
+                found = await self._recent_reader.read(LIST_LIMIT)
                 self._recent = [s.to_dict() for s in found]
                 self._recent_at = time.monotonic()
             return self._recent

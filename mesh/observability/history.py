@@ -284,14 +284,56 @@ def summarize(conversation_id: str, messages: list[Recorded]) -> Summary:
 async def recent(transport: Transport, *, limit: int = 20, scan: int = 20_000) -> list[Summary]:
     """The `limit` conversations recorded most recently (newest first), found among the last
     `scan` record entries."""
-    first, last = await transport.stream_bounds(RECORD)
-    start = max(first, last - scan + 1, 1)
-    by_conversation: dict[str, list[Any]] = {}
-    async for entry in entries(transport, f"{subjects.RECORD_ROOT}.>", start):
-        conv = str(entry.subject).split(".")[1]
-        by_conversation.setdefault(conv, []).append(entry)
-    newest = sorted(by_conversation, key=lambda c: by_conversation[c][-1].seq, reverse=True)[:limit]
-    return [summarize(c, merge(by_conversation[c])) for c in newest]
+    return await Recent(transport, scan=scan).read(limit)
+
+
+class Recent:
+    """The conversations recorded most recently, kept up to date: the first `read` takes the
+    last `scan` record entries, each later one only the entries stored since, so a list that
+    is read again and again (the web view's) costs what the mesh recorded meanwhile, not a
+    scan. At most `scan` entries are held: the conversations touched longest ago go first."""
+
+    def __init__(self, transport: Transport, *, scan: int = 20_000) -> None:
+        self.transport = transport
+        self.scan = scan
+        self.fetched = 0  # entries read from the stream, in all
+        self._next = 0  # the stream sequence to read from next (0: none read yet)
+        self.held = 0  # entries held now (at most `scan`)
+        # each conversation's entries, the one touched most recently last; and its summary
+        self._entries: dict[str, list[Any]] = {}
+        self._summaries: dict[str, Summary] = {}
+
+    async def read(self, limit: int = 20) -> list[Summary]:
+        first, last = await self.transport.stream_bounds(RECORD)
+        if not self._next or self._next < first:  # the first reading, or the stream moved on
+            self._entries.clear()
+            self._summaries.clear()
+            self.held = 0
+            self._next = max(first, last - self.scan + 1, 1)
+        async for entry in entries(self.transport, f"{subjects.RECORD_ROOT}.>", self._next):
+            self._take(entry)
+        newest = list(reversed(self._entries))[:limit]
+        for conv in newest:
+            if conv not in self._summaries:
+                self._summaries[conv] = summarize(conv, merge(self._entries[conv]))
+        return [self._summaries[c] for c in newest]
+
+    def _take(self, entry: Any) -> None:
+        self.fetched += 1
+        self._next = int(entry.seq) + 1
+        parts = str(entry.subject).split(".")
+        if len(parts) < 3:
+            return
+        conv = parts[1]
+        kept = self._entries.pop(conv, [])
+        kept.append(entry)
+        self._entries[conv] = kept  # now the most recently touched
+        self._summaries.pop(conv, None)
+        self.held += 1
+        while self.held > self.scan and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            self.held -= len(self._entries.pop(oldest))
+            self._summaries.pop(oldest, None)
 
 
 def _field(m: Recorded, name: str) -> str:
