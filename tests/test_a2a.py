@@ -357,6 +357,28 @@ async def test_the_0_3_method_names_are_taken_too(settings: Settings, gateway: s
     assert task["artifacts"][0]["parts"][0]["data"]["text"] == "old"
 
 
+async def test_a_traced_a2a_callers_trace_goes_on_into_the_mesh(
+    settings: Settings, gateway: str, operator: MeshClient
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    call = {
+        "jsonrpc": "2.0",
+        "id": "1",
+        "method": "message/send",
+        "params": {
+            "message": {"role": "user", "messageId": "m-traced", "parts": [{"kind": "text", "text": "t"}]}
+        },
+    }
+    traced = {**BEARER, "traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    async with running_agent(echo, settings), httpx.AsyncClient(base_url=gateway, timeout=30) as web:
+        r = await web.post("/a2a/echo", json=call, headers=traced)
+    assert r.status_code == 200, r.text
+    task = r.json()["result"]
+    assert task["status"]["state"] == "completed"
+    messages = await history.conversation(operator.transport, task["id"])  # task id = conversation id
+    assert {m.trace_id for m in messages} == {trace_id}
+
+
 async def test_a_mesh_agent_calls_a_remote_a2a_agent_as_a_tool(
     settings: Settings, gateway: str, client: MeshClient
 ) -> None:

@@ -100,6 +100,23 @@ async def test_a_signed_webhook_starts_a_conversation_whose_result_comes_back_ov
     assert calls[0].attributes["http.response.status_code"] == 202
 
 
+async def test_a_traced_callers_trace_goes_on_into_the_mesh(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traced = {**BEARER, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "tracestate": "ci=1"}
+    hostile = {**BEARER, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01" + "0" * 100}
+    async with running_agent(echo, settings):
+        r = await http.post("/v1/agents/echo?type=test.ping", json={"text": "traced"}, headers=traced)
+        assert r.status_code == 202, r.text
+        status = await _finished(http, r.json()["conversation"])
+        bad = await http.post("/v1/agents/echo?type=test.ping", json={"text": "x"}, headers=hostile)
+        assert bad.status_code == 202, bad.text
+        other = await _finished(http, bad.json()["conversation"])
+    assert status["trace_ids"] == [trace_id]  # the caller's, through the agent's answer
+    assert other["trace_ids"] and trace_id not in other["trace_ids"]  # too long: a trace of its own
+
+
 async def test_a_wrong_or_missing_signature_or_token_is_401(http: httpx.AsyncClient) -> None:
     raw, headers = signed({"text": "x"}, secret=b"not-the-secret-at-all-000")
     r = await http.post("/v1/events/test.ping?source=github", content=raw, headers=headers)

@@ -112,7 +112,8 @@ class A2A:
         return self._dispatcher
 
     async def card(self, request: Request) -> Response:
-        with trace.get_tracer("mesh").start_as_current_span("gateway a2a card", kind=SpanKind.SERVER):
+        caller = wire.trace_context(request.headers)
+        with trace.get_tracer("mesh").start_as_current_span("gateway a2a card", caller, SpanKind.SERVER):
             try:
                 if not self.public_cards:
                     self._caller(request)
@@ -126,7 +127,8 @@ class A2A:
             return JSONResponse(agent_card_to_dict(agent_card(found, url)))
 
     async def rpc(self, request: Request) -> Response:
-        with trace.get_tracer("mesh").start_as_current_span("gateway a2a", kind=SpanKind.SERVER) as span:
+        caller = wire.trace_context(request.headers)  # a traced caller's trace goes on
+        with trace.get_tracer("mesh").start_as_current_span("gateway a2a", caller, SpanKind.SERVER) as span:
             try:
                 principal = self._caller(request)
                 wire.agent(request.path_params["agent"])

@@ -117,7 +117,8 @@ class Gateway:
 
         async def guarded(request: Request) -> Response:
             # one span per call: what it sends carries its trace context (Mesh trace ids)
-            with trace.get_tracer("mesh").start_as_current_span(name, kind=SpanKind.SERVER) as span:
+            caller = wire.trace_context(request.headers)  # a traced caller's trace goes on
+            with trace.get_tracer("mesh").start_as_current_span(name, caller, SpanKind.SERVER) as span:
                 try:
                     body = await self.read_body(request)
                     principal = self._principal(request, body)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
+from opentelemetry import propagate
+from opentelemetry.context import Context
 
 from mesh.gateway.auth import TIMESTAMPED_HEADER, signature_parts
 from mesh.wire import subjects
@@ -83,6 +85,16 @@ def delivery_key(headers: Mapping[str, str], body: bytes) -> str | None:
         if stamp is not None:
             return f"signed:{stamp}:{hashlib.sha256(body).hexdigest()[:48]}"
     return None
+
+
+def trace_context(headers: Mapping[str, str]) -> Context | None:
+    """The caller's W3C trace context (``traceparent``, ``tracestate``), so the messages a call
+    sends continue the caller's trace; None (a new trace) without one, or with one longer
+    than W3C allows."""
+    parent = headers.get("traceparent")
+    if parent is None or len(parent) > 55 or len(headers.get("tracestate", "")) > 512:
+        return None
+    return propagate.extract({"traceparent": parent, "tracestate": headers.get("tracestate", "")})
 
 
 def idempotent_ids(principal: str, key: str | None) -> tuple[str | None, str | None]:
