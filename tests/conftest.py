@@ -8,11 +8,14 @@ A test that is about the insecure mode, or needs a server without authentication
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,14 @@ from mesh.transport.auth import public_key, read_seed
 from mesh.transport.identities import with_role
 from mesh.transport.server import EmbeddedServer
 from mesh.wire.settings import Settings
+
+# What reads this process's own settings (an agent loaded by its spec, such as the memory
+# service, which opens its embedded store as it loads; the CLI run in-process) writes under
+# a directory of this test session, never the user's ~/.local/state/mesh: each pytest-xdist
+# worker has its own, so two workers never open one embedded store.
+_SESSION_DATA = tempfile.mkdtemp(prefix="mesh-tests-")
+os.environ.setdefault("MESH_DATA_DIR", _SESSION_DATA)
+atexit.register(shutil.rmtree, _SESSION_DATA, True)
 
 HERE = Path(__file__).parent
 SAMPLES = HERE / "sample_agents"

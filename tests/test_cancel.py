@@ -102,3 +102,56 @@ async def test_a_deadline_passing_ends_a_running_handler(settings: Settings, ope
                 conversation="deadline-2",
             )
         assert failed.value.kind == "deadline_exceeded"
+
+
+counted = Agent("counted", description="counts what it handles")
+COUNTED: list[int] = []
+
+
+@counted.handler(events=False)
+async def count_it(task: SlowTask) -> None:
+    COUNTED.append(task.n)
+
+
+async def test_a_replica_started_after_a_cancellation_refuses_the_conversation(
+    settings: Settings, client: MeshClient, operator: MeshClient
+) -> None:
+    """The cancellation is kept (MESH_CANCELS): an agent process that starts later (a
+    scale-out, a restart) reads it before it takes a message, and refuses the conversation."""
+    from mesh.testing import provision
+    from mesh.transport import streams
+    from mesh.transport.identities import with_role
+    from mesh.transport.nats import NatsTransport
+    from mesh.wire import subjects
+
+    COUNTED.clear()
+    async with running_agent(counted, settings):  # declared: its inbox is kept while it is away
+        pass
+    done = await mesh_cli(settings, "cancel", "cancel-later", "--reason", "duplicate ticket", "--wait", "0.2")
+    assert done.returncode == 0, done.stderr
+    assert "none answered" in done.stdout  # no agent process ran: only the kept record will tell
+    dlq = await Recorder.start(operator.transport, "mesh.cancel-later.dlq.counted")
+    await client.send("counted", SlowTask(n=1, mode="x"), conversation="cancel-later")
+    await client.send("counted", SlowTask(n=2, mode="x"), conversation="cancel-other")
+    async with running_agent(counted, settings) as late:
+        [letter] = await dlq.wait_count(1, timeout=20)
+        for _ in range(200):
+            if COUNTED:
+                break
+            await asyncio.sleep(0.05)
+        assert "duplicate ticket" in (late.cancels.stopped("cancel-later") or "")
+    assert letter.headers[h.DLQ_KIND] == "cancelled" and "duplicate ticket" in letter.headers[h.DLQ_REASON]
+    assert COUNTED == [2]  # the other conversation's message was handled
+    # kept once per conversation; only the roles may keep one, never an agent
+    kept = await operator.transport.stored_many(
+        streams.CANCELS, 1, subjects.cancelled_subject("cancel-later")
+    )
+    assert len(kept) == 1
+    agent_settings = await provision(counted, settings)
+    for who in (agent_settings, with_role(settings, "observer")):
+        t = await NatsTransport.connect(who.model_copy(update={"publish_retry_timeout": 1.0}), "not-allowed")
+        try:
+            with pytest.raises(Exception, match=r"(?i)permission|refused"):
+                await t.store(subjects.cancelled_subject("cancel-other"), b"{}")
+        finally:
+            await t.close()

@@ -236,6 +236,7 @@ class AgentRuntime:
         self._keepers = Keepers()
         self._keepers.add(self._joins)
         self._keepers.add(self._approvals)
+        self._subs.append(await self.cancels.start())  # `mesh cancel`s, before any message is taken
         for spec in streams.agent_consumer_specs(self.agent, settings):
             await self.transport.ensure_consumer(spec)
             self._subs.append(
@@ -247,7 +248,6 @@ class AgentRuntime:
         self._subs.append(
             await self.transport.listen(subjects.direct_pattern(name), self._on_direct, queue=name)
         )
-        self._subs.append(await self.transport.subscribe(subjects.cancel_pattern(), self.cancels.on_cancel))
         self._responder = ServiceResponder(
             self.transport,
             name=name,

@@ -11,7 +11,7 @@ from typing import Any
 import click
 import msgspec
 
-from mesh.runtime.cancel import Answer, Cancel
+from mesh.runtime.cancel import Answer, Cancel, announce
 from mesh.transport.auth import Role
 from mesh.transport.nats import NatsTransport
 from mesh.wire import subjects
@@ -46,7 +46,7 @@ def register(cli: click.Group, settings_fn: Callable[[Role], Settings], run: Run
 
                 sub = await transport.subscribe(inbox, heard)
                 body = msgspec.json.encode(Cancel(reason=reason, by=getpass.getuser()))
-                await transport.publish(subjects.Address.cancel(conv).subject, body, reply=inbox)
+                await announce(transport, conv, body, reply=inbox)
                 await transport.flush()
                 await asyncio.sleep(wait)
                 await sub.unsubscribe()

@@ -45,7 +45,7 @@ from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, failure_of, 
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.observability.tap import TapLine
-from mesh.runtime.cancel import Cancel
+from mesh.runtime.cancel import Cancel, announce
 from mesh.runtime.client import MeshClient
 from mesh.wire import subjects
 from mesh.wire.messages import Message
@@ -107,7 +107,7 @@ class MeshRequestHandler(DefaultRequestHandler):
         conv = subjects.conversation_id(params.id)
         by = str(context.state.get(PRINCIPAL, "a2a"))
         body = msgspec.json.encode(Cancel(reason="cancelled over A2A (tasks/cancel)", by=by))
-        await self.mesh.transport.publish(subjects.Address.cancel(conv).subject, body)
+        await announce(self.mesh.transport, conv, body)
         await self.mesh.transport.flush()
         log.info("a2a task cancelled", conversation=conv, by=by)
         return task

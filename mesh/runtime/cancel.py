@@ -12,9 +12,11 @@ agent process hears (no queue group: every replica must). Each process then:
 - answers, if the cancellation asked for answers, with how many handlers it cancelled.
 
 Who may cancel is a server permission: the operator and publisher roles may publish on
-``mesh.*.cancel.*``; agents may only listen (mesh.transport.auth). A process remembers the
-conversations cancelled while it ran (the newest `REMEMBERED`); one started later does not
-know them, and takes their messages as any other.
+``mesh.*.cancel.*``; agents may only listen (mesh.transport.auth). A cancellation is also
+kept in ``MESH_CANCELS`` (``mesh_cancelled.<conversation>``, for ``MESH_RECORD_RETENTION``),
+which every agent process reads as it starts, before it takes any message: a replica
+started after a cancellation (a scale-out, a restart) refuses that conversation too. A
+process remembers the newest `REMEMBERED` cancellations.
 
 A deadline (``Mesh-Deadline``) bounds a handler the same way: past it, the handler is
 cancelled and its message dead-lettered as ``deadline_exceeded`` (a message already past its
@@ -32,12 +34,13 @@ import msgspec
 import structlog
 
 from mesh.transport.delivery import Later
+from mesh.transport.streams import CANCELS
 from mesh.wire import subjects
 from mesh.wire.errors import DeliveryError
 
 if TYPE_CHECKING:
     from mesh.runtime.ladder import Take, Work
-    from mesh.transport.base import Transport
+    from mesh.transport.base import Subscription, Transport
 
 REMEMBERED: Final = 10_000  # cancelled conversations a process keeps refusing
 MAX_REASON: Final = 500
@@ -63,6 +66,33 @@ class Answer(msgspec.Struct, frozen=True):
 _decode = msgspec.json.Decoder(Cancel).decode
 
 
+def _body(data: bytes) -> Cancel:
+    """A cancellation's body; an empty or undecodable one says nothing (it still cancels)."""
+    try:
+        return _decode(data) if data else Cancel()
+    except msgspec.DecodeError:
+        return Cancel()
+
+
+def _why(data: bytes) -> str:
+    """The reason its dead letters give, in one line of bounded length."""
+    body = _body(data)
+    said = " ".join(body.reason.split())[:MAX_REASON]
+    by = " ".join(body.by.split())[:64]
+    return "the conversation was cancelled" + (f" by {by}" if by else "") + (f": {said}" if said else "")
+
+
+async def announce(transport: Transport, conversation: str, body: bytes, reply: str = "") -> None:
+    """Cancel `conversation` on the mesh: keep it in MESH_CANCELS (for agent processes that
+    start later), then tell every running process. The broadcast goes even if keeping it
+    failed (said in the log): the processes running now matter most."""
+    try:
+        await transport.store(subjects.cancelled_subject(conversation), body)
+    except Exception as exc:
+        log.warning("cancellation not kept for later processes", conversation=conversation, error=str(exc))
+    await transport.publish(subjects.Address.cancel(conversation).subject, body, reply=reply)
+
+
 class Cancellations:
     """One process's running handlers by conversation, and the conversations it was told
     to stop."""
@@ -75,16 +105,50 @@ class Cancellations:
         self._stopped: OrderedDict[str, str] = OrderedDict()  # conversation -> why
         self._by_us: dict[asyncio.Task[Any], str] = {}  # tasks cancelled here -> why
 
+    async def start(self) -> Subscription:
+        """Hear cancellations from now on, then read those kept from before (so none falls
+        between the two); the subscription, to drain with the others."""
+        sub = await self.transport.subscribe(subjects.cancel_pattern(), self.on_cancel)
+        kept = await self.read_kept()
+        if kept:
+            log.info("cancelled conversations read", count=kept)
+        return sub
+
+    async def read_kept(self) -> int:
+        """The newest `REMEMBERED` cancellations kept in MESH_CANCELS, as refused conversations
+        (nothing of theirs runs here yet); how many. A server without the stream (made by
+        `mesh up` and `mesh agents add`) has none to give, which is said in the log."""
+        try:
+            first, last = await self.transport.stream_bounds(CANCELS)
+        except Exception as exc:
+            log.warning("kept cancellations not read", stream=CANCELS, error=str(exc))
+            return 0
+        seq, count = max(first, last - REMEMBERED + 1, 1), 0
+        while last and seq <= last:
+            batch = await self.transport.stored_many(CANCELS, seq, f"{subjects.CANCELLED_ROOT}.*")
+            if not batch:
+                break
+            for m in batch:
+                conversation = str(m.subject).partition(".")[2]
+                if subjects.is_conversation_id(conversation):
+                    self._stop(conversation, _why(bytes(m.data or b"")))
+                    count += 1
+            seq = int(batch[-1].seq) + 1
+        return count
+
     def stopped(self, conversation: str) -> str | None:
         """Why the conversation was cancelled, if it was."""
         return self._stopped.get(conversation)
 
-    def cancel(self, conversation: str, reason: str) -> int:
-        """Stop a conversation here: cancel its running handlers; how many there were."""
+    def _stop(self, conversation: str, reason: str) -> None:
         self._stopped[conversation] = reason
         self._stopped.move_to_end(conversation)
         while len(self._stopped) > REMEMBERED:
             self._stopped.popitem(last=False)
+
+    def cancel(self, conversation: str, reason: str) -> int:
+        """Stop a conversation here: cancel its running handlers; how many there were."""
+        self._stop(conversation, reason)
         tasks = [t for t in self._running.get(conversation, ()) if not t.done()]
         for task in tasks:
             self._by_us[task] = reason
@@ -96,15 +160,8 @@ class Cancellations:
         address = subjects.parse(msg.subject)
         if address is None or not subjects.is_conversation_id(address.conversation):
             return
-        try:
-            body = _decode(msg.data) if msg.data else Cancel()
-        except msgspec.DecodeError:
-            body = Cancel()
-        said = " ".join(body.reason.split())[:MAX_REASON]
-        by = " ".join(body.by.split())[:64]
-        reason = (
-            "the conversation was cancelled" + (f" by {by}" if by else "") + (f": {said}" if said else "")
-        )
+        reason = _why(msg.data)
+        by = _body(msg.data).by
         count = self.cancel(address.conversation, reason)
         log.info("conversation cancelled", conversation=address.conversation, handlers=count, by=by)
         if msg.reply:

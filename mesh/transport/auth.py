@@ -152,6 +152,9 @@ def agent_permissions(grant: AgentGrant, settings: Settings, public_key: str) ->
         # no batched reads, whose keys are in the body where the server cannot check them
         f"$KV.{streams.JOURNAL}.{a}.>",
         f"{_API}.DIRECT.GET.KV_{streams.JOURNAL}.$KV.{streams.JOURNAL}.{a}.>",
+        # the conversations cancelled before it started (mesh.runtime.cancel), read at start
+        f"{_API}.DIRECT.GET.{streams.CANCELS}",
+        f"{_API}.DIRECT.GET.{streams.CANCELS}.>",
         *_state_keys(a, grant),
     ]
     if grant.timers:
@@ -219,6 +222,7 @@ def role_permissions(role: Role, settings: Settings, public_key: str) -> Permiss
             f"{_MESH}.*.{subjects.EVENT}.>",
             subjects.record_pattern(writer=role),  # what it sends, in the conversation record
             subjects.cancel_pattern(),  # stop work it started (`mesh cancel`)
+            f"{subjects.CANCELLED_ROOT}.*",  # and keep the cancellation for agents started later
         ]
         # and watch what it started (`mesh publish --wait-for`), as an observer does
         return Permissions(

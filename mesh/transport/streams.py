@@ -10,6 +10,9 @@ name                   holds                       retention
 ``MESH_AUDIT``         ``mesh_audit.>``            ``MESH_AUDIT_RETENTION``, append-only
 ``MESH_RECORD``        ``mesh_record.>``           ``MESH_RECORD_RETENTION`` (7 days): what each
                                                    process sent and received, per conversation
+``MESH_CANCELS``       ``mesh_cancelled.*``        ``MESH_RECORD_RETENTION``, one per
+                                                   conversation: `mesh cancel`s, read by agent
+                                                   processes as they start
 KV ``MESH_PROCESSED``  processed message ids       ``MESH_PROCESSED_TTL`` (1 day)
 KV ``MESH_STATE``      joins, failure histories    7 days
 KV ``MESH_SEEN``       ids of signed direct        twice ``MESH_REPLAY_WINDOW`` (10 minutes)
@@ -54,6 +57,7 @@ PROCESSED: Final = "MESH_PROCESSED"
 STATE: Final = "MESH_STATE"
 AUDIT: Final = "MESH_AUDIT"  # append-only (mesh.runtime.audit)
 RECORD: Final = "MESH_RECORD"  # the conversation record (mesh.observability.record)
+CANCELS: Final = "MESH_CANCELS"  # the conversations cancelled (mesh.runtime.cancel)
 SEEN: Final = "MESH_SEEN"  # ids of signed direct messages, shared by an agent's replicas
 JOURNAL: Final = "MESH_JOURNAL"  # model replies and tool results by handling (mesh.llm.journal)
 STATE_MAX_AGE: Final = 7 * 86400.0
@@ -140,6 +144,15 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
             settings.record_retention,
             dedupe_window=window,
             max_bytes=size,
+            direct=True,
+        ),
+        StreamSpec(
+            CANCELS,
+            [f"{subjects.CANCELLED_ROOT}.*"],
+            settings.record_retention,
+            dedupe_window=window,
+            max_bytes=size,
+            max_msgs_per_subject=1,
             direct=True,
         ),
     ]

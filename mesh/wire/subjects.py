@@ -215,6 +215,16 @@ def audit_pattern(writer: str = "*") -> str:
     return f"{AUDIT_ROOT}.{writer}.*"
 
 
+CANCELLED_ROOT: Final = "mesh_cancelled"
+
+
+def cancelled_subject(conversation: str) -> str:
+    """Where a conversation's cancellation is kept (MESH_CANCELS), for processes started later."""
+    if not is_conversation_id(conversation):
+        raise ConfigError(f"cancellation of {conversation!r}: not a conversation id")
+    return f"{CANCELLED_ROOT}.{conversation}"
+
+
 RECORD_ROOT: Final = "mesh_record"
 
 
