@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -352,3 +353,36 @@ async def test_the_pages_need_a_session_and_say_so_with_security_headers(served:
             .headers["content-type"]
             .startswith("text/javascript")
         )
+
+
+async def test_a_huge_sign_in_body_is_read_only_as_far_as_a_token_goes(served: Served) -> None:
+    """Anyone may post to the sign-in form: the gateway stops reading past 4 KiB."""
+    pulled = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        pulled += 1  # 1 KiB a time, 100 MiB were it all read
+        return {"type": "http.request", "body": b"token=" + b"x" * 1018, "more_body": pulled < 100_000}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/ui/login",
+        "raw_path": b"/ui/login",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"gw"), (b"content-type", b"application/x-www-form-urlencoded")],
+        "server": ("gw", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+    await served.gateway.app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 303 and (b"location", b"/ui/login#failed") in start["headers"]
+    assert pulled <= 5, f"{pulled} KiB of a sign-in body were read"

@@ -130,8 +130,9 @@ class Gateway:
 
         return guarded
 
-    async def read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_message_bytes
+    async def read_body(self, request: Request, limit: int | None = None) -> bytes:
+        """The body, read only up to `limit` bytes (MESH_MAX_MESSAGE_BYTES): 413 past it."""
+        limit = self.settings.max_message_bytes if limit is None else limit
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise wire.Refused(413, "too_large", f"a body is at most {limit} bytes")

@@ -56,6 +56,8 @@ SECURITY_HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 _TYPES: Final = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
+LOGIN_BYTES: Final = 4096  # a sign-in form's body: a token, at most
+DECISION_BYTES: Final = 8192  # an approval decision's body: a reason of 1,000 characters, at most
 LIST_EVERY: Final = 1.5  # seconds between readings of the recent conversations
 LIST_LIMIT: Final = 50
 MAX_WATCHERS: Final = 64  # browsers following the list at once
@@ -169,8 +171,11 @@ class WebView:
     async def login(self, request: Request) -> Response:
         """The form's token for a session cookie; back to the form on a wrong one. The token
         is in the body only (never a URL) and is not logged."""
-        body = await request.body()
-        if len(body) > 4096 or not same_origin(request):  # no signing in from another site's form
+        try:  # read only so far: anyone may post here, signed in or not
+            body = await self.gateway.read_body(request, limit=LOGIN_BYTES)
+        except wire.Refused:
+            body = b""
+        if not body or not same_origin(request):  # no signing in from another site's form
             return RedirectResponse("/ui/login#failed", 303, headers=SECURITY_HEADERS)
         token = parse_qs(body.decode(errors="replace")).get("token", [""])[0].strip()
         principal = self.gateway.auth.bearer(f"Bearer {token}") if token else None
@@ -292,7 +297,7 @@ class WebView:
         if not is_id_token(approval):
             raise wire.Refused(400, "invalid_approval", "an approval id is 1-64 of A-Z a-z 0-9 - _")
         try:
-            given = json.loads(await request.body() or b"{}")
+            given = json.loads(await self.gateway.read_body(request, limit=DECISION_BYTES) or b"{}")
         except ValueError:
             raise wire.Refused(422, "invalid_json", "the body is not JSON") from None
         if not isinstance(given, dict) or not isinstance(given.get("approved"), bool):
