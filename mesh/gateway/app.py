@@ -31,7 +31,7 @@ from starlette.routing import Route
 from mesh.gateway import wire
 from mesh.gateway.a2a import A2A
 from mesh.gateway.asking import ask
-from mesh.gateway.auth import SIGNATURE_HEADER, TIMESTAMPED_HEADER, TOLERANCE, GatewayAuth
+from mesh.gateway.auth import SIGNATURE_HEADER, TIMESTAMPED_HEADER, TOLERANCE, GatewayAuth, window_for
 from mesh.gateway.meters import RequestMeters
 from mesh.gateway.openapi import openapi
 from mesh.gateway.web import WebConfig, WebView
@@ -154,7 +154,8 @@ class Gateway:
             principal = self.auth.signed(request.query_params.get("source", ""), signature, body)
         elif (stamped := request.headers.get(TIMESTAMPED_HEADER)) is not None:
             source = request.query_params.get("source", "")
-            principal = self.auth.timestamped(source, stamped, body, time.time())
+            window = window_for(self.settings.dedupe_window)
+            principal = self.auth.timestamped(source, stamped, body, time.time(), window)
         elif request.method == "GET" and (session := self.web.session(request)) is not None:
             principal = session.principal  # a browser of the web view: reading only
         if principal is None:

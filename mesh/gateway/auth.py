@@ -29,7 +29,8 @@ from mesh.wire.errors import ConfigError
 SIGNATURE_HEADER: Final = "x-hub-signature-256"
 SIGNATURE_PREFIX: Final = "sha256="
 TIMESTAMPED_HEADER: Final = "stripe-signature"  # t=<unix seconds>,v1=<hex HMAC of "<t>.<body>">
-TOLERANCE: Final = 300  # seconds a timestamped signature stays good (the dedupe window's default)
+TOLERANCE: Final = 300  # seconds a timestamped signature stays good, at most
+FUTURE_SKEW: Final = 30  # seconds a sender's clock may run ahead of ours
 _MAX_SIGNATURE_HEADER: Final = 1024
 TOKENS_ENV: Final = "MESH_GATEWAY_TOKENS"
 SECRETS_ENV: Final = "MESH_GATEWAY_SECRETS"
@@ -89,22 +90,33 @@ class GatewayAuth:
         ok = hmac.compare_digest(given.encode(), expected.encode())
         return f"hmac:{source}" if ok else None
 
-    def timestamped(self, source: str, header: str, body: bytes, now: float) -> str | None:
+    def timestamped(
+        self, source: str, header: str, body: bytes, now: float, window: float = TOLERANCE
+    ) -> str | None:
         """The principal of a body signed with a timestamp under `source`'s secret, Stripe's
         scheme: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` (several ``v1``
         while a secret is rotated). None if the source is unknown, the header malformed,
-        the time more than `TOLERANCE` seconds from ours, or no ``v1`` matches."""
+        the time more than `window` seconds before ours or `FUTURE_SKEW` after it, or no
+        ``v1`` matches. `window` must end before the stream forgets the delivery's id (see
+        `window_for`), or a replay after that would be a new message."""
         secret = self.secrets.get(source)
         if secret is None or len(header) > _MAX_SIGNATURE_HEADER:
             return None
         stamp, given = signature_parts(header)
-        if stamp is None or abs(now - stamp) > TOLERANCE or not given:
+        if stamp is None or not -FUTURE_SKEW <= now - stamp <= window or not given:
             return None
         expected = sign(secret, f"{stamp}.".encode() + body).encode()
         ok = False
         for candidate in given:  # every one compared: the time says nothing of which matched
             ok |= hmac.compare_digest(candidate.encode(), expected)
         return f"hmac:{source}" if ok else None
+
+
+def window_for(dedupe_window: float) -> float:
+    """How old a timestamped signature may be: `TOLERANCE`, or less, so that the stream still
+    remembers a delivery's id (MESH_DEDUPE_WINDOW) for as long as its signature is good,
+    even when it was first received `FUTURE_SKEW` before its own time."""
+    return min(TOLERANCE, dedupe_window - FUTURE_SKEW)
 
 
 def signature_parts(header: str) -> tuple[int | None, list[str]]:

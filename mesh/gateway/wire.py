@@ -12,7 +12,7 @@ import msgspec
 from opentelemetry import propagate
 from opentelemetry.context import Context
 
-from mesh.gateway.auth import TIMESTAMPED_HEADER, signature_parts
+from mesh.gateway.auth import SIGNATURE_HEADER, TIMESTAMPED_HEADER, signature_parts
 from mesh.wire import subjects
 from mesh.wire.errors import ConfigError, UnknownTypeError
 from mesh.wire.messages import Message, MessageType, is_type_name, registry
@@ -67,23 +67,25 @@ def timeout(value: str | None, default: float) -> float:
 
 
 def delivery_key(headers: Mapping[str, str], body: bytes) -> str | None:
-    """What makes a repeat of this request the same message: its ``Idempotency-Key``; else
-    a webhook's own delivery id, GitHub's ``X-GitHub-Delivery``; else the time of a
-    timestamped signature and the body it signs (the same body signed at the same second is
-    the same delivery: a captured request sent again within the dedupe window is dropped,
-    and after it its signature is too old; the ``v1`` list is left out, since one good
-    signature among others passes). None: each request is a new message."""
+    """What makes a repeat of this request the same message.
+
+    A request that authenticated by a timestamped signature: the signed time and the body,
+    whatever else it says (its other headers are not signed: a captured request sent again
+    with a new Idempotency-Key must still be the same message, dropped within the dedupe
+    window, after which its signature is too old; the ``v1`` list is left out, since one
+    good signature among others passes). Else its ``Idempotency-Key``; else a webhook's own
+    delivery id, GitHub's ``X-GitHub-Delivery``. None: each request is a new message."""
+    signed = headers.get(TIMESTAMPED_HEADER)
+    if signed is not None and "authorization" not in headers and SIGNATURE_HEADER not in headers:
+        stamp, _ = signature_parts(signed[:1024])
+        if stamp is not None:
+            return f"signed:{stamp}:{hashlib.sha256(body).hexdigest()[:48]}"
     key = headers.get("idempotency-key")
     if key is not None:
         return key
     delivery = headers.get("x-github-delivery")
     if delivery is not None and _KEY.match(delivery):
         return f"github:{delivery}"
-    signature = headers.get(TIMESTAMPED_HEADER)
-    if signature is not None and len(signature) <= 1024:
-        stamp, _ = signature_parts(signature)
-        if stamp is not None:
-            return f"signed:{stamp}:{hashlib.sha256(body).hexdigest()[:48]}"
     return None
 
 
