@@ -176,6 +176,22 @@ async def test_a_kept_recent_list_reads_only_what_was_recorded_since(
     assert [s.id for s in again] == [s.id for s in await history.recent(client.transport, limit=500)]
     # one echo handling is one entry here: the small reader let the older ones go as it read
     assert [s.id for s in await small.read(10)] == ["recKa"] and small.held == 1
+    # a reader left behind by more than `scan` entries starts again from the newest `scan`,
+    # and one conversation longer than `scan` keeps only its newest entries
+    behind = history.Recent(client.transport, scan=2)
+    await behind.read(10)
+    async with running_agent(echo, settings):
+        for _ in range(4):
+            await client.request("echo", Ping(text="again"), Pong, conversation="recKc")
+        await _until(lambda: history.conversation(client.transport, "recKc"), lambda ms: len(ms) == 8)
+    fetched = behind.fetched
+    assert [s.id for s in await behind.read(10)] == ["recKc"]
+    assert behind.fetched - fetched == 2 and behind.held == 2
+    async with running_agent(echo, settings):  # one more: its oldest held entry goes
+        await client.request("echo", Ping(text="once more"), Pong, conversation="recKc")
+        await _until(lambda: history.conversation(client.transport, "recKc"), lambda ms: len(ms) == 10)
+    assert [s.id for s in await behind.read(10)] == ["recKc"]
+    assert behind.fetched - fetched == 3 and behind.held == 2
 
 
 async def test_an_agent_may_record_only_under_its_own_name(settings: Settings) -> None:

@@ -18,6 +18,7 @@ A conversation's status, from its record:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
@@ -300,12 +301,14 @@ class Recent:
         self._next = 0  # the stream sequence to read from next (0: none read yet)
         self.held = 0  # entries held now (at most `scan`)
         # each conversation's entries, the one touched most recently last; and its summary
-        self._entries: dict[str, list[Any]] = {}
+        self._entries: dict[str, deque[Any]] = {}
         self._summaries: dict[str, Summary] = {}
 
     async def read(self, limit: int = 20) -> list[Summary]:
         first, last = await self.transport.stream_bounds(RECORD)
-        if not self._next or self._next < first:  # the first reading, or the stream moved on
+        # the first reading; or the stream forgot what was read, or more than `scan` entries
+        # came since (nobody read for a while): start again from the newest `scan`
+        if not self._next or self._next < max(first, last - self.scan + 1):
             self._entries.clear()
             self._summaries.clear()
             self.held = 0
@@ -325,15 +328,19 @@ class Recent:
         if len(parts) < 3:
             return
         conv = parts[1]
-        kept = self._entries.pop(conv, [])
+        kept = self._entries.pop(conv, None) or deque()
         kept.append(entry)
         self._entries[conv] = kept  # now the most recently touched
         self._summaries.pop(conv, None)
         self.held += 1
-        while self.held > self.scan and len(self._entries) > 1:
+        while self.held > self.scan:
             oldest = next(iter(self._entries))
-            self.held -= len(self._entries.pop(oldest))
-            self._summaries.pop(oldest, None)
+            if oldest == conv:  # one conversation of more than `scan` entries: its newest
+                kept.popleft()
+                self.held -= 1
+            else:
+                self.held -= len(self._entries.pop(oldest))
+                self._summaries.pop(oldest, None)
 
 
 def _field(m: Recorded, name: str) -> str:
