@@ -32,11 +32,13 @@ from mesh.gateway.session import Sessions
 from mesh.gateway.web import WebConfig
 from mesh.gateway.wire import idempotent_ids
 from mesh.llm.offline import OfflineLLM
+from mesh.llm.streaming import LLMChunk
 from mesh.llm.types import Delta, Request, StreamEvent
 from mesh.observability import history
 from mesh.runtime.client import MeshClient
 from mesh.testing import running_agent
 from mesh.transport.identities import with_role
+from mesh.wire import subjects
 from mesh.wire.errors import ConfigError
 from mesh.wire.settings import Settings
 
@@ -265,7 +267,7 @@ async def test_a_streamed_answer_grows_on_the_page_until_it_is_final(
     # is open first, since streamed chunks are live only, never recorded
     conv = idempotent_ids("token:alice", "stream-1")[1]
     assert conv is not None
-    async with running_agent(streamer, settings, llm=held):
+    async with running_agent(streamer, settings, llm=held) as runtime:
         alice = await _signed_in(browser, served.url, ALICE)
         await alice.goto(f"{served.url}/ui/c/{conv}")
         await expect(alice.locator("#live")).to_have_text("live", timeout=WAIT)
@@ -279,6 +281,9 @@ async def test_a_streamed_answer_grows_on_the_page_until_it_is_final(
         growing = alice.locator('.node[data-type="llm.chunk"]')
         await expect(growing).to_contain_text("streaming…", timeout=WAIT)
         await expect(growing.locator("pre.body")).to_have_text("The web view ")
+        # a chunk placed four billion slots on would have the page join that many every redraw
+        hostile = LLMChunk(stream="hostile", seq=4_294_967_294, text="x", agent="streamer")
+        await runtime.client.emit(subjects.Address.live(conv, "llm.chunk"), hostile)
         held.go.set()
         final = alice.locator('.node[data-type="llm.final"]')
         await expect(final).to_contain_text("a streamed answer while it is written.", timeout=WAIT)

@@ -7,6 +7,11 @@
   const conv = decodeURIComponent(location.pathname.split("/").pop());
   const nodes = new Map(); // message id -> what is known of it
   const streams = new Map(); // streamed answer id -> {chunks, causation, sender, sent_ns}
+  const MAX_CHUNKS = 100000; // chunks of one streamed answer shown, at most
+
+  function joined(chunks) { // the chunks in their order, whatever order they came in
+    return [...chunks.keys()].sort((a, b) => a - b).map((k) => chunks.get(k)).join("");
+  }
   let record = null; // the last reading of the record
   let who = null;
   const decided = new Map(); // approval id -> what this page decided
@@ -23,10 +28,14 @@
 
   function fromLine(line) {
     if (line.type === "llm.chunk" && line.body && typeof line.body === "object") {
+      const seq = line.body.seq;
+      // a chunk's place is a small whole number: a hostile one (4294967294) would make the
+      // page join billions of empty slots on every redraw
+      if (!Number.isInteger(seq) || seq < 0 || seq >= MAX_CHUNKS) return;
       const s = streams.get(line.body.stream) || {
-        chunks: [], causation: line.causation, sender: line.sender, sent_ns: line.sent_ns,
+        chunks: new Map(), causation: line.causation, sender: line.sender, sent_ns: line.sent_ns,
       };
-      s.chunks[line.body.seq] = String(line.body.text);
+      s.chunks.set(seq, String(line.body.text));
       streams.set(line.body.stream, s);
       return;
     }
@@ -52,7 +61,7 @@
       if (!finished(id)) {
         all.push({
           id: `stream-${id}`, type: "llm.chunk", sender: s.sender, receiver: "(streaming)",
-          causation: s.causation, sent_ns: s.sent_ns, body: s.chunks.join(""), deliveries: [],
+          causation: s.causation, sent_ns: s.sent_ns, body: joined(s.chunks), deliveries: [],
           streaming: true,
         });
       }
