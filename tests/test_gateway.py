@@ -415,3 +415,30 @@ async def test_requests_are_counted_by_route_template_never_by_what_the_caller_w
     assert value(got, count, http_request_method="_OTHER") == 1
     labels = {v for (_, ls) in got for _, v in ls}
     assert not any("script" in v or "BREW" in v or "xxx" in v for v in labels)
+
+
+async def test_a_streams_slot_is_taken_before_it_starts_and_given_back_however_it_ends() -> None:
+    from starlette.requests import ClientDisconnect
+
+    from mesh.gateway.wire import HeldStream, Slots
+
+    slots = Slots(2)
+    assert slots.take() and slots.take() and not slots.take()  # a burst cannot pass the limit
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield b": following\n\n"
+        await asyncio.sleep(3600)
+        yield b"never"
+
+    async def gone(message: Any) -> None:  # the client went away as the response started
+        raise OSError("connection reset")
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "method": "GET"}
+    with pytest.raises(ClientDisconnect):
+        await HeldStream(lines(), slots)(scope, receive, gone)
+    assert slots.taken == 1  # given back, though the stream never got past its first line
+    assert slots.take() and not slots.take()

@@ -332,8 +332,16 @@ def test_a_session_cookie_is_refused_when_forged_expired_or_from_another_process
     assert sessions.read(f"bob.{expires}.{nonce}.{mac}") is None  # another name, same MAC
     assert sessions.read(f"{name}.{int(expires) + 999}.{nonce}.{mac}") is None  # extended
     assert Sessions(key=b"o" * 32, clock=lambda: now[0]).read(value) is None  # a restarted gateway
+    # signed out: a copy of the cookie kept elsewhere is refused too; others still work
+    other = sessions.issue("alice")
+    sessions.end(value)
+    assert sessions.read(value) is None and sessions.read(other) is not None
+    sessions.end("garbage.1.2.3")  # nothing to end: ignored
     now[0] += 61
-    assert sessions.read(value) is None  # expired
+    assert sessions.read(other) is None  # expired
+    sessions.end(other)  # expired already: not remembered
+    sessions.end(sessions.issue("bob"))  # and the expired sign-outs are forgotten
+    assert len(sessions._ended) == 1
 
 
 async def test_the_pages_need_a_session_and_say_so_with_security_headers(served: Served) -> None:

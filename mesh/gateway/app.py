@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh.gateway import wire
@@ -66,7 +66,7 @@ class Gateway:
         self.auth = auth
         self.client = client
         self._own_client = client is None
-        self._streams = 0
+        self._streams = wire.Slots(MAX_STREAMS)  # conversations followed over SSE now
         self.a2a = A2A(self, public_cards=public_cards)
         self.web = WebView(self, web)
         self.app = Starlette(
@@ -220,13 +220,9 @@ class Gateway:
 
     async def events(self, request: Request, body: bytes, principal: str) -> Response:
         conv = wire.conversation(request.path_params["id"])
-        if self._streams >= MAX_STREAMS:
+        if not self._streams.take():
             raise wire.Refused(503, "busy", f"{MAX_STREAMS} conversations are being followed already")
-        return StreamingResponse(
-            self._sse(conv, request),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return wire.HeldStream(self._sse(conv, request), self._streams)
 
     async def _sse(self, conv: str, request: Request) -> AsyncIterator[bytes]:
         """Each line as a server-sent event (``event: <type>``, ``id: <message id>``, ``data:``
@@ -238,23 +234,19 @@ class Gateway:
             if not queue.full():  # a reader that does not keep up loses lines, never the gateway
                 queue.put_nowait(line)
 
-        self._streams += 1
+        sub = await history.follow(self.mesh.transport, conv, on_line, full=True)
         try:
-            sub = await history.follow(self.mesh.transport, conv, on_line, full=True)
-            try:
-                yield b": following\n\n"
-                while not await request.is_disconnected():
-                    try:
-                        line = await asyncio.wait_for(queue.get(), 15.0)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
-                    data = json.dumps(line.to_dict(), default=str, separators=(",", ":"))
-                    yield f"event: {line.type or 'message'}\nid: {line.id}\ndata: {data}\n\n".encode()
-            finally:
-                await sub.unsubscribe()
+            yield b": following\n\n"
+            while not await request.is_disconnected():
+                try:
+                    line = await asyncio.wait_for(queue.get(), 15.0)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                data = json.dumps(line.to_dict(), default=str, separators=(",", ":"))
+                yield f"event: {line.type or 'message'}\nid: {line.id}\ndata: {data}\n\n".encode()
         finally:
-            self._streams -= 1
+            await sub.unsubscribe()
 
     async def schema(self, request: Request, body: bytes, principal: str) -> Response:
         return JSONResponse(openapi())

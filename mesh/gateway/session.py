@@ -29,6 +29,7 @@ from starlette.responses import Response
 COOKIE: Final = "mesh_session"
 CSRF_HEADER: Final = "x-csrf-token"
 LIFETIME: Final = 8 * 3600  # seconds
+MAX_ENDED: Final = 10_000  # signed-out cookies remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class Sessions:
         self._key = key or secrets.token_bytes(32)
         self.lifetime = lifetime
         self._clock = clock
+        self._ended: dict[str, int] = {}  # cookies signed out, until they would expire anyway
 
     def _mac(self, purpose: str, text: str) -> str:
         return hmac.new(self._key, f"{purpose}\n{text}".encode(), sha256).hexdigest()
@@ -69,9 +71,23 @@ class Sessions:
             return None
         name, _, rest = payload.partition(".")
         expires = rest.partition(".")[0]
-        if not expires.isdigit() or int(expires) <= self._clock():
+        if not expires.isdigit() or int(expires) <= self._clock() or mac in self._ended:
             return None
         return Session(name, int(expires), self._mac("csrf", value))
+
+    def end(self, value: str | None) -> None:
+        """Sign a cookie out here, not only in the browser that deletes it: a copy of it is
+        refused from now on (until it would have expired; a restart ends every session)."""
+        session = self.read(value)
+        if session is None or value is None:
+            return
+        now = self._clock()
+        for mac, expires in list(self._ended.items()):
+            if expires <= now:
+                del self._ended[mac]
+        if len(self._ended) >= MAX_ENDED:  # a flood of sign-outs: the oldest go first
+            self._ended.pop(next(iter(self._ended)))
+        self._ended[value.rpartition(".")[2]] = session.expires
 
     def of(self, request: Request) -> Session | None:
         return self.read(request.cookies.get(COOKIE))

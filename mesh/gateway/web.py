@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
+import structlog
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from mesh.gateway import wire
 from mesh.gateway.auth import GatewayAuth
-from mesh.gateway.session import Session, Sessions, same_origin
+from mesh.gateway.session import COOKIE, Session, Sessions, same_origin
 from mesh.gateway.views import conversation_json
 from mesh.observability import history
 from mesh.patterns.deciding import decide
@@ -56,6 +57,7 @@ SECURITY_HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 _TYPES: Final = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
+log = structlog.get_logger("mesh.gateway")
 LOGIN_BYTES: Final = 4096  # a sign-in form's body: a token, at most
 DECISION_BYTES: Final = 8192  # an approval decision's body: a reason of 1,000 characters, at most
 LIST_EVERY: Final = 1.5  # seconds between readings of the recent conversations
@@ -116,7 +118,7 @@ class WebView:
         self._recent_at = 0.0
         self._recent_lock = asyncio.Lock()
         self._recent_reader: history.Recent | None = None
-        self._watchers = 0
+        self._watchers = wire.Slots(MAX_WATCHERS)  # browsers following the list now
         page = self._page
         self.routes = [
             Route("/ui", lambda _: RedirectResponse("/ui/", 308), methods=["GET"]),
@@ -196,6 +198,10 @@ class WebView:
                 response = await handler(request, self._principal(request))
             except wire.Refused as exc:
                 response = JSONResponse(exc.body, exc.status)
+            except Exception as exc:  # the mesh did not answer: JSON and the headers, all the same
+                log.warning("web view request failed", path=request.url.path, error=str(exc))
+                failed = {"error": "mesh_unavailable", "detail": "the mesh did not answer; try again"}
+                response = JSONResponse(failed, 502)
             response.headers.update(SECURITY_HEADERS)
             return response
 
@@ -231,6 +237,7 @@ class WebView:
 
     async def logout(self, request: Request, principal: str) -> Response:
         response = JSONResponse({"signed_out": principal})
+        self.sessions.end(request.cookies.get(COOKIE))
         self.sessions.clear_cookie(response, request)
         return response
 
@@ -250,32 +257,29 @@ class WebView:
         return JSONResponse({"conversations": await self._recent_list()})
 
     async def watch(self, request: Request, principal: str) -> Response:
-        if self._watchers >= MAX_WATCHERS:
+        if not self._watchers.take():
             raise wire.Refused(503, "busy", f"{MAX_WATCHERS} lists are being followed already")
-        return StreamingResponse(
-            self._list_events(request),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return wire.HeldStream(self._list_events(request), self._watchers)
 
     async def _list_events(self, request: Request) -> AsyncIterator[bytes]:
         """A ``conversations`` event with the whole list each time it changes."""
-        self._watchers += 1
-        try:
-            sent, quiet = "", 0.0
-            yield b": following\n\n"
-            while not await request.is_disconnected():
+        sent, quiet = "", 0.0
+        yield b": following\n\n"
+        while not await request.is_disconnected():
+            try:
                 data = json.dumps(await self._recent_list(), default=str, separators=(",", ":"))
-                if data != sent:
-                    sent, quiet = data, 0.0
-                    yield f"event: conversations\ndata: {data}\n\n".encode()
-                elif quiet >= 15.0:
-                    quiet = 0.0
-                    yield b": keep-alive\n\n"
-                await asyncio.sleep(LIST_EVERY)
-                quiet += LIST_EVERY
-        finally:
-            self._watchers -= 1
+            except Exception as exc:  # the mesh away a moment: say so, and read again later
+                log.warning("recent conversations not read", error=str(exc))
+                data = sent
+                yield b": the record could not be read; trying again\n\n"
+            if data != sent:
+                sent, quiet = data, 0.0
+                yield f"event: conversations\ndata: {data}\n\n".encode()
+            elif quiet >= 15.0:
+                quiet = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(LIST_EVERY)
+            quiet += LIST_EVERY
 
     async def conversation(self, request: Request, principal: str) -> Response:
         conv = wire.conversation(request.path_params["id"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import msgspec
 from opentelemetry import propagate
 from opentelemetry.context import Context
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from mesh.gateway.auth import SIGNATURE_HEADER, TIMESTAMPED_HEADER, signature_parts
 from mesh.wire import subjects
@@ -20,6 +22,45 @@ from mesh.wire.messages import Message, MessageType, is_type_name, registry
 MAX_KEY: Final = 128
 MAX_TIMEOUT: Final = 60.0
 _KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class Slots:
+    """A count of long requests (event streams) with a limit; a slot is taken when the
+    request is accepted, before its response starts, so a burst cannot pass the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        self.taken -= 1
+
+
+class HeldStream(StreamingResponse):
+    """A streamed response that gives its slot back when it ends, however it ends (the
+    client gone, the stream never started, an error)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slots: Slots) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self._slots: Slots | None = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._slots is not None:
+                self._slots.give_back()
+                self._slots = None
 
 
 class Refused(Exception):
