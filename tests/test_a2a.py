@@ -5,6 +5,7 @@ agent's tool (mesh.llm.a2a), on the session's real nats-server with auth on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -231,6 +232,60 @@ async def test_cancelling_a_task_cancels_the_mesh_handler(settings: Settings, ga
         await asyncio.wait_for(STOPPED.wait(), 10)
         seen = await client.get_task(GetTaskRequest(id=task.id))
         assert seen.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def first_sse(web: httpx.AsyncClient, agent: str, call: dict[str, Any], headers: dict[str, str]) -> Any:
+    """The first thing a streamed JSON-RPC call answers (an SSE event, or a plain JSON body)."""
+    async with web.stream("POST", f"/a2a/{agent}", json=call, headers=headers) as r:
+        if not r.headers["content-type"].startswith("text/event-stream"):
+            return json.loads(await r.aread())
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                return json.loads(line[5:])
+    raise AssertionError("the stream ended without an event")
+
+
+async def test_only_the_caller_that_started_a_task_subscribes_to_it(
+    settings: Settings, gateway: str, operator: MeshClient
+) -> None:
+    REFUNDS.clear()
+    mine = 'Please call refund({"order_id": "A-MINE", "amount_eur": 7})'
+    async with (
+        running_agent(clerk, settings),
+        running_agent(slow, settings),
+        sdk_client(gateway, "clerk", streaming=False) as client,
+        httpx.AsyncClient(base_url=gateway, timeout=10) as web,
+    ):
+        task = await only_task(client, user(new_text_part(mine)))  # live, waiting for a person
+        assert task.status.state == TaskState.TASK_STATE_INPUT_REQUIRED, task
+        # another caller reads its state from the record (as the web view shows conversations) ...
+        read = {"jsonrpc": "2.0", "id": 3, "method": "GetTask", "params": {"id": task.id}}
+        seen = (await web.post("/a2a/clerk", json=read, headers={**OTHER, "A2A-Version": "1.0"})).json()
+        assert seen["result"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED", seen
+        assert "A-MINE" not in json.dumps(seen)  # its state, not the caller's message
+        # ... but does not subscribe to it: no history, no streamed artifacts of another caller
+        new = {"jsonrpc": "2.0", "id": 1, "method": "SubscribeToTask", "params": {"id": task.id}}
+        old = {"jsonrpc": "2.0", "id": 2, "method": "tasks/resubscribe", "params": {"id": task.id}}
+        theirs = await asyncio.wait_for(first_sse(web, "clerk", new, {**OTHER, "A2A-Version": "1.0"}), 10)
+        theirs_old = await asyncio.wait_for(first_sse(web, "clerk", old, OTHER), 10)
+        own = await asyncio.wait_for(first_sse(web, "clerk", new, {**BEARER, "A2A-Version": "1.0"}), 10)
+        # a conversation started over REST is no task held here: an error, not a stream that
+        # waits for events no one will send
+        r = await web.post("/v1/agents/a2a-slow?type=test.a2a_slow", json={"text": "rest"}, headers=BEARER)
+        assert r.status_code in (200, 202), r.text
+        rest = {**new, "params": {"id": r.json()["conversation"]}}
+        v1 = {**BEARER, "A2A-Version": "1.0"}
+        unheld = await asyncio.wait_for(first_sse(web, "a2a-slow", rest, v1), 10)
+        [asked] = [
+            m for m in await history.conversation(operator.transport, task.id) if m.type == "approval.request"
+        ]
+        await decide(operator, settings, asked.body()["approval"], approved=False, by="ada", reason="test")
+    assert theirs["error"]["code"] == -32001 and "A-MINE" not in json.dumps(theirs), theirs
+    assert theirs_old["error"]["code"] == -32001 and "A-MINE" not in json.dumps(theirs_old), theirs_old
+    assert own["result"]["task"]["id"] == task.id and "A-MINE" in json.dumps(own), own
+    assert unheld["error"]["code"] == -32001, unheld
+    assert "only a task this caller started" in unheld["error"]["message"]
+    assert REFUNDS == []
 
 
 async def test_a_tool_call_waiting_for_approval_is_input_required_until_a_person_decides(

@@ -105,7 +105,7 @@ class A2A:
                 mesh,
                 self.agents,
                 MeshExecutor(mesh),
-                task_store=RecordedTasks(mesh),
+                RecordedTasks(mesh),
                 agent_card=handler_card(),
             )
             self._dispatcher = JsonRpcDispatcher(self._handler, _Context(), enable_v0_3_compat=True)

@@ -2,10 +2,12 @@
 record for good.
 
 `RecordedTasks` is the SDK's in-memory task store, scoped to the caller and the agent
-(`owner`), holding at most `KEPT` finished tasks: older finished ones are dropped from memory.
-A task it does not hold (dropped, started before the gateway restarted, or by another
-gateway) is read back from the conversation record, whose id is the task id: its state
-from the record's status, its result artifact from the conversation's last answer.
+(`owner`): its `get` finds only the tasks this caller started here, so the SDK's owner
+checks (GetTask, CancelTask, SubscribeToTask, its cache of running tasks) hold. Only
+GetTask reads a task it does not hold (dropped, started over REST, before the gateway
+restarted, or by another gateway) from the conversation record, whose id is the task id
+(`recorded_task`): its state from the record's status, its result artifact from the
+conversation's last answer.
 """
 
 from __future__ import annotations
@@ -60,12 +62,9 @@ class RecordedTasks(InMemoryTaskStore):
                 (_, dropped), by = self._finished.popitem(last=False)
                 await super().delete(dropped, by)
 
-    async def held(self, task_id: str, context: ServerCallContext) -> Task | None:
-        """The task if this caller started it here, from memory (no record read)."""
-        return await super().get(task_id, context)
-
-    async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
-        found = await self.held(task_id, context)
+    async def read(self, task_id: str, context: ServerCallContext) -> Task | None:
+        """The task as GetTask gives it: this caller's own from memory, else the record's."""
+        found = await self.get(task_id, context)
         if found is not None or not subjects.is_conversation_id(task_id):
             return found
         return await recorded_task(self.mesh, task_id, str(context.state.get(AGENT, "")))

@@ -35,13 +35,29 @@ from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.tasks import TaskUpdater
-from a2a.types import CancelTaskRequest, SendMessageRequest, Task, TaskState
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    SendMessageRequest,
+    SubscribeToTaskRequest,
+    Task,
+    TaskState,
+)
 from a2a.types import Message as A2AMessage
-from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError
+from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, TaskNotFoundError
+from a2a.utils.task import apply_history_length
 
 from mesh.gateway.a2a_card import Agents
 from mesh.gateway.a2a_parts import chosen_type, handled_types, to_message
-from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, failure_of, result_artifact, result_of
+from mesh.gateway.a2a_store import (
+    AGENT,
+    FINISHED,
+    PRINCIPAL,
+    RecordedTasks,
+    failure_of,
+    result_artifact,
+    result_of,
+)
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.observability.tap import TapLine
@@ -65,10 +81,13 @@ log = structlog.get_logger("mesh.gateway.a2a")
 class MeshRequestHandler(DefaultRequestHandler):
     """The SDK's request handler, with the message checked against the agent's type first."""
 
-    def __init__(self, mesh: MeshClient, agents: Agents, executor: AgentExecutor, **kwargs: Any) -> None:
-        super().__init__(executor, **kwargs)
+    def __init__(
+        self, mesh: MeshClient, agents: Agents, executor: AgentExecutor, tasks: RecordedTasks, **kwargs: Any
+    ) -> None:
+        super().__init__(executor, task_store=tasks, **kwargs)
         self.mesh = mesh
         self.agents = agents
+        self.tasks = tasks
 
     async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> None:
         agent = str(context.state[AGENT])
@@ -94,11 +113,38 @@ class MeshRequestHandler(DefaultRequestHandler):
         async for event in super().on_message_send_stream(params, context):
             yield event
 
+    async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
+        """This caller's task from memory; any other conversation the agent took part in,
+        from the record (read only: it is neither cancelled nor subscribed to over A2A)."""
+        try:
+            task: Task | None = await super().on_get_task(params, context)
+            return task
+        except TaskNotFoundError:
+            if (found := await self.tasks.read(params.id, context)) is None:
+                raise
+            return apply_history_length(found, params)
+
+    async def on_subscribe_to_task(
+        self, params: SubscribeToTaskRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event, None]:
+        """Only a task this caller started on this gateway; one not running here any more
+        (its run ended as it was asked for) is its state as it is, not a wait for nothing."""
+        task = await self.tasks.get(params.id, context)
+        if task is None:
+            raise TaskNotFoundError(
+                "only a task this caller started on this gateway is subscribed to (GetTask reads "
+                "the others the agent took part in)"
+            )
+        if task.status.state not in FINISHED and await self._active_task_registry.get(params.id) is None:
+            yield task
+            return
+        async for event in super().on_subscribe_to_task(params, context):
+            yield event
+
     async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
         """The SDK cancels the task (here or in the store); then every agent process cancels
         the conversation's handlers and refuses what still comes for it."""
-        assert isinstance(self.task_store, RecordedTasks)
-        if await self.task_store.held(params.id, context) is None:
+        if await self.tasks.get(params.id, context) is None:
             raise TaskNotCancelableError(
                 "only a task this caller started on this gateway is cancelled over A2A (mesh cancel "
                 "stops any conversation)"
