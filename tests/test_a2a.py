@@ -17,7 +17,12 @@ import pytest
 import uvicorn
 from a2a.client import A2ACardResolver, AgentCardResolutionError, Client, ClientConfig, ClientFactory
 from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
     CancelTaskRequest,
     GetTaskRequest,
     Part,
@@ -34,12 +39,17 @@ from mesh_user_streaming import agent as streamer
 from mesh_user_tools import REFUNDS, Refund
 from mesh_user_tools import agent as clerk
 from sample_agents.echo import agent as echo
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from mesh import Agent, Context, Message, message
 from mesh.cli.llm import decide
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
+from mesh.llm.a2a import _check_origin
 from mesh.llm.tools import ToolFailed, ToolTimeout
 from mesh.observability import history
 from mesh.runtime.client import MeshClient
@@ -501,3 +511,73 @@ async def test_a_tool_call_given_up_on_cancels_the_remote_task(
                 break
             await asyncio.sleep(0.05)
     assert reasons and "cancelled over A2A" in reasons[0]
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """An ASGI app served by uvicorn on a loopback port; its base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(200):  # listening within 10 s
+            if server.started:
+                break
+            assert not serving.done(), "uvicorn stopped while starting"
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+def card_to(rpc_url: str) -> AgentCard:
+    interface = AgentInterface(url=rpc_url, protocol_binding="JSONRPC", protocol_version="1.0")
+    return AgentCard(
+        name="elsewhere",
+        description="A card whose calls go somewhere else",
+        version="1",
+        supported_interfaces=[interface],
+        capabilities=AgentCapabilities(streaming=False),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[AgentSkill(id="answer", name="answer", description="Answers", tags=["test"])],
+    )
+
+
+async def test_a_card_sending_calls_to_another_origin_is_refused_unless_allowed() -> None:
+    """The token goes only to the card's own origin: a card on one loopback port whose
+    interface names another port gets no call, and no token, unless that is allowed."""
+    seen: list[str] = []
+
+    async def other_rpc(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("authorization", ""))
+        return JSONResponse({"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "no"}})
+
+    async with served(Starlette(routes=[Route("/rpc", other_rpc, methods=["POST"])])) as other:
+        card = agent_card_to_dict(card_to(f"{other}/rpc"))
+
+        async def card_route(request: Request) -> JSONResponse:
+            return JSONResponse(card)
+
+        async with served(Starlette(routes=[Route("/.well-known/agent-card.json", card_route)])) as base:
+            with pytest.raises(ToolFailed, match="another origin") as refused:
+                await a2a_tool(base, token=TOKEN, timeout=5)
+            assert TOKEN not in str(refused.value) and "allow_other_origin" in str(refused.value)
+            allowed = await a2a_tool(base, token=TOKEN, timeout=5, allow_other_origin=True)
+            with pytest.raises(ToolFailed):
+                await allowed.run({"text": "hello"})
+    assert seen and set(seen) == {f"Bearer {TOKEN}"}  # only once allowed
+
+
+def test_a_card_never_takes_an_https_agent_to_plain_http() -> None:
+    https = "https://agents.example/a2a/x"
+    _check_origin("t", https, card_to("https://agents.example/a2a/x/rpc"), False)  # same origin
+    _check_origin("t", https, card_to("https://agents.example:443/rpc"), False)  # default port
+    with pytest.raises(ToolFailed, match="another origin"):
+        _check_origin("t", https, card_to("https://agents.example:8443/rpc"), False)
+    _check_origin("t", https, card_to("https://other.example/rpc"), True)
+    for allowed in (False, True):
+        with pytest.raises(ToolFailed, match="plain http"):
+            _check_origin("t", https, card_to("http://agents.example/a2a/x"), allowed)
