@@ -16,7 +16,8 @@ import httpx
 import pytest
 import uvicorn
 from a2a.client import A2ACardResolver, AgentCardResolutionError, Client, ClientConfig, ClientFactory
-from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
+from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_task, new_text_part
+from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.types import (
     AgentCapabilities,
@@ -46,6 +47,7 @@ from starlette.routing import Route
 
 from mesh import Agent, Context, Message, message
 from mesh.cli.llm import decide
+from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, Running
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
@@ -581,3 +583,79 @@ def test_a_card_never_takes_an_https_agent_to_plain_http() -> None:
     for allowed in (False, True):
         with pytest.raises(ToolFailed, match="plain http"):
             _check_origin("t", https, card_to("http://agents.example/a2a/x"), allowed)
+
+
+async def test_running_tasks_are_capped_per_caller_and_in_all(settings: Settings, tmp_path: Path) -> None:
+    third = {"Authorization": "Bearer a-third-caller-s-t0ken-5555555555"}
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ci={TOKEN}\nother={OTHER['Authorization'][7:]}\nthird={third['Authorization'][7:]}\n")
+    gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}))
+    gw.a2a.running = Running(per_caller=1, total=2)
+    await gw.start()
+
+    def send(text: str) -> dict[str, Any]:
+        message = {"role": "ROLE_USER", "messageId": uuid.uuid4().hex, "parts": [{"text": text}]}
+        params = {"message": message, "configuration": {"returnImmediately": True}}
+        return {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": params}
+
+    try:
+        transport = httpx.ASGITransport(app=gw.app)
+        async with (
+            running_agent(slow, settings),
+            httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as web,
+        ):
+
+            async def call(who: dict[str, str], body: dict[str, Any]) -> Any:
+                return (
+                    await web.post("/a2a/a2a-slow", json=body, headers={**who, "A2A-Version": "1.0"})
+                ).json()
+
+            first = (await call(BEARER, send("one")))["result"]["task"]["id"]
+            over = await call(BEARER, send("two"))
+            assert over["error"]["code"] == -32600 and "at most 1" in over["error"]["message"], over
+            assert over["error"]["data"][0]["metadata"]["reason"] == "too_many_tasks", over
+            bad = send("x")
+            bad["params"]["message"]["parts"] = [{"data": {"text": 5}}]
+            assert (await call(OTHER, bad))["error"]["code"] == -32602  # checked first: no place taken
+            theirs = (await call(OTHER, send("three")))["result"]["task"]["id"]
+            busy = await call(third, send("four"))
+            assert busy["error"]["code"] == -32600, busy
+            assert busy["error"]["data"][0]["metadata"]["reason"] == "gateway_busy", busy
+            assert gw.a2a.running.by == {"token:ci": 1, "token:other": 1}
+
+            cancel = {"jsonrpc": "2.0", "id": 2, "method": "CancelTask", "params": {"id": first}}
+            assert (await call(BEARER, cancel))["result"]["status"]["state"] == "TASK_STATE_CANCELED"
+            for _ in range(200):  # its run ends and gives its place back (at most 10 s)
+                if "token:ci" not in gw.a2a.running.by:
+                    break
+                await asyncio.sleep(0.05)
+            again = (await call(third, send("five")))["result"]["task"]["id"]
+            assert gw.a2a.running.by == {"token:other": 1, "token:third": 1}
+            for who, task_id in ((OTHER, theirs), (third, again)):
+                await call(who, {**cancel, "params": {"id": task_id}})
+    finally:
+        await gw.close()
+
+
+def finished(task_id: str, text: str) -> Task:
+    said = A2AMessage(role=Role.ROLE_USER, message_id=task_id, parts=[new_text_part(text)])
+    return new_task(task_id, task_id, TaskState.TASK_STATE_COMPLETED, history=[said])
+
+
+async def test_finished_tasks_are_kept_within_a_count_and_a_size(operator: MeshClient) -> None:
+    context = ServerCallContext(state={PRINCIPAL: "token:ci", AGENT: "echo"})
+    by_size = RecordedTasks(operator, kept=100, kept_bytes=25_000)
+    for n in range(3):  # a caller's message of 10 kB each: two fit
+        await by_size.save(finished(f"big-{n}", "x" * 10_000), context)
+    assert await by_size.get("big-0", context) is None
+    assert [await by_size.get(f"big-{n}", context) is not None for n in (1, 2)] == [True, True]
+    assert 20_000 < by_size.finished_bytes <= 25_000
+
+    by_count = RecordedTasks(operator, kept=2)
+    working = new_task("running", "running", TaskState.TASK_STATE_WORKING)
+    await by_count.save(working, context)
+    for n in range(3):
+        await by_count.save(finished(f"small-{n}", "hi"), context)
+    assert await by_count.get("small-0", context) is None
+    assert await by_count.get("small-2", context) is not None
+    assert await by_count.get("running", context) is not None  # a running task is never dropped

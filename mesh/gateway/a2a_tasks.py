@@ -53,7 +53,9 @@ from mesh.gateway.a2a_store import (
     AGENT,
     FINISHED,
     PRINCIPAL,
+    Place,
     RecordedTasks,
+    Running,
     failure_of,
     result_artifact,
     result_of,
@@ -67,6 +69,7 @@ from mesh.wire import subjects
 from mesh.wire.messages import Message
 
 MESSAGE: Final = "mesh.message"  # the checked typed message
+PLACE: Final = "mesh.place"  # the task's place among the running ones (a2a_store.Running)
 DEADLINE: Final = 600.0  # seconds a task's work may take on the mesh (its messages' deadline)
 POLL: Final = 0.5  # seconds between reads of the record while nothing happens live
 SETTLE: Final = 0.05  # after a live message, the wait for its record entries
@@ -82,12 +85,19 @@ class MeshRequestHandler(DefaultRequestHandler):
     """The SDK's request handler, with the message checked against the agent's type first."""
 
     def __init__(
-        self, mesh: MeshClient, agents: Agents, executor: AgentExecutor, tasks: RecordedTasks, **kwargs: Any
+        self,
+        mesh: MeshClient,
+        agents: Agents,
+        executor: AgentExecutor,
+        tasks: RecordedTasks,
+        running: Running,
+        **kwargs: Any,
     ) -> None:
         super().__init__(executor, task_store=tasks, **kwargs)
         self.mesh = mesh
         self.agents = agents
         self.tasks = tasks
+        self.running = running
 
     async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> None:
         agent = str(context.state[AGENT])
@@ -98,20 +108,29 @@ class MeshRequestHandler(DefaultRequestHandler):
             raise InvalidParamsError(f"no agent {agent!r} is running on the mesh")
         mtype = chosen_type(params.message, agent, handled_types(found.handles))
         context.state[MESSAGE] = to_message(params.message, mtype)
+        context.state[PLACE] = self.running.take(str(context.state.get(PRINCIPAL, "")))
 
     async def on_message_send(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> Task | A2AMessage:
         await self._checked(params, context)
-        result: Task | A2AMessage = await super().on_message_send(params, context)
+        try:
+            result: Task | A2AMessage = await super().on_message_send(params, context)
+        except Exception:
+            _release(context)  # no run holds it (or the run's end gave it back already)
+            raise
         return result
 
     async def on_message_send_stream(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event, None]:
         await self._checked(params, context)
-        async for event in super().on_message_send_stream(params, context):
-            yield event
+        try:
+            async for event in super().on_message_send_stream(params, context):
+                yield event
+        except Exception:
+            _release(context)
+            raise
 
     async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
         """This caller's task from memory; any other conversation the agent took part in,
@@ -175,7 +194,10 @@ class MeshExecutor(AgentExecutor):
             new_task(context.task_id, context.context_id, submitted, history=asked)
         )
         task = Run(self.mesh, agent, TaskUpdater(event_queue, context.task_id, context.context_id))
-        await task.run(msg)
+        try:
+            await task.run(msg)
+        finally:
+            _release(context.call_context)  # its place, for the caller's next task
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """The task's state; the mesh's cancellation is the request handler's
@@ -264,6 +286,12 @@ class Run:
 
     def _said(self, text: str) -> A2AMessage:
         return new_text_message(text, context_id=self.updater.context_id, task_id=self.updater.task_id)
+
+
+def _release(context: ServerCallContext) -> None:
+    place = context.state.get(PLACE)
+    if isinstance(place, Place):
+        place.release()
 
 
 def _waiting(status: str) -> str:
