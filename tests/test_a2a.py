@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from a2a.client import A2ACardResolver, AgentCardResolutionError, Client, Client
 from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_task, new_text_part
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
+from a2a.server.tasks import TaskUpdater
 from a2a.types import (
     AgentCapabilities,
     AgentCard,
@@ -48,12 +50,14 @@ from starlette.routing import Route
 from mesh import Agent, Context, Message, message
 from mesh.cli.llm import decide
 from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, Running
+from mesh.gateway.a2a_tasks import Run
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
 from mesh.llm.a2a import _check_origin
 from mesh.llm.tools import ToolFailed, ToolTimeout
 from mesh.observability import history
+from mesh.observability.tap import TapLine
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
 from mesh.transport.identities import with_role
@@ -659,3 +663,52 @@ async def test_finished_tasks_are_kept_within_a_count_and_a_size(operator: MeshC
     assert await by_count.get("small-0", context) is None
     assert await by_count.get("small-2", context) is not None
     assert await by_count.get("running", context) is not None  # a running task is never dropped
+
+
+class _Updates:
+    """What a task's run tells its updater (the artifacts it adds)."""
+
+    task_id = context_id = "a2a-coalesced"
+
+    def __init__(self) -> None:
+        self.artifacts = 0
+
+    async def add_artifact(self, *args: Any, **kwargs: Any) -> None:
+        self.artifacts += 1
+
+
+class _Followed(Exception):
+    pass
+
+
+async def test_streamed_tokens_do_not_each_read_the_record(
+    operator: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates()
+    run = Run(operator, "a2a-streamer", cast(TaskUpdater, updates))
+
+    def line(n: int, mtype: str = "llm.chunk") -> TapLine:
+        body = {"text": f"t{n} ", "stream": "s1", "seq": n}
+        return TapLine(0, 0, "s", "a", "b", mtype, run.conv, f"m{n}", "", 0, None, "", 0, "", "", body)
+
+    async def stream() -> None:
+        for n in range(100):
+            run._on_line(line(n))
+            await asyncio.sleep(0.02)
+        run._on_line(line(100, "test.pong"))  # the answer: a message the record will have
+
+    streaming = asyncio.create_task(stream())
+    reads = 0
+
+    async def conversation(transport: Any, conv: str) -> list[history.Recorded]:
+        nonlocal reads
+        reads += 1
+        if streaming.done() and run.lines.empty():
+            raise _Followed  # all seen: enough
+        return []
+
+    monkeypatch.setattr(history, "conversation", conversation)
+    with pytest.raises(_Followed):
+        await run._follow("m-sent", time.monotonic() + 60)
+    assert updates.artifacts == 100  # every token went on, in the stream's artifact
+    assert reads <= 8, reads  # not one read of the whole record per token (or per few)

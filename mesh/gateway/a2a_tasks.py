@@ -71,7 +71,8 @@ from mesh.wire.messages import Message
 MESSAGE: Final = "mesh.message"  # the checked typed message
 PLACE: Final = "mesh.place"  # the task's place among the running ones (a2a_store.Running)
 DEADLINE: Final = 600.0  # seconds a task's work may take on the mesh (its messages' deadline)
-POLL: Final = 0.5  # seconds between reads of the record while nothing happens live
+POLL: Final = 0.5  # seconds between reads of the record, at least; the first wait
+POLL_MAX: Final = 5.0  # the longest wait between reads, after a long quiet (doubling from POLL)
 SETTLE: Final = 0.05  # after a live message, the wait for its record entries
 _FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
 _CHUNK: Final = "llm.chunk"
@@ -231,16 +232,24 @@ class Run:
             await sub.unsubscribe()
 
     async def _follow(self, sent: str, give_up: float) -> None:
-        shown = WORKING
-        while time.monotonic() < give_up:
-            try:
-                await self._live(await asyncio.wait_for(self.lines.get(), POLL))
-                await asyncio.sleep(SETTLE)
-            except TimeoutError:
-                pass
+        """Read the record when a message of the conversation came live (after `SETTLE`, and
+        at most once per `POLL`: streamed tokens cause no read), else after a wait that
+        doubles while nothing changes, up to `POLL_MAX`: a long conversation is not read
+        again and again in full."""
+        shown, wait = WORKING, POLL
+        read_at = last_read = time.monotonic()
+        read_at += POLL
+        while (now := time.monotonic()) < give_up:
+            if now < read_at:  # till then, live lines (a steady stream of them delays no read)
+                line = await self._next_line(min(read_at, give_up) - now)
+                if line is not None and await self._live(line):  # its record entries come soon
+                    wait = POLL
+                    read_at = min(read_at, max(last_read + POLL, time.monotonic() + SETTLE))
+                continue
             messages = await history.conversation(self.mesh.transport, self.conv)
-            while not self.lines.empty():  # what came live before the record was read
-                await self._live(self.lines.get_nowait())
+            last_read = time.monotonic()
+            wait = min(wait * 2, POLL_MAX)
+            read_at = last_read + wait
             ours = next((m for m in messages if m.id == sent), None)
             if ours is None or not any(d.outcome in _FINAL for d in ours.deliveries):
                 continue  # not yet taken, or not yet handled
@@ -251,26 +260,39 @@ class Run:
             if status == history.FAILED:
                 await self.updater.failed(self._said(failure_of(messages)))
                 return
-            now = INPUT_REQUIRED if status == history.WAITING else WORKING
-            if now != shown:
-                shown = now
-                await self.updater.update_status(now, self._said(_waiting(status)))
+            now_shown = INPUT_REQUIRED if status == history.WAITING else WORKING
+            if now_shown != shown:
+                shown, wait = now_shown, POLL
+                read_at = last_read + POLL
+                await self.updater.update_status(now_shown, self._said(_waiting(status)))
         await self.updater.failed(
             self._said(f"no end within {DEADLINE:g}s; the gateway stopped following it")
         )
 
-    async def _live(self, line: TapLine) -> None:
-        """A streamed token becomes an artifact update of that stream (appended to)."""
-        if line.type != _CHUNK or not isinstance(line.body, dict):
-            return
+    async def _next_line(self, within: float) -> TapLine | None:
+        if not self.lines.empty():
+            return self.lines.get_nowait()
+        try:
+            return await asyncio.wait_for(self.lines.get(), max(within, 0.001))
+        except TimeoutError:
+            return None
+
+    async def _live(self, line: TapLine) -> bool:
+        """A streamed token becomes an artifact update of that stream (appended to); any other
+        line is a message of the conversation (True: the record will have it)."""
+        if line.type != _CHUNK:
+            return True
+        if not isinstance(line.body, dict):
+            return False
         text, stream = line.body.get("text"), str(line.body.get("stream", ""))
         if not isinstance(text, str) or not stream:
-            return
+            return False
         first = stream not in self.streams
         self.streams.add(stream)
         await self.updater.add_artifact(
             [new_text_part(text)], artifact_id=f"stream-{stream}"[:128], name="stream", append=not first
         )
+        return False
 
     async def _completed(self, messages: list[history.Recorded]) -> None:
         last = result_of(messages)
