@@ -33,11 +33,12 @@ from a2a.types import (
     SendMessageConfiguration,
     SendMessageRequest,
     StreamResponse,
+    SubscribeToTaskRequest,
     Task,
     TaskState,
 )
 from a2a.types import Message as A2AMessage
-from a2a.utils.errors import A2AError
+from a2a.utils.errors import A2AError, TaskNotFoundError
 from mesh_user_streaming import agent as streamer
 from mesh_user_tools import REFUNDS, Refund
 from mesh_user_tools import agent as clerk
@@ -49,8 +50,9 @@ from starlette.routing import Route
 
 from mesh import Agent, Context, Message, message
 from mesh.cli.llm import decide
+from mesh.gateway.a2a_card import Agents, handler_card
 from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, Running
-from mesh.gateway.a2a_tasks import Run
+from mesh.gateway.a2a_tasks import MeshExecutor, MeshRequestHandler, Run
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
@@ -712,3 +714,37 @@ async def test_streamed_tokens_do_not_each_read_the_record(
         await run._follow("m-sent", time.monotonic() + 60)
     assert updates.artifacts == 100  # every token went on, in the stream's artifact
     assert reads <= 8, reads  # not one read of the whole record per token (or per few)
+
+
+async def test_subscribing_to_a_held_task_no_longer_run_here_is_its_state_not_a_wait(
+    operator: MeshClient,
+) -> None:
+    tasks = RecordedTasks(operator)
+    handler = MeshRequestHandler(
+        operator,
+        Agents(operator.transport, operator.directory),
+        MeshExecutor(operator),
+        tasks,
+        Running(),
+        agent_card=handler_card(),
+    )
+    context = ServerCallContext(state={PRINCIPAL: "token:ci", AGENT: "echo"})
+    held = new_task("held-task", "held-task", TaskState.TASK_STATE_WORKING)
+    await tasks.save(held, context)  # held, but no run of it here (its run's end raced the call)
+    try:
+        request = SubscribeToTaskRequest(id="held-task")
+        subscribing = asyncio.ensure_future(_all(handler.on_subscribe_to_task(request, context)))
+        # it ends by itself, at once: the SDK's own path waits 10 s for a run that is not there
+        done, _ = await asyncio.wait({subscribing}, timeout=5)
+        if not done:
+            subscribing.cancel()
+        assert subscribing in done and subscribing.result() == [held]
+        stranger = ServerCallContext(state={PRINCIPAL: "token:other", AGENT: "echo"})
+        with pytest.raises(TaskNotFoundError, match="only a task this caller started"):
+            await _all(handler.on_subscribe_to_task(request, stranger))
+    finally:
+        await handler.aclose()
+
+
+async def _all(events: AsyncIterator[Any]) -> list[Any]:
+    return [e async for e in events]
