@@ -5,18 +5,27 @@ agent's tool (mesh.llm.a2a), on the session's real nats-server with auth on."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import uvicorn
 from a2a.client import A2ACardResolver, AgentCardResolutionError, Client, ClientConfig, ClientFactory
-from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
+from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_task, new_text_part
+from a2a.server.context import ServerCallContext
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
+from a2a.server.tasks import TaskUpdater
 from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
     CancelTaskRequest,
     GetTaskRequest,
     Part,
@@ -24,23 +33,33 @@ from a2a.types import (
     SendMessageConfiguration,
     SendMessageRequest,
     StreamResponse,
+    SubscribeToTaskRequest,
     Task,
     TaskState,
 )
 from a2a.types import Message as A2AMessage
-from a2a.utils.errors import A2AError
+from a2a.utils.errors import A2AError, TaskNotFoundError
 from mesh_user_streaming import agent as streamer
 from mesh_user_tools import REFUNDS, Refund
 from mesh_user_tools import agent as clerk
 from sample_agents.echo import agent as echo
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from mesh import Agent, Context, Message, message
 from mesh.cli.llm import decide
+from mesh.gateway.a2a_card import Agents, handler_card
+from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, Running
+from mesh.gateway.a2a_tasks import MeshExecutor, MeshRequestHandler, Run
 from mesh.gateway.app import Gateway
 from mesh.gateway.auth import GatewayAuth
 from mesh.llm import a2a_tool
+from mesh.llm.a2a import _check_origin
 from mesh.llm.tools import ToolFailed, ToolTimeout
 from mesh.observability import history
+from mesh.observability.tap import TapLine
 from mesh.runtime.client import MeshClient
 from mesh.testing import Recorder, running_agent
 from mesh.transport.identities import with_role
@@ -231,6 +250,60 @@ async def test_cancelling_a_task_cancels_the_mesh_handler(settings: Settings, ga
         await asyncio.wait_for(STOPPED.wait(), 10)
         seen = await client.get_task(GetTaskRequest(id=task.id))
         assert seen.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def first_sse(web: httpx.AsyncClient, agent: str, call: dict[str, Any], headers: dict[str, str]) -> Any:
+    """The first thing a streamed JSON-RPC call answers (an SSE event, or a plain JSON body)."""
+    async with web.stream("POST", f"/a2a/{agent}", json=call, headers=headers) as r:
+        if not r.headers["content-type"].startswith("text/event-stream"):
+            return json.loads(await r.aread())
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                return json.loads(line[5:])
+    raise AssertionError("the stream ended without an event")
+
+
+async def test_only_the_caller_that_started_a_task_subscribes_to_it(
+    settings: Settings, gateway: str, operator: MeshClient
+) -> None:
+    REFUNDS.clear()
+    mine = 'Please call refund({"order_id": "A-MINE", "amount_eur": 7})'
+    async with (
+        running_agent(clerk, settings),
+        running_agent(slow, settings),
+        sdk_client(gateway, "clerk", streaming=False) as client,
+        httpx.AsyncClient(base_url=gateway, timeout=10) as web,
+    ):
+        task = await only_task(client, user(new_text_part(mine)))  # live, waiting for a person
+        assert task.status.state == TaskState.TASK_STATE_INPUT_REQUIRED, task
+        # another caller reads its state from the record (as the web view shows conversations) ...
+        read = {"jsonrpc": "2.0", "id": 3, "method": "GetTask", "params": {"id": task.id}}
+        seen = (await web.post("/a2a/clerk", json=read, headers={**OTHER, "A2A-Version": "1.0"})).json()
+        assert seen["result"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED", seen
+        assert "A-MINE" not in json.dumps(seen)  # its state, not the caller's message
+        # ... but does not subscribe to it: no history, no streamed artifacts of another caller
+        new = {"jsonrpc": "2.0", "id": 1, "method": "SubscribeToTask", "params": {"id": task.id}}
+        old = {"jsonrpc": "2.0", "id": 2, "method": "tasks/resubscribe", "params": {"id": task.id}}
+        theirs = await asyncio.wait_for(first_sse(web, "clerk", new, {**OTHER, "A2A-Version": "1.0"}), 10)
+        theirs_old = await asyncio.wait_for(first_sse(web, "clerk", old, OTHER), 10)
+        own = await asyncio.wait_for(first_sse(web, "clerk", new, {**BEARER, "A2A-Version": "1.0"}), 10)
+        # a conversation started over REST is no task held here: an error, not a stream that
+        # waits for events no one will send
+        r = await web.post("/v1/agents/a2a-slow?type=test.a2a_slow", json={"text": "rest"}, headers=BEARER)
+        assert r.status_code in (200, 202), r.text
+        rest = {**new, "params": {"id": r.json()["conversation"]}}
+        v1 = {**BEARER, "A2A-Version": "1.0"}
+        unheld = await asyncio.wait_for(first_sse(web, "a2a-slow", rest, v1), 10)
+        [asked] = [
+            m for m in await history.conversation(operator.transport, task.id) if m.type == "approval.request"
+        ]
+        await decide(operator, settings, asked.body()["approval"], approved=False, by="ada", reason="test")
+    assert theirs["error"]["code"] == -32001 and "A-MINE" not in json.dumps(theirs), theirs
+    assert theirs_old["error"]["code"] == -32001 and "A-MINE" not in json.dumps(theirs_old), theirs_old
+    assert own["result"]["task"]["id"] == task.id and "A-MINE" in json.dumps(own), own
+    assert unheld["error"]["code"] == -32001, unheld
+    assert "only a task this caller started" in unheld["error"]["message"]
+    assert REFUNDS == []
 
 
 async def test_a_tool_call_waiting_for_approval_is_input_required_until_a_person_decides(
@@ -446,3 +519,232 @@ async def test_a_tool_call_given_up_on_cancels_the_remote_task(
                 break
             await asyncio.sleep(0.05)
     assert reasons and "cancelled over A2A" in reasons[0]
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """An ASGI app served by uvicorn on a loopback port; its base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(200):  # listening within 10 s
+            if server.started:
+                break
+            assert not serving.done(), "uvicorn stopped while starting"
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+def card_to(rpc_url: str) -> AgentCard:
+    interface = AgentInterface(url=rpc_url, protocol_binding="JSONRPC", protocol_version="1.0")
+    return AgentCard(
+        name="elsewhere",
+        description="A card whose calls go somewhere else",
+        version="1",
+        supported_interfaces=[interface],
+        capabilities=AgentCapabilities(streaming=False),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[AgentSkill(id="answer", name="answer", description="Answers", tags=["test"])],
+    )
+
+
+async def test_a_card_sending_calls_to_another_origin_is_refused_unless_allowed() -> None:
+    """The token goes only to the card's own origin: a card on one loopback port whose
+    interface names another port gets no call, and no token, unless that is allowed."""
+    seen: list[str] = []
+
+    async def other_rpc(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("authorization", ""))
+        return JSONResponse({"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "no"}})
+
+    async with served(Starlette(routes=[Route("/rpc", other_rpc, methods=["POST"])])) as other:
+        card = agent_card_to_dict(card_to(f"{other}/rpc"))
+
+        async def card_route(request: Request) -> JSONResponse:
+            return JSONResponse(card)
+
+        async with served(Starlette(routes=[Route("/.well-known/agent-card.json", card_route)])) as base:
+            with pytest.raises(ToolFailed, match="another origin") as refused:
+                await a2a_tool(base, token=TOKEN, timeout=5)
+            assert TOKEN not in str(refused.value) and "allow_other_origin" in str(refused.value)
+            allowed = await a2a_tool(base, token=TOKEN, timeout=5, allow_other_origin=True)
+            with pytest.raises(ToolFailed):
+                await allowed.run({"text": "hello"})
+    assert seen and set(seen) == {f"Bearer {TOKEN}"}  # only once allowed
+
+
+def test_a_card_never_takes_an_https_agent_to_plain_http() -> None:
+    https = "https://agents.example/a2a/x"
+    _check_origin("t", https, card_to("https://agents.example/a2a/x/rpc"), False)  # same origin
+    _check_origin("t", https, card_to("https://agents.example:443/rpc"), False)  # default port
+    with pytest.raises(ToolFailed, match="another origin"):
+        _check_origin("t", https, card_to("https://agents.example:8443/rpc"), False)
+    _check_origin("t", https, card_to("https://other.example/rpc"), True)
+    for allowed in (False, True):
+        with pytest.raises(ToolFailed, match="plain http"):
+            _check_origin("t", https, card_to("http://agents.example/a2a/x"), allowed)
+
+
+async def test_running_tasks_are_capped_per_caller_and_in_all(settings: Settings, tmp_path: Path) -> None:
+    third = {"Authorization": "Bearer a-third-caller-s-t0ken-5555555555"}
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ci={TOKEN}\nother={OTHER['Authorization'][7:]}\nthird={third['Authorization'][7:]}\n")
+    gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}))
+    gw.a2a.running = Running(per_caller=1, total=2)
+    await gw.start()
+
+    def send(text: str) -> dict[str, Any]:
+        message = {"role": "ROLE_USER", "messageId": uuid.uuid4().hex, "parts": [{"text": text}]}
+        params = {"message": message, "configuration": {"returnImmediately": True}}
+        return {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": params}
+
+    try:
+        transport = httpx.ASGITransport(app=gw.app)
+        async with (
+            running_agent(slow, settings),
+            httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as web,
+        ):
+
+            async def call(who: dict[str, str], body: dict[str, Any]) -> Any:
+                return (
+                    await web.post("/a2a/a2a-slow", json=body, headers={**who, "A2A-Version": "1.0"})
+                ).json()
+
+            first = (await call(BEARER, send("one")))["result"]["task"]["id"]
+            over = await call(BEARER, send("two"))
+            assert over["error"]["code"] == -32600 and "at most 1" in over["error"]["message"], over
+            assert over["error"]["data"][0]["metadata"]["reason"] == "too_many_tasks", over
+            bad = send("x")
+            bad["params"]["message"]["parts"] = [{"data": {"text": 5}}]
+            assert (await call(OTHER, bad))["error"]["code"] == -32602  # checked first: no place taken
+            theirs = (await call(OTHER, send("three")))["result"]["task"]["id"]
+            busy = await call(third, send("four"))
+            assert busy["error"]["code"] == -32600, busy
+            assert busy["error"]["data"][0]["metadata"]["reason"] == "gateway_busy", busy
+            assert gw.a2a.running.by == {"token:ci": 1, "token:other": 1}
+
+            cancel = {"jsonrpc": "2.0", "id": 2, "method": "CancelTask", "params": {"id": first}}
+            assert (await call(BEARER, cancel))["result"]["status"]["state"] == "TASK_STATE_CANCELED"
+            for _ in range(200):  # its run ends and gives its place back (at most 10 s)
+                if "token:ci" not in gw.a2a.running.by:
+                    break
+                await asyncio.sleep(0.05)
+            again = (await call(third, send("five")))["result"]["task"]["id"]
+            assert gw.a2a.running.by == {"token:other": 1, "token:third": 1}
+            for who, task_id in ((OTHER, theirs), (third, again)):
+                await call(who, {**cancel, "params": {"id": task_id}})
+    finally:
+        await gw.close()
+
+
+def finished(task_id: str, text: str) -> Task:
+    said = A2AMessage(role=Role.ROLE_USER, message_id=task_id, parts=[new_text_part(text)])
+    return new_task(task_id, task_id, TaskState.TASK_STATE_COMPLETED, history=[said])
+
+
+async def test_finished_tasks_are_kept_within_a_count_and_a_size(operator: MeshClient) -> None:
+    context = ServerCallContext(state={PRINCIPAL: "token:ci", AGENT: "echo"})
+    by_size = RecordedTasks(operator, kept=100, kept_bytes=25_000)
+    for n in range(3):  # a caller's message of 10 kB each: two fit
+        await by_size.save(finished(f"big-{n}", "x" * 10_000), context)
+    assert await by_size.get("big-0", context) is None
+    assert [await by_size.get(f"big-{n}", context) is not None for n in (1, 2)] == [True, True]
+    assert 20_000 < by_size.finished_bytes <= 25_000
+
+    by_count = RecordedTasks(operator, kept=2)
+    working = new_task("running", "running", TaskState.TASK_STATE_WORKING)
+    await by_count.save(working, context)
+    for n in range(3):
+        await by_count.save(finished(f"small-{n}", "hi"), context)
+    assert await by_count.get("small-0", context) is None
+    assert await by_count.get("small-2", context) is not None
+    assert await by_count.get("running", context) is not None  # a running task is never dropped
+
+
+class _Updates:
+    """What a task's run tells its updater (the artifacts it adds)."""
+
+    task_id = context_id = "a2a-coalesced"
+
+    def __init__(self) -> None:
+        self.artifacts = 0
+
+    async def add_artifact(self, *args: Any, **kwargs: Any) -> None:
+        self.artifacts += 1
+
+
+class _Followed(Exception):
+    pass
+
+
+async def test_streamed_tokens_do_not_each_read_the_record(
+    operator: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates()
+    run = Run(operator, "a2a-streamer", cast(TaskUpdater, updates))
+
+    def line(n: int, mtype: str = "llm.chunk") -> TapLine:
+        body = {"text": f"t{n} ", "stream": "s1", "seq": n}
+        return TapLine(0, 0, "s", "a", "b", mtype, run.conv, f"m{n}", "", 0, None, "", 0, "", "", body)
+
+    async def stream() -> None:
+        for n in range(100):
+            run._on_line(line(n))
+            await asyncio.sleep(0.02)
+        run._on_line(line(100, "test.pong"))  # the answer: a message the record will have
+
+    streaming = asyncio.create_task(stream())
+    reads = 0
+
+    async def conversation(transport: Any, conv: str) -> list[history.Recorded]:
+        nonlocal reads
+        reads += 1
+        if streaming.done() and run.lines.empty():
+            raise _Followed  # all seen: enough
+        return []
+
+    monkeypatch.setattr(history, "conversation", conversation)
+    with pytest.raises(_Followed):
+        await run._follow("m-sent", time.monotonic() + 60)
+    assert updates.artifacts == 100  # every token went on, in the stream's artifact
+    assert reads <= 8, reads  # not one read of the whole record per token (or per few)
+
+
+async def test_subscribing_to_a_held_task_no_longer_run_here_is_its_state_not_a_wait(
+    operator: MeshClient,
+) -> None:
+    tasks = RecordedTasks(operator)
+    handler = MeshRequestHandler(
+        operator,
+        Agents(operator.transport, operator.directory),
+        MeshExecutor(operator),
+        tasks,
+        Running(),
+        agent_card=handler_card(),
+    )
+    context = ServerCallContext(state={PRINCIPAL: "token:ci", AGENT: "echo"})
+    held = new_task("held-task", "held-task", TaskState.TASK_STATE_WORKING)
+    await tasks.save(held, context)  # held, but no run of it here (its run's end raced the call)
+    try:
+        request = SubscribeToTaskRequest(id="held-task")
+        subscribing = asyncio.ensure_future(_all(handler.on_subscribe_to_task(request, context)))
+        # it ends by itself, at once: the SDK's own path waits 10 s for a run that is not there
+        done, _ = await asyncio.wait({subscribing}, timeout=5)
+        if not done:
+            subscribing.cancel()
+        assert subscribing in done and subscribing.result() == [held]
+        stranger = ServerCallContext(state={PRINCIPAL: "token:other", AGENT: "echo"})
+        with pytest.raises(TaskNotFoundError, match="only a task this caller started"):
+            await _all(handler.on_subscribe_to_task(request, stranger))
+    finally:
+        await handler.aclose()
+
+
+async def _all(events: AsyncIterator[Any]) -> list[Any]:
+    return [e async for e in events]

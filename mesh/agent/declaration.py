@@ -198,11 +198,14 @@ class Agent:
         permissions: Sequence[str] = (),
         approval: bool = False,
         metadata: Mapping[str, Any] | None = None,
+        allow_other_origin: bool = False,
     ) -> None:
         """Declare a remote A2A agent this agent's model may call as a tool: its card is read
         when the agent starts (a card that cannot be read stops the start, saying why) and
         the tool (mesh.llm.a2a.a2a_tool, with these arguments) leaves when it stops."""
-        decl = A2ADeclaration(url, name, token, timeout, tuple(permissions), approval, metadata)
+        decl = A2ADeclaration(
+            url, name, token, timeout, tuple(permissions), approval, metadata, allow_other_origin
+        )
         self.mcp_servers.add(decl)
 
     @overload

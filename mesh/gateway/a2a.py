@@ -33,7 +33,7 @@ from starlette.types import Message as ASGIMessage
 
 from mesh.gateway import wire
 from mesh.gateway.a2a_card import Agents, agent_card, handler_card
-from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks
+from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, Running
 from mesh.gateway.a2a_tasks import MeshExecutor, MeshRequestHandler
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ class A2A:
     def __init__(self, gateway: Gateway, *, public_cards: bool = False) -> None:
         self.gateway = gateway
         self.public_cards = public_cards
+        self.running = Running()  # the caps on running tasks (a2a_store.Running)
         self._agents: Agents | None = None
         self._handler: MeshRequestHandler | None = None
         self._dispatcher: JsonRpcDispatcher | None = None
@@ -105,7 +106,8 @@ class A2A:
                 mesh,
                 self.agents,
                 MeshExecutor(mesh),
-                task_store=RecordedTasks(mesh),
+                RecordedTasks(mesh),
+                self.running,
                 agent_card=handler_card(),
             )
             self._dispatcher = JsonRpcDispatcher(self._handler, _Context(), enable_v0_3_compat=True)

@@ -35,13 +35,31 @@ from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.tasks import TaskUpdater
-from a2a.types import CancelTaskRequest, SendMessageRequest, Task, TaskState
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    SendMessageRequest,
+    SubscribeToTaskRequest,
+    Task,
+    TaskState,
+)
 from a2a.types import Message as A2AMessage
-from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError
+from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, TaskNotFoundError
+from a2a.utils.task import apply_history_length
 
 from mesh.gateway.a2a_card import Agents
 from mesh.gateway.a2a_parts import chosen_type, handled_types, to_message
-from mesh.gateway.a2a_store import AGENT, PRINCIPAL, RecordedTasks, failure_of, result_artifact, result_of
+from mesh.gateway.a2a_store import (
+    AGENT,
+    FINISHED,
+    PRINCIPAL,
+    Place,
+    RecordedTasks,
+    Running,
+    failure_of,
+    result_artifact,
+    result_of,
+)
 from mesh.observability import history
 from mesh.observability import record as rec
 from mesh.observability.tap import TapLine
@@ -51,8 +69,10 @@ from mesh.wire import subjects
 from mesh.wire.messages import Message
 
 MESSAGE: Final = "mesh.message"  # the checked typed message
+PLACE: Final = "mesh.place"  # the task's place among the running ones (a2a_store.Running)
 DEADLINE: Final = 600.0  # seconds a task's work may take on the mesh (its messages' deadline)
-POLL: Final = 0.5  # seconds between reads of the record while nothing happens live
+POLL: Final = 0.5  # seconds between reads of the record, at least; the first wait
+POLL_MAX: Final = 5.0  # the longest wait between reads, after a long quiet (doubling from POLL)
 SETTLE: Final = 0.05  # after a live message, the wait for its record entries
 _FINAL: Final = frozenset({rec.HANDLED, rec.DEAD_LETTER, rec.DUPLICATE})
 _CHUNK: Final = "llm.chunk"
@@ -65,10 +85,20 @@ log = structlog.get_logger("mesh.gateway.a2a")
 class MeshRequestHandler(DefaultRequestHandler):
     """The SDK's request handler, with the message checked against the agent's type first."""
 
-    def __init__(self, mesh: MeshClient, agents: Agents, executor: AgentExecutor, **kwargs: Any) -> None:
-        super().__init__(executor, **kwargs)
+    def __init__(
+        self,
+        mesh: MeshClient,
+        agents: Agents,
+        executor: AgentExecutor,
+        tasks: RecordedTasks,
+        running: Running,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(executor, task_store=tasks, **kwargs)
         self.mesh = mesh
         self.agents = agents
+        self.tasks = tasks
+        self.running = running
 
     async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> None:
         agent = str(context.state[AGENT])
@@ -79,26 +109,62 @@ class MeshRequestHandler(DefaultRequestHandler):
             raise InvalidParamsError(f"no agent {agent!r} is running on the mesh")
         mtype = chosen_type(params.message, agent, handled_types(found.handles))
         context.state[MESSAGE] = to_message(params.message, mtype)
+        context.state[PLACE] = self.running.take(str(context.state.get(PRINCIPAL, "")))
 
     async def on_message_send(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> Task | A2AMessage:
         await self._checked(params, context)
-        result: Task | A2AMessage = await super().on_message_send(params, context)
+        try:
+            result: Task | A2AMessage = await super().on_message_send(params, context)
+        except Exception:
+            _release(context)  # no run holds it (or the run's end gave it back already)
+            raise
         return result
 
     async def on_message_send_stream(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event, None]:
         await self._checked(params, context)
-        async for event in super().on_message_send_stream(params, context):
+        try:
+            async for event in super().on_message_send_stream(params, context):
+                yield event
+        except Exception:
+            _release(context)
+            raise
+
+    async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
+        """This caller's task from memory; any other conversation the agent took part in,
+        from the record (read only: it is neither cancelled nor subscribed to over A2A)."""
+        try:
+            task: Task | None = await super().on_get_task(params, context)
+            return task
+        except TaskNotFoundError:
+            if (found := await self.tasks.read(params.id, context)) is None:
+                raise
+            return apply_history_length(found, params)
+
+    async def on_subscribe_to_task(
+        self, params: SubscribeToTaskRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event, None]:
+        """Only a task this caller started on this gateway; one not running here any more
+        (its run ended as it was asked for) is its state as it is, not a wait for nothing."""
+        task = await self.tasks.get(params.id, context)
+        if task is None:
+            raise TaskNotFoundError(
+                "only a task this caller started on this gateway is subscribed to (GetTask reads "
+                "the others the agent took part in)"
+            )
+        if task.status.state not in FINISHED and await self._active_task_registry.get(params.id) is None:
+            yield task
+            return
+        async for event in super().on_subscribe_to_task(params, context):
             yield event
 
     async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
         """The SDK cancels the task (here or in the store); then every agent process cancels
         the conversation's handlers and refuses what still comes for it."""
-        assert isinstance(self.task_store, RecordedTasks)
-        if await self.task_store.held(params.id, context) is None:
+        if await self.tasks.get(params.id, context) is None:
             raise TaskNotCancelableError(
                 "only a task this caller started on this gateway is cancelled over A2A (mesh cancel "
                 "stops any conversation)"
@@ -129,7 +195,10 @@ class MeshExecutor(AgentExecutor):
             new_task(context.task_id, context.context_id, submitted, history=asked)
         )
         task = Run(self.mesh, agent, TaskUpdater(event_queue, context.task_id, context.context_id))
-        await task.run(msg)
+        try:
+            await task.run(msg)
+        finally:
+            _release(context.call_context)  # its place, for the caller's next task
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """The task's state; the mesh's cancellation is the request handler's
@@ -163,16 +232,24 @@ class Run:
             await sub.unsubscribe()
 
     async def _follow(self, sent: str, give_up: float) -> None:
-        shown = WORKING
-        while time.monotonic() < give_up:
-            try:
-                await self._live(await asyncio.wait_for(self.lines.get(), POLL))
-                await asyncio.sleep(SETTLE)
-            except TimeoutError:
-                pass
+        """Read the record when a message of the conversation came live (after `SETTLE`, and
+        at most once per `POLL`: streamed tokens cause no read), else after a wait that
+        doubles while nothing changes, up to `POLL_MAX`: a long conversation is not read
+        again and again in full."""
+        shown, wait = WORKING, POLL
+        read_at = last_read = time.monotonic()
+        read_at += POLL
+        while (now := time.monotonic()) < give_up:
+            if now < read_at:  # till then, live lines (a steady stream of them delays no read)
+                line = await self._next_line(min(read_at, give_up) - now)
+                if line is not None and await self._live(line):  # its record entries come soon
+                    wait = POLL
+                    read_at = min(read_at, max(last_read + POLL, time.monotonic() + SETTLE))
+                continue
             messages = await history.conversation(self.mesh.transport, self.conv)
-            while not self.lines.empty():  # what came live before the record was read
-                await self._live(self.lines.get_nowait())
+            last_read = time.monotonic()
+            wait = min(wait * 2, POLL_MAX)
+            read_at = last_read + wait
             ours = next((m for m in messages if m.id == sent), None)
             if ours is None or not any(d.outcome in _FINAL for d in ours.deliveries):
                 continue  # not yet taken, or not yet handled
@@ -183,26 +260,39 @@ class Run:
             if status == history.FAILED:
                 await self.updater.failed(self._said(failure_of(messages)))
                 return
-            now = INPUT_REQUIRED if status == history.WAITING else WORKING
-            if now != shown:
-                shown = now
-                await self.updater.update_status(now, self._said(_waiting(status)))
+            now_shown = INPUT_REQUIRED if status == history.WAITING else WORKING
+            if now_shown != shown:
+                shown, wait = now_shown, POLL
+                read_at = last_read + POLL
+                await self.updater.update_status(now_shown, self._said(_waiting(status)))
         await self.updater.failed(
             self._said(f"no end within {DEADLINE:g}s; the gateway stopped following it")
         )
 
-    async def _live(self, line: TapLine) -> None:
-        """A streamed token becomes an artifact update of that stream (appended to)."""
-        if line.type != _CHUNK or not isinstance(line.body, dict):
-            return
+    async def _next_line(self, within: float) -> TapLine | None:
+        if not self.lines.empty():
+            return self.lines.get_nowait()
+        try:
+            return await asyncio.wait_for(self.lines.get(), max(within, 0.001))
+        except TimeoutError:
+            return None
+
+    async def _live(self, line: TapLine) -> bool:
+        """A streamed token becomes an artifact update of that stream (appended to); any other
+        line is a message of the conversation (True: the record will have it)."""
+        if line.type != _CHUNK:
+            return True
+        if not isinstance(line.body, dict):
+            return False
         text, stream = line.body.get("text"), str(line.body.get("stream", ""))
         if not isinstance(text, str) or not stream:
-            return
+            return False
         first = stream not in self.streams
         self.streams.add(stream)
         await self.updater.add_artifact(
             [new_text_part(text)], artifact_id=f"stream-{stream}"[:128], name="stream", append=not first
         )
+        return False
 
     async def _completed(self, messages: list[history.Recorded]) -> None:
         last = result_of(messages)
@@ -218,6 +308,12 @@ class Run:
 
     def _said(self, text: str) -> A2AMessage:
         return new_text_message(text, context_id=self.updater.context_id, task_id=self.updater.task_id)
+
+
+def _release(context: ServerCallContext) -> None:
+    place = context.state.get(PLACE)
+    if isinstance(place, Place):
+        place.release()
 
 
 def _waiting(status: str) -> str:

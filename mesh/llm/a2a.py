@@ -13,8 +13,12 @@ model sees, never a crash of the handler. A call given up on (its timeout, the h
 cancellation) cancels the remote task it started.
 
 The token travels only in the ``Authorization`` header of those requests: it is in no log
-line, no error message and no dead letter. A card is another party's text: its description
-reaches the model cut to `MAX_DESCRIPTION` characters, and is as trustworthy as its author.
+line, no error message and no dead letter. The calls go where the card's interfaces point,
+so a card whose interface URL has another origin (scheme, host, port) than the card's URL is
+refused at set-up (`ToolFailed`) unless ``allow_other_origin=True``; one that would take an
+``https`` agent to plain ``http`` is refused whatever is allowed. A card is another party's
+text: its description reaches the model cut to `MAX_DESCRIPTION` characters, and is as
+trustworthy as its author.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ async def a2a_tool(
     permissions: Iterable[str] = (),
     approval: bool = False,
     metadata: dict[str, Any] | None = None,
+    allow_other_origin: bool = False,
 ) -> Tool:
     """A `Tool` calling the A2A agent at `url` (its base URL or its card's URL).
 
@@ -85,7 +90,9 @@ async def a2a_tool(
     for the card and the calls. ``timeout``: seconds per call (the card is read within it
     too). ``metadata``: sent with every message (e.g. ``{"mesh.type": "..."}`` for a mesh
     gateway's agent that takes several types). ``permissions`` and ``approval`` as for
-    ``@agent.tool``. A card that cannot be read raises `ToolFailed` here, at set-up.
+    ``@agent.tool``. ``allow_other_origin``: let the card send the calls (and the token) to
+    another origin than its own URL's (never from ``https`` to ``http``). A card that cannot
+    be read, or points elsewhere, raises `ToolFailed` here, at set-up.
     """
     base, card_path = _split(url)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -97,6 +104,7 @@ async def a2a_tool(
             raise ToolFailed(tool_name, f"the agent card at {_shown(base)} cannot be read: {exc}") from None
     if name is None:
         tool_name = _NAME.sub("_", f"ask_{card.name}")[:64] if card.name else tool_name
+    _check_origin(tool_name, base, card, allow_other_origin)
     extra = dict(metadata or {})
 
     async def call(args: Any) -> str:
@@ -206,6 +214,27 @@ def _split(url: str) -> tuple[str, str]:
     if url.endswith(AGENT_CARD_WELL_KNOWN_PATH):
         return url[: -len(AGENT_CARD_WELL_KNOWN_PATH)], AGENT_CARD_WELL_KNOWN_PATH
     return url.rstrip("/"), AGENT_CARD_WELL_KNOWN_PATH
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def _check_origin(tool: str, base: str, card: AgentCard, allowed: bool) -> None:
+    """The calls (and the token with them) go only to the card's own origin, unless another is
+    allowed; never from https to plain http."""
+    mine = httpx.URL(base)
+    for interface in card.supported_interfaces:
+        there = httpx.URL(interface.url)
+        if mine.scheme == "https" and there.scheme != "https":
+            plain = there.scheme or "http"
+            raise ToolFailed(tool, f"the card at {_shown(base)} sends calls over plain {plain}")
+        if _origin(there) != _origin(mine) and not allowed:
+            raise ToolFailed(
+                tool,
+                f"the card at {_shown(base)} sends calls to another origin ({_shown(interface.url)}); "
+                "pass allow_other_origin=True if that agent is trusted with the token",
+            )
 
 
 def _host(url: str) -> str:

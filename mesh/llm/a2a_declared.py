@@ -22,6 +22,7 @@ class A2ADeclaration:
     permissions: tuple[str, ...] = ()
     approval: bool = False
     metadata: Mapping[str, Any] | None = None
+    allow_other_origin: bool = False
 
     @property
     def name(self) -> str:
@@ -38,6 +39,7 @@ class A2ADeclaration:
             permissions=self.permissions,
             approval=self.approval,
             metadata=dict(self.metadata or {}),
+            allow_other_origin=self.allow_other_origin,
         )
         return Attached([toolbox.add(tool)])
 
