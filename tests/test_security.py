@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,27 @@ async def test_a_declared_flow_works_with_every_party_on_its_own_identity(secure
             await publisher.close()
 
 
+async def _listening_once(secure: SecureServer) -> None:
+    """Until the server lists one open connection on vault's direct line: a replica stopped a
+    moment ago may still be there, and a direct message (at most once) sent to its queue
+    group then can go to the closing one and be lost."""
+    url = secure.server.info.monitor_url  # type: ignore[union-attr]
+
+    def listening() -> int:
+        with urllib.request.urlopen(f"{url}/connz?subs=detail", timeout=5) as resp:
+            found = json.load(resp).get("connections") or []
+        return sum(
+            any(d.get("subject") == "mesh.*.direct.vault" for d in c.get("subscriptions_list_detail") or [])
+            for c in found
+        )
+
+    for _ in range(500):  # 10 s at most
+        if await asyncio.to_thread(listening) == 1:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("vault's direct line is not served by exactly one connection")
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-process"])
 async def test_a_direct_message_replayed_to_another_replica_is_refused(
     secure: SecureServer, shared: bool
@@ -423,11 +445,13 @@ async def test_a_direct_message_replayed_to_another_replica_is_refused(
     tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
     try:
         async with running_agent(vault, vault_settings):
+            await _listening_once(secure)
             pong = await publisher.request("vault", Ping(text="once"), Pong, timeout=10, conversation=conv)
             assert pong == Pong(text="once", by="vault")
         got = await tap.wait_for(lambda ms: any(m.subject.endswith(".direct.vault") for m in ms))
         captured = next(m for m in got if m.subject.endswith(".direct.vault"))
         async with running_agent(vault, vault_settings) as replica:
+            await _listening_once(secure)
             # sent with no reply subject: the requester's inbox is not the attacker's to name
             await probe.nc.publish(captured.subject, captured.data, headers=dict(captured.headers))
             if not shared:  # handled: its answer goes out as an event (no reply subject)
@@ -449,6 +473,16 @@ async def test_a_direct_message_replayed_to_another_replica_is_refused(
         await operator.close()
 
 
+async def _drained(operator: MeshClient, secure: SecureServer) -> None:
+    """Run vault until nothing waits in its inbox."""
+    async with running_agent(vault, secure.identity("agent:vault")), asyncio.timeout(30):
+        while True:
+            info = await operator.transport.consumer_info(streams.INBOX, "vault")
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def test_no_one_can_spend_another_senders_quota(secure: SecureServer) -> None:
     """The quota counts the sender a signature proves: mallory's forgeries in helpdesk's
     name are refused as unauthenticated and leave helpdesk's quota whole."""
@@ -459,6 +493,7 @@ async def test_no_one_can_spend_another_senders_quota(secure: SecureServer) -> N
     inbox = f"mesh.{conv}.agent.vault"
     tap = await Recorder.start(operator.transport, subjects.conversation_pattern(conv))
     tight = secure.identity("agent:vault").model_copy(update={"sender_rate": 0.01, "sender_burst": 2.0})
+    await _drained(operator, secure)  # work other tests left queued for vault would spend the quota
     try:
         async with running_agent(vault, tight):
             for i in range(5):
