@@ -399,3 +399,22 @@ async def test_a_huge_sign_in_body_is_read_only_as_far_as_a_token_goes(served: S
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert start["status"] == 303 and (b"location", b"/ui/login#failed") in start["headers"]
     assert pulled <= 5, f"{pulled} KiB of a sign-in body were read"
+
+
+async def test_too_many_wrong_tokens_from_one_address_are_throttled(served: Served) -> None:
+    from mesh.gateway.session import Attempts
+
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as http:
+        for _ in range(10):
+            wrong = await http.post("/ui/login", data={"token": "a-wrong-token-guessed-here"})
+            assert wrong.headers["location"] == "/ui/login#failed"
+        right = await http.post("/ui/login", data={"token": BOB})  # the right one, but too late
+        assert right.status_code == 303 and right.headers["location"] == "/ui/login#throttled"
+        assert "set-cookie" not in right.headers
+    now = [0.0]
+    attempts = Attempts(limit=2, window=60, clock=lambda: now[0])
+    attempts.failed("10.0.0.1")
+    attempts.failed("10.0.0.1")
+    assert attempts.blocked("10.0.0.1") and not attempts.blocked("10.0.0.2")
+    now[0] = 61.0  # a minute on, the address may try again
+    assert not attempts.blocked("10.0.0.1")

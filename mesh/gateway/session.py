@@ -30,6 +30,7 @@ COOKIE: Final = "mesh_session"
 CSRF_HEADER: Final = "x-csrf-token"
 LIFETIME: Final = 8 * 3600  # seconds
 MAX_ENDED: Final = 10_000  # signed-out cookies remembered
+MAX_CLIENTS: Final = 10_000  # client addresses whose failed sign-ins are counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +124,32 @@ def same_origin(request: Request) -> bool:
 
 def _tls(request: Request) -> bool:
     return request.url.scheme == "https"
+
+
+class Attempts:
+    """Failed sign-ins per client address: after `limit` within `window` seconds, that
+    address is refused until the oldest of them is `window` old, right token or not, so a
+    token cannot be guessed at the form's speed. At most `MAX_CLIENTS` addresses are kept
+    (the one failing longest ago is forgotten first)."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._failed: dict[str, list[float]] = {}
+
+    def blocked(self, client: str) -> bool:
+        recent = self._recent(client)
+        return len(recent) >= self.limit
+
+    def failed(self, client: str) -> None:
+        recent = self._recent(client)
+        recent.append(self._clock())
+        self._failed.pop(client, None)
+        self._failed[client] = recent  # now the newest
+        while len(self._failed) > MAX_CLIENTS:
+            self._failed.pop(next(iter(self._failed)))
+
+    def _recent(self, client: str) -> list[float]:
+        now = self._clock()
+        return [t for t in self._failed.get(client, []) if now - t < self.window]

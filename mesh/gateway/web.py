@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from mesh.gateway import wire
 from mesh.gateway.auth import GatewayAuth
-from mesh.gateway.session import COOKIE, Session, Sessions, same_origin
+from mesh.gateway.session import COOKIE, Attempts, Session, Sessions, same_origin
 from mesh.gateway.views import conversation_json
 from mesh.observability import history
 from mesh.patterns.deciding import decide
@@ -112,6 +112,7 @@ class WebView:
         self.gateway = gateway
         self.config = config or WebConfig()
         self.sessions = Sessions()
+        self.attempts = Attempts()  # failed sign-ins per client address
         self._decider: MeshClient | None = None
         self._files = _static_files()
         self._recent: list[dict[str, Any]] = []
@@ -173,6 +174,9 @@ class WebView:
     async def login(self, request: Request) -> Response:
         """The form's token for a session cookie; back to the form on a wrong one. The token
         is in the body only (never a URL) and is not logged."""
+        client = request.client.host if request.client is not None else ""
+        if self.attempts.blocked(client):  # too many wrong tokens from there of late
+            return RedirectResponse("/ui/login#throttled", 303, headers=SECURITY_HEADERS)
         try:  # read only so far: anyone may post here, signed in or not
             body = await self.gateway.read_body(request, limit=LOGIN_BYTES)
         except wire.Refused:
@@ -182,6 +186,7 @@ class WebView:
         token = parse_qs(body.decode(errors="replace")).get("token", [""])[0].strip()
         principal = self.gateway.auth.bearer(f"Bearer {token}") if token else None
         if principal is None:
+            self.attempts.failed(client)
             return RedirectResponse("/ui/login#failed", 303, headers=SECURITY_HEADERS)
         response = RedirectResponse("/ui/", 303, headers=SECURITY_HEADERS)
         self.sessions.set_cookie(response, self.sessions.issue(principal.removeprefix("token:")), request)

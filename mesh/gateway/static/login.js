@@ -3,3 +3,7 @@
 if (location.hash === "#failed") {
   document.getElementById("failed").hidden = false;
 }
+// and to /ui/login#throttled after too many wrong tokens from this address of late
+if (location.hash === "#throttled") {
+  document.getElementById("throttled").hidden = false;
+}
