@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,25 @@ async def stored_dead_letters(transport: Any, stream: str, conversation: str, co
             if len(letters) >= count:
                 return letters
             await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """An ASGI app served by uvicorn on a loopback port, in this event loop; its base URL.
+    (httpx's in-process transport would not stream server-sent events.)"""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(200):  # listening within 10 s
+            if server.started:
+                break
+            assert not serving.done(), "uvicorn stopped while starting"
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)

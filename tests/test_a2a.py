@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import httpx
 import pytest
-import uvicorn
 from a2a.client import A2ACardResolver, AgentCardResolutionError, Client, ClientConfig, ClientFactory
 from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_task, new_text_part
 from a2a.server.context import ServerCallContext
@@ -39,6 +38,7 @@ from a2a.types import (
 )
 from a2a.types import Message as A2AMessage
 from a2a.utils.errors import A2AError, TaskNotFoundError
+from conftest import served
 from mesh_user_streaming import agent as streamer
 from mesh_user_tools import REFUNDS, Refund
 from mesh_user_tools import agent as clerk
@@ -135,21 +135,10 @@ async def gateway(settings: Settings, tmp_path: Path) -> AsyncIterator[str]:
     tokens.write_text(f"ci={TOKEN}\nother={OTHER['Authorization'][7:]}\n")
     gw = Gateway(with_role(settings, "publisher"), GatewayAuth.load(tokens, environ={}))
     await gw.start()
-    server = uvicorn.Server(
-        uvicorn.Config(gw.app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
-    )
-    serving = asyncio.create_task(server.serve())
     try:
-        for _ in range(200):  # listening within 10 s
-            if server.started:
-                break
-            assert not serving.done(), "uvicorn stopped while starting"
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        async with served(gw.app) as url:
+            yield url
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
         await gw.close()
 
 
@@ -519,25 +508,6 @@ async def test_a_tool_call_given_up_on_cancels_the_remote_task(
                 break
             await asyncio.sleep(0.05)
     assert reasons and "cancelled over A2A" in reasons[0]
-
-
-@asynccontextmanager
-async def served(app: Any) -> AsyncIterator[str]:
-    """An ASGI app served by uvicorn on a loopback port; its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        for _ in range(200):  # listening within 10 s
-            if server.started:
-                break
-            assert not serving.done(), "uvicorn stopped while starting"
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
 
 
 def card_to(rpc_url: str) -> AgentCard:

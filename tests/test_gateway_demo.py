@@ -14,8 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from test_metrics import free_port
+from conftest import served
 
 from mesh.agent.loader import load_agent
 from mesh.cli.demo import AGENT_SPECS, TICKETS
@@ -45,17 +44,7 @@ async def desk(settings: Settings, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
             await stack.enter_async_context(running_agent(load_agent(spec), settings))
         await gw.start()
         stack.push_async_callback(gw.close)
-        # served by uvicorn on loopback: httpx's in-process transport would not stream the events
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(gw.app, port=port, lifespan="off", log_level="warning"))
-        serving = asyncio.create_task(server.serve())
-        stack.push_async_callback(lambda: serving)
-        stack.callback(setattr, server, "should_exit", True)
-        async with asyncio.timeout(10):
-            while not server.started:
-                assert not serving.done(), "the gateway did not start"
-                await asyncio.sleep(0.02)
-        base = f"http://127.0.0.1:{port}"
+        base = await stack.enter_async_context(served(gw.app))  # on loopback: events stream
         yield await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=30))
 
 
